@@ -1,0 +1,89 @@
+"""Data: the seeded split, the data order, the MNIST download/offline/checksum logic, the resident tensors."""
+import shutil
+import urllib.error
+from pathlib import Path
+
+import pytest
+import torch
+
+import main
+
+
+def test_split_sizes_disjoint_and_deterministic():
+    train, val = main.split_indices(60_000, 5_000, seed=0)
+    assert len(train) == 55_000 and len(val) == 5_000
+    assert len(set(train.tolist()) | set(val.tolist())) == 60_000  # disjoint and covering
+    again_train, again_val = main.split_indices(60_000, 5_000, seed=0)
+    assert torch.equal(train, again_train) and torch.equal(val, again_val)
+    assert not torch.equal(val, main.split_indices(60_000, 5_000, seed=1)[1])
+
+
+def test_epoch_order_depends_on_seed_and_epoch_only():
+    assert torch.equal(main.epoch_order(1000, 0, 3), main.epoch_order(1000, 0, 3))
+    assert not torch.equal(main.epoch_order(1000, 0, 3), main.epoch_order(1000, 0, 4))
+    assert sorted(main.epoch_order(1000, 0, 3).tolist()) == list(range(1000))
+
+
+def fake_mnist_files(raw: Path):
+    raw.mkdir(parents=True, exist_ok=True)
+    for name in main.MNIST_MD5:
+        (raw / name).write_bytes(b"not mnist")
+
+
+def test_missing_and_offline_says_which_files_go_where(tmp_path, monkeypatch):
+    def offline(data_dir):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+    monkeypatch.setattr(main, "download_mnist", offline)
+    with pytest.raises(main.DataError) as err:
+        main.ensure_mnist(tmp_path)
+    msg = str(err.value)
+    assert str(tmp_path / "MNIST" / "raw") in msg and "download failed" in msg
+    assert all(name in msg for name in main.MNIST_MD5)
+    assert "\n" not in msg
+
+
+def test_download_goes_through_torchvision_and_is_then_checked(tmp_path, monkeypatch):
+    """The online path: torchvision's MNIST(root, download=True) is asked for the files; what it writes
+    is then checksummed like any local file (here it writes junk, so the MD5 check must catch it)."""
+    import torchvision.datasets
+    calls = []
+
+    class FakeMNIST:
+        def __init__(self, root, train=True, download=False):
+            calls.append((Path(root), download))
+            fake_mnist_files(Path(root) / "MNIST" / "raw")
+    monkeypatch.setattr(torchvision.datasets, "MNIST", FakeMNIST)
+    with pytest.raises(main.DataError, match="damaged or truncated"):
+        main.ensure_mnist(tmp_path)
+    assert calls == [(tmp_path, True)]
+
+
+def test_no_download_attempt_when_files_are_present(tmp_path, monkeypatch, mnist_dir):
+    shutil.copytree(mnist_dir / "MNIST", tmp_path / "MNIST")
+    monkeypatch.setattr(main, "download_mnist", lambda d: pytest.fail("tried to download present files"))
+    assert main.ensure_mnist(tmp_path) == tmp_path / "MNIST" / "raw"
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_a_damaged_file_is_named_by_its_checksum(tmp_path, mnist_dir, damage):
+    shutil.copytree(mnist_dir / "MNIST", tmp_path / "MNIST")
+    victim = tmp_path / "MNIST" / "raw" / "t10k-labels-idx1-ubyte"
+    data = bytearray(victim.read_bytes())
+    victim.write_bytes(data[: len(data) // 2] if damage == "truncate" else data[:-1] + bytes([(data[-1] + 1) % 256]))
+    with pytest.raises(main.DataError, match="t10k-labels-idx1-ubyte is damaged or truncated"):
+        main.ensure_mnist(tmp_path, download=False)
+
+
+def test_real_mnist_loads_as_normalized_resident_tensors(mnist_dir):
+    data = main.load_mnist(mnist_dir, download=False)
+    images, labels = data["train"]
+    assert images.shape == (60_000, 1, 28, 28) and images.dtype == torch.float32
+    assert data["test"][0].shape == (10_000, 1, 28, 28) and labels.shape == (60_000,)
+    assert abs(images.mean().item()) < 0.01 and abs(images.std().item() - 1) < 0.01  # normalized once
+    splits = main.make_splits(data, torch.device("cpu"), val_size=5_000, seed=0)
+    assert [len(splits[s][1]) for s in ("train", "val", "test")] == [55_000, 5_000, 10_000]
+    quick = main.make_splits(data, torch.device("cpu"), val_size=1_000, seed=0, train_size=6_000)
+    assert len(quick["train"][1]) == 6_000 and torch.equal(quick["test"][1], splits["test"][1])
+    # the validation images are training images, never test images
+    train_idx, val_idx = main.split_indices(60_000, 5_000, 0)
+    assert torch.equal(splits["val"][0], images[val_idx])

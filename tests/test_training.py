@@ -1,0 +1,56 @@
+"""The training loop: early stopping restores the best weights; divergence is caught."""
+import pytest
+import torch
+
+import main
+
+
+def synthetic_splits(n=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g)
+    return {"train": (x, y), "val": (x[:16], y[:16]), "test": (x[:16], y[:16])}
+
+
+def test_early_stopping_stops_and_restores_the_best_weights(monkeypatch):
+    val_losses = iter([1.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.99])  # best at epoch 2
+    snapshots = []
+
+    def scripted_evaluate(model, images, labels, batch_size=1000):
+        snapshots.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return next(val_losses), 50.0
+    monkeypatch.setattr(main, "evaluate", scripted_evaluate)
+    torch.manual_seed(0)
+    model = main.CNN()
+    lines = []
+    fit = main.train(model, synthetic_splits(), epochs=8, lr=1e-3, batch_size=16, patience=2, seed=0, log=lines.append)
+    assert fit["epochs_run"] == 4 and fit["best_epoch"] == 2  # epochs 3 and 4 without improvement
+    assert lines[-1] == "Early stopping at epoch 4"
+    assert lines[0].startswith("Epoch 1, Loss: ") and ", Learning Rate: 0.001000, Val Accuracy: 50.00%" in lines[0]
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, snapshots[1][key])
+    assert not torch.equal(snapshots[1]["fc1.weight"], snapshots[3]["fc1.weight"])  # it did move on after
+    assert len(fit["history"]["val_loss"]) == 4 and fit["optimizer_bytes"] > 0
+
+
+def test_patience_zero_stops_at_the_first_epoch_without_improvement(monkeypatch):
+    val_losses = iter([1.0, 1.1, 0.5])
+    monkeypatch.setattr(main, "evaluate", lambda *a, **k: (next(val_losses), 10.0))
+    fit = main.train(main.CNN(), synthetic_splits(), epochs=3, lr=1e-3, batch_size=32, patience=0, seed=0,
+                     log=lambda s: None)
+    assert fit["epochs_run"] == 2 and fit["best_epoch"] == 1
+
+
+def test_the_same_seed_gives_the_same_run():
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        runs.append(main.train(main.CNN(), synthetic_splits(), epochs=2, lr=1e-3, batch_size=16, patience=1,
+                               seed=0, log=lambda s: None)["history"]["train_loss"])
+    assert runs[0] == runs[1]
+
+
+def test_a_huge_learning_rate_is_reported_as_divergence():
+    torch.manual_seed(0)
+    with pytest.raises(main.Diverged, match="diverged at epoch 1"):
+        main.train(main.CNN(), synthetic_splits(), epochs=2, lr=1e30, batch_size=16, patience=1, seed=0,
+                   log=lambda s: None)
