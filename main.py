@@ -501,12 +501,22 @@ def plot_results(results, out_dir):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter, MaxNLocator
 
     runs = finished(results)
     out_dir = Path(out_dir)
     written = []
 
     def save(fig, name):
+        for ax in fig.axes:
+            if ax.get_xlabel().startswith("epoch"):
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            if "accuracy" in ax.get_ylabel():  # at least 0.2 points tall, so 2-decimal ticks stay distinct
+                low, high = ax.get_ylim()
+                if high - low < 0.2:
+                    ax.set_ylim((low + high) / 2 - 0.1, (low + high) / 2 + 0.1)
+                ax.yaxis.set_major_locator(MaxNLocator(nbins=6, steps=[1, 2, 5, 10]))
+                ax.yaxis.set_major_formatter(FormatStrFormatter("%.2f"))
         fig.tight_layout()
         fig.savefig(out_dir / name, dpi=120)
         plt.close(fig)
@@ -626,7 +636,7 @@ def parse_args(argv=None):
     p.add_argument("--methods", default=METHODS, help=f"comma list from {','.join(ALL_METHODS)}")
     p.add_argument("--epochs", type=int, default=NUM_EPOCHS, help="epoch budget of the base model")
     p.add_argument("--finetune-epochs", type=int, default=FINETUNE_EPOCHS, help="epoch budget per adapter method")
-    p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="training batch size")
     p.add_argument("--lr", type=float, default=LEARNING_RATE, help="Adam learning rate (cosine-decayed)")
     p.add_argument("--patience", type=int, default=PATIENCE, help="early-stopping patience in epochs")
     p.add_argument("--rank", type=int, default=RANK, help="adapter rank r")
@@ -634,10 +644,10 @@ def parse_args(argv=None):
     p.add_argument("--dropout", type=float, default=LORA_DROPOUT, help="dropout on the adapter input")
     p.add_argument("--train-head", action=argparse.BooleanOptionalAction, default=TRAIN_HEAD,
                    help="keep the classifier head fully trainable instead of adapting it")
-    p.add_argument("--device", default=DEVICE, choices=("auto", "cpu", "cuda"))
+    p.add_argument("--device", default=DEVICE, choices=("auto", "cpu", "cuda"), help="auto: cuda when available")
     p.add_argument("--data-dir", default=DATA_DIR, help="holds MNIST/raw/ (downloaded there if missing)")
     p.add_argument("--out-dir", default=OUT_DIR, help="plots, results.json, results.md, base_model.pt")
-    p.add_argument("--seed", type=int, default=SEED)
+    p.add_argument("--seed", type=int, default=SEED, help="init, validation split, data order")
     p.add_argument("--resume", action="store_true",
                    help="keep the methods already finished in out-dir/results.json (same hyperparameters) "
                         "and the saved base model; run the rest")
@@ -708,13 +718,22 @@ def previous_results(out, config):
     return done
 
 
+def cpu_model():
+    try:
+        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def environment(device):
     try:
         from importlib.metadata import version
         bnb = version("bitsandbytes")
     except Exception:
         bnb = "not installed"
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+            else f"CPU: {cpu_model()}, {torch.get_num_threads()} threads")
     return {"device": device.type, "device_name": name, "torch": torch.__version__, "bitsandbytes": bnb,
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
 
