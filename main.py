@@ -1,7 +1,7 @@
 """MNIST: train a small CNN, then fine-tune it with LoRA, DoRA and QLoRA, and compare them.
 
     python main.py                       # the full experiment with the constants below
-    python main.py --quick               # a smoke run on a subset (under a minute on a laptop CPU)
+    python main.py --quick               # a smoke run on a subset (under a minute on a 2-core CPU)
     python main.py --help                # every flag; each one mirrors a constant below
 
 Sections, top to bottom: hyperparameters -> model -> adapter layers -> data -> training ->
