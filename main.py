@@ -146,6 +146,22 @@ class AdapterLayer(nn.Module):
         """The dense weight this layer is equivalent to (in eval mode): layer_op(x, merged_weight(), bias)."""
         return self.base_weight() + self.delta_weight()
 
+    @torch.no_grad()
+    def merge(self):
+        """A new plain nn.Linear/nn.Conv2d computing what this layer computes in eval mode (for QLoRA: the
+        dequantized base plus the update, in fp32). Out of place: this layer keeps its adapter, so there is
+        nothing to unmerge, and no inexact inverse (DoRA's division, QLoRA's re-quantization) is needed."""
+        w = self.merged_weight()
+        if self.is_conv:
+            layer = nn.Conv2d(w.shape[1], w.shape[0], tuple(w.shape[2:]), bias=self.bias is not None, **self.conv_args)
+        else:
+            layer = nn.Linear(w.shape[1], w.shape[0], bias=self.bias is not None)
+        layer = layer.to(w.device).requires_grad_(False)
+        layer.weight.copy_(w)
+        if self.bias is not None:
+            layer.bias.copy_(self.bias)
+        return layer
+
 
 class LoRALayer(AdapterLayer):
     """LoRA: frozen fp32 W, trainable B and A (the base class's forward)."""
@@ -485,6 +501,107 @@ def measure(model, fit, test_loss, test_acc, cuda_peak):
 
 
 # =====================================================================================================
+# After training: merged inference, adapter-only files, their cost
+# =====================================================================================================
+PEFT_PREFIX = "base_model.model."  # PEFT's names: <prefix><module>.lora_A.weight, ....lora_magnitude_vector
+PEFT_NAMES = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "magnitude": "lora_magnitude_vector"}
+
+
+def merge_adapters(model):
+    """A copy of an adapted model with every adapter folded into a plain layer: the base architecture again,
+    with no extra inference cost. The adapted model itself is left as it was."""
+    merged = copy.deepcopy(model)
+    for parent in list(merged.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, AdapterLayer):
+                setattr(parent, name, child.merge())
+    return merged
+
+
+def adapter_state_dict(model):
+    """Only the trained tensors (adapters, DoRA magnitudes, a trainable head), under PEFT's names."""
+    tensors = {}
+    for name, p in trainable_parameters(model).items():
+        module, _, leaf = name.rpartition(".")
+        key = f"{module}.{PEFT_NAMES[leaf]}" if leaf in PEFT_NAMES else name
+        tensors[PEFT_PREFIX + key] = p.detach().cpu().clone()
+    return tensors
+
+
+def save_adapter(model, method, args, out_dir):
+    """<out_dir>/adapters/<method>.pt (the tensors) and .json (PEFT-style config); returns the .pt path."""
+    folder = Path(out_dir) / "adapters"
+    folder.mkdir(exist_ok=True)
+    config = {"peft_type": "LORA", "method": method, "use_dora": method == "dora", "r": args.rank,
+              "lora_alpha": args.alpha, "lora_dropout": args.dropout, "bias": "none",
+              "target_modules": [full for *_, full, _ in adaptable_layers(CNN(), args.train_head)],
+              "modules_to_save": [CNN.head] if args.train_head else [],
+              "base_model": "base_model.pt"}
+    if method == "qlora":
+        config["base_quantization"] = {"quant_type": "nf4", "double_quant": True, "blocksize": QUANT_BLOCKSIZE}
+    path = folder / f"{method}.pt"
+    tmp = folder / f".{method}.pt.tmp"
+    torch.save(adapter_state_dict(model), tmp)
+    os.replace(tmp, path)
+    write_atomic(path.with_suffix(".json"), json.dumps(config, indent=2))
+    return path
+
+
+def load_adapter(base_checkpoint, adapter_path, device="cpu"):
+    """Rebuild an adapted model from the base checkpoint and an adapter file written by save_adapter."""
+    adapter_path = Path(adapter_path)
+    config = json.loads(adapter_path.with_suffix(".json").read_text())
+    model = CNN().to(device)
+    model.load_state_dict(torch.load(base_checkpoint, map_location=device, weights_only=True))
+    add_adapters(model, config["method"], config["r"], config["lora_alpha"], config["lora_dropout"],
+                 train_head=bool(config["modules_to_save"]))
+    tensors = torch.load(adapter_path, map_location=device, weights_only=True)
+    params = trainable_parameters(model)
+    expected = adapter_state_dict(model).keys()
+    if set(tensors) != set(expected):
+        raise ValueError(f"{adapter_path} does not match a {config['method']} adapter of this CNN "
+                         f"(missing {sorted(set(expected) - set(tensors))}, extra {sorted(set(tensors) - set(expected))})")
+    with torch.no_grad():
+        for (key, p) in zip(expected, params.values()):  # both in named_parameters() order
+            p.copy_(tensors[key])
+    return model
+
+
+@torch.inference_mode()
+def latency_ms(model, images, batch_size, repeats):
+    """Median wall-clock milliseconds of one forward pass on `batch_size` images, after a warm-up."""
+    model.eval()
+    x = images[:batch_size]
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    for _ in range(3):
+        model(x)
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        model(x)
+        sync()
+        times.append(time.perf_counter() - start)
+    return 1000 * sorted(times)[len(times) // 2]
+
+
+LATENCY_REPEATS = {1: 100, 1000: 15}  # batch size: repeats (median taken)
+QUICK_LATENCY_REPEATS = {1: 20, 1000: 3}
+
+
+def inference_cost(model, images, repeats=None):
+    """Latency of the model as trained (unmerged) and merged, at batch 1 and 1,000, and how far apart
+    their outputs are."""
+    merged = merge_adapters(model).to(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        model.eval()
+        gap = (model(images[:1000]) - merged(images[:1000])).abs().max().item()
+    return {"latency_ms": {kind: {str(b): latency_ms(m, images, b, r) for b, r in (repeats or LATENCY_REPEATS).items()}
+                           for kind, m in (("unmerged", model), ("merged", merged))},
+            "merged_max_abs_logit_diff": gap}
+
+
+# =====================================================================================================
 # Plots and results files
 # =====================================================================================================
 PLOT_FILES = ("training_loss_comparison.png", "validation_accuracy_comparison.png",
@@ -557,27 +674,42 @@ def plot_results(results, out_dir):
     if runs:
         names = [DISPLAY[m] for m in runs]
         colors = [COLORS[m] for m in runs]
-        cuda = all(r["cuda_peak_bytes"] is not None for r in runs.values())
-        fig, axes = plt.subplots(1, 3 if cuda else 2, figsize=(13 if cuda else 10, 4.5))
+        fig, axes = plt.subplots(2, 3, figsize=(15, 9))
+        (ax_acc, ax_state, ax_peak), (ax_file, ax_lat1, ax_lat1000) = axes
         acc = [r["test_acc"] for r in runs.values()]
-        bars = axes[0].bar(names, acc, color=colors)
-        axes[0].bar_label(bars, fmt="%.2f")
-        axes[0].set(ylabel="test accuracy (%)", title="Test accuracy (10,000 images)",
-                    ylim=(max(0, min(acc) - 1.0), min(100, max(acc) + 0.3)))
-        parts = [("weight_bytes", "weights as stored", None), ("grad_bytes", "gradients", "//"),
-                 ("optimizer_bytes", "Adam state", "..")]
+        ax_acc.bar_label(ax_acc.bar(names, acc, color=colors), fmt="%.2f")
+        ax_acc.set(ylabel="test accuracy (%)", title=f"Test accuracy ({results['config']['test_size']:,} images)",
+                   ylim=(max(0, min(acc) - 1.0), min(100, max(acc) + 0.3)))
         bottom = [0.0] * len(runs)
-        for key, label, hatch in parts:
-            mb = [r[key] / 2**20 for r in runs.values()]
-            axes[1].bar(names, mb, bottom=bottom, color=colors, hatch=hatch, edgecolor="black", alpha=0.8, label=label)
-            bottom = [b + v for b, v in zip(bottom, mb)]
-        axes[1].set(ylabel="MiB", title="Training state: weights + gradients + Adam\n(byte accounting)")
-        axes[1].legend()
-        if cuda:
-            peak = axes[2].bar(names, [r["cuda_peak_bytes"] / 2**20 for r in runs.values()], color=colors)
-            axes[2].bar_label(peak, fmt="%.1f")
-            axes[2].set(ylabel="MiB", title="CUDA peak allocated during training\n(above the resident dataset)")
-        fig.suptitle(f"Test accuracy and memory ({results['environment']['device_name']})")
+        for key, label, hatch in (("weight_bytes", "weights as stored", None), ("grad_bytes", "gradients", "//"),
+                                  ("optimizer_bytes", "Adam state", "..")):
+            mib = [r[key] / 2**20 for r in runs.values()]
+            ax_state.bar(names, mib, bottom=bottom, color=colors, hatch=hatch, edgecolor="black", alpha=0.8, label=label)
+            bottom = [b + v for b, v in zip(bottom, mib)]
+        ax_state.set(ylabel="MiB", title="Training state: weights + gradients + Adam\n(byte accounting)")
+        ax_state.legend()
+        if all(r["cuda_peak_bytes"] is not None for r in runs.values()):
+            ax_peak.bar_label(ax_peak.bar(names, [r["cuda_peak_bytes"] / 2**20 for r in runs.values()],
+                                          color=colors), fmt="%.1f")
+            ax_peak.set(ylabel="MiB", title="CUDA peak allocated during training\n(above the resident dataset)")
+        else:
+            ax_peak.set_axis_off()
+            ax_peak.text(0.5, 0.5, "CUDA peak memory: not available\n(this run was on the CPU;\n"
+                         "the byte accounting is beside)", ha="center", va="center", fontsize=12)
+        kib = [r["file_bytes"] / 2**10 for r in runs.values()]
+        ax_file.bar_label(ax_file.bar(names, kib, color=colors), fmt="%.0f")
+        ax_file.set(ylabel="KiB", title="Saved file: full model (Base) vs adapter only")
+        for ax, batch in ((ax_lat1, "1"), (ax_lat1000, "1000")):
+            x = range(len(runs))
+            for offset, kind, hatch in ((-0.2, "unmerged", None), (0.2, "merged", "//")):
+                ms = [r["latency_ms"][kind][batch] for r in runs.values()]
+                ax.bar_label(ax.bar([i + offset for i in x], ms, width=0.4, color=colors, hatch=hatch,
+                                    edgecolor="black", label=kind), fmt="%.2f" if batch == "1" else "%.1f", fontsize=8)
+            ax.set_xticks(list(x), names)
+            ax.set(ylabel="ms (median)", title=f"Inference latency, batch {int(batch):,}")
+            ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, facecolor="white", edgecolor="black", hatch=h)
+                               for h in (None, "//")], labels=["as trained (unmerged)", "merged"])
+        fig.suptitle(f"Test accuracy, memory, file size and latency ({results['environment']['device_name']})")
         save(fig, PLOT_FILES[4])
     return written
 
@@ -612,12 +744,28 @@ def results_table(results):
     return "\n".join(rows)
 
 
+def inference_table(results):
+    rows = ["| method | saved file (KiB) | vs full model | latency b=1 as trained / merged (ms) | "
+            "latency b=1000 as trained / merged (ms) | max abs logit diff merged |",
+            "|---|---:|---:|---:|---:|---:|"]
+    for method, r in finished(results).items():
+        lat = r["latency_ms"]
+        rows.append(f"| {DISPLAY[method]} | {r['file_bytes'] / 2**10:.1f} | "
+                    f"{100 * r['file_bytes'] / r['full_model_file_bytes']:.1f} % | "
+                    f"{lat['unmerged']['1']:.3f} / {lat['merged']['1']:.3f} | "
+                    f"{lat['unmerged']['1000']:.1f} / {lat['merged']['1000']:.1f} | "
+                    f"{r['merged_max_abs_logit_diff']:.1e} |")
+    return "\n".join(rows)
+
+
 def save_results(results, out_dir):
     write_atomic(Path(out_dir) / "results.json", json.dumps(results, indent=2))
     env = results["environment"]
     write_atomic(Path(out_dir) / "results.md",
                  f"# Results\n\nDevice: {env['device_name']}; torch {env['torch']}, bitsandbytes "
                  f"{env['bitsandbytes']}; {env['date']}.\n\n{results_table(results)}\n\n"
+                 f"After training (Base: the full model file; adapters: the adapter-only file):\n\n"
+                 f"{inference_table(results)}\n\n"
                  "train state = weights as stored + gradients + Adam state (byte accounting). "
                  "CUDA peak = torch.cuda.max_memory_allocated during training minus the memory held before "
                  "the method's model was built (dataset and base model), plus that model's own weights.\n")
@@ -758,7 +906,18 @@ def run_method(method, base_model, splits, args, device):
     if device.type == "cuda":
         cuda_peak = torch.cuda.max_memory_allocated() - shared
     test_loss, test_acc = evaluate(model, *splits["test"])  # the test set, once per method
-    return measure(model, fit, test_loss, test_acc, cuda_peak), model
+    result = measure(model, fit, test_loss, test_acc, cuda_peak)
+    base_file = Path(args.out_dir) / "base_model.pt"
+    if method == "base":  # saved at once: adapter-only runs and --resume start from it
+        tmp = base_file.with_name(".base_model.pt.tmp")
+        torch.save(model.state_dict(), tmp)
+        os.replace(tmp, base_file)
+        result["file_bytes"] = base_file.stat().st_size
+    else:
+        result["file_bytes"] = save_adapter(model, method, args, args.out_dir).stat().st_size
+    result["full_model_file_bytes"] = base_file.stat().st_size
+    result.update(inference_cost(model, splits["test"][0], QUICK_LATENCY_REPEATS if args.quick else LATENCY_REPEATS))
+    return result, model
 
 
 def report_method(r):
@@ -830,9 +989,6 @@ def main(argv=None):
             results["methods"][method] = result
             if method == "base" and result["status"] == "ok":
                 base_model = model
-                tmp = out / ".base_model.pt.tmp"
-                torch.save(model.state_dict(), tmp)
-                os.replace(tmp, out / "base_model.pt")
             elif method == "base":
                 print("error: the base model failed, so the adapter methods have nothing to fine-tune.", file=sys.stderr)
                 save_results(results, out)
@@ -853,6 +1009,8 @@ def main(argv=None):
         print(f"{DISPLAY[method]} Model Test Accuracy: {shown}")
     print()
     print(results_table(results))
+    print()
+    print(inference_table(results))
     print(f"\nPlots, results.json and results.md are in {out}/")
     return 0 if all(r["status"] != "failed" for r in results["methods"].values()) else 1
 

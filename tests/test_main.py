@@ -115,6 +115,14 @@ def test_quick_run_writes_every_output_with_sane_numbers(quick_run):
     table = (out / "results.md").read_text()
     assert all(name in table for name in ("| Base |", "| LoRA |", "| DoRA |", "| QLoRA |"))
     assert (out / "base_model.pt").is_file()
+    for method, r in results["methods"].items():  # after training: files and inference cost
+        assert r["file_bytes"] > 0 and r["latency_ms"]["merged"]["1000"] > 0
+        assert r["merged_max_abs_logit_diff"] < 1e-3
+        if method != "base":
+            assert (out / "adapters" / f"{method}.pt").stat().st_size == r["file_bytes"]
+            assert r["file_bytes"] < 0.2 * r["full_model_file_bytes"]
+            assert main.load_adapter(out / "base_model.pt", out / "adapters" / f"{method}.pt")
+    assert "| method | saved file (KiB) |" in table
 
 
 def test_quick_run_console_summary(quick_run, mnist_dir, capsys):

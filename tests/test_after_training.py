@@ -1,0 +1,109 @@
+"""After training: merged layers and models, adapter-only files in PEFT's layout, their reload, latency."""
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+import main
+from test_adapters import LAYERS, METHODS, make, perturb
+
+
+@pytest.mark.parametrize("kind", LAYERS)
+@pytest.mark.parametrize("method", METHODS)
+def test_merge_gives_a_plain_layer_with_the_same_output(method, kind):
+    base, layer, x = make(method, kind)
+    perturb(layer)
+    layer.eval()
+    plain = layer.merge()
+    assert type(plain) is type(base) and not any(p.requires_grad for p in plain.parameters())
+    torch.testing.assert_close(plain(x), layer(x), atol=1e-5, rtol=1e-4)
+    assert isinstance(layer, main.AdapterLayer) and layer.lora_B.abs().sum() > 0  # the adapter itself is kept
+
+
+def trained_like(method, seed=0, train_head=True):
+    torch.manual_seed(seed)
+    model = main.add_adapters(main.CNN(), method, rank=4, alpha=8, train_head=train_head)
+    for module in model.modules():
+        if isinstance(module, main.AdapterLayer):
+            perturb(module, seed=seed + 1)
+    if train_head:
+        with torch.no_grad():
+            model.fc2.weight.add_(0.1)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def real_batch(mnist_dir):
+    return main.load_mnist(mnist_dir, download=False)["test"][0][:500]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_merged_model_agrees_with_the_adapted_model_on_real_images(method, real_batch):
+    model = trained_like(method)
+    merged = main.merge_adapters(model)
+    assert not any(isinstance(m, main.AdapterLayer) for m in merged.modules())
+    assert isinstance(merged.conv1, nn.Conv2d) and isinstance(merged.fc1, nn.Linear)
+    with torch.inference_mode():
+        torch.testing.assert_close(merged(real_batch), model(real_batch), atol=1e-4, rtol=1e-4)
+    assert isinstance(model.conv1, main.AdapterLayer)  # out of place
+
+
+@pytest.mark.parametrize("train_head", [True, False])
+@pytest.mark.parametrize("method", METHODS)
+def test_adapter_file_holds_only_the_trained_tensors_under_peft_names(method, train_head, tmp_path):
+    model = trained_like(method, train_head=train_head)
+    args = main.parse_args(["--rank", "4", "--alpha", "8"] + ([] if train_head else ["--no-train-head"]))
+    path = main.save_adapter(model, method, args, tmp_path)
+    tensors = torch.load(path, weights_only=True)
+    expected = {"base_model.model.conv1.lora_A.weight": (4, 1, 5, 5), "base_model.model.conv1.lora_B.weight": (16, 4, 1, 1),
+                "base_model.model.fc1.lora_A.weight": (4, 512), "base_model.model.fc1.lora_B.weight": (256, 4)}
+    for key, shape in expected.items():
+        assert tensors[key].shape == shape
+    assert ("base_model.model.fc2.weight" in tensors) == train_head
+    assert ("base_model.model.fc2.lora_A.weight" in tensors) == (not train_head)
+    assert ("base_model.model.conv2.lora_magnitude_vector" in tensors) == (method == "dora")
+    if method == "dora":
+        assert tensors["base_model.model.conv2.lora_magnitude_vector"].shape == (32,)
+    assert sum(t.numel() for t in tensors.values()) == main.count_parameters(model)[0]
+    config = json.loads(path.with_suffix(".json").read_text())
+    assert config["r"] == 4 and config["lora_alpha"] == 8 and config["use_dora"] == (method == "dora")
+    assert config["target_modules"] == (["conv1", "conv2", "fc1"] + ([] if train_head else ["fc2"]))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_reloaded_adapter_gives_the_same_predictions(method, tmp_path):
+    torch.manual_seed(0)
+    base = main.CNN()
+    torch.save(base.state_dict(), tmp_path / "base_model.pt")
+    model = main.add_adapters(copy.deepcopy(base), method, rank=4, alpha=8)  # as the experiment builds it
+    for module in model.modules():
+        if isinstance(module, main.AdapterLayer):
+            perturb(module, seed=5)
+    args = main.parse_args(["--rank", "4", "--alpha", "8"])
+    path = main.save_adapter(model, method, args, tmp_path)
+    reloaded = main.load_adapter(tmp_path / "base_model.pt", path).eval()
+    x = torch.randn(32, 1, 28, 28)
+    with torch.inference_mode():
+        torch.testing.assert_close(reloaded(x), model.eval()(x))
+    assert path.stat().st_size < 0.15 * (tmp_path / "base_model.pt").stat().st_size
+
+
+def test_loading_an_adapter_into_the_wrong_model_is_an_error(tmp_path):
+    torch.manual_seed(0)
+    torch.save(main.CNN().state_dict(), tmp_path / "base_model.pt")
+    path = main.save_adapter(trained_like("lora"), "lora", main.parse_args(["--rank", "4", "--alpha", "8"]), tmp_path)
+    tensors = torch.load(path, weights_only=True)
+    tensors.pop("base_model.model.fc1.lora_B.weight")
+    torch.save(tensors, path)
+    with pytest.raises(ValueError, match="missing .*fc1.lora_B.weight"):
+        main.load_adapter(tmp_path / "base_model.pt", path)
+
+
+def test_inference_cost_measures_both_models_at_both_batch_sizes():
+    cost = main.inference_cost(trained_like("dora"), torch.randn(1000, 1, 28, 28), repeats={1: 3, 1000: 2})
+    for kind in ("unmerged", "merged"):
+        assert set(cost["latency_ms"][kind]) == {"1", "1000"}
+        assert all(ms > 0 for ms in cost["latency_ms"][kind].values())
+    assert cost["merged_max_abs_logit_diff"] < 1e-3
