@@ -202,3 +202,12 @@ def test_qlora_layer_follows_the_model_between_devices():
     moved = copy.deepcopy(layer).to("cpu")
     assert moved.quant_state.absmax.device == moved.weight_4bit.device
     torch.testing.assert_close(moved.base_weight(), layer.base_weight())
+
+
+def test_qlora_conv_keeps_channels_last_like_the_other_methods():
+    """One input channel makes the layout ambiguous; a plain-strided dequantized weight made the conv
+    return NCHW, and the pooling after it 4x slower."""
+    x = torch.randn(8, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+    for method in METHODS:
+        model = main.add_adapters(tiny_model(), method, rank=4, alpha=8).to(memory_format=torch.channels_last)
+        assert model.conv1(x).is_contiguous(memory_format=torch.channels_last), method

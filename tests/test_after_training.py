@@ -101,9 +101,18 @@ def test_loading_an_adapter_into_the_wrong_model_is_an_error(tmp_path):
         main.load_adapter(tmp_path / "base_model.pt", path)
 
 
-def test_inference_cost_measures_both_models_at_both_batch_sizes():
-    cost = main.inference_cost(trained_like("dora"), torch.randn(1000, 1, 28, 28), repeats={1: 3, 1000: 2})
-    for kind in ("unmerged", "merged"):
-        assert set(cost["latency_ms"][kind]) == {"1", "1000"}
-        assert all(ms > 0 for ms in cost["latency_ms"][kind].values())
-    assert cost["merged_max_abs_logit_diff"] < 1e-3
+def test_latency_is_measured_for_every_finished_method_from_its_saved_files(tmp_path):
+    torch.manual_seed(0)
+    base = main.CNN()
+    torch.save(base.state_dict(), tmp_path / "base_model.pt")
+    args = main.parse_args(["--rank", "4", "--alpha", "8"])
+    results = {"methods": {"base": {"status": "ok"}, "dora": {"status": "ok"}, "qlora": {"status": "skipped"}}}
+    main.save_adapter(trained_like("dora"), "dora", args, tmp_path)
+    main.measure_inference(results, tmp_path, torch.randn(1000, 1, 28, 28), torch.device("cpu"),
+                           rounds=2, repeats={1: 2, 1000: 1})
+    for method in ("base", "dora"):
+        r = results["methods"][method]
+        for kind in ("unmerged", "merged"):
+            assert set(r["latency_ms"][kind]) == {"1", "1000"} and min(r["latency_ms"][kind].values()) > 0
+        assert r["merged_max_abs_logit_diff"] < 1e-3
+    assert "latency_ms" not in results["methods"]["qlora"]

@@ -1,0 +1,125 @@
+"""Side-by-side speed of the usual MNIST pipeline and this project's, on the same model, batch and data.
+
+    python tests/benchmark.py --data-dir data                  # one epoch each, then the full experiment
+    python tests/benchmark.py --data-dir data --max-steps 100  # a quick check: 100 steps each, no full run
+
+(a) seed-style: torchvision's MNIST with per-sample ToTensor + Normalize, a shuffling DataLoader (0 workers),
+    contiguous NCHW tensors, batches copied to the device one by one -- what most MNIST scripts do;
+(b) project: main.py's loop -- normalized tensors resident on the device, batches by index, channels-last;
+(c) the whole default experiment (python main.py), its training time summed over methods.
+Both (a) and (b) run one epoch of the base CNN (or --max-steps steps) with Adam and then one validation
+pass over the same 5,000 held-out images. Not collected by pytest (no test_ prefix).
+"""
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import main  # noqa: E402
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def seed_style_epoch(data_dir, train_idx, val_idx, device, batch_size, steps, lr, seed):
+    from torch.utils.data import DataLoader, Subset
+    from torchvision import datasets, transforms
+    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((main.MNIST_MEAN,), (main.MNIST_STD,))])
+    full = datasets.MNIST(data_dir, train=True, download=False, transform=transform)
+    train_loader = DataLoader(Subset(full, train_idx.tolist()), batch_size=batch_size, shuffle=True,
+                              generator=torch.Generator().manual_seed(seed))
+    val_loader = DataLoader(Subset(full, val_idx.tolist()), batch_size=1000)
+    torch.manual_seed(seed)
+    model = main.CNN().to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    sync(device)
+    start = time.perf_counter()
+    model.train()
+    for step, (x, y) in enumerate(train_loader):
+        if step == steps:
+            break
+        x, y = x.to(device), y.to(device)
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for x, y in val_loader:
+            correct += (model(x.to(device)).argmax(1) == y.to(device)).sum().item()
+    sync(device)
+    return time.perf_counter() - start, 100 * correct / len(val_idx)
+
+
+def project_epoch(data, device, batch_size, steps, lr, seed):
+    splits = main.make_splits(data, device, main.VAL_SIZE, seed, train_size=steps * batch_size)
+    torch.manual_seed(seed)
+    model = main.CNN().to(device).to(memory_format=torch.channels_last)
+    sync(device)
+    start = time.perf_counter()
+    fit = main.train(model, splits, epochs=1, lr=lr, batch_size=batch_size, patience=1, seed=seed, log=lambda s: None)
+    sync(device)
+    return time.perf_counter() - start, fit["history"]["val_acc"][-1]
+
+
+def full_experiment_train_s(data_dir, device):
+    with tempfile.TemporaryDirectory() as out:
+        code = main.main(["--data-dir", str(data_dir), "--out-dir", out, "--device", device.type])
+        if code != 0:
+            raise SystemExit(f"the full experiment failed (exit code {code})")
+        methods = json.loads((Path(out) / "results.json").read_text())["methods"]
+    return sum(r["train_time_s"] for r in methods.values()), {m: r["train_time_s"] for m, r in methods.items()}
+
+
+def main_benchmark(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--max-steps", type=int, default=None, help="time this many steps instead of a whole epoch")
+    p.add_argument("--data-dir", default=main.DATA_DIR)
+    p.add_argument("--out-dir", default=main.OUT_DIR)
+    args = p.parse_args(argv)
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    data = main.load_mnist(args.data_dir, download=False)
+    train_idx, val_idx = main.split_indices(len(data["train"][1]), main.VAL_SIZE, main.SEED)
+    full_steps = math.ceil(len(train_idx) / main.BATCH_SIZE)
+    steps = min(args.max_steps or full_steps, full_steps)
+    common = dict(device=device, batch_size=main.BATCH_SIZE, steps=steps, lr=main.LEARNING_RATE, seed=main.SEED)
+
+    print(f"{main.environment(device)['device_name']}: {steps} steps of batch {main.BATCH_SIZE} + validation "
+          f"on {len(val_idx):,} images, base CNN, torch {torch.__version__}")
+    seed_s, seed_acc = seed_style_epoch(args.data_dir, train_idx, val_idx, **common)
+    project_s, project_acc = project_epoch(data, **common)
+    result = {"device": main.environment(device)["device_name"], "torch": torch.__version__, "steps": steps,
+              "batch_size": main.BATCH_SIZE, "max_steps": args.max_steps,
+              "seed_style_epoch_s": seed_s, "project_epoch_s": project_s, "ratio": seed_s / project_s,
+              "seed_style_val_acc": seed_acc, "project_val_acc": project_acc}
+    rows = [("(a) seed-style DataLoader pipeline", f"{seed_s:.2f} s", f"{seed_acc:.2f} %"),
+            ("(b) project pipeline", f"{project_s:.2f} s", f"{project_acc:.2f} %"),
+            ("ratio (a) / (b)", f"{seed_s / project_s:.2f}x", "")]
+    if args.max_steps is None:
+        total, per_method = full_experiment_train_s(args.data_dir, device)
+        result.update(full_experiment_train_s=total, full_experiment_train_s_per_method=per_method)
+        rows.append(("(c) full default experiment, training time", f"{total:.1f} s",
+                     ", ".join(f"{main.DISPLAY[m]} {s:.1f} s" for m, s in per_method.items())))
+    print("\n| pipeline | time | |\n|---|---:|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    main.write_atomic(out / "benchmark.json", json.dumps(result, indent=2))
+    print(f"\nwrote {out / 'benchmark.json'}")
+
+
+if __name__ == "__main__":
+    main_benchmark()
