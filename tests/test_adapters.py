@@ -211,3 +211,15 @@ def test_qlora_conv_keeps_channels_last_like_the_other_methods():
     for method in METHODS:
         model = main.add_adapters(tiny_model(), method, rank=4, alpha=8).to(memory_format=torch.channels_last)
         assert model.conv1(x).is_contiguous(memory_format=torch.channels_last), method
+
+
+def test_a_missing_bitsandbytes_is_reported_not_raised_as_import_error(monkeypatch):
+    import sys
+    main.import_bitsandbytes.cache_clear()
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # what `import` sees when it is not installed
+    monkeypatch.setitem(sys.modules, "bitsandbytes.functional", None)
+    try:
+        with pytest.raises(main.BitsAndBytesUnavailable, match="bitsandbytes cannot be imported"):
+            main.QLoRALayer(nn.Linear(8, 4), 2, 4)
+    finally:
+        main.import_bitsandbytes.cache_clear()
