@@ -832,7 +832,7 @@ def parse_args(argv=None):
                    help=f"smoke run: {QUICK_TRAIN_SIZE} training / {QUICK_VAL_SIZE} validation images, "
                         f"at most {QUICK_MAX_EPOCHS} epochs per method")
     args = p.parse_args(argv)
-    args.methods = [m.strip().lower() for m in args.methods.split(",") if m.strip()]
+    args.methods = list(dict.fromkeys(m.strip().lower() for m in args.methods.split(",") if m.strip()))
     return args
 
 
@@ -842,6 +842,8 @@ def check_args(args):
     if unknown or not args.methods:
         raise ConfigError(f"unknown method(s) {', '.join(unknown) or '(none given)'}: choose from "
                           f"{', '.join(ALL_METHODS)}, comma-separated")
+    if "base" in args.methods and args.methods[0] != "base":
+        raise ConfigError("base must come first in --methods: the adapter methods fine-tune the base it trains")
     for name, low in (("epochs", 1), ("finetune_epochs", 1), ("batch_size", 1), ("patience", 0)):
         if getattr(args, name) < low:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least {low} (got {getattr(args, name)})")
@@ -987,7 +989,7 @@ def main(argv=None):
     print(f"Device: {results['environment']['device_name']}; {config['train_size']:,} training, "
           f"{config['val_size']:,} validation, {config['test_size']:,} test images")
 
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM ends the run like Ctrl-C: results kept
+    sigterm_handler = signal.signal(signal.SIGTERM, signal.default_int_handler)  # like Ctrl-C: results kept
     base_model = None
     if "base" not in args.methods or "base" in previous:
         base_model = CNN().to(device)
@@ -1035,6 +1037,7 @@ def main(argv=None):
               f"{out / 'results.json'}; run the same command with --resume to continue.", file=sys.stderr)
         return 130
     finally:
+        signal.signal(signal.SIGTERM, sigterm_handler)
         if finished(results):
             plot_results(results, out)
 

@@ -34,6 +34,7 @@ BAD = [
     (["--dropout", "1"], "--dropout must be in [0, 1)"),
     (["--dropout", "-0.1"], "--dropout must be in [0, 1)"),
     (["--methods", "base,lorra"], "unknown method(s) lorra: choose from base, lora, dora, qlora"),
+    (["--methods", "lora,base"], "base must come first in --methods"),
 ]
 
 
@@ -220,10 +221,8 @@ def test_sigterm_is_handled_like_ctrl_c(capsys, quick_run, mnist_dir, tmp_path, 
     monkeypatch.setattr(main, "run_method", terminated_at_dora)
     previous = signal.getsignal(signal.SIGTERM)
     out = copy_base(quick_run, tmp_path)
-    try:
-        code, _, err = run(capsys, "--quick", "--methods", "lora,dora", "--finetune-epochs", "1",
-                           "--data-dir", mnist_dir, "--out-dir", out)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    code, _, err = run(capsys, "--quick", "--methods", "lora,dora", "--finetune-epochs", "1",
+                       "--data-dir", mnist_dir, "--out-dir", out)
+    assert signal.getsignal(signal.SIGTERM) is previous  # main() puts the caller's handler back
     assert code == 130 and "Interrupted during DoRA" in err
     assert list(json.loads((out / "results.json").read_text())["methods"]) == ["lora"]
