@@ -497,6 +497,23 @@ def frozen_base_weight_bytes(model):
     return stored, fp32
 
 
+def with_cuda_peak(device, model, run):
+    """(run(), peak CUDA bytes allocated during it above what every method shares), the peak None off CUDA.
+
+    Shared = what is allocated just before, less this model's own weights: the resident dataset and the
+    base model kept for copying. What remains is the model, its gradients, the optimizer state,
+    activations and workspaces.
+    """
+    if device.type != "cuda":
+        return run(), None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    shared = torch.cuda.memory_allocated() - weight_bytes(model)
+    result = run()
+    torch.cuda.synchronize()
+    return result, torch.cuda.max_memory_allocated() - shared
+
+
 def measure(model, fit, test_loss, test_acc, cuda_peak):
     trainable, total = count_parameters(model)
     frozen_stored, frozen_fp32 = frozen_base_weight_bytes(model)
@@ -719,7 +736,7 @@ def plot_results(results, out_dir):
         if all(r["cuda_peak_bytes"] is not None for r in runs.values()):
             ax_peak.bar_label(ax_peak.bar(names, [r["cuda_peak_bytes"] / 2**20 for r in runs.values()],
                                           color=colors), fmt="%.1f")
-            ax_peak.set(ylabel="MiB", title="CUDA peak allocated during training\n(above the resident dataset)")
+            ax_peak.set(ylabel="MiB", title="CUDA peak allocated during training\n(above the shared dataset and base model)")
         else:
             ax_peak.set_axis_off()
             ax_peak.text(0.5, 0.5, "CUDA peak memory: not available\n(this run was on the CPU;\n"
@@ -928,14 +945,8 @@ def run_method(method, base_model, splits, args, device):
     if args.quick:
         epochs = min(epochs, QUICK_MAX_EPOCHS)
     model = model.to(memory_format=torch.channels_last)
-    cuda_peak = None
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        shared = torch.cuda.memory_allocated() - weight_bytes(model)  # dataset + the base kept for copying
-    fit = train(model, splits, epochs, args.lr, args.batch_size, args.patience, args.seed)
-    if device.type == "cuda":
-        cuda_peak = torch.cuda.max_memory_allocated() - shared
+    fit, cuda_peak = with_cuda_peak(device, model, lambda: train(model, splits, epochs, args.lr, args.batch_size,
+                                                                args.patience, args.seed))
     test_loss, test_acc = evaluate(model, *splits["test"])  # the test set, once per method
     result = measure(model, fit, test_loss, test_acc, cuda_peak)
     base_file = Path(args.out_dir) / "base_model.pt"
@@ -958,8 +969,8 @@ def report_method(r):
     if r["cuda_peak_bytes"] is None:
         print(f"Max memory allocated: n/a on CPU (no CUDA peak to read); training state by byte count: {state}")
     else:
-        print(f"Max memory allocated: {fmt_mib(r['cuda_peak_bytes'])} MiB (CUDA peak above the resident "
-              f"dataset); training state: {state}")
+        print(f"Max memory allocated: {fmt_mib(r['cuda_peak_bytes'])} MiB (CUDA peak above the shared "
+              f"dataset and base model); training state: {state}")
     print(f"Trainable parameters: {r['trainable_params']:,} of {r['total_params']:,} "
           f"({100 * r['trainable_params'] / r['total_params']:.2f} %)")
 

@@ -226,3 +226,14 @@ def test_sigterm_is_handled_like_ctrl_c(capsys, quick_run, mnist_dir, tmp_path, 
     assert signal.getsignal(signal.SIGTERM) is previous  # main() puts the caller's handler back
     assert code == 130 and "Interrupted during DoRA" in err
     assert list(json.loads((out / "results.json").read_text())["methods"]) == ["lora"]
+
+
+def test_a_cuda_run_shows_its_peak_in_table_console_and_plot(quick_run, capsys, tmp_path):
+    """What a CUDA run reports, checked here from a CPU run's results with a peak filled in."""
+    results = json.loads((quick_run[1] / "results.json").read_text())
+    for r in results["methods"].values():
+        r["cuda_peak_bytes"] = 3 * 2**20
+    assert "| 3.00 |" in main.results_table(results) and "n/a (CPU)" not in main.results_table(results)
+    main.report_method(results["methods"]["lora"])
+    assert "Max memory allocated: 3.00 MiB (CUDA peak above the shared dataset and base model)" in capsys.readouterr().out
+    assert main.PLOT_FILES[4] in main.plot_results(results, tmp_path)

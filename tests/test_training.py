@@ -54,3 +54,17 @@ def test_a_huge_learning_rate_is_reported_as_divergence():
     with pytest.raises(main.Diverged, match="diverged at epoch 1"):
         main.train(main.CNN(), synthetic_splits(), epochs=2, lr=1e30, batch_size=16, patience=1, seed=0,
                    log=lambda s: None)
+
+
+def test_cuda_peak_is_measured_above_what_every_method_shares(monkeypatch):
+    """The CUDA-only arithmetic, on the CPU with torch.cuda's counters faked."""
+    model = main.CNN()
+    weights = main.weight_bytes(model)
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: calls.append("sync"))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: calls.append("reset"))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: 10_000_000 + weights)  # dataset + this model
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 13_000_000)
+    result, peak = main.with_cuda_peak(torch.device("cuda"), model, lambda: "trained")
+    assert result == "trained" and peak == 3_000_000 and calls == ["sync", "reset", "sync"]
+    assert main.with_cuda_peak(torch.device("cpu"), model, lambda: "trained") == ("trained", None)
