@@ -33,7 +33,7 @@ import torch.nn.functional as F
 # =====================================================================================================
 DATA_DIR = "data"                  # MNIST goes in DATA_DIR/MNIST/raw (torchvision's layout); downloaded if missing
 OUT_DIR = "plots"                  # plots, results.json, results.md and the base checkpoint go here
-METHODS = "base,lora,dora,qlora"   # runs, in order; every adapter method starts from the trained base
+METHODS = "base,full,lora,dora,qlora"  # runs, in order; all but base start from the trained base
 DEVICE = "auto"                    # auto (cuda when available) | cpu | cuda
 SEED = 0                           # model init, validation split, data order and adapter init
 BATCH_SIZE = 128                   # training batch size, the same for every method
@@ -51,8 +51,9 @@ QUICK_TRAIN_SIZE = 6000            # --quick: training images used ...
 QUICK_VAL_SIZE = 1000              # ... validation images ...
 QUICK_MAX_EPOCHS = 2               # ... and the most epochs per method
 
-ALL_METHODS = ("base", "lora", "dora", "qlora")
-DISPLAY = {"base": "Base", "lora": "LoRA", "dora": "DoRA", "qlora": "QLoRA"}
+ALL_METHODS = ("base", "full", "lora", "dora", "qlora")  # full: fine-tuning every parameter, the reference
+DISPLAY = {"base": "Base", "full": "Full FT", "lora": "LoRA", "dora": "DoRA", "qlora": "QLoRA"}
+PLAIN_FILES = {"base": "base_model.pt", "full": "full_finetuned.pt"}  # methods saved as whole CNN state dicts
 
 
 # =====================================================================================================
@@ -625,9 +626,10 @@ def measure_inference(results, out_dir, images, device, rounds=LATENCY_ROUNDS, r
     """
     base_file, models = Path(out_dir) / "base_model.pt", {}
     for method in finished(results):
-        if method == "base":
+        if method in PLAIN_FILES:
             model = CNN().to(device)
-            model.load_state_dict(torch.load(base_file, map_location=device, weights_only=True))
+            model.load_state_dict(torch.load(Path(out_dir) / PLAIN_FILES[method], map_location=device,
+                                             weights_only=True))
         else:
             model = load_adapter(base_file, Path(out_dir) / "adapters" / f"{method}.pt", device)
         model = model.to(memory_format=torch.channels_last).eval()
@@ -651,7 +653,7 @@ def measure_inference(results, out_dir, images, device, rounds=LATENCY_ROUNDS, r
 # =====================================================================================================
 PLOT_FILES = ("training_loss_comparison.png", "validation_accuracy_comparison.png",
               "base_model_loss_accuracy.png", "lora_loss_accuracy.png", "test_accuracy_memory.png")
-COLORS = {"base": "tab:gray", "lora": "tab:blue", "dora": "tab:orange", "qlora": "tab:green"}
+COLORS = {"base": "tab:gray", "full": "tab:purple", "lora": "tab:blue", "dora": "tab:orange", "qlora": "tab:green"}
 
 
 def finished(results):
@@ -884,7 +886,7 @@ def check_args(args):
         probe.unlink()
     except OSError as e:
         raise ConfigError(f"cannot write to --out-dir {out} ({e.strerror or e})") from None
-    adapters = [m for m in args.methods if m != "base"]
+    adapters = [m for m in args.methods if m != "base"]  # everything that fine-tunes the base
     if adapters and "base" not in args.methods and not (out / "base_model.pt").is_file():
         raise ConfigError(f"{', '.join(adapters)} fine-tune a trained base model: add base to --methods, or "
                           f"keep the base_model.pt a previous run saved in {out}")
@@ -939,6 +941,8 @@ def run_method(method, base_model, splits, args, device):
     torch.manual_seed(args.seed)  # same init for the base, the same adapter A for every method
     if method == "base":
         model, epochs = CNN().to(device), args.epochs
+    elif method == "full":  # the reference every PEFT paper compares against: every parameter trainable
+        model, epochs = copy.deepcopy(base_model).requires_grad_(True), args.finetune_epochs
     else:
         model = add_adapters(copy.deepcopy(base_model), method, args.rank, args.alpha, args.dropout, args.train_head)
         epochs = args.finetune_epochs
@@ -949,12 +953,13 @@ def run_method(method, base_model, splits, args, device):
                                                                 args.patience, args.seed))
     test_loss, test_acc = evaluate(model, *splits["test"])  # the test set, once per method
     result = measure(model, fit, test_loss, test_acc, cuda_peak)
-    base_file = Path(args.out_dir) / "base_model.pt"
-    if method == "base":  # saved at once: adapter-only runs and --resume start from it
-        tmp = base_file.with_name(".base_model.pt.tmp")
+    base_file = Path(args.out_dir) / PLAIN_FILES["base"]
+    if method in PLAIN_FILES:  # saved at once: the base is what adapter-only runs and --resume start from
+        path = Path(args.out_dir) / PLAIN_FILES[method]
+        tmp = path.with_name(f".{path.name}.tmp")
         torch.save(model.state_dict(), tmp)
-        os.replace(tmp, base_file)
-        result["file_bytes"] = base_file.stat().st_size
+        os.replace(tmp, path)
+        result["file_bytes"] = path.stat().st_size
     else:
         result["file_bytes"] = save_adapter(model, method, args, args.out_dir).stat().st_size
     result["full_model_file_bytes"] = base_file.stat().st_size
@@ -1014,6 +1019,7 @@ def main(argv=None):
                 print(f"{DISPLAY[method]}: finished in a previous run (results.json), kept.")
                 continue
             print(f"Training {DISPLAY[method]} model..." if method == "base"
+                  else "Fine-tuning every parameter of the base model (Full FT)..." if method == "full"
                   else f"Fine-tuning the base model with {DISPLAY[method]}...")
             try:
                 result, model = run_method(method, base_model, splits, args, device)
@@ -1031,7 +1037,7 @@ def main(argv=None):
             if method == "base" and result["status"] == "ok":
                 base_model = model
             elif method == "base":
-                print("error: the base model failed, so the adapter methods have nothing to fine-tune.", file=sys.stderr)
+                print("error: the base model failed, so the other methods have nothing to fine-tune.", file=sys.stderr)
                 save_results(results, out)
                 return 1
             save_results(results, out)  # after every method: nothing finished is lost

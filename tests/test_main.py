@@ -33,7 +33,7 @@ BAD = [
     (["--patience", "-1"], "--patience must be at least 0"),
     (["--dropout", "1"], "--dropout must be in [0, 1)"),
     (["--dropout", "-0.1"], "--dropout must be in [0, 1)"),
-    (["--methods", "base,lorra"], "unknown method(s) lorra: choose from base, lora, dora, qlora"),
+    (["--methods", "base,lorra"], "unknown method(s) lorra: choose from base, full, lora, dora, qlora"),
     (["--methods", "lora,base"], "base must come first in --methods"),
 ]
 
@@ -99,7 +99,7 @@ def test_quick_run_writes_every_output_with_sane_numbers(quick_run):
     for name in main.PLOT_FILES:
         assert (out / name).stat().st_size > 10_000, name
     results = json.loads((out / "results.json").read_text())
-    assert list(results["methods"]) == ["base", "lora", "dora", "qlora"]
+    assert list(results["methods"]) == ["base", "full", "lora", "dora", "qlora"]
     assert results["config"]["rank"] == main.RANK and results["environment"]["torch"] == torch.__version__
     base = results["methods"]["base"]
     for method, r in results["methods"].items():
@@ -107,19 +107,22 @@ def test_quick_run_writes_every_output_with_sane_numbers(quick_run):
         assert 85 < r["test_acc"] <= 100 and r["train_time_s"] > 0 and 1 <= r["epochs_run"] <= 2
         assert r["cuda_peak_bytes"] is None  # CPU: not measured, never a fake 0
         assert r["train_state_bytes"] == r["weight_bytes"] + r["grad_bytes"] + r["optimizer_bytes"]
-        if method != "base":
+        if method in ("lora", "dora", "qlora"):
             assert r["trainable_params"] <= 0.10 * base["total_params"]
     assert results["methods"]["dora"]["trainable_params"] > results["methods"]["lora"]["trainable_params"]
     qlora = results["methods"]["qlora"]
     assert qlora["frozen_weight_bytes"] <= 0.20 * qlora["frozen_weight_fp32_bytes"]
     assert qlora["weight_bytes"] < 0.5 * results["methods"]["lora"]["weight_bytes"]
     table = (out / "results.md").read_text()
-    assert all(name in table for name in ("| Base |", "| LoRA |", "| DoRA |", "| QLoRA |"))
+    assert all(name in table for name in ("| Base |", "| Full FT |", "| LoRA |", "| DoRA |", "| QLoRA |"))
+    full = results["methods"]["full"]
+    assert full["trainable_params"] == full["total_params"] == base["total_params"]
+    assert (out / "full_finetuned.pt").stat().st_size == full["file_bytes"]
     assert (out / "base_model.pt").is_file()
     for method, r in results["methods"].items():  # after training: files and inference cost
         assert r["file_bytes"] > 0 and r["latency_ms"]["merged"]["1000"] > 0
         assert r["merged_max_abs_logit_diff"] < 1e-3
-        if method != "base":
+        if method not in main.PLAIN_FILES:
             assert (out / "adapters" / f"{method}.pt").stat().st_size == r["file_bytes"]
             assert r["file_bytes"] < 0.2 * r["full_model_file_bytes"]
             assert main.load_adapter(out / "base_model.pt", out / "adapters" / f"{method}.pt")
@@ -131,7 +134,7 @@ def test_quick_run_console_summary(quick_run, mnist_dir, capsys):
     _, out = quick_run
     code, stdout, _ = run(capsys, "--quick", "--resume", "--data-dir", mnist_dir, "--out-dir", out)
     assert code == 0 and "Epoch " not in stdout  # everything was kept, nothing retrained
-    for name in ("Base", "LoRA", "DoRA", "QLoRA"):
+    for name in ("Base", "Full FT", "LoRA", "DoRA", "QLoRA"):
         assert f"{name} Model Test Accuracy: " in stdout
 
 
