@@ -442,8 +442,9 @@ def train(model, splits, epochs, lr, batch_size, patience, seed, log=print):
         if not math.isfinite(train_loss):
             raise Diverged(f"diverged at epoch {epoch} (training loss {train_loss})")
         val_loss, val_acc = evaluate(model, *splits["val"])
-        for key, value in zip(history, (train_loss, val_loss, val_acc)):
-            history[key].append(value)
+        history["train_loss"].append(train_loss)
+        history["val_loss"].append(val_loss)
+        history["val_acc"].append(val_acc)
         log(f"Epoch {epoch}, Loss: {train_loss:.4f}, Learning Rate: {history['lr'][-1]:.6f}, "
             f"Val Accuracy: {val_acc:.2f}%")
         if val_loss < best["val_loss"]:
@@ -713,8 +714,8 @@ def plot_results(results, out_dir):
         ax2 = ax.twinx()
         ax2.plot(epochs, h["val_acc"], marker="^", color="tab:blue", label="validation accuracy")
         ax2.set_ylabel("validation accuracy (%)")
-        lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
-        ax.legend(lines, [l.get_label() for l in lines], loc="center right")
+        handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+        ax.legend(handles, [h.get_label() for h in handles], loc="center right")
         ax.grid(alpha=0.3)
         save(fig, name)
 
