@@ -697,7 +697,7 @@ def plot_results(results, out_dir):
         if key == "train_loss":
             ax.set_yscale("log")
         ax.set(xlabel="epoch (of each method's own run)", ylabel=ylabel,
-               title=f"{title}: base from scratch, adapters from the trained base")
+               title=f"{title}\n(Base from scratch; the others start from the trained base)")
         ax.grid(alpha=0.3)
         ax.legend()
         save(fig, name)
