@@ -374,7 +374,7 @@ def make_splits(data, device, val_size=VAL_SIZE, seed=SEED, train_size=None):
     if train_size is not None:
         train_idx = train_idx[:train_size]
 
-    def put(x, y):  # channels-last: ~30 % faster convolutions on the CPU (measured), harmless on CUDA
+    def put(x, y):  # channels-last: an epoch took 10.6 s instead of 14.5 s on the 2-core CPU (measured)
         return x.to(device).contiguous(memory_format=torch.channels_last), y.to(device)
     return {"train": put(images[train_idx], labels[train_idx]),
             "val": put(images[val_idx], labels[val_idx]),
@@ -560,8 +560,8 @@ def adapter_state_dict(model):
 
 def save_adapter(model, method, args, out_dir):
     """<out_dir>/adapters/<method>.pt (the tensors) and .json (PEFT-style config); returns the .pt path."""
-    folder = Path(out_dir) / "adapters"
-    folder.mkdir(exist_ok=True)
+    path = saved_model_file(out_dir, method)
+    path.parent.mkdir(exist_ok=True)
     config = {"peft_type": "LORA", "method": method, "use_dora": method == "dora", "r": args.rank,
               "lora_alpha": args.alpha, "lora_dropout": args.dropout, "bias": "none",
               "target_modules": [full for *_, full, _ in adaptable_layers(CNN(), args.train_head)],
@@ -569,8 +569,7 @@ def save_adapter(model, method, args, out_dir):
               "base_model": "base_model.pt"}
     if method == "qlora":
         config["base_quantization"] = {"quant_type": "nf4", "double_quant": True, "blocksize": QUANT_BLOCKSIZE}
-    path = folder / f"{method}.pt"
-    tmp = folder / f".{method}.pt.tmp"
+    tmp = path.with_name(f".{path.name}.tmp")
     torch.save(adapter_state_dict(model), tmp)
     os.replace(tmp, path)
     write_atomic(path.with_suffix(".json"), json.dumps(config, indent=2))
@@ -625,14 +624,13 @@ def measure_inference(results, out_dir, images, device, rounds=LATENCY_ROUNDS, r
     together, in interleaved rounds, the median taken over all rounds: timed one after another, right
     after each training, identical merged CNNs differed by 2x on this shared CPU.
     """
-    base_file, models = Path(out_dir) / "base_model.pt", {}
+    base_file, models = saved_model_file(out_dir, "base"), {}
     for method in finished(results):
         if method in PLAIN_FILES:
             model = CNN().to(device)
-            model.load_state_dict(torch.load(Path(out_dir) / PLAIN_FILES[method], map_location=device,
-                                             weights_only=True))
+            model.load_state_dict(torch.load(saved_model_file(out_dir, method), map_location=device, weights_only=True))
         else:
-            model = load_adapter(base_file, Path(out_dir) / "adapters" / f"{method}.pt", device)
+            model = load_adapter(base_file, saved_model_file(out_dir, method), device)
         model = model.to(memory_format=torch.channels_last).eval()
         models[method] = {"unmerged": model, "merged": merge_adapters(model).to(memory_format=torch.channels_last)}
         with torch.inference_mode():
@@ -863,7 +861,7 @@ def check_args(args):
         raise ConfigError(f"unknown method(s) {', '.join(unknown) or '(none given)'}: choose from "
                           f"{', '.join(ALL_METHODS)}, comma-separated")
     if "base" in args.methods and args.methods[0] != "base":
-        raise ConfigError("base must come first in --methods: the adapter methods fine-tune the base it trains")
+        raise ConfigError("base must come first in --methods: the other methods fine-tune the base it trains")
     for name, low in (("epochs", 1), ("finetune_epochs", 1), ("batch_size", 1), ("patience", 0)):
         if getattr(args, name) < low:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least {low} (got {getattr(args, name)})")
@@ -888,7 +886,7 @@ def check_args(args):
     except OSError as e:
         raise ConfigError(f"cannot write to --out-dir {out} ({e.strerror or e})") from None
     adapters = [m for m in args.methods if m != "base"]  # everything that fine-tunes the base
-    if adapters and "base" not in args.methods and not (out / "base_model.pt").is_file():
+    if adapters and "base" not in args.methods and not saved_model_file(out, "base").is_file():
         raise ConfigError(f"{', '.join(adapters)} fine-tune a trained base model: add base to --methods, or "
                           f"keep the base_model.pt a previous run saved in {out}")
 
@@ -896,8 +894,8 @@ def check_args(args):
 def previous_results(out, config):
     """The methods finished by an earlier run into `out` with the same hyperparameters ({} if none).
 
-    A base result counts only together with its checkpoint; without the base, the adapters it trained
-    cannot be reproduced, so then nothing is kept.
+    A result counts only together with the file its model was saved to. Without the base checkpoint,
+    the methods that fine-tuned it cannot be reproduced, so then nothing is kept.
     """
     path = Path(out) / "results.json"
     if not path.is_file():
@@ -911,10 +909,17 @@ def previous_results(out, config):
         changed = sorted(k for k in set(config) | set(earlier_config) if config.get(k) != earlier_config.get(k))
         raise ConfigError(f"{path} was written with other settings ({', '.join(changed)} differ), so its results "
                           f"would not be comparable: use another --out-dir, the same settings, or drop --resume")
-    done = {m: r for m, r in methods.items() if r.get("status") == "ok"}
-    if "base" in done and not (Path(out) / "base_model.pt").is_file():
+    done = {m: r for m, r in methods.items() if r.get("status") == "ok" and saved_model_file(out, m).is_file()}
+    if "base" not in done and "base" in methods:
         return {}
     return done
+
+
+def saved_model_file(out_dir, method):
+    """Where run_method saved the method's model: a whole state dict, or only an adapter's tensors."""
+    if method in PLAIN_FILES:
+        return Path(out_dir) / PLAIN_FILES[method]
+    return Path(out_dir) / "adapters" / f"{method}.pt"
 
 
 def cpu_model():
@@ -954,9 +959,9 @@ def run_method(method, base_model, splits, args, device):
                                                                 args.patience, args.seed))
     test_loss, test_acc = evaluate(model, *splits["test"])  # the test set, once per method
     result = measure(model, fit, test_loss, test_acc, cuda_peak)
-    base_file = Path(args.out_dir) / PLAIN_FILES["base"]
+    base_file = saved_model_file(args.out_dir, "base")
     if method in PLAIN_FILES:  # saved at once: the base is what adapter-only runs and --resume start from
-        path = Path(args.out_dir) / PLAIN_FILES[method]
+        path = saved_model_file(args.out_dir, method)
         tmp = path.with_name(f".{path.name}.tmp")
         torch.save(model.state_dict(), tmp)
         os.replace(tmp, path)
@@ -1010,7 +1015,7 @@ def main(argv=None):
     base_model = None
     if "base" not in args.methods or "base" in previous:
         base_model = CNN().to(device)
-        base_model.load_state_dict(torch.load(out / "base_model.pt", map_location=device, weights_only=True))
+        base_model.load_state_dict(torch.load(saved_model_file(out, "base"), map_location=device, weights_only=True))
     current = None
     try:
         for method in args.methods:

@@ -240,3 +240,17 @@ def test_a_cuda_run_shows_its_peak_in_table_console_and_plot(quick_run, capsys, 
     main.report_method(results["methods"]["lora"])
     assert "Max memory allocated: 3.00 MiB (CUDA peak above the shared dataset and base model)" in capsys.readouterr().out
     assert main.PLOT_FILES[4] in main.plot_results(results, tmp_path)
+
+
+def test_resume_keeps_only_methods_whose_saved_model_is_still_there(capsys, quick_run, mnist_dir, tmp_path):
+    out = tmp_path
+    for name in ("results.json", "base_model.pt", "full_finetuned.pt"):
+        (out / name).write_bytes((quick_run[1] / name).read_bytes())
+    (out / "adapters").mkdir()
+    for name in ("lora.pt", "lora.json"):  # dora's and qlora's adapter files are gone
+        (out / "adapters" / name).write_bytes((quick_run[1] / "adapters" / name).read_bytes())
+    code, stdout, _ = run(capsys, "--quick", "--resume", "--methods", "base,full,lora,dora", "--data-dir", mnist_dir,
+                          "--out-dir", out)
+    assert code == 0
+    assert stdout.count("finished in a previous run (results.json), kept.") == 3  # base, full, lora
+    assert "Fine-tuning the base model with DoRA..." in stdout
