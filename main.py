@@ -519,12 +519,11 @@ def with_cuda_peak(device, model, run):
 def measure(model, fit, test_loss, test_acc, cuda_peak):
     trainable, total = count_parameters(model)
     frozen_stored, frozen_fp32 = frozen_base_weight_bytes(model)
-    grad_bytes = sum(nbytes(p) for p in model.parameters() if p.requires_grad)
+    stored, grad_bytes = weight_bytes(model), sum(nbytes(p) for p in model.parameters() if p.requires_grad)
     return {"status": "ok", "test_acc": test_acc, "test_loss": test_loss,
             "trainable_params": trainable, "total_params": total,
-            "weight_bytes": weight_bytes(model), "grad_bytes": grad_bytes,
-            "optimizer_bytes": fit["optimizer_bytes"],
-            "train_state_bytes": weight_bytes(model) + grad_bytes + fit["optimizer_bytes"],
+            "weight_bytes": stored, "grad_bytes": grad_bytes, "optimizer_bytes": fit["optimizer_bytes"],
+            "train_state_bytes": stored + grad_bytes + fit["optimizer_bytes"],
             "frozen_weight_bytes": frozen_stored, "frozen_weight_fp32_bytes": frozen_fp32,
             "cuda_peak_bytes": cuda_peak, "train_time_s": fit["train_time_s"],
             "epochs_run": fit["epochs_run"], "best_epoch": fit["best_epoch"], "history": fit["history"]}
@@ -569,9 +568,7 @@ def save_adapter(model, method, args, out_dir):
               "base_model": "base_model.pt"}
     if method == "qlora":
         config["base_quantization"] = {"quant_type": "nf4", "double_quant": True, "blocksize": QUANT_BLOCKSIZE}
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(adapter_state_dict(model), tmp)
-    os.replace(tmp, path)
+    write_atomic(path, adapter_state_dict(model))
     write_atomic(path.with_suffix(".json"), json.dumps(config, indent=2))
     return path
 
@@ -761,11 +758,15 @@ def plot_results(results, out_dir):
     return written
 
 
-def write_atomic(path, text):
-    """Write to a temporary file beside `path`, then rename: a reader never sees half a file."""
+def write_atomic(path, content):
+    """Write text, or tensors with torch.save, to a temporary file beside `path`, then rename: a reader
+    (or a run interrupted mid-write) never sees half a file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    if isinstance(content, str):
+        tmp.write_text(content)
+    else:
+        torch.save(content, tmp)
     os.replace(tmp, path)
 
 
@@ -962,9 +963,7 @@ def run_method(method, base_model, splits, args, device):
     base_file = saved_model_file(args.out_dir, "base")
     if method in PLAIN_FILES:  # saved at once: the base is what adapter-only runs and --resume start from
         path = saved_model_file(args.out_dir, method)
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save(model.state_dict(), tmp)
-        os.replace(tmp, path)
+        write_atomic(path, model.state_dict())
         result["file_bytes"] = path.stat().st_size
     else:
         result["file_bytes"] = save_adapter(model, method, args, args.out_dir).stat().st_size
