@@ -334,7 +334,8 @@ def ensure_mnist(data_dir, download=True):
         try:
             download_mnist(data_dir)
         except Exception as e:  # no network, a mirror down, a full disk...
-            reason = f" The download failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})."
+            detail = " ".join(str(e).split())  # torchvision's message spans lines: one line, kept short
+            reason = f" The download failed ({type(e).__name__}: {detail[:150]}{'…' if len(detail) > 150 else ''})."
         missing = [f for f in MNIST_MD5 if not (raw / f).is_file()]
     if missing:
         raise DataError(
