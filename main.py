@@ -548,14 +548,15 @@ def merge_adapters(model):
     return merged
 
 
+def peft_name(name):
+    """PEFT's name for one of our parameter names: conv1.lora_A -> base_model.model.conv1.lora_A.weight."""
+    module, _, leaf = name.rpartition(".")
+    return PEFT_PREFIX + (f"{module}.{PEFT_NAMES[leaf]}" if leaf in PEFT_NAMES else name)
+
+
 def adapter_state_dict(model):
     """Only the trained tensors (adapters, DoRA magnitudes, a trainable head), under PEFT's names."""
-    tensors = {}
-    for name, p in trainable_parameters(model).items():
-        module, _, leaf = name.rpartition(".")
-        key = f"{module}.{PEFT_NAMES[leaf]}" if leaf in PEFT_NAMES else name
-        tensors[PEFT_PREFIX + key] = p.detach().cpu().clone()
-    return tensors
+    return {peft_name(name): p.detach().cpu().clone() for name, p in trainable_parameters(model).items()}
 
 
 def save_adapter(model, method, args, out_dir):
@@ -583,14 +584,20 @@ def load_adapter(base_checkpoint, adapter_path, device="cpu"):
     add_adapters(model, config["method"], config["r"], config["lora_alpha"], config["lora_dropout"],
                  train_head=bool(config["modules_to_save"]))
     tensors = torch.load(adapter_path, map_location=device, weights_only=True)
-    params = trainable_parameters(model)
-    expected = adapter_state_dict(model).keys()
-    if set(tensors) != set(expected):
+    params = {peft_name(name): p for name, p in trainable_parameters(model).items()}
+    if set(tensors) != set(params):
         raise ValueError(f"{adapter_path} does not match a {config['method']} adapter of this CNN "
-                         f"(missing {sorted(set(expected) - set(tensors))}, extra {sorted(set(tensors) - set(expected))})")
+                         f"(missing {sorted(set(params) - set(tensors))}, extra {sorted(set(tensors) - set(params))})")
     with torch.no_grad():
-        for (key, p) in zip(expected, params.values()):  # both in named_parameters() order
+        for key, p in params.items():
             p.copy_(tensors[key])
+    return model
+
+
+def load_plain(out_dir, method, device):
+    """A method saved as a whole CNN state dict (the base, full fine-tuning), loaded back."""
+    model = CNN().to(device)
+    model.load_state_dict(torch.load(saved_model_file(out_dir, method), map_location=device, weights_only=True))
     return model
 
 
@@ -625,8 +632,7 @@ def measure_inference(results, out_dir, images, device, rounds=LATENCY_ROUNDS, r
     base_file, models = saved_model_file(out_dir, "base"), {}
     for method in finished(results):
         if method in PLAIN_FILES:
-            model = CNN().to(device)
-            model.load_state_dict(torch.load(saved_model_file(out_dir, method), map_location=device, weights_only=True))
+            model = load_plain(out_dir, method, device)
         else:
             model = load_adapter(base_file, saved_model_file(out_dir, method), device)
         model = model.to(memory_format=torch.channels_last).eval()
@@ -1014,8 +1020,7 @@ def main(argv=None):
     sigterm_handler = signal.signal(signal.SIGTERM, signal.default_int_handler)  # like Ctrl-C: results kept
     base_model = None
     if "base" not in args.methods or "base" in previous:
-        base_model = CNN().to(device)
-        base_model.load_state_dict(torch.load(saved_model_file(out, "base"), map_location=device, weights_only=True))
+        base_model = load_plain(out, "base", device)
     current = None
     try:
         for method in args.methods:
