@@ -32,10 +32,12 @@ import torch.nn.functional as F
 # Hyperparameters: edit here, or override with the flag of the same name (python main.py --help)
 # =====================================================================================================
 DATA_DIR = "data"                  # MNIST goes in DATA_DIR/MNIST/raw (torchvision's layout); downloaded if missing
-OUT_DIR = "plots"                  # plots, results.json, results.md and the base checkpoint go here
+OUT_DIR = "plots"                  # plots, results.json, results.md and the saved models go here
 METHODS = "base,full,lora,dora,qlora"  # runs, in order; all but base start from the trained base
+FINETUNE_TASK = "mnist"            # what the methods fine-tune on: mnist | rotated | inverted (see TASKS)
 DEVICE = "auto"                    # auto (cuda when available) | cpu | cuda
-SEED = 0                           # model init, validation split, data order and adapter init
+SEED = 0                           # the first seed; it also fixes the validation split
+SEEDS = 1                          # every method runs with seeds SEED .. SEED+SEEDS-1 (init and data order)
 BATCH_SIZE = 128                   # training batch size, the same for every method
 LEARNING_RATE = 2e-3               # Adam learning rate at the start of each run, cosine-decayed to 0 per step
 NUM_EPOCHS = 8                     # epoch budget of the base model
@@ -43,6 +45,7 @@ FINETUNE_EPOCHS = 4                # epoch budget of each adapter method
 PATIENCE = 2                       # early stopping: stop after this many epochs without a better val loss
 RANK = 8                           # r, the rank of the update B.A
 ALPHA = 16                         # the update is scaled by ALPHA / RANK (Hu et al. 2021)
+RANKS = ""                         # rank sweep, e.g. "1,2,4,8,16": the adapter methods again at each rank
 LORA_DROPOUT = 0.0                 # dropout on the adapter's input (0 lets DoRA reuse the base output)
 TRAIN_HEAD = True                  # classifier head fully trainable instead of adapted (README: "Design choices")
 QUANT_BLOCKSIZE = 64               # QLoRA: NF4 block size (64 in Dettmers et al. 2023)
@@ -54,6 +57,11 @@ QUICK_MAX_EPOCHS = 2               # ... and the most epochs per method
 ALL_METHODS = ("base", "full", "lora", "dora", "qlora")  # full: fine-tuning every parameter, the reference
 DISPLAY = {"base": "Base", "full": "Full FT", "lora": "LoRA", "dora": "DoRA", "qlora": "QLoRA"}
 PLAIN_FILES = {"base": "base_model.pt", "full": "full_finetuned.pt"}  # methods saved as whole CNN state dicts
+TASKS = {  # fine-tuning targets built from the MNIST files, same splits; the base always trains on mnist
+    "mnist": "MNIST itself (fine-tuning on the data the base was trained on)",
+    "rotated": "MNIST digits rotated by 90 degrees (counter-clockwise)",
+    "inverted": "MNIST with inverted colours (white background, black digits)",
+}
 
 
 # =====================================================================================================
@@ -351,15 +359,21 @@ def ensure_mnist(data_dir, download=True):
 
 
 def load_mnist(data_dir, download=True):
-    """{'train': (images, labels), 'test': (...)} as CPU tensors: images float [N,1,28,28], normalized."""
+    """{'train': (pixels, labels), 'test': (...)} as CPU tensors: pixels uint8 [N, 1, 28, 28]."""
     ensure_mnist(data_dir, download)
     from torchvision.datasets import MNIST
-    data = {}
-    for split, train in (("train", True), ("test", False)):
-        ds = MNIST(data_dir, train=train, download=False)
-        images = ((ds.data.float() / 255 - MNIST_MEAN) / MNIST_STD).unsqueeze(1)  # once, not per sample
-        data[split] = (images, ds.targets.clone())
-    return data
+    return {split: (ds.data.unsqueeze(1), ds.targets.clone())
+            for split, ds in (("train", MNIST(data_dir, train=True, download=False)),
+                              ("test", MNIST(data_dir, train=False, download=False)))}
+
+
+def task_pixels(pixels, task):
+    """The images of `task` (see TASKS), made from MNIST's uint8 pixels [N, 1, 28, 28]: exact, no resampling."""
+    if task == "rotated":
+        return torch.rot90(pixels, 1, dims=(2, 3))
+    if task == "inverted":
+        return 255 - pixels
+    return pixels
 
 
 def split_indices(n, val_size, seed):
@@ -368,17 +382,20 @@ def split_indices(n, val_size, seed):
     return order[val_size:], order[:val_size]
 
 
-def make_splits(data, device, val_size=VAL_SIZE, seed=SEED, train_size=None):
-    """train/val/test (images, labels) on `device`; train_size (for --quick) keeps a subset of training images."""
-    images, labels = data["train"]
+def make_splits(data, device, task="mnist", val_size=VAL_SIZE, seed=SEED, train_size=None):
+    """train/val/test (images, labels) of `task` on `device`, images normalized once with MNIST's statistics
+    (the base's preprocessing, whatever the task); train_size (for --quick) keeps a subset of training images.
+    The split depends on the seed only, so every task holds out the same images."""
+    pixels, labels = data["train"]
     train_idx, val_idx = split_indices(len(labels), val_size, seed)
     if train_size is not None:
         train_idx = train_idx[:train_size]
 
     def put(x, y):  # channels-last: an epoch took 10.6 s instead of 14.5 s on the 2-core CPU (measured)
+        x = (task_pixels(x, task).float() / 255 - MNIST_MEAN) / MNIST_STD  # once, not per sample
         return x.to(device).contiguous(memory_format=torch.channels_last), y.to(device)
-    return {"train": put(images[train_idx], labels[train_idx]),
-            "val": put(images[val_idx], labels[val_idx]),
+    return {"train": put(pixels[train_idx], labels[train_idx]),
+            "val": put(pixels[val_idx], labels[val_idx]),
             "test": put(*data["test"])}
 
 
@@ -530,6 +547,31 @@ def measure(model, fit, test_loss, test_acc, cuda_peak):
             "epochs_run": fit["epochs_run"], "best_epoch": fit["best_epoch"], "history": fit["history"]}
 
 
+# Student's t quantile t(0.975, df) for df = 1..30 (standard tables); beyond, a Cornish-Fisher expansion
+T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+         2.045, 2.042)
+
+
+def t_975(df):
+    if df <= len(T_975):
+        return T_975[df - 1]
+    z = 1.959964
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def mean_std_ci(values):
+    """Mean, sample standard deviation and 95 % t-interval of the mean over seeds; with one value only the
+    mean (std and interval None: one run says nothing about its spread)."""
+    values = list(values)
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return {"n": len(values), "mean": mean, "std": None, "ci95": None, "values": values}
+    std = statistics.stdev(values)
+    half = t_975(len(values) - 1) * std / math.sqrt(len(values))
+    return {"n": len(values), "mean": mean, "std": std, "ci95": [mean - half, mean + half], "values": values}
+
+
 # =====================================================================================================
 # After training: merged inference, adapter-only files, their cost
 # =====================================================================================================
@@ -559,15 +601,15 @@ def adapter_state_dict(model):
     return {peft_name(name): p.detach().cpu().clone() for name, p in trainable_parameters(model).items()}
 
 
-def save_adapter(model, method, args, out_dir):
-    """<out_dir>/adapters/<method>.pt (the tensors) and .json (PEFT-style config); returns the .pt path."""
-    path = saved_model_file(out_dir, method)
-    path.parent.mkdir(exist_ok=True)
-    config = {"peft_type": "LORA", "method": method, "use_dora": method == "dora", "r": args.rank,
+def save_adapter(model, method, rank, args, path):
+    """`path` (the tensors, e.g. seed0/adapters/lora_r8.pt) and the same name in .json (PEFT-style config)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    config = {"peft_type": "LORA", "method": method, "use_dora": method == "dora", "r": rank,
               "lora_alpha": args.alpha, "lora_dropout": args.dropout, "bias": "none",
               "target_modules": [full for *_, full, _ in adaptable_layers(CNN(), args.train_head)],
               "modules_to_save": [CNN.head] if args.train_head else [],
-              "base_model": "base_model.pt"}
+              "base_model": "../base_model.pt", "task": args.task}
     if method == "qlora":
         config["base_quantization"] = {"quant_type": "nf4", "double_quant": True, "blocksize": QUANT_BLOCKSIZE}
     write_atomic(path, adapter_state_dict(model))
@@ -594,10 +636,10 @@ def load_adapter(base_checkpoint, adapter_path, device="cpu"):
     return model
 
 
-def load_plain(out_dir, method, device):
+def load_plain(path, device):
     """A method saved as a whole CNN state dict (the base, full fine-tuning), loaded back."""
     model = CNN().to(device)
-    model.load_state_dict(torch.load(saved_model_file(out_dir, method), map_location=device, weights_only=True))
+    model.load_state_dict(torch.load(path, map_location=device, weights_only=True))
     return model
 
 
@@ -623,32 +665,118 @@ QUICK_LATENCY_ROUNDS, QUICK_LATENCY_REPEATS = 2, {1: 5, 1000: 1}
 
 
 def measure_inference(results, out_dir, images, device, rounds=LATENCY_ROUNDS, repeats=LATENCY_REPEATS):
-    """Latency of every finished method's model, as trained (unmerged) and merged, at batch 1 and 1,000.
+    """Latency of every method's model, as trained (unmerged) and merged, at batch 1 and 1,000, into
+    results["inference"]: the first seed's models at the main rank (latency depends on the shapes, not on
+    the trained values).
 
     The models are rebuilt from the files this run saved (so a resumed method is measured too) and timed
     together, in interleaved rounds, the median taken over all rounds: timed one after another, right
     after each training, identical merged CNNs differed by 2x on this shared CPU.
     """
-    base_file, models = saved_model_file(out_dir, "base"), {}
-    for method in finished(results):
+    seed, rank, models = results["seeds"][0], results["config"]["rank"], {}
+    for r in main_runs(results):
+        if r["seed"] != seed or r["status"] != "ok":
+            continue
+        method, path = r["method"], saved_model_file(out_dir, r["method"], seed, r["rank"])
         if method in PLAIN_FILES:
-            model = load_plain(out_dir, method, device)
+            model = load_plain(path, device)
         else:
-            model = load_adapter(base_file, saved_model_file(out_dir, method), device)
+            model = load_adapter(saved_model_file(out_dir, "base", seed), path, device)
         model = model.to(memory_format=torch.channels_last).eval()
         models[method] = {"unmerged": model, "merged": merge_adapters(model).to(memory_format=torch.channels_last)}
-        with torch.inference_mode():
-            gap = (model(images[:1000]) - models[method]["merged"](images[:1000])).abs().max().item()
-        results["methods"][method]["merged_max_abs_logit_diff"] = gap
+    gaps = {}
+    with torch.inference_mode():
+        for method, kinds in models.items():
+            gaps[method] = (kinds["unmerged"](images[:1000]) - kinds["merged"](images[:1000])).abs().max().item()
     samples = {}
     for _ in range(rounds):
         for method, kinds in models.items():
             for kind, model in kinds.items():
                 for batch, n in repeats.items():
                     samples.setdefault((method, kind, batch), []).append(latency_ms(model, images, batch, n))
-    for method, kinds in models.items():
-        results["methods"][method]["latency_ms"] = {
-            kind: {str(b): statistics.median(samples[method, kind, b]) for b in repeats} for kind in kinds}
+    results["inference"] = {
+        method: {"seed": seed, "rank": None if method in PLAIN_FILES else rank,
+                 "merged_max_abs_logit_diff": gaps[method],
+                 "latency_ms": {kind: {str(b): statistics.median(samples[method, kind, b]) for b in repeats}
+                                for kind in kinds}}
+        for method, kinds in models.items()}
+
+
+# =====================================================================================================
+# Results: every run kept; means, spreads and paired differences over seeds
+# =====================================================================================================
+SAME_FOR_EVERY_SEED = ("trainable_params", "total_params", "weight_bytes", "grad_bytes", "optimizer_bytes",
+                       "train_state_bytes", "frozen_weight_bytes", "frozen_weight_fp32_bytes", "file_bytes",
+                       "full_model_file_bytes")  # shapes and byte counts: a seed changes values, not sizes
+
+
+def run_rank(method, rank):
+    """The rank a method runs at: None for the base and full fine-tuning, which have no adapter."""
+    return None if method in PLAIN_FILES else rank
+
+
+def main_runs(results):
+    """The runs of the main comparison: the rank-sweep runs at other ranks left out."""
+    return [r for r in results["runs"] if r["rank"] == run_rank(r["method"], results["config"]["rank"])]
+
+
+def ok_runs(runs, method):
+    return [r for r in runs if r["method"] == method and r["status"] == "ok"]
+
+
+def paired_difference(results, method, ref):
+    """Test accuracy of `method` minus `ref` (points, main comparison) seed by seed, over the seeds where both
+    finished. Within a seed both start from the same base, see the same data order and adapter init: the
+    difference is what the method changes, free of the seed-to-seed spread both share."""
+    acc = {m: {r["seed"]: r["test_acc"] for r in ok_runs(main_runs(results), m)} for m in (method, ref)}
+    seeds = sorted(set(acc[method]) & set(acc[ref]))
+    return mean_std_ci([acc[method][s] - acc[ref][s] for s in seeds]) if seeds else None
+
+
+def summarize(results):
+    """One row per method of the main comparison, plus "base_on_task" (the trained base on a shifted task's
+    test set, before any fine-tuning): mean/std/95 % CI over seeds of accuracy, time and CUDA peak, the byte
+    counts, and the paired differences to full fine-tuning and to LoRA."""
+    runs, summary = main_runs(results), {}
+    for method in results["methods"]:
+        mine = [r for r in runs if r["method"] == method]
+        ok = ok_runs(runs, method)
+        if not ok:
+            if mine:
+                summary[method] = {"status": mine[-1]["status"], "reason": mine[-1]["reason"]}
+            continue
+        summary[method] = {
+            "status": "ok", "seeds": [r["seed"] for r in ok],
+            "failed": [f"seed {r['seed']}: {r['status']} ({r['reason']})" for r in mine if r["status"] != "ok"],
+            "test_acc": mean_std_ci(r["test_acc"] for r in ok),
+            "train_time_s": mean_std_ci(r["train_time_s"] for r in ok),
+            "cuda_peak_bytes": (None if any(r["cuda_peak_bytes"] is None for r in ok)
+                                else mean_std_ci(r["cuda_peak_bytes"] for r in ok)),
+            "epochs_run": [r["epochs_run"] for r in ok], "best_epoch": [r["best_epoch"] for r in ok],
+            **{k: ok[0][k] for k in SAME_FOR_EVERY_SEED},
+            "vs": {} if method == "base" else {ref: paired_difference(results, method, ref)
+                                                for ref in ("full", "lora") if ref != method and ref in results["methods"]}}
+        if method == "base" and "task_test_acc" in ok[0]:
+            summary["base_on_task"] = {"status": "ok", "seeds": [r["seed"] for r in ok], "failed": [],
+                                       "test_acc": mean_std_ci(r["task_test_acc"] for r in ok)}
+    return summary
+
+
+def rank_sweep(results):
+    """{adapter method: one point per rank that ran (the main rank included)}, {} without --ranks."""
+    if not results["ranks"]:
+        return {}
+    sweep = {}
+    for method in results["methods"]:
+        points = []
+        for rank in sorted(set(results["ranks"]) | {results["config"]["rank"]}):
+            ok = [r for r in results["runs"] if r["method"] == method and r["rank"] == rank and r["status"] == "ok"]
+            if method not in PLAIN_FILES and ok:
+                points.append({"rank": rank, "trainable_params": ok[0]["trainable_params"],
+                               "test_acc": mean_std_ci(r["test_acc"] for r in ok)})
+        if points:
+            sweep[method] = points
+    return sweep
 
 
 # =====================================================================================================
@@ -656,21 +784,44 @@ def measure_inference(results, out_dir, images, device, rounds=LATENCY_ROUNDS, r
 # =====================================================================================================
 PLOT_FILES = ("training_loss_comparison.png", "validation_accuracy_comparison.png",
               "base_model_loss_accuracy.png", "lora_loss_accuracy.png", "test_accuracy_memory.png")
-COLORS = {"base": "tab:gray", "full": "tab:purple", "lora": "tab:blue", "dora": "tab:orange", "qlora": "tab:green"}
+SWEEP_PLOT = "rank_sweep.png"
+COLORS = {"base": "tab:gray", "base_on_task": "silver", "full": "tab:purple", "lora": "tab:blue",
+          "dora": "tab:orange", "qlora": "tab:green"}
 
 
-def finished(results):
-    return {m: r for m, r in results["methods"].items() if r["status"] == "ok"}
+def label(method, task):
+    """A row's name; on a shifted task the base's own accuracy is on MNIST, so the rows say which test set."""
+    if method == "base_on_task":
+        return f"Base, not fine-tuned ({task})"
+    return f"{DISPLAY[method]} (MNIST)" if method == "base" and task != "mnist" else DISPLAY[method]
+
+
+def mean_curve(runs, key):
+    """(epochs, mean, std) of history[key] over runs; epoch e averages the runs that reached it (early
+    stopping ends runs at different epochs); std is NaN where fewer than two runs got that far."""
+    longest = max(len(r["history"][key]) for r in runs)
+    values = [[r["history"][key][e] for r in runs if len(r["history"][key]) > e] for e in range(longest)]
+    return (list(range(1, longest + 1)), [statistics.fmean(v) for v in values],
+            [statistics.stdev(v) if len(v) > 1 else math.nan for v in values])
+
+
+def ci_half(stats):
+    return 0.0 if stats["ci95"] is None else stats["ci95"][1] - stats["mean"]
 
 
 def plot_results(results, out_dir):
-    """The five figures of the original README, from results alone (so they can be redrawn)."""
+    """The five figures of the original README (+ rank_sweep.png after a sweep), from results alone, so
+    they can be redrawn. With several seeds: means, with bands of +-1 std (curves) or 95 % CIs (bars)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FormatStrFormatter, MaxNLocator
 
-    runs = finished(results)
+    runs, summary = main_runs(results), summarize(results)
+    task = results["config"]["task"]
+    trained = [m for m, row in summary.items() if row["status"] == "ok" and m != "base_on_task"]
+    n_seeds = max((len(row["seeds"]) for row in summary.values() if row["status"] == "ok"), default=1)
+    spread = f"mean of {n_seeds} seeds, band: +-1 std" if n_seeds > 1 else "1 seed"
     out_dir = Path(out_dir)
     written = []
 
@@ -689,79 +840,120 @@ def plot_results(results, out_dir):
         plt.close(fig)
         written.append(name)
 
+    def curve(ax, method, key, **style):
+        epochs, mean, std = mean_curve(ok_runs(runs, method), key)
+        line, = ax.plot(epochs, mean, **style)
+        if n_seeds > 1:
+            ax.fill_between(epochs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                            color=line.get_color(), alpha=0.2, lw=0)
+
+    where = "on MNIST" if task == "mnist" else f"Base on MNIST, the others on {task}"
     for key, name, ylabel, title in (
             ("train_loss", PLOT_FILES[0], "training loss (cross-entropy, log scale)", "Training loss per epoch"),
             ("val_acc", PLOT_FILES[1], "validation accuracy (%)", "Validation accuracy per epoch")):
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for method, r in runs.items():
-            epochs = range(1, len(r["history"][key]) + 1)
-            ax.plot(epochs, r["history"][key], marker="o", color=COLORS[method], label=DISPLAY[method])
+        for method in trained:
+            curve(ax, method, key, marker="o", color=COLORS[method], label=label(method, task))
         if key == "train_loss":
             ax.set_yscale("log")
         ax.set(xlabel="epoch (of each method's own run)", ylabel=ylabel,
-               title=f"{title}\n(Base from scratch; the others start from the trained base)")
+               title=f"{title} ({spread})\nBase from scratch, the others from the trained base; {where}")
         ax.grid(alpha=0.3)
         ax.legend()
         save(fig, name)
 
     for method, name in (("base", PLOT_FILES[2]), ("lora", PLOT_FILES[3])):
-        if method not in runs:
+        if method not in trained:
             continue
-        h = runs[method]["history"]
-        epochs = range(1, len(h["train_loss"]) + 1)
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        ax.plot(epochs, h["train_loss"], marker="o", color="tab:red", label="training loss")
-        ax.plot(epochs, h["val_loss"], marker="s", ls="--", color="tab:red", label="validation loss")
-        ax.set(xlabel="epoch", ylabel="cross-entropy loss", title=f"{DISPLAY[method]}: loss and validation accuracy")
+        curve(ax, method, "train_loss", marker="o", color="tab:red", label="training loss")
+        curve(ax, method, "val_loss", marker="s", ls="--", color="tab:red", label="validation loss")
+        ax.set(xlabel="epoch", ylabel="cross-entropy loss",
+               title=f"{label(method, task)}: loss and validation accuracy ({spread})")
         ax2 = ax.twinx()
-        ax2.plot(epochs, h["val_acc"], marker="^", color="tab:blue", label="validation accuracy")
+        curve(ax2, method, "val_acc", marker="^", color="tab:blue", label="validation accuracy")
         ax2.set_ylabel("validation accuracy (%)")
         handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
         ax.legend(handles, [h.get_label() for h in handles], loc="center right")
         ax.grid(alpha=0.3)
         save(fig, name)
 
-    if runs:
-        names = [DISPLAY[m] for m in runs]
-        colors = [COLORS[m] for m in runs]
+    if trained:
+        rows = {m: row for m, row in summary.items() if row["status"] == "ok"}  # base_on_task: accuracy only
+        names = [DISPLAY[m] for m in trained]
+        colors = [COLORS[m] for m in trained]
         fig, axes = plt.subplots(2, 3, figsize=(15, 9))
         (ax_acc, ax_state, ax_peak), (ax_file, ax_lat1, ax_lat1000) = axes
-        acc = [r["test_acc"] for r in runs.values()]
-        ax_acc.bar_label(ax_acc.bar(names, acc, color=colors), fmt="%.2f")
-        ax_acc.set(ylabel="test accuracy (%)", title=f"Test accuracy ({results['config']['test_size']:,} images)",
-                   ylim=(max(0, min(acc) - 1.0), min(100, max(acc) + 0.3)))
-        bottom = [0.0] * len(runs)
-        for key, label, hatch in (("weight_bytes", "weights as stored", None), ("grad_bytes", "gradients", "//"),
-                                  ("optimizer_bytes", "Adam state", "..")):
-            mib = [r[key] / 2**20 for r in runs.values()]
-            ax_state.bar(names, mib, bottom=bottom, color=colors, hatch=hatch, edgecolor="black", alpha=0.8, label=label)
+        acc = [row["test_acc"]["mean"] for row in rows.values()]
+        bars = ax_acc.bar([label(m, task).replace(" (", "\n(") for m in rows], acc, color=[COLORS[m] for m in rows],
+                          yerr=[ci_half(row["test_acc"]) for row in rows.values()], capsize=4)
+        ax_acc.bar_label(bars, fmt="%.2f", label_type="center", fontsize=8)
+        ax_acc.tick_params(axis="x", labelsize=8)
+        errors = max(ci_half(row["test_acc"]) for row in rows.values())
+        ax_acc.set(ylabel="test accuracy (%)",
+                   title=f"Test accuracy ({results['config']['test_size']:,} images; "
+                         f"{f'mean of {n_seeds} seeds, 95 % CI' if n_seeds > 1 else '1 seed'})",
+                   ylim=(max(0, min(acc) - 1.0 - errors), min(100, max(acc) + 0.3 + errors)))
+        bottom = [0.0] * len(trained)
+        for key, what, hatch in (("weight_bytes", "weights as stored", None), ("grad_bytes", "gradients", "//"),
+                                 ("optimizer_bytes", "Adam state", "..")):
+            mib = [summary[m][key] / 2**20 for m in trained]
+            ax_state.bar(names, mib, bottom=bottom, color=colors, hatch=hatch, edgecolor="black", alpha=0.8, label=what)
             bottom = [b + v for b, v in zip(bottom, mib)]
         ax_state.set(ylabel="MiB", title="Training state: weights + gradients + Adam\n(byte accounting)")
         ax_state.legend()
-        if all(r["cuda_peak_bytes"] is not None for r in runs.values()):
-            ax_peak.bar_label(ax_peak.bar(names, [r["cuda_peak_bytes"] / 2**20 for r in runs.values()],
-                                          color=colors), fmt="%.1f")
+        if all(summary[m]["cuda_peak_bytes"] is not None for m in trained):
+            peaks = [summary[m]["cuda_peak_bytes"] for m in trained]
+            ax_peak.bar_label(ax_peak.bar(names, [p["mean"] / 2**20 for p in peaks], color=colors,
+                                          yerr=[(p["std"] or 0) / 2**20 for p in peaks]), fmt="%.1f")
             ax_peak.set(ylabel="MiB", title="CUDA peak allocated during training\n(above the shared dataset and base model)")
         else:
             ax_peak.set_axis_off()
             ax_peak.text(0.5, 0.5, "CUDA peak memory: not available\n(this run was on the CPU;\n"
                          "the byte accounting is beside)", ha="center", va="center", fontsize=12)
-        kib = [r["file_bytes"] / 2**10 for r in runs.values()]
+        kib = [summary[m]["file_bytes"] / 2**10 for m in trained]
         ax_file.bar_label(ax_file.bar(names, kib, color=colors), fmt="%.0f")
-        ax_file.set(ylabel="KiB", title="Saved file: full model (Base) vs adapter only")
-        timed = {m: r for m, r in runs.items() if "latency_ms" in r}
+        ax_file.set(ylabel="KiB", title="Saved file: full model (Base, Full FT) vs adapter only")
+        timed = {m: results["inference"][m] for m in trained if m in results.get("inference", {})}
         for ax, batch in ((ax_lat1, "1"), (ax_lat1000, "1000")):
             x = range(len(timed))
             for offset, kind, hatch in ((-0.2, "unmerged", None), (0.2, "merged", "//")):
-                ms = [r["latency_ms"][kind][batch] for r in timed.values()]
+                ms = [t["latency_ms"][kind][batch] for t in timed.values()]
                 ax.bar_label(ax.bar([i + offset for i in x], ms, width=0.4, color=[COLORS[m] for m in timed],
                                     hatch=hatch, edgecolor="black"), fmt="%.2f" if batch == "1" else "%.1f", fontsize=8)
             ax.set_xticks(list(x), [DISPLAY[m] for m in timed])
             ax.set(ylabel="ms (median)", title=f"Inference latency, batch {int(batch):,}")
             ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, facecolor="white", edgecolor="black", hatch=h)
                                for h in (None, "//")], labels=["as trained (unmerged)", "merged"])
-        fig.suptitle(f"Test accuracy, memory, file size and latency ({results['environment']['device_name']})")
+        fig.suptitle(f"Test accuracy, memory, file size and latency; fine-tuned on {task} "
+                     f"({results['environment']['device_name']})")
         save(fig, PLOT_FILES[4])
+
+    sweep = rank_sweep(results)
+    if sweep:
+        fig, ax = plt.subplots(figsize=(7.5, 5))
+        for method, points in sweep.items():
+            params = [p["trainable_params"] for p in points]
+            ax.errorbar(params, [p["test_acc"]["mean"] for p in points], yerr=[ci_half(p["test_acc"]) for p in points],
+                        marker="o", capsize=3, color=COLORS[method], label=DISPLAY[method])
+            for p in points:
+                ax.annotate(f"r={p['rank']}", (p["trainable_params"], p["test_acc"]["mean"]), fontsize=7,
+                            textcoords="offset points", xytext=(4, -10))
+        if summary.get("full", {}).get("status") == "ok":
+            full = summary["full"]
+            ax.errorbar([full["trainable_params"]], [full["test_acc"]["mean"]], yerr=[ci_half(full["test_acc"])],
+                        marker="*", ms=12, capsize=3, ls="none", color=COLORS["full"], label=DISPLAY["full"])
+        reference = "base_on_task" if "base_on_task" in summary else "base"
+        if summary.get(reference, {}).get("status") == "ok":
+            ax.axhline(summary[reference]["test_acc"]["mean"], ls="--", color="gray",
+                       label=f"Base, not fine-tuned ({summary[reference]['test_acc']['mean']:.2f} %)")
+        ax.set_xscale("log")
+        ax.set(xlabel="trainable parameters (log scale)", ylabel="test accuracy (%)",
+               title=f"Accuracy vs trainable parameters on {task} "
+                     f"({f'mean of {n_seeds} seeds, 95 % CI' if n_seeds > 1 else '1 seed'})")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend()
+        save(fig, SWEEP_PLOT)
     return written
 
 
@@ -781,21 +973,47 @@ def fmt_mib(b):
     return f"{b / 2**20:.2f}"
 
 
+def fmt_stat(stats, fmt="{:.2f}", scale=1.0):
+    """'mean +- std' (several seeds) or the one value; never a made-up spread."""
+    mean = fmt.format(stats["mean"] / scale)
+    return mean if stats["std"] is None else f"{mean} ± {fmt.format(stats['std'] / scale)}"
+
+
+def fmt_ci(stats, signed=False):
+    f = "{:+.2f}" if signed else "{:.2f}"
+    if stats["ci95"] is None:
+        return f"{f.format(stats['mean'])} (1 seed)" if signed else "- (1 seed)"
+    low, high = stats["ci95"]
+    return (f"{f.format(stats['mean'])} [{f.format(low)}, {f.format(high)}]" if signed
+            else f"[{f.format(low)}, {f.format(high)}]")
+
+
 def results_table(results):
-    rows = ["| method | test acc (%) | trainable params | % of total | weights stored (MiB) | "
-            "train state (MiB) | frozen W stored / fp32 | CUDA peak (MiB) | train time (s) | epochs |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for method, r in results["methods"].items():
-        if r["status"] != "ok":
-            rows.append(f"| {DISPLAY[method]} | {r['status']}: {r['reason']} |" + " |" * 8)
+    task = results["config"]["task"]
+    rows = ["| method | test acc (%) | 95 % CI | vs Full FT (points, paired 95 % CI) | trainable params | "
+            "% of total | weights stored (MiB) | train state (MiB) | frozen W stored / fp32 | CUDA peak (MiB) | "
+            "train time (s) | epochs (best) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for method, row in summarize(results).items():
+        name = label(method, task)
+        if row["status"] != "ok":
+            rows.append(f"| {name} | {row['status']}: {row['reason']} |" + " |" * 10)
             continue
-        ratio = (f"{100 * r['frozen_weight_bytes'] / r['frozen_weight_fp32_bytes']:.1f} %"
-                 if r["frozen_weight_fp32_bytes"] else "-")
-        peak = "n/a (CPU)" if r["cuda_peak_bytes"] is None else fmt_mib(r["cuda_peak_bytes"])
-        rows.append(f"| {DISPLAY[method]} | {r['test_acc']:.2f} | {r['trainable_params']:,} | "
-                    f"{100 * r['trainable_params'] / r['total_params']:.2f} | {fmt_mib(r['weight_bytes'])} | "
-                    f"{fmt_mib(r['train_state_bytes'])} | {ratio} | {peak} | {r['train_time_s']:.1f} | "
-                    f"{r['epochs_run']} (best {r['best_epoch']}) |")
+        if row["failed"]:
+            name += f" ({len(row['failed'])} run(s) {'; '.join(row['failed'])})"
+        acc = f"| {name} | {fmt_stat(row['test_acc'])} | {fmt_ci(row['test_acc'])} |"
+        if method == "base_on_task":
+            rows.append(acc + " - |" * 9)
+            continue
+        vs_full = row["vs"].get("full")
+        ratio = (f"{100 * row['frozen_weight_bytes'] / row['frozen_weight_fp32_bytes']:.1f} %"
+                 if row["frozen_weight_fp32_bytes"] else "-")
+        peak = "n/a (CPU)" if row["cuda_peak_bytes"] is None else fmt_stat(row["cuda_peak_bytes"], scale=2**20)
+        rows.append(f"{acc} {fmt_ci(vs_full, signed=True) if vs_full else '-'} | {row['trainable_params']:,} | "
+                    f"{100 * row['trainable_params'] / row['total_params']:.2f} | {fmt_mib(row['weight_bytes'])} | "
+                    f"{fmt_mib(row['train_state_bytes'])} | {ratio} | {peak} | "
+                    f"{fmt_stat(row['train_time_s'], '{:.1f}')} | {'/'.join(map(str, row['epochs_run']))} "
+                    f"({'/'.join(map(str, row['best_epoch']))}) |")
     return "\n".join(rows)
 
 
@@ -803,27 +1021,48 @@ def inference_table(results):
     rows = ["| method | saved file (KiB) | vs full model | latency b=1 as trained / merged (ms) | "
             "latency b=1000 as trained / merged (ms) | max abs logit diff merged |",
             "|---|---:|---:|---:|---:|---:|"]
-    for method, r in finished(results).items():
-        lat = r.get("latency_ms")  # measured once every method has finished
-        timing = (f"{lat['unmerged']['1']:.3f} / {lat['merged']['1']:.3f} | "
-                  f"{lat['unmerged']['1000']:.1f} / {lat['merged']['1000']:.1f} | "
-                  f"{r['merged_max_abs_logit_diff']:.1e}") if lat else "not measured | not measured | -"
-        rows.append(f"| {DISPLAY[method]} | {r['file_bytes'] / 2**10:.1f} | "
-                    f"{100 * r['file_bytes'] / r['full_model_file_bytes']:.1f} % | {timing} |")
+    inference = results.get("inference", {})  # measured once every method has finished
+    for method, row in summarize(results).items():
+        if row["status"] != "ok" or method == "base_on_task":
+            continue
+        t = inference.get(method)
+        timing = (f"{t['latency_ms']['unmerged']['1']:.3f} / {t['latency_ms']['merged']['1']:.3f} | "
+                  f"{t['latency_ms']['unmerged']['1000']:.1f} / {t['latency_ms']['merged']['1000']:.1f} | "
+                  f"{t['merged_max_abs_logit_diff']:.1e}") if t else "not measured | not measured | -"
+        rows.append(f"| {DISPLAY[method]} | {row['file_bytes'] / 2**10:.1f} | "
+                    f"{100 * row['file_bytes'] / row['full_model_file_bytes']:.1f} % | {timing} |")
+    return "\n".join(rows)
+
+
+def rank_sweep_table(results):
+    rows = ["| method | rank | trainable params | test acc (%) | 95 % CI |", "|---|---:|---:|---:|---:|"]
+    for method, points in rank_sweep(results).items():
+        rows += [f"| {DISPLAY[method]} | {p['rank']} | {p['trainable_params']:,} | {fmt_stat(p['test_acc'])} | "
+                 f"{fmt_ci(p['test_acc'])} |" for p in points]
     return "\n".join(rows)
 
 
 def save_results(results, out_dir):
+    """results.json (every run, the summary, the sweep) and results.md (the tables)."""
+    results["summary"], results["rank_sweep"] = summarize(results), rank_sweep(results)
     write_atomic(Path(out_dir) / "results.json", json.dumps(results, indent=2))
-    env = results["environment"]
+    env, config = results["environment"], results["config"]
+    seeds = results["seeds"]
+    sweep = (f"Rank sweep (the adapter methods at each rank; {len(seeds)} seed(s)):\n\n{rank_sweep_table(results)}\n\n"
+             if results["rank_sweep"] else "")
     write_atomic(Path(out_dir) / "results.md",
                  f"# Results\n\nDevice: {env['device_name']}; torch {env['torch']}, bitsandbytes "
-                 f"{env['bitsandbytes']}; {env['date']}.\n\n{results_table(results)}\n\n"
-                 f"After training (Base: the full model file; adapters: the adapter-only file):\n\n"
-                 f"{inference_table(results)}\n\n"
-                 "train state = weights as stored + gradients + Adam state (byte accounting). "
-                 "CUDA peak = torch.cuda.max_memory_allocated during training minus the memory held before "
-                 "the method's model was built (dataset and base model), plus that model's own weights.\n")
+                 f"{env['bitsandbytes']}; {env['date']}. Fine-tuning task: {config['task']} ({TASKS[config['task']]}). "
+                 f"Seeds: {', '.join(map(str, seeds))} (mean ± std over seeds; 95 % CI: Student's t).\n\n"
+                 f"{results_table(results)}\n\n"
+                 f"After training (Base, Full FT: the full model file; adapters: the adapter-only file; latency of "
+                 f"seed {seeds[0]}'s models):\n\n{inference_table(results)}\n\n{sweep}"
+                 "vs Full FT = the method's test accuracy minus full fine-tuning's, seed by seed (same base, data "
+                 "order and init within a seed), with the 95 % CI of that mean difference: an interval that "
+                 "contains 0 means the difference is within seed noise. train state = weights as stored + gradients "
+                 "+ Adam state (byte accounting). CUDA peak = torch.cuda.max_memory_allocated during training minus "
+                 "the memory held before the method's model was built (dataset and base model), plus that model's "
+                 "own weights.\n")
 
 
 # =====================================================================================================
@@ -837,6 +1076,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="MNIST CNN fine-tuned with hand-written LoRA, DoRA and QLoRA.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--methods", default=METHODS, help=f"comma list from {','.join(ALL_METHODS)}")
+    p.add_argument("--task", default=FINETUNE_TASK, help=f"what the methods fine-tune on: {', '.join(TASKS)}")
+    p.add_argument("--seeds", type=int, default=SEEDS, help="runs per method, with seeds seed .. seed+seeds-1")
     p.add_argument("--epochs", type=int, default=NUM_EPOCHS, help="epoch budget of the base model")
     p.add_argument("--finetune-epochs", type=int, default=FINETUNE_EPOCHS, help="epoch budget per adapter method")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="training batch size")
@@ -844,33 +1085,42 @@ def parse_args(argv=None):
     p.add_argument("--patience", type=int, default=PATIENCE, help="early-stopping patience in epochs")
     p.add_argument("--rank", type=int, default=RANK, help="adapter rank r")
     p.add_argument("--alpha", type=float, default=ALPHA, help="adapter scale numerator (update x alpha/r)")
+    p.add_argument("--ranks", default=RANKS, help="rank sweep, e.g. 1,2,4,8,16: the adapter methods at each rank")
     p.add_argument("--dropout", type=float, default=LORA_DROPOUT, help="dropout on the adapter input")
     p.add_argument("--train-head", action=argparse.BooleanOptionalAction, default=TRAIN_HEAD,
                    help="keep the classifier head fully trainable instead of adapting it")
     p.add_argument("--device", default=DEVICE, choices=("auto", "cpu", "cuda"), help="auto: cuda when available")
     p.add_argument("--data-dir", default=DATA_DIR, help="holds MNIST/raw/ (downloaded there if missing)")
-    p.add_argument("--out-dir", default=OUT_DIR, help="plots, results.json, results.md, base_model.pt")
-    p.add_argument("--seed", type=int, default=SEED, help="init, validation split, data order")
+    p.add_argument("--out-dir", default=OUT_DIR, help="plots, results.json, results.md, seed<k>/ (saved models)")
+    p.add_argument("--seed", type=int, default=SEED, help="first seed (init, data order); fixes the validation split")
     p.add_argument("--resume", action="store_true",
-                   help="keep the methods already finished in out-dir/results.json (same hyperparameters) "
-                        "and the saved base model; run the rest")
+                   help="keep the runs already finished in out-dir/results.json (same hyperparameters) "
+                        "whose saved models are there; run the rest")
     p.add_argument("--quick", action="store_true",
                    help=f"smoke run: {QUICK_TRAIN_SIZE} training / {QUICK_VAL_SIZE} validation images, "
                         f"at most {QUICK_MAX_EPOCHS} epochs per method")
     args = p.parse_args(argv)
     args.methods = list(dict.fromkeys(m.strip().lower() for m in args.methods.split(",") if m.strip()))
+    args.task = args.task.strip().lower()
     return args
 
 
+def seeds_of(args):
+    return [args.seed + k for k in range(args.seeds)]
+
+
 def check_args(args):
-    """Every bad setting, flag or edited constant, as one ConfigError sentence before anything runs."""
+    """Every bad setting, flag or edited constant, as one ConfigError sentence before anything runs.
+    Turns args.ranks into a sorted list of ints."""
     unknown = [m for m in args.methods if m not in ALL_METHODS]
     if unknown or not args.methods:
         raise ConfigError(f"unknown method(s) {', '.join(unknown) or '(none given)'}: choose from "
                           f"{', '.join(ALL_METHODS)}, comma-separated")
     if "base" in args.methods and args.methods[0] != "base":
         raise ConfigError("base must come first in --methods: the other methods fine-tune the base it trains")
-    for name, low in (("epochs", 1), ("finetune_epochs", 1), ("batch_size", 1), ("patience", 0)):
+    if args.task not in TASKS:
+        raise ConfigError(f"unknown --task {args.task!r}: choose from {', '.join(TASKS)}")
+    for name, low in (("epochs", 1), ("finetune_epochs", 1), ("batch_size", 1), ("patience", 0), ("seeds", 1)):
         if getattr(args, name) < low:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least {low} (got {getattr(args, name)})")
     if not args.lr > 0:
@@ -879,10 +1129,17 @@ def check_args(args):
         raise ConfigError(f"--alpha must be positive (got {args.alpha})")
     if not 0 <= args.dropout < 1:
         raise ConfigError(f"--dropout must be in [0, 1) (got {args.dropout})")
+    if isinstance(args.ranks, str):
+        try:
+            args.ranks = sorted({int(r) for r in args.ranks.split(",") if r.strip()})
+        except ValueError:
+            raise ConfigError(f"--ranks must be whole numbers separated by commas, like 1,2,4,8,16 "
+                              f"(got {args.ranks!r})") from None
     limit = max_rank(CNN(), args.train_head)
-    if not 1 <= args.rank <= limit:
-        raise ConfigError(f"--rank must be between 1 and {limit}, the smallest min(in, out) of the adapted "
-                          f"layers (got {args.rank})")
+    for flag, rank in [("--rank", args.rank)] + [("--ranks", r) for r in args.ranks]:
+        if not 1 <= rank <= limit:
+            raise ConfigError(f"{flag} must be between 1 and {limit}, the smallest min(in, out) of the adapted "
+                              f"layers (got {rank})")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for but no CUDA device is available; use --device cpu or auto")
     out = Path(args.out_dir)
@@ -894,40 +1151,50 @@ def check_args(args):
     except OSError as e:
         raise ConfigError(f"cannot write to --out-dir {out} ({e.strerror or e})") from None
     adapters = [m for m in args.methods if m != "base"]  # everything that fine-tunes the base
-    if adapters and "base" not in args.methods and not saved_model_file(out, "base").is_file():
-        raise ConfigError(f"{', '.join(adapters)} fine-tune a trained base model: add base to --methods, or "
-                          f"keep the base_model.pt a previous run saved in {out}")
+    missing = [s for s in seeds_of(args) if not saved_model_file(out, "base", s).is_file()]
+    if adapters and "base" not in args.methods and missing:
+        raise ConfigError(f"{', '.join(adapters)} fine-tune a trained base model: add base to --methods, or keep "
+                          f"the base models a previous run saved in {out} (missing for seed(s) "
+                          f"{', '.join(map(str, missing))})")
 
 
-def previous_results(out, config):
-    """The methods finished by an earlier run into `out` with the same hyperparameters ({} if none).
+def plan_runs(args):
+    """(method, seed, rank) in running order: the main comparison seed by seed, then the rank sweep."""
+    plan = [(m, s, run_rank(m, args.rank)) for s in seeds_of(args) for m in args.methods]
+    return plan + [(m, s, r) for s in seeds_of(args) for m in args.methods if m not in PLAIN_FILES
+                   for r in args.ranks if r != args.rank]
 
-    A result counts only together with the file its model was saved to. Without the base checkpoint,
-    the methods that fine-tuned it cannot be reproduced, so then nothing is kept.
+
+def previous_results(out, config, plan):
+    """{(method, seed, rank): result} of the planned runs an earlier run into `out` finished with the same
+    hyperparameters ({} if none).
+
+    A result counts only together with the file its model was saved to. A seed whose base is trained again
+    loses the runs that fine-tuned the old one.
     """
     path = Path(out) / "results.json"
     if not path.is_file():
         return {}
     try:
         earlier = json.loads(path.read_text())
-        earlier_config, methods = earlier["config"], earlier["methods"]
+        earlier_config, runs = earlier["config"], earlier["runs"]
+        done = {(r["method"], r["seed"], r["rank"]): r for r in runs
+                if r.get("status") == "ok" and saved_model_file(out, r["method"], r["seed"], r["rank"]).is_file()}
     except (ValueError, KeyError, TypeError):
         raise ConfigError(f"{path} is not a results file of this script; move it away or drop --resume") from None
     if earlier_config != config:
         changed = sorted(k for k in set(config) | set(earlier_config) if config.get(k) != earlier_config.get(k))
         raise ConfigError(f"{path} was written with other settings ({', '.join(changed)} differ), so its results "
                           f"would not be comparable: use another --out-dir, the same settings, or drop --resume")
-    done = {m: r for m, r in methods.items() if r.get("status") == "ok" and saved_model_file(out, m).is_file()}
-    if "base" not in done and "base" in methods:
-        return {}
-    return done
+    retrained = {seed for method, seed, rank in plan if method == "base" and (method, seed, rank) not in done}
+    return {key: r for key, r in done.items() if key in plan and key[1] not in retrained}
 
 
-def saved_model_file(out_dir, method):
-    """Where run_method saved the method's model: a whole state dict, or only an adapter's tensors."""
-    if method in PLAIN_FILES:
-        return Path(out_dir) / PLAIN_FILES[method]
-    return Path(out_dir) / "adapters" / f"{method}.pt"
+def saved_model_file(out_dir, method, seed, rank=None):
+    """Where run_method saves a run's model: seed<k>/ holds the whole state dicts (base, full fine-tuning)
+    and adapters/<method>_r<rank>.pt, only an adapter's tensors."""
+    folder = Path(out_dir) / f"seed{seed}"
+    return folder / PLAIN_FILES[method] if method in PLAIN_FILES else folder / "adapters" / f"{method}_r{rank}.pt"
 
 
 def cpu_model():
@@ -950,32 +1217,41 @@ def environment(device):
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
 
 
-def run_method(method, base_model, splits, args, device):
-    """Train one method; returns (result dict, trained model)."""
-    torch.manual_seed(args.seed)  # same init for the base, the same adapter A for every method
+def run_method(method, seed, rank, base_model, splits, args, device):
+    """Train one run; returns (result dict, trained model). splits: {task: splits}, the base's on "mnist"."""
+    torch.manual_seed(seed)  # within a seed: the same adapter A for every method
+    target = splits[args.task]
     if method == "base":
-        model, epochs = CNN().to(device), args.epochs
+        model, epochs, target = CNN().to(device), args.epochs, splits["mnist"]
     elif method == "full":  # the reference every PEFT paper compares against: every parameter trainable
         model, epochs = copy.deepcopy(base_model).requires_grad_(True), args.finetune_epochs
     else:
-        model = add_adapters(copy.deepcopy(base_model), method, args.rank, args.alpha, args.dropout, args.train_head)
+        model = add_adapters(copy.deepcopy(base_model), method, rank, args.alpha, args.dropout, args.train_head)
         epochs = args.finetune_epochs
     if args.quick:
         epochs = min(epochs, QUICK_MAX_EPOCHS)
     model = model.to(memory_format=torch.channels_last)
-    fit, cuda_peak = with_cuda_peak(device, model, lambda: train(model, splits, epochs, args.lr, args.batch_size,
-                                                                args.patience, args.seed))
-    test_loss, test_acc = evaluate(model, *splits["test"])  # the test set, once per method
-    result = measure(model, fit, test_loss, test_acc, cuda_peak)
-    base_file = saved_model_file(args.out_dir, "base")
+    fit, cuda_peak = with_cuda_peak(device, model, lambda: train(model, target, epochs, args.lr, args.batch_size,
+                                                                args.patience, seed))
+    test_loss, test_acc = evaluate(model, *target["test"])  # the test set, once per run
+    result = {"method": method, "seed": seed, "rank": rank, **measure(model, fit, test_loss, test_acc, cuda_peak)}
+    if method == "base" and args.task != "mnist":  # where the fine-tuning starts from, on the shifted task
+        result["task_test_loss"], result["task_test_acc"] = evaluate(model, *splits[args.task]["test"])
+    path = saved_model_file(args.out_dir, method, seed, rank)
     if method in PLAIN_FILES:  # saved at once: the base is what adapter-only runs and --resume start from
-        path = saved_model_file(args.out_dir, method)
+        path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, model.state_dict())
-        result["file_bytes"] = path.stat().st_size
     else:
-        result["file_bytes"] = save_adapter(model, method, args, args.out_dir).stat().st_size
-    result["full_model_file_bytes"] = base_file.stat().st_size
+        save_adapter(model, method, rank, args, path)
+    result["file_bytes"] = path.stat().st_size
+    result["full_model_file_bytes"] = saved_model_file(args.out_dir, "base", seed).stat().st_size
     return result, model
+
+
+def run_name(method, seed, rank, args):
+    """LoRA; LoRA (seed 1) with several seeds; LoRA r=4 for a rank-sweep run."""
+    name = DISPLAY[method] + (f" r={rank}" if rank not in (None, args.rank) else "")
+    return f"{name} (seed {seed})" if args.seeds > 1 else name
 
 
 def report_method(r):
@@ -990,6 +1266,8 @@ def report_method(r):
               f"dataset and base model); training state: {state}")
     print(f"Trainable parameters: {r['trainable_params']:,} of {r['total_params']:,} "
           f"({100 * r['trainable_params'] / r['total_params']:.2f} %)")
+    if "task_test_acc" in r:
+        print(f"On the fine-tuning task, before any fine-tuning: {r['task_test_acc']:.2f}% test accuracy")
 
 
 def main(argv=None):
@@ -1003,81 +1281,94 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = Path(args.out_dir)
-    splits = make_splits(data, device, QUICK_VAL_SIZE if args.quick else VAL_SIZE, args.seed,
-                         QUICK_TRAIN_SIZE if args.quick else None)
-    config = {k: v for k, v in vars(args).items() if k not in ("data_dir", "out_dir", "device", "methods", "resume")}
-    config.update(quant_blocksize=QUANT_BLOCKSIZE, val_size=len(splits["val"][1]),
-                  train_size=len(splits["train"][1]), test_size=len(splits["test"][1]))
-    results = {"config": config, "environment": environment(device), "methods": {}}
+    sizes = dict(val_size=QUICK_VAL_SIZE if args.quick else VAL_SIZE, seed=args.seed,
+                 train_size=QUICK_TRAIN_SIZE if args.quick else None)
+    splits = {task: make_splits(data, device, task, **sizes) for task in dict.fromkeys(("mnist", args.task))}
+    config = {k: v for k, v in vars(args).items()
+              if k not in ("data_dir", "out_dir", "device", "methods", "resume", "seeds", "ranks")}
+    config.update(quant_blocksize=QUANT_BLOCKSIZE, val_size=len(splits["mnist"]["val"][1]),
+                  train_size=len(splits["mnist"]["train"][1]), test_size=len(splits["mnist"]["test"][1]))
+    plan = plan_runs(args)
+    results = {"config": config, "environment": environment(device), "methods": args.methods,
+               "seeds": seeds_of(args), "ranks": args.ranks, "runs": []}
     try:
-        previous = previous_results(out, config) if args.resume else {}
+        previous = previous_results(out, config, plan) if args.resume else {}
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"Device: {results['environment']['device_name']}; {config['train_size']:,} training, "
-          f"{config['val_size']:,} validation, {config['test_size']:,} test images")
+          f"{config['val_size']:,} validation, {config['test_size']:,} test images; fine-tuning on {args.task}; "
+          f"{len(plan)} runs ({args.seeds} seed(s){f', ranks {args.ranks}' if args.ranks else ''})")
 
     sigterm_handler = signal.signal(signal.SIGTERM, signal.default_int_handler)  # like Ctrl-C: results kept
-    base_model = None
-    if "base" not in args.methods or "base" in previous:
-        base_model = load_plain(out, "base", device)
-    current = None
+    base_models, current = {}, None  # base_models: the trained base of each seed, which the others copy
     try:
-        for method in args.methods:
-            current = method
-            if method in previous:
-                results["methods"][method] = previous[method]
-                print(f"{DISPLAY[method]}: finished in a previous run (results.json), kept.")
+        for method, seed, rank in plan:
+            current = name = run_name(method, seed, rank, args)
+            if (method, seed, rank) in previous:
+                results["runs"].append(previous[method, seed, rank])
+                print(f"{name}: finished in a previous run (results.json), kept.")
                 continue
-            print(f"Training {DISPLAY[method]} model..." if method == "base"
-                  else "Fine-tuning every parameter of the base model (Full FT)..." if method == "full"
-                  else f"Fine-tuning the base model with {DISPLAY[method]}...")
+            if method != "base" and seed not in base_models:
+                base_models[seed] = load_plain(saved_model_file(out, "base", seed), device)
+            print(f"Training {name} model..." if method == "base"
+                  else f"Fine-tuning every parameter of the base model ({name})..." if method == "full"
+                  else f"Fine-tuning the base model with {name}...")
             try:
-                result, model = run_method(method, base_model, splits, args, device)
+                result, model = run_method(method, seed, rank, base_models.get(seed), splits, args, device)
                 report_method(result)
             except BitsAndBytesUnavailable as e:
                 result = {"status": "skipped", "reason": str(e)}
-                print(f"{DISPLAY[method]} skipped: {e}")
+                print(f"{name} skipped: {e}")
             except Diverged as e:
                 result = {"status": "failed", "reason": str(e)}
-                print(f"{DISPLAY[method]} failed: {e}; lower --lr. Going on with the other methods.")
+                print(f"{name} failed: {e}; lower --lr. Going on with the other methods.")
             except torch.cuda.OutOfMemoryError:
                 result = {"status": "failed", "reason": "CUDA out of memory"}
-                print(f"{DISPLAY[method]} ran out of CUDA memory: try a smaller --batch-size.")
-            results["methods"][method] = result
+                print(f"{name} ran out of CUDA memory: try a smaller --batch-size.")
+            results["runs"].append({"method": method, "seed": seed, "rank": rank, **result})
             if method == "base" and result["status"] == "ok":
-                base_model = model
+                base_models[seed] = model
             elif method == "base":
-                print("error: the base model failed, so the other methods have nothing to fine-tune.", file=sys.stderr)
+                print(f"error: the base model of seed {seed} failed, so there is nothing to fine-tune.", file=sys.stderr)
                 save_results(results, out)
                 return 1
-            save_results(results, out)  # after every method: nothing finished is lost
+            save_results(results, out)  # after every run: nothing finished is lost
             print("-------------------------------------")
         current = "the latency measurement"
-        if finished(results):
+        if any(r["status"] == "ok" for r in main_runs(results)):
             print("Measuring inference latency, as trained and merged...")
-            measure_inference(results, out, splits["test"][0], device,
+            measure_inference(results, out, splits[args.task]["test"][0], device,
                               *((QUICK_LATENCY_ROUNDS, QUICK_LATENCY_REPEATS) if args.quick else ()))
             save_results(results, out)
         current = None
     except KeyboardInterrupt:
-        print(f"\nInterrupted during {DISPLAY.get(current, current)}. The methods finished before it are saved in "
+        print(f"\nInterrupted during {current}. The runs finished before it are saved in "
               f"{out / 'results.json'}; run the same command with --resume to continue.", file=sys.stderr)
         return 130
     finally:
         signal.signal(signal.SIGTERM, sigterm_handler)
-        if finished(results):
+        if any(r["status"] == "ok" for r in results["runs"]):
             plot_results(results, out)
 
-    for method, r in results["methods"].items():
-        shown = f"{r['test_acc']:.2f}%" if r["status"] == "ok" else f"{r['status']} ({r['reason']})"
-        print(f"{DISPLAY[method]} Model Test Accuracy: {shown}")
+    for method, row in summarize(results).items():
+        if row["status"] != "ok":
+            shown = f"{row['status']} ({row['reason']})"
+        elif row["test_acc"]["std"] is None:
+            shown = f"{row['test_acc']['mean']:.2f}%"
+        else:
+            shown = (f"{fmt_stat(row['test_acc'])}% (mean ± std of {row['test_acc']['n']} seeds; 95 % CI "
+                     f"{fmt_ci(row['test_acc'])})")
+        print(f"{label(method, args.task)} Model Test Accuracy: {shown}")
     print()
     print(results_table(results))
     print()
     print(inference_table(results))
+    if rank_sweep(results):
+        print()
+        print(rank_sweep_table(results))
     print(f"\nPlots, results.json and results.md are in {out}/")
-    return 0 if all(r["status"] != "failed" for r in results["methods"].values()) else 1
+    return 0 if all(r["status"] != "failed" for r in results["runs"]) else 1
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ def trained_like(method, seed=0, train_head=True):
 
 @pytest.fixture(scope="module")
 def real_batch(mnist_dir):
-    return main.load_mnist(mnist_dir, download=False)["test"][0][:500]
+    return main.make_splits(main.load_mnist(mnist_dir, download=False), torch.device("cpu"))["test"][0][:500]
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -55,7 +55,7 @@ def test_merged_model_agrees_with_the_adapted_model_on_real_images(method, real_
 def test_adapter_file_holds_only_the_trained_tensors_under_peft_names(method, train_head, tmp_path):
     model = trained_like(method, train_head=train_head)
     args = main.parse_args(["--rank", "4", "--alpha", "8"] + ([] if train_head else ["--no-train-head"]))
-    path = main.save_adapter(model, method, args, tmp_path)
+    path = main.save_adapter(model, method, 4, args, tmp_path / "adapters" / f"{method}_r4.pt")
     tensors = torch.load(path, weights_only=True)
     expected = {"base_model.model.conv1.lora_A.weight": (4, 1, 5, 5), "base_model.model.conv1.lora_B.weight": (16, 4, 1, 1),
                 "base_model.model.fc1.lora_A.weight": (4, 512), "base_model.model.fc1.lora_B.weight": (256, 4)}
@@ -82,7 +82,7 @@ def test_reloaded_adapter_gives_the_same_predictions(method, tmp_path):
         if isinstance(module, main.AdapterLayer):
             perturb(module, seed=5)
     args = main.parse_args(["--rank", "4", "--alpha", "8"])
-    path = main.save_adapter(model, method, args, tmp_path)
+    path = main.save_adapter(model, method, 4, args, tmp_path / "adapters" / f"{method}_r4.pt")
     reloaded = main.load_adapter(tmp_path / "base_model.pt", path).eval()
     x = torch.randn(32, 1, 28, 28)
     with torch.inference_mode():
@@ -93,7 +93,8 @@ def test_reloaded_adapter_gives_the_same_predictions(method, tmp_path):
 def test_loading_an_adapter_into_the_wrong_model_is_an_error(tmp_path):
     torch.manual_seed(0)
     torch.save(main.CNN().state_dict(), tmp_path / "base_model.pt")
-    path = main.save_adapter(trained_like("lora"), "lora", main.parse_args(["--rank", "4", "--alpha", "8"]), tmp_path)
+    path = main.save_adapter(trained_like("lora"), "lora", 4, main.parse_args(["--rank", "4", "--alpha", "8"]),
+                             tmp_path / "lora_r4.pt")
     tensors = torch.load(path, weights_only=True)
     tensors.pop("base_model.model.fc1.lora_B.weight")
     torch.save(tensors, path)
@@ -101,18 +102,23 @@ def test_loading_an_adapter_into_the_wrong_model_is_an_error(tmp_path):
         main.load_adapter(tmp_path / "base_model.pt", path)
 
 
-def test_latency_is_measured_for_every_finished_method_from_its_saved_files(tmp_path):
+def test_latency_is_measured_for_the_first_seeds_finished_runs_from_their_saved_files(tmp_path):
     torch.manual_seed(0)
-    base = main.CNN()
-    torch.save(base.state_dict(), tmp_path / "base_model.pt")
-    args = main.parse_args(["--rank", "4", "--alpha", "8"])
-    results = {"methods": {"base": {"status": "ok"}, "dora": {"status": "ok"}, "qlora": {"status": "skipped"}}}
-    main.save_adapter(trained_like("dora"), "dora", args, tmp_path)
+    args = main.parse_args(["--rank", "4", "--alpha", "8", "--seed", "3"])
+    base_file = main.saved_model_file(tmp_path, "base", 3)
+    base_file.parent.mkdir()
+    torch.save(main.CNN().state_dict(), base_file)
+    main.save_adapter(trained_like("dora"), "dora", 4, args, main.saved_model_file(tmp_path, "dora", 3, 4))
+    results = {"config": {"rank": 4}, "seeds": [3, 4], "runs": [
+        {"method": "base", "seed": 3, "rank": None, "status": "ok"},
+        {"method": "dora", "seed": 3, "rank": 4, "status": "ok"},
+        {"method": "dora", "seed": 3, "rank": 2, "status": "ok"},       # a rank-sweep run: not timed
+        {"method": "qlora", "seed": 3, "rank": 4, "status": "skipped"},
+        {"method": "lora", "seed": 4, "rank": 4, "status": "ok"}]}     # not the first seed: not timed
     main.measure_inference(results, tmp_path, torch.randn(1000, 1, 28, 28), torch.device("cpu"),
                            rounds=2, repeats={1: 2, 1000: 1})
-    for method in ("base", "dora"):
-        r = results["methods"][method]
+    assert set(results["inference"]) == {"base", "dora"}
+    for method, t in results["inference"].items():
         for kind in ("unmerged", "merged"):
-            assert set(r["latency_ms"][kind]) == {"1", "1000"} and min(r["latency_ms"][kind].values()) > 0
-        assert r["merged_max_abs_logit_diff"] < 1e-3
-    assert "latency_ms" not in results["methods"]["qlora"]
+            assert set(t["latency_ms"][kind]) == {"1", "1000"} and min(t["latency_ms"][kind].values()) > 0
+        assert t["merged_max_abs_logit_diff"] < 1e-3 and t["seed"] == 3

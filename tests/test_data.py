@@ -76,14 +76,33 @@ def test_a_damaged_file_is_named_by_its_checksum(tmp_path, mnist_dir, damage):
 
 def test_real_mnist_loads_as_normalized_resident_tensors(mnist_dir):
     data = main.load_mnist(mnist_dir, download=False)
-    images, labels = data["train"]
-    assert images.shape == (60_000, 1, 28, 28) and images.dtype == torch.float32
-    assert data["test"][0].shape == (10_000, 1, 28, 28) and labels.shape == (60_000,)
-    assert abs(images.mean().item()) < 0.01 and abs(images.std().item() - 1) < 0.01  # normalized once
+    pixels, labels = data["train"]
+    assert pixels.shape == (60_000, 1, 28, 28) and pixels.dtype == torch.uint8 and labels.shape == (60_000,)
+    assert data["test"][0].shape == (10_000, 1, 28, 28)
     splits = main.make_splits(data, torch.device("cpu"), val_size=5_000, seed=0)
+    images = splits["train"][0]
+    assert images.dtype == torch.float32 and images.is_contiguous(memory_format=torch.channels_last)
+    assert abs(images.mean().item()) < 0.01 and abs(images.std().item() - 1) < 0.01  # normalized once
     assert [len(splits[s][1]) for s in ("train", "val", "test")] == [55_000, 5_000, 10_000]
     quick = main.make_splits(data, torch.device("cpu"), val_size=1_000, seed=0, train_size=6_000)
     assert len(quick["train"][1]) == 6_000 and torch.equal(quick["test"][1], splits["test"][1])
     # the validation images are training images, never test images
     train_idx, val_idx = main.split_indices(60_000, 5_000, 0)
-    assert torch.equal(splits["val"][0], images[val_idx])
+    expected = (pixels[val_idx].float() / 255 - main.MNIST_MEAN) / main.MNIST_STD
+    torch.testing.assert_close(splits["val"][0], expected)
+
+
+def test_shifted_tasks_are_exact_transforms_of_the_same_images():
+    pixels = torch.randint(0, 256, (3, 1, 28, 28), dtype=torch.uint8)
+    rotated = main.task_pixels(pixels, "rotated")
+    assert torch.equal(rotated[0, 0, :, 0], pixels[0, 0, 0, :].flip(0))  # first row -> first column, bottom up
+    assert torch.equal(main.task_pixels(rotated, "rotated").flip(2).flip(3), pixels)  # twice = 180 degrees
+    assert torch.equal(main.task_pixels(pixels, "inverted").int(), 255 - pixels.int())
+    assert main.task_pixels(pixels, "mnist") is pixels
+    assert set(main.TASKS) == {"mnist", "rotated", "inverted"}
+    labels = torch.arange(3)
+    data = {"train": (pixels.repeat(4, 1, 1, 1), labels.repeat(4)), "test": (pixels, labels)}
+    plain, turned = (main.make_splits(data, torch.device("cpu"), task, val_size=4, seed=1) for task in ("mnist", "rotated"))
+    for split in ("train", "val", "test"):  # same images, same order, same labels; only the pixels move
+        assert torch.equal(plain[split][1], turned[split][1])
+        torch.testing.assert_close(torch.rot90(plain[split][0], 1, dims=(2, 3)), turned[split][0])

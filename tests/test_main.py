@@ -2,6 +2,7 @@
 lose nothing that finished."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +36,10 @@ BAD = [
     (["--dropout", "-0.1"], "--dropout must be in [0, 1)"),
     (["--methods", "base,lorra"], "unknown method(s) lorra: choose from base, full, lora, dora, qlora"),
     (["--methods", "lora,base"], "base must come first in --methods"),
+    (["--seeds", "0"], "--seeds must be at least 1"),
+    (["--task", "upside-down"], "unknown --task 'upside-down': choose from mnist, rotated, inverted"),
+    (["--ranks", "1,2,x"], "--ranks must be whole numbers separated by commas"),
+    (["--ranks", "4,17"], "--ranks must be between 1 and 16"),
 ]
 
 
@@ -48,7 +53,9 @@ def test_bad_flags_fail_before_any_work(capsys, tmp_path, monkeypatch, argv, mes
 @pytest.mark.parametrize("constant, value, message", [
     ("RANK", 0, "--rank must be between 1 and 16"), ("LEARNING_RATE", 0.0, "--lr must be positive"),
     ("PATIENCE", -2, "--patience must be at least 0"), ("METHODS", "base,ia3", "unknown method(s) ia3"),
-    ("LORA_DROPOUT", 1.5, "--dropout must be in [0, 1)"), ("BATCH_SIZE", 0, "--batch-size must be at least 1")])
+    ("LORA_DROPOUT", 1.5, "--dropout must be in [0, 1)"), ("BATCH_SIZE", 0, "--batch-size must be at least 1"),
+    ("SEEDS", 0, "--seeds must be at least 1"), ("FINETUNE_TASK", "mnits", "unknown --task 'mnits'"),
+    ("RANKS", "0,8", "--ranks must be between 1 and 16")])
 def test_bad_constants_are_caught_like_flags(capsys, tmp_path, monkeypatch, constant, value, message):
     monkeypatch.setattr(main, constant, value)
     monkeypatch.setattr(main, "load_mnist", lambda *a, **k: pytest.fail("data was loaded despite bad input"))
@@ -71,7 +78,11 @@ def test_out_dir_that_cannot_be_written(capsys, tmp_path):
 
 def test_adapters_without_a_base_need_its_checkpoint(capsys, tmp_path):
     code, _, err = run(capsys, "--methods", "lora", "--out-dir", tmp_path)
-    assert code == 2 and "add base to --methods" in err
+    assert code == 2 and "add base to --methods" in err and "missing for seed(s) 0)" in err
+    (tmp_path / "seed0").mkdir()
+    torch.save(main.CNN().state_dict(), tmp_path / "seed0" / "base_model.pt")
+    code, _, err = run(capsys, "--methods", "lora", "--seeds", "2", "--out-dir", tmp_path)
+    assert code == 2 and "missing for seed(s) 1)" in err
 
 
 def test_missing_data_is_one_sentence_without_traceback(tmp_path):
@@ -93,40 +104,123 @@ def quick_run(tmp_path_factory, mnist_dir):
     return code, out
 
 
+def runs_by_method(results, seed=0):
+    return {r["method"]: r for r in results["runs"] if r["seed"] == seed and r["rank"] in (None, results["config"]["rank"])}
+
+
 def test_quick_run_writes_every_output_with_sane_numbers(quick_run):
     code, out = quick_run
     assert code == 0
     for name in main.PLOT_FILES:
         assert (out / name).stat().st_size > 10_000, name
+    assert not (out / main.SWEEP_PLOT).exists()  # no --ranks, no sweep
     results = json.loads((out / "results.json").read_text())
-    assert list(results["methods"]) == ["base", "full", "lora", "dora", "qlora"]
+    runs = runs_by_method(results)
+    assert [(r["method"], r["seed"], r["rank"]) for r in results["runs"]] == [
+        ("base", 0, None), ("full", 0, None), ("lora", 0, 8), ("dora", 0, 8), ("qlora", 0, 8)]
     assert results["config"]["rank"] == main.RANK and results["environment"]["torch"] == torch.__version__
-    base = results["methods"]["base"]
-    for method, r in results["methods"].items():
+    assert results["config"]["task"] == "mnist" and results["seeds"] == [0] and results["rank_sweep"] == {}
+    base = runs["base"]
+    for method, r in runs.items():
         assert r["status"] == "ok", method
         assert 85 < r["test_acc"] <= 100 and r["train_time_s"] > 0 and 1 <= r["epochs_run"] <= 2
         assert r["cuda_peak_bytes"] is None  # CPU: not measured, never a fake 0
         assert r["train_state_bytes"] == r["weight_bytes"] + r["grad_bytes"] + r["optimizer_bytes"]
         if method in ("lora", "dora", "qlora"):
             assert r["trainable_params"] <= 0.10 * base["total_params"]
-    assert results["methods"]["dora"]["trainable_params"] > results["methods"]["lora"]["trainable_params"]
-    qlora = results["methods"]["qlora"]
+        row = results["summary"][method]  # one seed: the value itself, and no made-up spread
+        assert row["test_acc"] == {"n": 1, "mean": r["test_acc"], "std": None, "ci95": None, "values": [r["test_acc"]]}
+    assert "base_on_task" not in results["summary"] and "task_test_acc" not in base  # mnist: nothing shifted
+    assert runs["dora"]["trainable_params"] > runs["lora"]["trainable_params"]
+    qlora = runs["qlora"]
     assert qlora["frozen_weight_bytes"] <= 0.20 * qlora["frozen_weight_fp32_bytes"]
-    assert qlora["weight_bytes"] < 0.5 * results["methods"]["lora"]["weight_bytes"]
+    assert qlora["weight_bytes"] < 0.5 * runs["lora"]["weight_bytes"]
     table = (out / "results.md").read_text()
     assert all(name in table for name in ("| Base |", "| Full FT |", "| LoRA |", "| DoRA |", "| QLoRA |"))
-    full = results["methods"]["full"]
+    assert "- (1 seed)" in table and " ± " not in main.results_table(results)  # no spread from one seed
+    full = runs["full"]
     assert full["trainable_params"] == full["total_params"] == base["total_params"]
-    assert (out / "full_finetuned.pt").stat().st_size == full["file_bytes"]
-    assert (out / "base_model.pt").is_file()
-    for method, r in results["methods"].items():  # after training: files and inference cost
-        assert r["file_bytes"] > 0 and r["latency_ms"]["merged"]["1000"] > 0
-        assert r["merged_max_abs_logit_diff"] < 1e-3
+    assert (out / "seed0" / "full_finetuned.pt").stat().st_size == full["file_bytes"]
+    assert (out / "seed0" / "base_model.pt").is_file()
+    for method, r in runs.items():  # after training: files and inference cost
+        inference = results["inference"][method]
+        assert r["file_bytes"] > 0 and inference["latency_ms"]["merged"]["1000"] > 0
+        assert inference["merged_max_abs_logit_diff"] < 1e-3
         if method not in main.PLAIN_FILES:
-            assert (out / "adapters" / f"{method}.pt").stat().st_size == r["file_bytes"]
-            assert r["file_bytes"] < 0.2 * r["full_model_file_bytes"]
-            assert main.load_adapter(out / "base_model.pt", out / "adapters" / f"{method}.pt")
+            path = out / "seed0" / "adapters" / f"{method}_r8.pt"
+            assert path.stat().st_size == r["file_bytes"] and r["file_bytes"] < 0.2 * r["full_model_file_bytes"]
+            assert main.load_adapter(out / "seed0" / "base_model.pt", path)
     assert "| method | saved file (KiB) |" in table
+
+
+# ------------------------------------------------------------- seeds, a shifted task and a rank sweep
+@pytest.fixture(scope="module")
+def seeds_run(tmp_path_factory, mnist_dir):
+    """--seeds 2 --task rotated --ranks 2,8 on quick settings, recording which seed's data order each run used."""
+    out, used = tmp_path_factory.mktemp("seeds"), []
+    real_run, real_order = main.run_method, main.epoch_order
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(main, "run_method", lambda method, seed, rank, *a: used.append([method, seed, rank, set()])
+                   or real_run(method, seed, rank, *a))
+        mp.setattr(main, "epoch_order", lambda n, seed, epoch: used[-1][3].add(seed) or real_order(n, seed, epoch))
+        code = main.main(["--quick", "--seeds", "2", "--task", "rotated", "--ranks", "2,8", "--methods", "base,full,lora",
+                          "--epochs", "1", "--finetune-epochs", "1", "--data-dir", str(mnist_dir), "--out-dir", str(out)])
+    return code, out, used
+
+
+def test_every_method_runs_once_per_seed_and_shares_that_seeds_data_order(seeds_run):
+    code, out, used = seeds_run
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    order = [("base", 0, None), ("full", 0, None), ("lora", 0, 8), ("base", 1, None), ("full", 1, None), ("lora", 1, 8),
+             ("lora", 0, 2), ("lora", 1, 2)]  # the main comparison seed by seed, then the sweep
+    assert [(r["method"], r["seed"], r["rank"]) for r in results["runs"]] == order
+    assert [(m, s, r) for m, s, r, _ in used] == order
+    assert all(seeds == {seed} for _, seed, _, seeds in used)  # every run of seed k shuffles with seed k alone
+    assert results["seeds"] == [0, 1] and results["ranks"] == [2, 8] and results["config"]["task"] == "rotated"
+    bases = [torch.load(out / f"seed{s}" / "base_model.pt", weights_only=True)["conv1.weight"] for s in (0, 1)]
+    assert not torch.equal(*bases)  # a different initialisation per seed
+    for seed in (0, 1):
+        for name in ("full_finetuned.pt", "adapters/lora_r8.pt", "adapters/lora_r2.pt"):
+            assert (out / f"seed{seed}" / name).is_file()
+    assert json.loads((out / "seed1" / "adapters" / "lora_r2.json").read_text())["task"] == "rotated"
+
+
+def test_the_summary_gives_mean_std_ci_the_base_on_the_target_and_paired_differences(seeds_run):
+    _, out, _ = seeds_run
+    results = json.loads((out / "results.json").read_text())
+    summary, runs = results["summary"], {(r["method"], r["seed"], r["rank"]): r for r in results["runs"]}
+    assert list(summary) == ["base", "base_on_task", "full", "lora"]
+    for method, key in (("base", "test_acc"), ("base_on_task", "task_test_acc"), ("full", "test_acc"), ("lora", "test_acc")):
+        values = [runs["base" if method == "base_on_task" else method, s, 8 if method == "lora" else None][key]
+                  for s in (0, 1)]
+        stats = summary[method]["test_acc"]
+        assert stats["values"] == values and stats["mean"] == pytest.approx(sum(values) / 2)
+        assert stats["ci95"][0] <= stats["mean"] <= stats["ci95"][1] and stats["std"] >= 0
+    # the base, trained on upright digits, does poorly on rotated ones; fine-tuning recovers
+    assert summary["base_on_task"]["test_acc"]["mean"] < 50 < summary["full"]["test_acc"]["mean"]
+    diff = summary["lora"]["vs"]["full"]
+    assert diff["values"] == pytest.approx([runs["lora", s, 8]["test_acc"] - runs["full", s, None]["test_acc"] for s in (0, 1)])
+    sweep = results["rank_sweep"]["lora"]
+    assert [p["rank"] for p in sweep] == [2, 8] and sweep[0]["trainable_params"] < sweep[1]["trainable_params"]
+    assert (out / main.SWEEP_PLOT).stat().st_size > 10_000
+    table = (out / "results.md").read_text()
+    assert "| Base, not fine-tuned (rotated) |" in table and "Rank sweep" in table and " ± " in table
+
+
+def test_the_console_shows_mean_and_spread_and_resume_adds_only_new_runs(seeds_run, mnist_dir, capsys, tmp_path):
+    _, out, _ = seeds_run
+    shutil.copytree(out, tmp_path / "out")
+    code, stdout, _ = run(capsys, "--quick", "--seeds", "2", "--task", "rotated", "--ranks", "2,4,8", "--methods",
+                          "base,full,lora", "--epochs", "1", "--finetune-epochs", "1", "--resume", "--data-dir",
+                          mnist_dir, "--out-dir", tmp_path / "out")
+    assert code == 0 and stdout.count("kept.") == 8
+    assert stdout.count("Fine-tuning the base model with LoRA r=4") == 2  # only the new rank, once per seed
+    assert "LoRA Model Test Accuracy: " in stdout and "% (mean ± std of 2 seeds; 95 % CI [" in stdout
+    assert "Base, not fine-tuned (rotated) Model Test Accuracy: " in stdout
+    code, _, err = run(capsys, "--quick", "--seeds", "2", "--task", "inverted", "--methods", "base,full,lora",
+                       "--epochs", "1", "--finetune-epochs", "1", "--resume", "--data-dir", mnist_dir, "--out-dir", out)
+    assert code == 2 and "other settings (task differ)" in err
 
 
 def test_quick_run_console_summary(quick_run, mnist_dir, capsys):
@@ -141,7 +235,8 @@ def test_quick_run_console_summary(quick_run, mnist_dir, capsys):
 # --------------------------------------------------------------------------- faults and interruptions
 def copy_base(quick_run, tmp_path):
     """A fresh out-dir holding only the quick run's base checkpoint."""
-    (tmp_path / "base_model.pt").write_bytes((quick_run[1] / "base_model.pt").read_bytes())
+    (tmp_path / "seed0").mkdir()
+    (tmp_path / "seed0" / "base_model.pt").write_bytes((quick_run[1] / "seed0" / "base_model.pt").read_bytes())
     return tmp_path
 
 
@@ -151,7 +246,7 @@ def test_missing_bitsandbytes_skips_qlora_only(capsys, quick_run, mnist_dir, tmp
     monkeypatch.setattr(main, "import_bitsandbytes", unavailable)
     out = copy_base(quick_run, tmp_path)
     code, stdout, _ = run(capsys, "--quick", "--methods", "qlora,lora", "--data-dir", mnist_dir, "--out-dir", out)
-    methods = json.loads((out / "results.json").read_text())["methods"]
+    methods = runs_by_method(json.loads((out / "results.json").read_text()))
     assert code == 0 and methods["qlora"]["status"] == "skipped" and methods["lora"]["status"] == "ok"
     assert "QLoRA skipped: bitsandbytes cannot be imported" in stdout
 
@@ -161,17 +256,18 @@ def test_divergence_fails_that_method_and_the_others_still_run(capsys, quick_run
 
     def lora_diverges(method, *args):
         if method == "lora":
-            args[2].lr = 1e30  # a huge learning rate, for LoRA alone
+            args[4].lr = 1e30  # a huge learning rate, for LoRA alone
         try:
             return real_run(method, *args)
         finally:
-            args[2].lr = main.LEARNING_RATE
+            args[4].lr = main.LEARNING_RATE
     monkeypatch.setattr(main, "run_method", lora_diverges)
     out = copy_base(quick_run, tmp_path)
     code, stdout, _ = run(capsys, "--quick", "--methods", "lora,dora", "--data-dir", mnist_dir, "--out-dir", out)
-    methods = json.loads((out / "results.json").read_text())["methods"]
+    methods = runs_by_method(json.loads((out / "results.json").read_text()))
     assert code == 1
-    assert methods["lora"] == {"status": "failed", "reason": methods["lora"]["reason"]}
+    assert methods["lora"] == {"method": "lora", "seed": 0, "rank": 8, "status": "failed",
+                               "reason": methods["lora"]["reason"]}
     assert methods["lora"]["reason"].startswith("diverged at epoch 1") and methods["dora"]["status"] == "ok"
     assert "LoRA Model Test Accuracy: failed (diverged at epoch 1" in stdout
 
@@ -199,15 +295,14 @@ def test_interrupt_keeps_finished_methods_and_resume_continues(capsys, mnist_dir
     code, _, err = run(capsys, *argv)
     assert code == 130 and "Interrupted during LoRA" in err and "--resume" in err
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert list(saved["methods"]) == ["base"] and (tmp_path / "base_model.pt").is_file()
+    assert [r["method"] for r in saved["runs"]] == ["base"] and (tmp_path / "seed0" / "base_model.pt").is_file()
     assert (tmp_path / main.PLOT_FILES[2]).is_file()  # the finished base is plotted too
 
     code, _, _ = run(capsys, *argv, "--resume")
     assert code == 0 and calls == ["base", "lora", "lora"]  # the base was not trained again
     resumed = json.loads((tmp_path / "results.json").read_text())
-    kept = {k: v for k, v in resumed["methods"]["base"].items() if k in saved["methods"]["base"]}
-    assert kept == saved["methods"]["base"] and resumed["methods"]["lora"]["status"] == "ok"
-    assert "latency_ms" in resumed["methods"]["base"]  # measured at the end, resumed methods included
+    assert resumed["runs"][0] == saved["runs"][0] and resumed["runs"][1]["status"] == "ok"
+    assert "latency_ms" in resumed["inference"]["base"]  # measured at the end, resumed methods included
 
     code, _, err = run(capsys, *argv[:-2], "--lr", "1e-2", "--data-dir", mnist_dir, "--out-dir", tmp_path, "--resume")
     assert code == 2 and "other settings (lr differ)" in err
@@ -228,27 +323,26 @@ def test_sigterm_is_handled_like_ctrl_c(capsys, quick_run, mnist_dir, tmp_path, 
                        "--data-dir", mnist_dir, "--out-dir", out)
     assert signal.getsignal(signal.SIGTERM) is previous  # main() puts the caller's handler back
     assert code == 130 and "Interrupted during DoRA" in err
-    assert list(json.loads((out / "results.json").read_text())["methods"]) == ["lora"]
+    assert [r["method"] for r in json.loads((out / "results.json").read_text())["runs"]] == ["lora"]
 
 
 def test_a_cuda_run_shows_its_peak_in_table_console_and_plot(quick_run, capsys, tmp_path):
     """What a CUDA run reports, checked here from a CPU run's results with a peak filled in."""
     results = json.loads((quick_run[1] / "results.json").read_text())
-    for r in results["methods"].values():
+    for r in results["runs"]:
         r["cuda_peak_bytes"] = 3 * 2**20
     assert "| 3.00 |" in main.results_table(results) and "n/a (CPU)" not in main.results_table(results)
-    main.report_method(results["methods"]["lora"])
+    main.report_method(runs_by_method(results)["lora"])
     assert "Max memory allocated: 3.00 MiB (CUDA peak above the shared dataset and base model)" in capsys.readouterr().out
     assert main.PLOT_FILES[4] in main.plot_results(results, tmp_path)
 
 
 def test_resume_keeps_only_methods_whose_saved_model_is_still_there(capsys, quick_run, mnist_dir, tmp_path):
     out = tmp_path
-    for name in ("results.json", "base_model.pt", "full_finetuned.pt"):
+    (out / "seed0" / "adapters").mkdir(parents=True)
+    for name in ("results.json", "seed0/base_model.pt", "seed0/full_finetuned.pt",
+                 "seed0/adapters/lora_r8.pt", "seed0/adapters/lora_r8.json"):  # dora's and qlora's files are gone
         (out / name).write_bytes((quick_run[1] / name).read_bytes())
-    (out / "adapters").mkdir()
-    for name in ("lora.pt", "lora.json"):  # dora's and qlora's adapter files are gone
-        (out / "adapters" / name).write_bytes((quick_run[1] / "adapters" / name).read_bytes())
     code, stdout, _ = run(capsys, "--quick", "--resume", "--methods", "base,full,lora,dora", "--data-dir", mnist_dir,
                           "--out-dir", out)
     assert code == 0

@@ -1,0 +1,117 @@
+"""Results over seeds: the t quantile, mean/std/95 % CI, paired differences, the summary rows, the rank sweep."""
+import math
+import statistics
+
+import pytest
+import torch
+
+import main
+
+
+def t_cdf(t, df, steps=200_000):
+    """P(T <= t) for Student's t with df degrees of freedom, by Simpson's rule on the density over [0, t]."""
+    x = torch.linspace(0, t, steps + 1, dtype=torch.float64)
+    log_c = torch.lgamma(torch.tensor((df + 1) / 2, dtype=torch.float64)) - torch.lgamma(
+        torch.tensor(df / 2, dtype=torch.float64)) - 0.5 * math.log(df * math.pi)
+    density = torch.exp(log_c - (df + 1) / 2 * torch.log1p(x**2 / df))
+    w = torch.ones_like(x)
+    w[1:-1:2], w[2:-1:2] = 4, 2
+    return 0.5 + (t / steps / 3 * (w * density).sum()).item()
+
+
+@pytest.mark.parametrize("df", [1, 2, 3, 4, 9, 29, 30, 31, 60, 200])
+def test_t_quantile_leaves_2_5_percent_in_each_tail(df):
+    assert t_cdf(main.t_975(df), df) == pytest.approx(0.975, abs=2e-4)
+
+
+def test_mean_std_ci_by_hand():
+    s = main.mean_std_ci([1.0, 2.0, 3.0])
+    half = 4.303 * 1.0 / math.sqrt(3)  # t(0.975, 2) * std / sqrt(n)
+    assert s["n"] == 3 and s["mean"] == 2.0 and s["std"] == 1.0 and s["values"] == [1.0, 2.0, 3.0]
+    assert s["ci95"] == pytest.approx([2.0 - half, 2.0 + half])
+    one = main.mean_std_ci([99.2])
+    assert one == {"n": 1, "mean": 99.2, "std": None, "ci95": None, "values": [99.2]}  # no spread from one run
+
+
+def run(method, seed, acc, rank=None, status="ok", **extra):
+    if status != "ok":
+        return {"method": method, "seed": seed, "rank": rank, "status": status, "reason": "diverged at epoch 1"}
+    r = {"method": method, "seed": seed, "rank": rank, "status": "ok", "test_acc": acc, "train_time_s": 10.0 + seed,
+         "cuda_peak_bytes": None, "epochs_run": 4, "best_epoch": 3, "history": {}}
+    r.update({k: 1000 * (rank or 100) for k in main.SAME_FOR_EVERY_SEED})
+    return {**r, **extra}
+
+
+def fake_results(ranks=()):
+    runs = [run("base", 0, 99.0, task_test_acc=12.0), run("base", 1, 99.2, task_test_acc=14.0),
+            run("base", 2, 99.1, task_test_acc=13.0),
+            run("full", 0, 97.0), run("full", 1, 97.4), run("full", 2, 97.3),
+            run("lora", 0, 96.0, rank=8), run("lora", 1, 96.6, rank=8), run("lora", 2, 96.0, rank=8),
+            run("dora", 0, 96.5, rank=8), run("dora", 1, 0, rank=8, status="failed"), run("dora", 2, 96.1, rank=8),
+            run("lora", 0, 90.0, rank=2), run("lora", 1, 91.0, rank=2)]
+    return {"config": {"rank": 8, "task": "rotated"}, "methods": ["base", "full", "lora", "dora"],
+            "seeds": [0, 1, 2], "ranks": list(ranks), "runs": runs}
+
+
+def test_paired_difference_is_taken_seed_by_seed_over_the_seeds_both_finished():
+    results = fake_results()
+    d = main.paired_difference(results, "lora", "full")  # the rank-2 sweep runs of LoRA are not mixed in
+    assert d["values"] == pytest.approx([-1.0, -0.8, -1.3]) and d["n"] == 3
+    # the same numbers unpaired would have a spread of both methods' seeds; paired, only the differences'
+    assert d["std"] == pytest.approx(statistics.stdev([-1.0, -0.8, -1.3]))
+    assert main.paired_difference(results, "dora", "lora")["values"] == pytest.approx([0.5, 0.1])  # seed 1 failed
+    assert main.paired_difference(results, "dora", "qlora") is None
+
+
+def test_summary_rows_hold_means_spreads_byte_counts_and_the_base_on_the_target():
+    results = fake_results()
+    summary = main.summarize(results)
+    assert list(summary) == ["base", "base_on_task", "full", "lora", "dora"]
+    assert summary["base_on_task"]["test_acc"]["mean"] == pytest.approx(13.0)
+    assert summary["base_on_task"]["test_acc"]["std"] == pytest.approx(1.0)
+    lora = summary["lora"]
+    assert lora["test_acc"]["values"] == [96.0, 96.6, 96.0]  # the rank-2 sweep runs are not in the main row
+    assert lora["trainable_params"] == 8000 and lora["seeds"] == [0, 1, 2]
+    assert lora["train_time_s"]["mean"] == pytest.approx(11.0) and lora["cuda_peak_bytes"] is None
+    assert lora["vs"]["full"]["mean"] == pytest.approx(-1.0333, abs=1e-3) and "lora" not in lora["vs"]
+    dora = summary["dora"]
+    assert dora["test_acc"]["n"] == 2 and dora["failed"] == ["seed 1: failed (diverged at epoch 1)"]
+    table = main.results_table(results)
+    assert "| Base (MNIST) | 99.10 ± 0.10 |" in table and "| Base, not fine-tuned (rotated) | 13.00 ± 1.00 |" in table
+    assert "DoRA (1 run(s) seed 1: failed" in table and "| -1.03 [" in table
+
+
+def test_every_run_failed_is_one_status_row():
+    results = fake_results()
+    results["runs"] = [r for r in results["runs"] if r["method"] != "dora"] + [run("dora", 0, 0, 8, status="failed")]
+    assert main.summarize(results)["dora"] == {"status": "failed", "reason": "diverged at epoch 1"}
+    assert "| DoRA | failed: diverged at epoch 1 |" in main.results_table(results)
+
+
+def test_rank_sweep_has_one_point_per_rank_that_ran_and_the_main_rank():
+    assert main.rank_sweep(fake_results()) == {}  # no --ranks
+    sweep = main.rank_sweep(fake_results(ranks=[2, 4]))
+    assert list(sweep) == ["lora", "dora"]  # adapter methods only
+    assert [(p["rank"], p["trainable_params"]) for p in sweep["lora"]] == [(2, 2000), (8, 8000)]  # rank 4 never ran
+    assert sweep["lora"][0]["test_acc"]["values"] == [90.0, 91.0]
+    assert [p["rank"] for p in sweep["dora"]] == [8]
+    assert "| LoRA | 2 | 2,000 | 90.50 ± 0.71 |" in main.rank_sweep_table(fake_results(ranks=[2]))
+
+
+def test_mean_curve_averages_the_runs_that_reached_each_epoch():
+    runs = [{"history": {"val_acc": [90.0, 92.0, 93.0]}}, {"history": {"val_acc": [88.0, 94.0]}}]
+    epochs, mean, std = main.mean_curve(runs, "val_acc")
+    assert epochs == [1, 2, 3] and mean == [89.0, 93.0, 93.0]
+    assert std[:2] == pytest.approx([math.sqrt(2), math.sqrt(2)]) and math.isnan(std[2])
+
+
+def test_plots_with_seeds_and_a_sweep_are_drawn_from_results_alone(tmp_path):
+    results = fake_results(ranks=[2])
+    for r in results["runs"]:
+        if r["status"] == "ok":
+            r["history"] = {k: [1.0, 0.5] for k in ("train_loss", "val_loss")} | {"val_acc": [90.0, r["test_acc"]]}
+    results["environment"] = {"device_name": "test"}
+    results["config"]["test_size"] = 10_000
+    written = main.plot_results(results, tmp_path)
+    assert set(written) == set(main.PLOT_FILES) | {main.SWEEP_PLOT}
+    assert all((tmp_path / name).stat().st_size > 10_000 for name in written)
