@@ -2,10 +2,12 @@
 
     python main.py                       # the full experiment with the constants below
     python main.py --quick               # a smoke run on a subset (under a minute on a 2-core CPU)
+    python main.py --seeds 3 --task rotated --ranks 1,2,4,8,16   # mean +- CI, a shifted task, a rank sweep
     python main.py --help                # every flag; each one mirrors a constant below
 
 Sections, top to bottom: hyperparameters -> model -> adapter layers -> data -> training ->
-measurement -> after training (merge, adapter files, latency) -> plots and results files -> main().
+measurement -> after training (merge, adapter files, latency) -> results over seeds -> plots and results
+files -> main().
 `import main` has no side effects.
 """
 import argparse
@@ -58,7 +60,7 @@ ALL_METHODS = ("base", "full", "lora", "dora", "qlora")  # full: fine-tuning eve
 DISPLAY = {"base": "Base", "full": "Full FT", "lora": "LoRA", "dora": "DoRA", "qlora": "QLoRA"}
 PLAIN_FILES = {"base": "base_model.pt", "full": "full_finetuned.pt"}  # methods saved as whole CNN state dicts
 TASKS = {  # fine-tuning targets built from the MNIST files, same splits; the base always trains on mnist
-    "mnist": "MNIST itself (fine-tuning on the data the base was trained on)",
+    "mnist": "MNIST itself, the data the base was trained on",
     "rotated": "MNIST digits rotated by 90 degrees (counter-clockwise)",
     "inverted": "MNIST with inverted colours (white background, black digits)",
 }
@@ -767,11 +769,11 @@ def rank_sweep(results):
     if not results["ranks"]:
         return {}
     sweep = {}
-    for method in results["methods"]:
+    for method in (m for m in results["methods"] if m not in PLAIN_FILES):
         points = []
         for rank in sorted(set(results["ranks"]) | {results["config"]["rank"]}):
             ok = [r for r in results["runs"] if r["method"] == method and r["rank"] == rank and r["status"] == "ok"]
-            if method not in PLAIN_FILES and ok:
+            if ok:
                 points.append({"rank": rank, "trainable_params": ok[0]["trainable_params"],
                                "test_acc": mean_std_ci(r["test_acc"] for r in ok)})
         if points:
@@ -828,7 +830,7 @@ def plot_results(results, out_dir):
     def save(fig, name):
         for ax in fig.axes:
             if ax.get_xlabel().startswith("epoch"):
-                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # whole epochs, even just one
             if "accuracy" in ax.get_ylabel():  # at least 0.2 points tall, so 2-decimal ticks stay distinct
                 low, high = ax.get_ylim()
                 if high - low < 0.2:
@@ -847,7 +849,7 @@ def plot_results(results, out_dir):
             ax.fill_between(epochs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                             color=line.get_color(), alpha=0.2, lw=0)
 
-    where = "on MNIST" if task == "mnist" else f"Base on MNIST, the others on {task}"
+    where = "on MNIST too" if task == "mnist" else f"on {task}"
     for key, name, ylabel, title in (
             ("train_loss", PLOT_FILES[0], "training loss (cross-entropy, log scale)", "Training loss per epoch"),
             ("val_acc", PLOT_FILES[1], "validation accuracy (%)", "Validation accuracy per epoch")):
@@ -857,7 +859,7 @@ def plot_results(results, out_dir):
         if key == "train_loss":
             ax.set_yscale("log")
         ax.set(xlabel="epoch (of each method's own run)", ylabel=ylabel,
-               title=f"{title} ({spread})\nBase from scratch, the others from the trained base; {where}")
+               title=f"{title} ({spread})\nBase from scratch on MNIST; the others from it, {where}")
         ax.grid(alpha=0.3)
         ax.legend()
         save(fig, name)
@@ -879,7 +881,7 @@ def plot_results(results, out_dir):
         save(fig, name)
 
     if trained:
-        rows = {m: row for m, row in summary.items() if row["status"] == "ok"}  # base_on_task: accuracy only
+        rows = {m: summary[m] for m in trained}
         names = [DISPLAY[m] for m in trained]
         colors = [COLORS[m] for m in trained]
         fig, axes = plt.subplots(2, 3, figsize=(15, 9))
@@ -890,9 +892,11 @@ def plot_results(results, out_dir):
         ax_acc.bar_label(bars, fmt="%.2f", label_type="center", fontsize=8)
         ax_acc.tick_params(axis="x", labelsize=8)
         errors = max(ci_half(row["test_acc"]) for row in rows.values())
+        before = ("" if "base_on_task" not in summary else  # far below the others: a line, not a bar
+                  f"\n{label('base_on_task', task)}: {fmt_stat(summary['base_on_task']['test_acc'])} %")
         ax_acc.set(ylabel="test accuracy (%)",
                    title=f"Test accuracy ({results['config']['test_size']:,} images; "
-                         f"{f'mean of {n_seeds} seeds, 95 % CI' if n_seeds > 1 else '1 seed'})",
+                         f"{f'mean of {n_seeds} seeds, 95 % CI' if n_seeds > 1 else '1 seed'}){before}",
                    ylim=(max(0, min(acc) - 1.0 - errors), min(100, max(acc) + 0.3 + errors)))
         bottom = [0.0] * len(trained)
         for key, what, hatch in (("weight_bytes", "weights as stored", None), ("grad_bytes", "gradients", "//"),
@@ -923,6 +927,7 @@ def plot_results(results, out_dir):
                                     hatch=hatch, edgecolor="black"), fmt="%.2f" if batch == "1" else "%.1f", fontsize=8)
             ax.set_xticks(list(x), [DISPLAY[m] for m in timed])
             ax.set(ylabel="ms (median)", title=f"Inference latency, batch {int(batch):,}")
+            ax.set_ylim(0, 1.3 * ax.get_ylim()[1])  # headroom: the legend above the tallest bar
             ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, facecolor="white", edgecolor="black", hatch=h)
                                for h in (None, "//")], labels=["as trained (unmerged)", "merged"])
         fig.suptitle(f"Test accuracy, memory, file size and latency; fine-tuned on {task} "
@@ -932,21 +937,26 @@ def plot_results(results, out_dir):
     sweep = rank_sweep(results)
     if sweep:
         fig, ax = plt.subplots(figsize=(7.5, 5))
-        for method, points in sweep.items():
-            params = [p["trainable_params"] for p in points]
-            ax.errorbar(params, [p["test_acc"]["mean"] for p in points], yerr=[ci_half(p["test_acc"]) for p in points],
-                        marker="o", capsize=3, color=COLORS[method], label=DISPLAY[method])
-            for p in points:
-                ax.annotate(f"r={p['rank']}", (p["trainable_params"], p["test_acc"]["mean"]), fontsize=7,
-                            textcoords="offset points", xytext=(4, -10))
+        for i, (method, points) in enumerate(sweep.items()):
+            # LoRA and QLoRA train the same parameters, so their points share an x: told apart by marker
+            ax.errorbar([p["trainable_params"] for p in points], [p["test_acc"]["mean"] for p in points],
+                        yerr=[ci_half(p["test_acc"]) for p in points], marker="os^"[i % 3], mfc="none", capsize=3,
+                        color=COLORS[method], label=DISPLAY[method])
+        for p in next(iter(sweep.values())):  # the ranks, once, along the bottom
+            ax.annotate(f"r={p['rank']}", (p["trainable_params"], 0), xycoords=("data", "axes fraction"),
+                        xytext=(0, 4), textcoords="offset points", ha="center", fontsize=8, color="dimgray")
         if summary.get("full", {}).get("status") == "ok":
             full = summary["full"]
             ax.errorbar([full["trainable_params"]], [full["test_acc"]["mean"]], yerr=[ci_half(full["test_acc"])],
                         marker="*", ms=12, capsize=3, ls="none", color=COLORS["full"], label=DISPLAY["full"])
         reference = "base_on_task" if "base_on_task" in summary else "base"
         if summary.get(reference, {}).get("status") == "ok":
-            ax.axhline(summary[reference]["test_acc"]["mean"], ls="--", color="gray",
-                       label=f"Base, not fine-tuned ({summary[reference]['test_acc']['mean']:.2f} %)")
+            before = summary[reference]["test_acc"]["mean"]
+            lowest = min(p["test_acc"]["mean"] for points in sweep.values() for p in points)
+            if before > lowest - 2:
+                ax.axhline(before, ls="--", color="gray", label=f"Base, not fine-tuned ({before:.2f} %)")
+            else:  # far below every point (a shifted task): a line would squash the sweep, the legend says it
+                ax.plot([], [], ls="none", label=f"Base, not fine-tuned: {before:.2f} %")
         ax.set_xscale("log")
         ax.set(xlabel="trainable parameters (log scale)", ylabel="test accuracy (%)",
                title=f"Accuracy vs trainable parameters on {task} "
@@ -1311,8 +1321,9 @@ def main(argv=None):
                 continue
             if method != "base" and seed not in base_models:
                 base_models[seed] = load_plain(saved_model_file(out, "base", seed), device)
-            print(f"Training {name} model..." if method == "base"
-                  else f"Fine-tuning every parameter of the base model ({name})..." if method == "full"
+            which = name[len(DISPLAY[method]):]  # " r=4 (seed 1)", or "" for one seed at the main rank
+            print(f"Training the base model{which}..." if method == "base"
+                  else f"Fine-tuning every parameter of the base model (Full FT){which}..." if method == "full"
                   else f"Fine-tuning the base model with {name}...")
             try:
                 result, model = run_method(method, seed, rank, base_models.get(seed), splits, args, device)
