@@ -787,8 +787,7 @@ def rank_sweep(results):
 PLOT_FILES = ("training_loss_comparison.png", "validation_accuracy_comparison.png",
               "base_model_loss_accuracy.png", "lora_loss_accuracy.png", "test_accuracy_memory.png")
 SWEEP_PLOT = "rank_sweep.png"
-COLORS = {"base": "tab:gray", "base_on_task": "silver", "full": "tab:purple", "lora": "tab:blue",
-          "dora": "tab:orange", "qlora": "tab:green"}
+COLORS = {"base": "tab:gray", "full": "tab:purple", "lora": "tab:blue", "dora": "tab:orange", "qlora": "tab:green"}
 
 
 def label(method, task):
@@ -1258,10 +1257,9 @@ def run_method(method, seed, rank, base_model, splits, args, device):
     return result, model
 
 
-def run_name(method, seed, rank, args):
-    """LoRA; LoRA (seed 1) with several seeds; LoRA r=4 for a rank-sweep run."""
-    name = DISPLAY[method] + (f" r={rank}" if rank not in (None, args.rank) else "")
-    return f"{name} (seed {seed})" if args.seeds > 1 else name
+def run_suffix(seed, rank, args):
+    """What tells a run from its method's others: " r=4" for a rank-sweep run, " (seed 1)" with several seeds."""
+    return (f" r={rank}" if rank not in (None, args.rank) else "") + (f" (seed {seed})" if args.seeds > 1 else "")
 
 
 def report_method(r):
@@ -1314,14 +1312,14 @@ def main(argv=None):
     base_models, current = {}, None  # base_models: the trained base of each seed, which the others copy
     try:
         for method, seed, rank in plan:
-            current = name = run_name(method, seed, rank, args)
+            which = run_suffix(seed, rank, args)  # "" for one seed at the main rank
+            current = name = DISPLAY[method] + which
             if (method, seed, rank) in previous:
                 results["runs"].append(previous[method, seed, rank])
                 print(f"{name}: finished in a previous run (results.json), kept.")
                 continue
             if method != "base" and seed not in base_models:
                 base_models[seed] = load_plain(saved_model_file(out, "base", seed), device)
-            which = name[len(DISPLAY[method]):]  # " r=4 (seed 1)", or "" for one seed at the main rank
             print(f"Training the base model{which}..." if method == "base"
                   else f"Fine-tuning every parameter of the base model (Full FT){which}..." if method == "full"
                   else f"Fine-tuning the base model with {name}...")
