@@ -19,6 +19,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import signal
 import statistics
 import sys
@@ -425,6 +426,12 @@ def evaluate(model, images, labels, batch_size=1000):
     return loss.item() / len(labels), 100.0 * correct.item() / len(labels)
 
 
+def sync(device):
+    """Wait for the GPU's queued work, so a timer reads finished work; nothing to wait for on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def trainable_parameters(model):
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
@@ -442,8 +449,7 @@ def train(model, splits, epochs, lr, batch_size, patience, seed, log=print):
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps)
     history = {"train_loss": [], "val_loss": [], "val_acc": [], "lr": []}
     best = {"val_loss": math.inf, "epoch": 0, "state": {k: p.detach().clone() for k, p in params.items()}}
-    sync = torch.cuda.synchronize if images.is_cuda else (lambda: None)
-    sync()
+    sync(images.device)
     start = time.perf_counter()
     for epoch in range(1, epochs + 1):
         history["lr"].append(optimizer.param_groups[0]["lr"])
@@ -472,7 +478,7 @@ def train(model, splits, epochs, lr, batch_size, patience, seed, log=print):
         elif epoch - best["epoch"] >= patience and epoch < epochs:
             log(f"Early stopping at epoch {epoch}")
             break
-    sync()
+    sync(images.device)
     train_time = time.perf_counter() - start
     with torch.no_grad():
         for k, p in params.items():
@@ -598,50 +604,94 @@ def peft_name(name):
     return PEFT_PREFIX + (f"{module}.{PEFT_NAMES[leaf]}" if leaf in PEFT_NAMES else name)
 
 
+def peft_tensors(model):
+    """{PEFT name: (our parameter, the shape PEFT stores it in)} of the trained tensors: adapters, DoRA
+    magnitudes, a trainable head. PEFT keeps a conv's DoRA magnitude as [1, out, 1, 1], a Linear's as [out]."""
+    tensors = {}
+    for name, p in trainable_parameters(model).items():
+        module = model.get_submodule(name.rpartition(".")[0])
+        conv_magnitude = name.endswith(".magnitude") and module.is_conv
+        tensors[peft_name(name)] = (p, (1, -1, 1, 1) if conv_magnitude else p.shape)
+    return tensors
+
+
 def adapter_state_dict(model):
-    """Only the trained tensors (adapters, DoRA magnitudes, a trainable head), under PEFT's names."""
-    return {peft_name(name): p.detach().cpu().clone() for name, p in trainable_parameters(model).items()}
+    """The trained tensors only, under PEFT's names and in PEFT's shapes."""
+    return {key: p.detach().cpu().reshape(shape).contiguous() for key, (p, shape) in peft_tensors(model).items()}
 
 
-def save_adapter(model, method, rank, args, path):
-    """`path` (the tensors, e.g. seed0/adapters/lora_r8.pt) and the same name in .json (PEFT-style config)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    config = {"peft_type": "LORA", "method": method, "use_dora": method == "dora", "r": rank,
-              "lora_alpha": args.alpha, "lora_dropout": args.dropout, "bias": "none",
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"  # what PEFT reads
+ADAPTER_INFO = "training_info.json"  # what only this project needs, in a file PEFT never opens
+
+
+def save_adapter(model, method, rank, args, folder):
+    """A folder PEFT's `PeftModel.from_pretrained(CNN(), folder)` loads as it is: adapter_config.json (a
+    LoraConfig) and adapter_model.safetensors; plus training_info.json (method, task, base, NF4 settings)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
+              "r": rank, "lora_alpha": args.alpha, "lora_dropout": args.dropout, "bias": "none",
+              "use_dora": method == "dora", "use_rslora": False, "fan_in_fan_out": False, "init_lora_weights": True,
               "target_modules": [full for *_, full, _ in adaptable_layers(CNN(), args.train_head)],
-              "modules_to_save": [CNN.head] if args.train_head else [],
-              "base_model": "../base_model.pt", "task": args.task}
+              "modules_to_save": [CNN.head] if args.train_head else None}
+    info = {"method": method, "task": args.task, "base_model": "../../base_model.pt (the CNN of the same seed)"}
     if method == "qlora":
-        config["base_quantization"] = {"quant_type": "nf4", "double_quant": True, "blocksize": QUANT_BLOCKSIZE}
-    write_atomic(path, adapter_state_dict(model))
-    write_atomic(path.with_suffix(".json"), json.dumps(config, indent=2))
-    return path
+        info["base_quantization"] = {"quant_type": "nf4", "double_quant": True, "blocksize": QUANT_BLOCKSIZE,
+                                     "note": "trained against the NF4-quantized base; PEFT puts it on the fp32 base"}
+    write_atomic(folder / ADAPTER_WEIGHTS, adapter_state_dict(model))
+    write_atomic(folder / ADAPTER_CONFIG, json.dumps(config, indent=2))
+    write_atomic(folder / ADAPTER_INFO, json.dumps(info, indent=2))
+    return folder
 
 
-def load_adapter(base_checkpoint, adapter_path, device="cpu"):
-    """Rebuild an adapted model from the base checkpoint and an adapter file written by save_adapter."""
-    adapter_path = Path(adapter_path)
-    config = json.loads(adapter_path.with_suffix(".json").read_text())
-    model = CNN().to(device)
-    model.load_state_dict(torch.load(base_checkpoint, map_location=device, weights_only=True))
-    add_adapters(model, config["method"], config["r"], config["lora_alpha"], config["lora_dropout"],
-                 train_head=bool(config["modules_to_save"]))
-    tensors = torch.load(adapter_path, map_location=device, weights_only=True)
-    params = {peft_name(name): p for name, p in trainable_parameters(model).items()}
-    if set(tensors) != set(params):
-        raise ValueError(f"{adapter_path} does not match a {config['method']} adapter of this CNN "
-                         f"(missing {sorted(set(params) - set(tensors))}, extra {sorted(set(tensors) - set(params))})")
+def load_adapter(base_checkpoint, folder, device="cpu", method=None):
+    """Rebuild an adapted model from the base checkpoint and an adapter folder (save_adapter's, or PEFT's own
+    for a LoRA/DoRA of this CNN). `method` overrides the saved one: "lora" puts a QLoRA adapter on the fp32 base."""
+    folder = Path(folder)
+    if folder.suffix == ".pt" and folder.is_file():
+        raise ModelFileError(f"{folder} is an adapter file of this project's earlier layout (<method>_r<rank>.pt); "
+                             f"adapters are now folders that PEFT reads: rerun that method with --resume")
+    config = json.loads(read_model_file(folder / ADAPTER_CONFIG, lambda p: p.read_text()))
+    info = json.loads((folder / ADAPTER_INFO).read_text()) if (folder / ADAPTER_INFO).is_file() else {}
+    method = method or info.get("method") or ("dora" if config.get("use_dora") else "lora")
+    model = load_plain(base_checkpoint, device)
+    add_adapters(model, method, config["r"], config["lora_alpha"], config["lora_dropout"],
+                 train_head=bool(config.get("modules_to_save")))
+    from safetensors.torch import load_file
+    tensors = read_model_file(folder / ADAPTER_WEIGHTS, lambda p: load_file(p, device=str(device)))
+    expected = peft_tensors(model)
+    if set(tensors) != set(expected):
+        raise ModelFileError(f"{folder} does not match a {method} adapter of this CNN (missing "
+                             f"{sorted(set(expected) - set(tensors))}, extra {sorted(set(tensors) - set(expected))})")
     with torch.no_grad():
-        for key, p in params.items():
-            p.copy_(tensors[key])
+        for key, (p, _) in expected.items():
+            p.copy_(tensors[key].reshape(p.shape))
     return model
+
+
+class ModelFileError(RuntimeError):
+    pass
+
+
+def read_model_file(path, read):
+    """read(path), any failure (missing, truncated, not ours, a pickle with code) as one sentence naming it."""
+    try:
+        return read(path)
+    except Exception as e:
+        detail = " ".join(str(e).split()).split(" Please file an issue")[0]
+        if "weights_only" in detail.lower() or "unpickl" in detail.lower():
+            detail = "it holds something other than plain tensors, and was not loaded"
+        raise ModelFileError(f"{path} cannot be read ({type(e).__name__}: {detail[:160]})") from None
 
 
 def load_plain(path, device):
     """A method saved as a whole CNN state dict (the base, full fine-tuning), loaded back."""
     model = CNN().to(device)
-    model.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+    state = read_model_file(path, lambda p: torch.load(p, map_location=device, weights_only=True))
+    try:
+        model.load_state_dict(state)
+    except Exception as e:
+        raise ModelFileError(f"{path} does not hold this CNN's weights ({type(e).__name__})") from None
     return model
 
 
@@ -650,14 +700,13 @@ def latency_ms(model, images, batch_size, repeats):
     """Median wall-clock milliseconds of one forward pass on `batch_size` images, after one warm-up pass."""
     model.eval()
     x = images[:batch_size]
-    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     model(x)
     times = []
     for _ in range(repeats):
-        sync()
+        sync(x.device)
         start = time.perf_counter()
         model(x)
-        sync()
+        sync(x.device)
         times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times)
 
@@ -666,30 +715,33 @@ LATENCY_ROUNDS, LATENCY_REPEATS = 5, {1: 20, 1000: 3}  # batch size: timed passe
 QUICK_LATENCY_ROUNDS, QUICK_LATENCY_REPEATS = 2, {1: 5, 1000: 1}
 
 
-def measure_inference(results, out_dir, images, device, rounds=LATENCY_ROUNDS, repeats=LATENCY_REPEATS):
-    """Latency of every method's model, as trained (unmerged) and merged, at batch 1 and 1,000, into
-    results["inference"]: the first seed's models at the main rank (latency depends on the shapes, not on
-    the trained values).
+def measure_inference(results, out_dir, test, device, rounds=LATENCY_ROUNDS, repeats=LATENCY_REPEATS):
+    """After every run: the first seed's models at the main rank (latency depends on shapes, not on trained
+    values), rebuilt from the files this run saved, so a resumed method is measured too. Into
+    results["inference"]: latency at batch 1 and 1,000 as trained (unmerged) and merged, for Base and Full FT
+    once (the same network either way), the median and range over rounds; the largest logit difference
+    merging makes; and for QLoRA the test accuracy of its adapter on the fp32 base, where PEFT puts it.
 
-    The models are rebuilt from the files this run saved (so a resumed method is measured too) and timed
-    together, in interleaved rounds, the median taken over all rounds: timed one after another, right
-    after each training, identical merged CNNs differed by 2x on this shared CPU.
+    All models are timed together in interleaved rounds, so a slow spell of a shared machine hits all alike.
     """
-    seed, rank, models = results["seeds"][0], results["config"]["rank"], {}
+    images, labels = test
+    seed, rank, models, extra = results["seeds"][0], results["config"]["rank"], {}, {}
+    base_file = saved_model_file(out_dir, "base", seed)
     for r in main_runs(results):
         if r["seed"] != seed or r["status"] != "ok":
             continue
         method, path = r["method"], saved_model_file(out_dir, r["method"], seed, r["rank"])
         if method in PLAIN_FILES:
-            model = load_plain(path, device)
-        else:
-            model = load_adapter(saved_model_file(out_dir, "base", seed), path, device)
-        model = model.to(memory_format=torch.channels_last).eval()
+            models[method] = {"plain": load_plain(path, device).to(memory_format=torch.channels_last).eval()}
+            continue
+        model = load_adapter(base_file, path, device).to(memory_format=torch.channels_last).eval()
         models[method] = {"unmerged": model, "merged": merge_adapters(model).to(memory_format=torch.channels_last)}
-    gaps = {}
-    with torch.inference_mode():
-        for method, kinds in models.items():
-            gaps[method] = (kinds["unmerged"](images[:1000]) - kinds["merged"](images[:1000])).abs().max().item()
+        with torch.inference_mode():
+            gap = (model(images[:1000]) - models[method]["merged"](images[:1000])).abs().max().item()
+        extra[method] = {"merged_max_abs_logit_diff": gap}
+        if method == "qlora":
+            on_fp32 = load_adapter(base_file, path, device, method="lora")
+            extra[method].update(test_acc_nf4_base=r["test_acc"], test_acc_fp32_base=evaluate(on_fp32, images, labels)[1])
     samples = {}
     for _ in range(rounds):
         for method, kinds in models.items():
@@ -697,10 +749,11 @@ def measure_inference(results, out_dir, images, device, rounds=LATENCY_ROUNDS, r
                 for batch, n in repeats.items():
                     samples.setdefault((method, kind, batch), []).append(latency_ms(model, images, batch, n))
     results["inference"] = {
-        method: {"seed": seed, "rank": None if method in PLAIN_FILES else rank,
-                 "merged_max_abs_logit_diff": gaps[method],
+        method: {"seed": seed, "rank": run_rank(method, rank), **extra.get(method, {}),
                  "latency_ms": {kind: {str(b): statistics.median(samples[method, kind, b]) for b in repeats}
-                                for kind in kinds}}
+                                for kind in kinds},
+                 "latency_range_ms": {kind: {str(b): [min(samples[method, kind, b]), max(samples[method, kind, b])]
+                                             for b in repeats} for kind in kinds}}
         for method, kinds in models.items()}
 
 
@@ -966,16 +1019,42 @@ def plot_results(results, out_dir):
     return written
 
 
+class WriteError(RuntimeError):
+    pass
+
+
 def write_atomic(path, content):
-    """Write text, or tensors with torch.save, to a temporary file beside `path`, then rename: a reader
-    (or a run interrupted mid-write) never sees half a file."""
+    """Write `content` to a temporary file beside `path`, then rename it: a reader, or a run stopped mid-write,
+    never sees half a file. content: text, a matplotlib figure (PNG), or tensors (safetensors for a
+    .safetensors path, else torch.save). A failed write (disk full, no permission) leaves no temporary file
+    behind and raises WriteError: one sentence naming the file, its folder and the cause."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    if isinstance(content, str):
-        tmp.write_text(content)
-    else:
-        torch.save(content, tmp)
-    os.replace(tmp, path)
+    try:
+        if isinstance(content, str):
+            tmp.write_text(content)
+        elif hasattr(content, "savefig"):
+            content.savefig(tmp, dpi=120, format="png")
+        elif path.suffix == ".safetensors":
+            from safetensors.torch import save_file
+            save_file(content, str(tmp))
+        else:
+            torch.save(content, tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        if not isinstance(e, Exception):  # Ctrl-C: the half-written temporary file is gone, the old file intact
+            raise
+        cause = getattr(e, "strerror", None) or " ".join(str(e).split())[:120]
+        try:
+            if shutil.disk_usage(path.parent).free < 2**20:  # torch.save says "iostream error" when the disk is full
+                cause = "no space left on the device"
+        except OSError:
+            pass
+        raise WriteError(f"cannot write {path.name} in {path.parent} ({cause})") from None
 
 
 def fmt_mib(b):
@@ -1026,6 +1105,14 @@ def results_table(results):
     return "\n".join(rows)
 
 
+def latency_cell(timing, batch):
+    """'as trained / merged' ms at one batch size; one number for Base and Full FT, which have no adapter."""
+    fmt, ms = ("{:.3f}" if batch == "1" else "{:.1f}"), timing["latency_ms"]
+    if "plain" in ms:
+        return fmt.format(ms["plain"][batch]) + " (no adapter)"
+    return f"{fmt.format(ms['unmerged'][batch])} / {fmt.format(ms['merged'][batch])}"
+
+
 def inference_table(results):
     rows = ["| method | saved file (KiB) | vs full model | latency b=1 as trained / merged (ms) | "
             "latency b=1000 as trained / merged (ms) | max abs logit diff merged |",
@@ -1035,11 +1122,16 @@ def inference_table(results):
         if row["status"] != "ok" or method == "base_on_task":
             continue
         t = inference.get(method)
-        timing = (f"{t['latency_ms']['unmerged']['1']:.3f} / {t['latency_ms']['merged']['1']:.3f} | "
-                  f"{t['latency_ms']['unmerged']['1000']:.1f} / {t['latency_ms']['merged']['1000']:.1f} | "
-                  f"{t['merged_max_abs_logit_diff']:.1e}") if t else "not measured | not measured | -"
+        gap = t.get("merged_max_abs_logit_diff") if t else None
+        timing = (f"{latency_cell(t, '1')} | {latency_cell(t, '1000')} | {'-' if gap is None else f'{gap:.1e}'}"
+                  if t else "not measured | not measured | -")
         rows.append(f"| {DISPLAY[method]} | {row['file_bytes'] / 2**10:.1f} | "
                     f"{100 * row['file_bytes'] / row['full_model_file_bytes']:.1f} % | {timing} |")
+    qlora = inference.get("qlora", {})
+    if "test_acc_fp32_base" in qlora:
+        rows.append(f"\nQLoRA's adapter (seed {qlora['seed']}) on the fp32 base, as PEFT loads it: "
+                    f"{qlora['test_acc_fp32_base']:.2f} % test accuracy, against {qlora['test_acc_nf4_base']:.2f} % "
+                    f"on the NF4 base it was trained with.")
     return "\n".join(rows)
 
 
@@ -1201,9 +1293,9 @@ def previous_results(out, config, plan):
 
 def saved_model_file(out_dir, method, seed, rank=None):
     """Where run_method saves a run's model: seed<k>/ holds the whole state dicts (base, full fine-tuning)
-    and adapters/<method>_r<rank>.pt, only an adapter's tensors."""
+    and adapters/<method>_r<rank>/, an adapter folder in PEFT's format."""
     folder = Path(out_dir) / f"seed{seed}"
-    return folder / PLAIN_FILES[method] if method in PLAIN_FILES else folder / "adapters" / f"{method}_r{rank}.pt"
+    return folder / PLAIN_FILES[method] if method in PLAIN_FILES else folder / "adapters" / f"{method}_r{rank}"
 
 
 def cpu_model():
@@ -1251,7 +1343,7 @@ def run_method(method, seed, rank, base_model, splits, args, device):
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, model.state_dict())
     else:
-        save_adapter(model, method, rank, args, path)
+        path = save_adapter(model, method, rank, args, path) / ADAPTER_WEIGHTS
     result["file_bytes"] = path.stat().st_size
     result["full_model_file_bytes"] = saved_model_file(args.out_dir, "base", seed).stat().st_size
     return result, model
@@ -1347,7 +1439,7 @@ def main(argv=None):
         current = "the latency measurement"
         if any(r["status"] == "ok" for r in main_runs(results)):
             print("Measuring inference latency, as trained and merged...")
-            measure_inference(results, out, splits[args.task]["test"][0], device,
+            measure_inference(results, out, splits[args.task]["test"], device,
                               *((QUICK_LATENCY_ROUNDS, QUICK_LATENCY_REPEATS) if args.quick else ()))
             save_results(results, out)
         current = None

@@ -52,24 +52,31 @@ def test_merged_model_agrees_with_the_adapted_model_on_real_images(method, real_
 
 @pytest.mark.parametrize("train_head", [True, False])
 @pytest.mark.parametrize("method", METHODS)
-def test_adapter_file_holds_only_the_trained_tensors_under_peft_names(method, train_head, tmp_path):
+def test_adapter_folder_holds_only_the_trained_tensors_under_peft_names_and_shapes(method, train_head, tmp_path):
+    from safetensors.torch import load_file
     model = trained_like(method, train_head=train_head)
     args = main.parse_args(["--rank", "4", "--alpha", "8"] + ([] if train_head else ["--no-train-head"]))
-    path = main.save_adapter(model, method, 4, args, tmp_path / "adapters" / f"{method}_r4.pt")
-    tensors = torch.load(path, weights_only=True)
+    folder = main.save_adapter(model, method, 4, args, tmp_path / "adapters" / f"{method}_r4")
+    tensors = load_file(folder / "adapter_model.safetensors")
     expected = {"base_model.model.conv1.lora_A.weight": (4, 1, 5, 5), "base_model.model.conv1.lora_B.weight": (16, 4, 1, 1),
                 "base_model.model.fc1.lora_A.weight": (4, 512), "base_model.model.fc1.lora_B.weight": (256, 4)}
     for key, shape in expected.items():
         assert tensors[key].shape == shape
-    assert ("base_model.model.fc2.weight" in tensors) == train_head
+    assert ("base_model.model.fc2.weight" in tensors) == ("base_model.model.fc2.bias" in tensors) == train_head
     assert ("base_model.model.fc2.lora_A.weight" in tensors) == (not train_head)
     assert ("base_model.model.conv2.lora_magnitude_vector" in tensors) == (method == "dora")
-    if method == "dora":
-        assert tensors["base_model.model.conv2.lora_magnitude_vector"].shape == (32,)
+    if method == "dora":  # PEFT's shapes: a conv's magnitude [1, out, 1, 1], a Linear's [out]
+        assert tensors["base_model.model.conv2.lora_magnitude_vector"].shape == (1, 32, 1, 1)
+        assert tensors["base_model.model.fc1.lora_magnitude_vector"].shape == (256,)
     assert sum(t.numel() for t in tensors.values()) == main.count_parameters(model)[0]
-    config = json.loads(path.with_suffix(".json").read_text())
-    assert config["r"] == 4 and config["lora_alpha"] == 8 and config["use_dora"] == (method == "dora")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8
+    assert config["use_dora"] == (method == "dora") and config["bias"] == "none"
     assert config["target_modules"] == (["conv1", "conv2", "fc1"] + ([] if train_head else ["fc2"]))
+    assert config["modules_to_save"] == (["fc2"] if train_head else None)
+    assert not {"method", "task", "base_model", "base_quantization"} & set(config)  # PEFT would warn on them
+    info = json.loads((folder / "training_info.json").read_text())
+    assert info["method"] == method and ("base_quantization" in info) == (method == "qlora")
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -82,24 +89,34 @@ def test_reloaded_adapter_gives_the_same_predictions(method, tmp_path):
         if isinstance(module, main.AdapterLayer):
             perturb(module, seed=5)
     args = main.parse_args(["--rank", "4", "--alpha", "8"])
-    path = main.save_adapter(model, method, 4, args, tmp_path / "adapters" / f"{method}_r4.pt")
-    reloaded = main.load_adapter(tmp_path / "base_model.pt", path).eval()
+    folder = main.save_adapter(model, method, 4, args, tmp_path / "adapters" / f"{method}_r4")
+    reloaded = main.load_adapter(tmp_path / "base_model.pt", folder).eval()
+    assert type(reloaded.conv1) is type(model.conv1)
     x = torch.randn(32, 1, 28, 28)
     with torch.inference_mode():
         torch.testing.assert_close(reloaded(x), model.eval()(x))
-    assert path.stat().st_size < 0.15 * (tmp_path / "base_model.pt").stat().st_size
+    size = (folder / "adapter_model.safetensors").stat().st_size
+    assert size < 0.15 * (tmp_path / "base_model.pt").stat().st_size
 
 
 def test_loading_an_adapter_into_the_wrong_model_is_an_error(tmp_path):
+    from safetensors.torch import load_file, save_file
     torch.manual_seed(0)
     torch.save(main.CNN().state_dict(), tmp_path / "base_model.pt")
-    path = main.save_adapter(trained_like("lora"), "lora", 4, main.parse_args(["--rank", "4", "--alpha", "8"]),
-                             tmp_path / "lora_r4.pt")
-    tensors = torch.load(path, weights_only=True)
+    folder = main.save_adapter(trained_like("lora"), "lora", 4, main.parse_args(["--rank", "4", "--alpha", "8"]),
+                               tmp_path / "lora_r4")
+    tensors = load_file(folder / "adapter_model.safetensors")
     tensors.pop("base_model.model.fc1.lora_B.weight")
-    torch.save(tensors, path)
-    with pytest.raises(ValueError, match="missing .*fc1.lora_B.weight"):
-        main.load_adapter(tmp_path / "base_model.pt", path)
+    save_file(tensors, folder / "adapter_model.safetensors")
+    with pytest.raises(main.ModelFileError, match="missing .*fc1.lora_B.weight"):
+        main.load_adapter(tmp_path / "base_model.pt", folder)
+
+
+def test_an_adapter_file_of_the_earlier_layout_gets_a_clear_message(tmp_path):
+    torch.save(main.CNN().state_dict(), tmp_path / "base_model.pt")
+    torch.save({}, tmp_path / "lora_r8.pt")
+    with pytest.raises(main.ModelFileError, match="earlier layout .* rerun that method with --resume"):
+        main.load_adapter(tmp_path / "base_model.pt", tmp_path / "lora_r8.pt")
 
 
 def test_latency_is_measured_for_the_first_seeds_finished_runs_from_their_saved_files(tmp_path):
@@ -109,16 +126,30 @@ def test_latency_is_measured_for_the_first_seeds_finished_runs_from_their_saved_
     base_file.parent.mkdir()
     torch.save(main.CNN().state_dict(), base_file)
     main.save_adapter(trained_like("dora"), "dora", 4, args, main.saved_model_file(tmp_path, "dora", 3, 4))
+    main.save_adapter(trained_like("qlora"), "qlora", 4, args, main.saved_model_file(tmp_path, "qlora", 3, 4))
     results = {"config": {"rank": 4}, "seeds": [3, 4], "runs": [
         {"method": "base", "seed": 3, "rank": None, "status": "ok"},
         {"method": "dora", "seed": 3, "rank": 4, "status": "ok"},
         {"method": "dora", "seed": 3, "rank": 2, "status": "ok"},       # a rank-sweep run: not timed
-        {"method": "qlora", "seed": 3, "rank": 4, "status": "skipped"},
+        {"method": "qlora", "seed": 3, "rank": 4, "status": "ok", "test_acc": 12.5},
         {"method": "lora", "seed": 4, "rank": 4, "status": "ok"}]}     # not the first seed: not timed
-    main.measure_inference(results, tmp_path, torch.randn(1000, 1, 28, 28), torch.device("cpu"),
-                           rounds=2, repeats={1: 2, 1000: 1})
-    assert set(results["inference"]) == {"base", "dora"}
+    test = torch.randn(1000, 1, 28, 28), torch.randint(0, 10, (1000,))
+    main.measure_inference(results, tmp_path, test, torch.device("cpu"), rounds=3, repeats={1: 2, 1000: 1})
+    inference = results["inference"]
+    assert set(inference) == {"base", "dora", "qlora"}
+    assert set(inference["base"]["latency_ms"]) == {"plain"}  # one network: timed once, not as two
+    assert "merged_max_abs_logit_diff" not in inference["base"]
+    for method in ("dora", "qlora"):
+        assert set(inference[method]["latency_ms"]) == {"unmerged", "merged"}
+        assert inference[method]["merged_max_abs_logit_diff"] < 1e-3
+    for method, t in inference.items():
+        for kind, by_batch in t["latency_ms"].items():
+            for batch, ms in by_batch.items():
+                low, high = t["latency_range_ms"][kind][batch]
+                assert 0 < low <= ms <= high
+    qlora = inference["qlora"]
+    assert qlora["test_acc_nf4_base"] == 12.5 and 0 <= qlora["test_acc_fp32_base"] <= 100
     for method, t in results["inference"].items():
-        for kind in ("unmerged", "merged"):
+        for kind in t["latency_ms"]:
             assert set(t["latency_ms"][kind]) == {"1", "1000"} and min(t["latency_ms"][kind].values()) > 0
-        assert t["merged_max_abs_logit_diff"] < 1e-3 and t["seed"] == 3
+        assert t["seed"] == 3

@@ -147,8 +147,9 @@ def test_quick_run_writes_every_output_with_sane_numbers(quick_run):
         assert r["file_bytes"] > 0 and inference["latency_ms"]["merged"]["1000"] > 0
         assert inference["merged_max_abs_logit_diff"] < 1e-3
         if method not in main.PLAIN_FILES:
-            path = out / "seed0" / "adapters" / f"{method}_r8.pt"
-            assert path.stat().st_size == r["file_bytes"] and r["file_bytes"] < 0.2 * r["full_model_file_bytes"]
+            path = out / "seed0" / "adapters" / f"{method}_r8"
+            size = (path / "adapter_model.safetensors").stat().st_size
+            assert size == r["file_bytes"] and r["file_bytes"] < 0.2 * r["full_model_file_bytes"]
             assert main.load_adapter(out / "seed0" / "base_model.pt", path)
     assert "| method | saved file (KiB) |" in table
 
@@ -181,9 +182,10 @@ def test_every_method_runs_once_per_seed_and_shares_that_seeds_data_order(seeds_
     bases = [torch.load(out / f"seed{s}" / "base_model.pt", weights_only=True)["conv1.weight"] for s in (0, 1)]
     assert not torch.equal(*bases)  # a different initialisation per seed
     for seed in (0, 1):
-        for name in ("full_finetuned.pt", "adapters/lora_r8.pt", "adapters/lora_r2.pt"):
+        for name in ("full_finetuned.pt", "adapters/lora_r8/adapter_model.safetensors",
+                     "adapters/lora_r2/adapter_model.safetensors"):
             assert (out / f"seed{seed}" / name).is_file()
-    assert json.loads((out / "seed1" / "adapters" / "lora_r2.json").read_text())["task"] == "rotated"
+    assert json.loads((out / "seed1" / "adapters" / "lora_r2" / "training_info.json").read_text())["task"] == "rotated"
 
 
 def test_the_summary_gives_mean_std_ci_the_base_on_the_target_and_paired_differences(seeds_run):

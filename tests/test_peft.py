@@ -1,0 +1,78 @@
+"""Interop: the adapter folders load in Hugging Face PEFT (a test-only dependency) and give our numbers."""
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import main
+
+peft = pytest.importorskip("peft") if not __import__("os").environ.get("CI") else __import__("peft")
+
+
+def trained(method, steps=20):
+    """A base CNN and an adapted copy trained a few Adam steps on a fixed random batch."""
+    torch.manual_seed(0)
+    base = main.CNN()
+    model = main.add_adapters(copy.deepcopy(base), method, rank=4, alpha=8)
+    x, y = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    return base, model.eval()
+
+
+def save(method, tmp_path):
+    base, model = trained(method)
+    torch.save(base.state_dict(), tmp_path / "base_model.pt")
+    folder = main.save_adapter(model, method, 4, main.parse_args(["--rank", "4", "--alpha", "8"]),
+                               tmp_path / "adapters" / f"{method}_r4")
+    return model, folder
+
+
+def peft_model(tmp_path, folder):
+    base = main.CNN()
+    base.load_state_dict(torch.load(tmp_path / "base_model.pt", weights_only=True))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = peft.PeftModel.from_pretrained(base, folder).eval()
+    assert not [w for w in caught if "config" in str(w.message).lower() or "unexpected" in str(w.message).lower()]
+    return loaded
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_peft_loads_the_folder_and_gives_our_logits_and_our_merge(method, tmp_path):
+    model, folder = save(method, tmp_path)
+    assert model.conv1.lora_B.abs().sum() > 0  # trained: the update is not zero
+    loaded = peft_model(tmp_path, folder)
+    x = torch.randn(128, 1, 28, 28)
+    with torch.inference_mode():
+        ours, theirs = model(x), loaded(x)
+        assert (ours - main.load_plain(tmp_path / "base_model.pt", "cpu").eval()(x)).abs().max() > 1e-3
+        torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
+        merged = loaded.merge_and_unload()
+        torch.testing.assert_close(merged(x), main.merge_adapters(model)(x), atol=1e-5, rtol=0)
+
+
+def test_peft_puts_the_qlora_adapter_on_the_fp32_base_as_our_loader_does(tmp_path):
+    model, folder = save("qlora", tmp_path)
+    loaded = peft_model(tmp_path, folder)
+    on_fp32 = main.load_adapter(tmp_path / "base_model.pt", folder, method="lora").eval()
+    x = torch.randn(128, 1, 28, 28)
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(x), on_fp32(x), atol=1e-5, rtol=0)
+        # not the NF4 model: the base weights differ by the quantization error
+        assert (on_fp32(x) - model(x)).abs().max() > 1e-4
+
+
+def test_our_loader_reads_a_folder_peft_wrote(tmp_path):
+    model, folder = save("dora", tmp_path)
+    peft_folder = tmp_path / "written_by_peft"
+    peft_model(tmp_path, folder).save_pretrained(peft_folder)
+    reloaded = main.load_adapter(tmp_path / "base_model.pt", peft_folder).eval()
+    x = torch.randn(16, 1, 28, 28)
+    with torch.inference_mode():
+        torch.testing.assert_close(reloaded(x), model(x), atol=1e-5, rtol=0)
