@@ -35,7 +35,7 @@ import torch.nn.functional as F
 # Hyperparameters: edit here, or override with the flag of the same name (python main.py --help)
 # =====================================================================================================
 DATA_DIR = "data"                  # MNIST goes in DATA_DIR/MNIST/raw (torchvision's layout); downloaded if missing
-OUT_DIR = "plots"                  # plots, results.json, results.md and the saved models go here
+OUT_DIR = "plots/latest"           # plots, results.json, results.md, saved models (git-ignored; see README)
 METHODS = "base,full,lora,dora,qlora"  # runs, in order; all but base start from the trained base
 FINETUNE_TASK = "mnist"            # what the methods fine-tune on: mnist | rotated | inverted (see TASKS)
 DEVICE = "auto"                    # auto (cuda when available) | cpu | cuda
@@ -236,6 +236,19 @@ def import_bitsandbytes():
     return bnbf
 
 
+def bitsandbytes_call(name, *args, **kwargs):
+    """bitsandbytes.functional.<name>(...); any failure of a library that imports but does not work here (no
+    kernel for this device, a broken build) becomes BitsAndBytesUnavailable, so QLoRA is skipped, not the run."""
+    function = getattr(import_bitsandbytes(), name)
+    try:
+        return function(*args, **kwargs)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as e:
+        raise BitsAndBytesUnavailable(f"bitsandbytes' {name} failed ({type(e).__name__}: "
+                                      f"{' '.join(str(e).split())[:150]})") from None
+
+
 class QLoRALayer(AdapterLayer):
     """QLoRA (Dettmers et al. 2023): W stored as 4-bit NormalFloat (NF4) with double quantization.
 
@@ -250,12 +263,12 @@ class QLoRALayer(AdapterLayer):
         # Quantized as one flat vector: blocks of 64 consecutive weights either way, but bitsandbytes' CPU
         # kernel needs an even last dimension; a conv's [.., 5, 5] would fall back to a torch.compile'd
         # generic path that recompiles on every switch between training and inference (seconds each).
-        packed, self.quant_state = import_bitsandbytes().quantize_4bit(
-            weight.reshape(-1), blocksize=QUANT_BLOCKSIZE, compress_statistics=True, quant_type="nf4")
+        packed, self.quant_state = bitsandbytes_call(
+            "quantize_4bit", weight.reshape(-1), blocksize=QUANT_BLOCKSIZE, compress_statistics=True, quant_type="nf4")
         self.register_buffer("weight_4bit", packed)
 
     def base_weight(self):
-        weight = import_bitsandbytes().dequantize_4bit(self.weight_4bit, self.quant_state).view(self.weight_shape)
+        weight = bitsandbytes_call("dequantize_4bit", self.weight_4bit, self.quant_state).view(self.weight_shape)
         if not self.is_conv:
             return weight
         # channels-last strides, as model.to(memory_format=channels_last) gives the other weights: with one
@@ -354,7 +367,10 @@ def ensure_mnist(data_dir, download=True):
             f"({', '.join(MNIST_MD5)}) in that folder, or run once with network access and torchvision "
             f"downloads them there; or point --data-dir at a folder that holds MNIST/raw/.")
     for name, expected in MNIST_MD5.items():
-        digest = hashlib.md5((raw / name).read_bytes()).hexdigest()
+        try:
+            digest = hashlib.md5((raw / name).read_bytes()).hexdigest()
+        except OSError as e:
+            raise DataError(f"{raw / name} cannot be read ({e.strerror or e}): check its permissions") from None
         if digest != expected:
             raise DataError(f"{raw / name} is damaged or truncated (MD5 {digest}, expected {expected}). "
                             f"Delete it and run again with network access, or replace it with a good copy.")
@@ -436,27 +452,57 @@ def trainable_parameters(model):
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
+NUM_CLASSES = 10
+EXPLODED = 10    # a training loss this many times above max(its first value, ln(classes)) has diverged
+AT_CHANCE = 1.5  # a validation accuracy at most this many times chance after training learned nothing
+
+
+def optimizer_state_bytes(optimizer):
+    return sum(t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values()
+               if torch.is_tensor(t))
+
+
+def snapshot(params):
+    return {k: p.detach().clone() for k, p in params.items()}
+
+
+def check_divergence(epoch, train_loss, first_loss):
+    """Diverged when the loss is not finite or explodes far above where it started (a finite blow-up, say
+    1e9, can settle back to a loss that looks ordinary while the weights are ruined)."""
+    if not math.isfinite(train_loss):
+        raise Diverged(f"diverged at epoch {epoch} (training loss {train_loss})")
+    limit = EXPLODED * max(first_loss, math.log(NUM_CLASSES))
+    if train_loss > limit:
+        raise Diverged(f"diverged at epoch {epoch} (training loss {train_loss:.3g}, over {limit:.3g}: "
+                       f"{EXPLODED}x where it started)")
+
+
 def train(model, splits, epochs, lr, batch_size, patience, seed, log=print):
     """Adam on the trainable parameters, cosine LR per step, early stopping on validation loss.
 
     Returns the history and bookkeeping; the model ends with its best-validation weights restored.
+    Raises Diverged for a non-finite or exploding loss, or a validation accuracy at chance after training.
     """
+    from tqdm import tqdm
     params = trainable_parameters(model)
     optimizer = torch.optim.Adam(params.values(), lr=lr)
     images, labels = splits["train"]
     n = len(labels)
     steps = math.ceil(n / batch_size)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps)
-    history = {"train_loss": [], "val_loss": [], "val_acc": [], "lr": []}
-    best = {"val_loss": math.inf, "epoch": 0, "state": {k: p.detach().clone() for k, p in params.items()}}
+    history = {"train_loss": [], "val_loss": [], "val_acc": [], "lr": [], "epoch_time_s": []}
+    best = {"val_loss": math.inf, "epoch": 0, "state": snapshot(params)}
+    first_loss = None
     sync(images.device)
     start = time.perf_counter()
     for epoch in range(1, epochs + 1):
+        epoch_start = time.perf_counter()
         history["lr"].append(optimizer.param_groups[0]["lr"])
         order = epoch_order(n, seed, epoch).to(images.device)
         model.train()
         loss_sum = torch.zeros((), device=images.device)  # summed on the device: no sync per step
-        for i in range(steps):
+        # a progress bar with rate and time left, shown only on a terminal (disable=None), so logs stay clean
+        for i in tqdm(range(steps), desc=f"epoch {epoch}/{epochs}", unit="step", leave=False, disable=None):
             idx = order[i * batch_size:(i + 1) * batch_size]
             loss = F.cross_entropy(model(images[idx]), labels[idx])
             optimizer.zero_grad(set_to_none=True)
@@ -464,17 +510,19 @@ def train(model, splits, epochs, lr, batch_size, patience, seed, log=print):
             optimizer.step()
             scheduler.step()
             loss_sum += loss.detach() * len(idx)
+            if first_loss is None:
+                first_loss = loss.item()  # the one sync of the run: where the loss started
         train_loss = loss_sum.item() / n
-        if not math.isfinite(train_loss):
-            raise Diverged(f"diverged at epoch {epoch} (training loss {train_loss})")
+        check_divergence(epoch, train_loss, first_loss)
         val_loss, val_acc = evaluate(model, *splits["val"])
         history["train_loss"].append(train_loss)
         history["val_loss"].append(val_loss)
         history["val_acc"].append(val_acc)
+        history["epoch_time_s"].append(time.perf_counter() - epoch_start)
         log(f"Epoch {epoch}, Loss: {train_loss:.4f}, Learning Rate: {history['lr'][-1]:.6f}, "
-            f"Val Accuracy: {val_acc:.2f}%")
+            f"Val Accuracy: {val_acc:.2f}% ({history['epoch_time_s'][-1]:.1f} s)")
         if val_loss < best["val_loss"]:
-            best = {"val_loss": val_loss, "epoch": epoch, "state": {k: p.detach().clone() for k, p in params.items()}}
+            best = {"val_loss": val_loss, "epoch": epoch, "state": snapshot(params)}
         elif epoch - best["epoch"] >= patience and epoch < epochs:
             log(f"Early stopping at epoch {epoch}")
             break
@@ -483,6 +531,10 @@ def train(model, splits, epochs, lr, batch_size, patience, seed, log=print):
     with torch.no_grad():
         for k, p in params.items():
             p.copy_(best["state"][k])
+    best_acc = history["val_acc"][best["epoch"] - 1] if best["epoch"] else max(history["val_acc"])
+    if best_acc <= AT_CHANCE * 100 / NUM_CLASSES:
+        raise Diverged(f"learned nothing: {best_acc:.2f} % validation accuracy after training, at chance "
+                       f"({100 / NUM_CLASSES:.0f} %)")
     return {"history": history, "epochs_run": len(history["train_loss"]), "best_epoch": best["epoch"],
             "train_time_s": train_time, "optimizer_bytes": optimizer_state_bytes(optimizer)}
 
@@ -492,10 +544,6 @@ def train(model, splits, epochs, lr, batch_size, patience, seed, log=print):
 # =====================================================================================================
 def nbytes(t):
     return t.numel() * t.element_size()
-
-
-def optimizer_state_bytes(optimizer):
-    return sum(nbytes(v) for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v))
 
 
 def count_parameters(model):
@@ -864,159 +912,217 @@ def ci_half(stats):
 
 
 def plot_results(results, out_dir):
-    """The five figures of the original README (+ rank_sweep.png after a sweep), from results alone, so
-    they can be redrawn. With several seeds: means, with bands of +-1 std (curves) or 95 % CIs (bars)."""
+    """Every figure, drawn from results alone (so they can be redrawn later) and written atomically; returns
+    the file names. With several seeds: means, with bands of +-1 std (curves) or 95 % CIs (points)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FormatStrFormatter, MaxNLocator
 
-    runs, summary = main_runs(results), summarize(results)
-    task = results["config"]["task"]
+    summary = summarize(results)
     trained = [m for m, row in summary.items() if row["status"] == "ok" and m != "base_on_task"]
-    n_seeds = max((len(row["seeds"]) for row in summary.values() if row["status"] == "ok"), default=1)
-    spread = f"mean of {n_seeds} seeds, band: +-1 std" if n_seeds > 1 else "1 seed"
-    out_dir = Path(out_dir)
+    n_seeds = max((len(summary[m]["seeds"]) for m in trained), default=1)
+    view = {"results": results, "runs": main_runs(results), "summary": summary, "trained": trained,
+            "task": results["config"]["task"], "n_seeds": n_seeds,
+            "spread": f"mean of {n_seeds} seeds, band: +-1 std" if n_seeds > 1 else "1 seed",
+            "quick": "QUICK RUN (smoke test, not results): " if results["config"].get("quick") else ""}
+    figures = {PLOT_FILES[0]: lambda: plot_curves(plt, view, "train_loss"),
+               PLOT_FILES[1]: lambda: plot_curves(plt, view, "val_acc"),
+               PLOT_FILES[2]: lambda: plot_loss_and_accuracy(plt, view, "base"),
+               PLOT_FILES[3]: lambda: plot_loss_and_accuracy(plt, view, "lora"),
+               PLOT_FILES[4]: lambda: plot_comparison(plt, view),
+               SWEEP_PLOT: lambda: plot_rank_sweep(plt, view)}
     written = []
-
-    def save(fig, name):
-        for ax in fig.axes:
-            if ax.get_xlabel().startswith("epoch"):
-                ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # whole epochs, even just one
-            if "accuracy" in ax.get_ylabel():  # at least 0.2 points tall, so 2-decimal ticks stay distinct
-                low, high = ax.get_ylim()
-                if high - low < 0.2:
-                    ax.set_ylim((low + high) / 2 - 0.1, (low + high) / 2 + 0.1)
-                ax.yaxis.set_major_locator(MaxNLocator(nbins=6, steps=[1, 2, 5, 10]))
-                ax.yaxis.set_major_formatter(FormatStrFormatter("%.2f"))
-        fig.tight_layout()
-        fig.savefig(out_dir / name, dpi=120)
-        plt.close(fig)
-        written.append(name)
-
-    def curve(ax, method, key, **style):
-        epochs, mean, std = mean_curve(ok_runs(runs, method), key)
-        line, = ax.plot(epochs, mean, **style)
-        if n_seeds > 1:
-            ax.fill_between(epochs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
-                            color=line.get_color(), alpha=0.2, lw=0)
-
-    where = "on MNIST too" if task == "mnist" else f"on {task}"
-    for key, name, ylabel, title in (
-            ("train_loss", PLOT_FILES[0], "training loss (cross-entropy, log scale)", "Training loss per epoch"),
-            ("val_acc", PLOT_FILES[1], "validation accuracy (%)", "Validation accuracy per epoch")):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for method in trained:
-            curve(ax, method, key, marker="o", color=COLORS[method], label=label(method, task))
-        if key == "train_loss":
-            ax.set_yscale("log")
-        ax.set(xlabel="epoch (of each method's own run)", ylabel=ylabel,
-               title=f"{title} ({spread})\nBase from scratch on MNIST; the others from it, {where}")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        save(fig, name)
-
-    for method, name in (("base", PLOT_FILES[2]), ("lora", PLOT_FILES[3])):
-        if method not in trained:
+    for name, draw in figures.items():
+        fig = draw() if trained else None
+        if fig is None:
             continue
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        curve(ax, method, "train_loss", marker="o", color="tab:red", label="training loss")
-        curve(ax, method, "val_loss", marker="s", ls="--", color="tab:red", label="validation loss")
-        ax.set(xlabel="epoch", ylabel="cross-entropy loss",
-               title=f"{label(method, task)}: loss and validation accuracy ({spread})")
-        ax2 = ax.twinx()
-        curve(ax2, method, "val_acc", marker="^", color="tab:blue", label="validation accuracy")
-        ax2.set_ylabel("validation accuracy (%)")
-        handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
-        ax.legend(handles, [h.get_label() for h in handles], loc="center right")
-        ax.grid(alpha=0.3)
-        save(fig, name)
-
-    if trained:
-        rows = {m: summary[m] for m in trained}
-        names = [DISPLAY[m] for m in trained]
-        colors = [COLORS[m] for m in trained]
-        fig, axes = plt.subplots(2, 3, figsize=(15, 9))
-        (ax_acc, ax_state, ax_peak), (ax_file, ax_lat1, ax_lat1000) = axes
-        acc = [row["test_acc"]["mean"] for row in rows.values()]
-        bars = ax_acc.bar([label(m, task).replace(" (", "\n(") for m in rows], acc, color=[COLORS[m] for m in rows],
-                          yerr=[ci_half(row["test_acc"]) for row in rows.values()], capsize=4)
-        ax_acc.bar_label(bars, fmt="%.2f", label_type="center", fontsize=8)
-        ax_acc.tick_params(axis="x", labelsize=8)
-        errors = max(ci_half(row["test_acc"]) for row in rows.values())
-        before = ("" if "base_on_task" not in summary else  # far below the others: a line, not a bar
-                  f"\n{label('base_on_task', task)}: {fmt_stat(summary['base_on_task']['test_acc'])} %")
-        ax_acc.set(ylabel="test accuracy (%)",
-                   title=f"Test accuracy ({results['config']['test_size']:,} images; "
-                         f"{f'mean of {n_seeds} seeds, 95 % CI' if n_seeds > 1 else '1 seed'}){before}",
-                   ylim=(max(0, min(acc) - 1.0 - errors), min(100, max(acc) + 0.3 + errors)))
-        bottom = [0.0] * len(trained)
-        for key, what, hatch in (("weight_bytes", "weights as stored", None), ("grad_bytes", "gradients", "//"),
-                                 ("optimizer_bytes", "Adam state", "..")):
-            mib = [summary[m][key] / 2**20 for m in trained]
-            ax_state.bar(names, mib, bottom=bottom, color=colors, hatch=hatch, edgecolor="black", alpha=0.8, label=what)
-            bottom = [b + v for b, v in zip(bottom, mib)]
-        ax_state.set(ylabel="MiB", title="Training state: weights + gradients + Adam\n(byte accounting)")
-        ax_state.legend()
-        if all(summary[m]["cuda_peak_bytes"] is not None for m in trained):
-            peaks = [summary[m]["cuda_peak_bytes"] for m in trained]
-            ax_peak.bar_label(ax_peak.bar(names, [p["mean"] / 2**20 for p in peaks], color=colors,
-                                          yerr=[(p["std"] or 0) / 2**20 for p in peaks]), fmt="%.1f")
-            ax_peak.set(ylabel="MiB", title="CUDA peak allocated during training\n(above the shared dataset and base model)")
-        else:
-            ax_peak.set_axis_off()
-            ax_peak.text(0.5, 0.5, "CUDA peak memory: not available\n(this run was on the CPU;\n"
-                         "the byte accounting is beside)", ha="center", va="center", fontsize=12)
-        kib = [summary[m]["file_bytes"] / 2**10 for m in trained]
-        ax_file.bar_label(ax_file.bar(names, kib, color=colors), fmt="%.0f")
-        ax_file.set(ylabel="KiB", title="Saved file: full model (Base, Full FT) vs adapter only")
-        timed = {m: results["inference"][m] for m in trained if m in results.get("inference", {})}
-        for ax, batch in ((ax_lat1, "1"), (ax_lat1000, "1000")):
-            x = range(len(timed))
-            for offset, kind, hatch in ((-0.2, "unmerged", None), (0.2, "merged", "//")):
-                ms = [t["latency_ms"][kind][batch] for t in timed.values()]
-                ax.bar_label(ax.bar([i + offset for i in x], ms, width=0.4, color=[COLORS[m] for m in timed],
-                                    hatch=hatch, edgecolor="black"), fmt="%.2f" if batch == "1" else "%.1f", fontsize=8)
-            ax.set_xticks(list(x), [DISPLAY[m] for m in timed])
-            ax.set(ylabel="ms (median)", title=f"Inference latency, batch {int(batch):,}")
-            ax.set_ylim(0, 1.3 * ax.get_ylim()[1])  # headroom: the legend above the tallest bar
-            ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, facecolor="white", edgecolor="black", hatch=h)
-                               for h in (None, "//")], labels=["as trained (unmerged)", "merged"])
-        fig.suptitle(f"Test accuracy, memory, file size and latency; fine-tuned on {task} "
-                     f"({results['environment']['device_name']})")
-        save(fig, PLOT_FILES[4])
-
-    sweep = rank_sweep(results)
-    if sweep:
-        fig, ax = plt.subplots(figsize=(7.5, 5))
-        for i, (method, points) in enumerate(sweep.items()):
-            # LoRA and QLoRA train the same parameters, so their points share an x: told apart by marker
-            ax.errorbar([p["trainable_params"] for p in points], [p["test_acc"]["mean"] for p in points],
-                        yerr=[ci_half(p["test_acc"]) for p in points], marker="os^"[i % 3], mfc="none", capsize=3,
-                        color=COLORS[method], label=DISPLAY[method])
-        for p in next(iter(sweep.values())):  # the ranks, once, along the bottom
-            ax.annotate(f"r={p['rank']}", (p["trainable_params"], 0), xycoords=("data", "axes fraction"),
-                        xytext=(0, 4), textcoords="offset points", ha="center", fontsize=8, color="dimgray")
-        if summary.get("full", {}).get("status") == "ok":
-            full = summary["full"]
-            ax.errorbar([full["trainable_params"]], [full["test_acc"]["mean"]], yerr=[ci_half(full["test_acc"])],
-                        marker="*", ms=12, capsize=3, ls="none", color=COLORS["full"], label=DISPLAY["full"])
-        reference = "base_on_task" if "base_on_task" in summary else "base"
-        if summary.get(reference, {}).get("status") == "ok":
-            before = summary[reference]["test_acc"]["mean"]
-            lowest = min(p["test_acc"]["mean"] for points in sweep.values() for p in points)
-            if before > lowest - 2:
-                ax.axhline(before, ls="--", color="gray", label=f"Base, not fine-tuned ({before:.2f} %)")
-            else:  # far below every point (a shifted task): a line would squash the sweep, the legend says it
-                ax.plot([], [], ls="none", label=f"Base, not fine-tuned: {before:.2f} %")
-        ax.set_xscale("log")
-        ax.set(xlabel="trainable parameters (log scale)", ylabel="test accuracy (%)",
-               title=f"Accuracy vs trainable parameters on {task} "
-                     f"({f'mean of {n_seeds} seeds, 95 % CI' if n_seeds > 1 else '1 seed'})")
-        ax.grid(alpha=0.3, which="both")
-        ax.legend()
-        save(fig, SWEEP_PLOT)
+        try:
+            fig.tight_layout()
+            write_atomic(Path(out_dir) / name, fig)
+        finally:
+            plt.close(fig)
+        written.append(name)
     return written
+
+
+ACC_MIN_SPAN = 1.0  # points: a curve's accuracy axis is at least this tall, so 2 images in 5,000 look small
+
+
+def style_axes(ax, epochs=True):
+    from matplotlib.ticker import FormatStrFormatter, MaxNLocator
+    if epochs:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # whole epochs, even just one
+    if "accuracy" in ax.get_ylabel():
+        low, high = ax.get_ylim()
+        if high - low < ACC_MIN_SPAN:
+            middle = min(100 - ACC_MIN_SPAN / 2, (low + high) / 2)
+            ax.set_ylim(middle - ACC_MIN_SPAN / 2, middle + ACC_MIN_SPAN / 2)
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%.1f" if ax.get_ylim()[1] - ax.get_ylim()[0] > 2 else "%.2f"))
+
+
+def draw_curve(ax, view, method, key, **style):
+    epochs, mean, std = mean_curve(ok_runs(view["runs"], method), key)
+    line, = ax.plot(epochs, mean, **style)
+    if view["n_seeds"] > 1:
+        ax.fill_between(epochs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                        color=line.get_color(), alpha=0.2, lw=0)
+
+
+def plot_curves(plt, view, key):
+    """Training loss or validation accuracy per epoch, every method on one axis."""
+    ylabel, title = {"train_loss": ("training loss (cross-entropy, log scale)", "Training loss per epoch"),
+                     "val_acc": ("validation accuracy (%)", "Validation accuracy per epoch")}[key]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method in view["trained"]:
+        draw_curve(ax, view, method, key, marker="o", color=COLORS[method], label=label(method, view["task"]))
+    if key == "train_loss":
+        ax.set_yscale("log")
+    where = "on MNIST too" if view["task"] == "mnist" else f"on {view['task']}"
+    ax.set(xlabel="epoch (of each method's own run)", ylabel=ylabel,
+           title=f"{view['quick']}{title} ({view['spread']})\nBase from scratch on MNIST; the others from it, {where}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    style_axes(ax)
+    return fig
+
+
+def plot_loss_and_accuracy(plt, view, method):
+    """One method's losses (left axis, red) and validation accuracy (right axis, blue) per epoch."""
+    if method not in view["trained"]:
+        return None
+    loss_color, acc_color = "tab:red", "tab:blue"
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    draw_curve(ax, view, method, "train_loss", marker="o", color=loss_color, label="training loss")
+    draw_curve(ax, view, method, "val_loss", marker="s", ls="--", color=loss_color, label="validation loss")
+    ax.set(xlabel="epoch", title=f"{view['quick']}{label(method, view['task'])}: loss and validation accuracy "
+                                 f"({view['spread']})")
+    ax.set_ylabel("cross-entropy loss", color=loss_color)
+    ax.tick_params(axis="y", colors=loss_color)
+    ax2 = ax.twinx()
+    draw_curve(ax2, view, method, "val_acc", marker="^", color=acc_color, label="validation accuracy")
+    ax2.set_ylabel("validation accuracy (%)", color=acc_color)
+    ax2.tick_params(axis="y", colors=acc_color)
+    handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+    ax.legend(handles, [h.get_label() for h in handles], loc="center right")
+    ax.grid(alpha=0.3)
+    style_axes(ax)
+    style_axes(ax2)
+    return fig
+
+
+def plot_comparison(plt, view):
+    """Test accuracy (points with 95 % CIs on a zoomed axis), training memory, file size and latency."""
+    summary, trained, results = view["summary"], view["trained"], view["results"]
+    cuda = all(summary[m]["cuda_peak_bytes"] is not None for m in trained)
+    fig = plt.figure(figsize=(15, 9))
+    grid = fig.add_gridspec(2, 3)
+    ax_acc = fig.add_subplot(grid[0, 0] if cuda else grid[0, :2])
+    ax_state = fig.add_subplot(grid[0, 1] if cuda else grid[0, 2])
+    names, colors = [DISPLAY[m] for m in trained], [COLORS[m] for m in trained]
+
+    x = range(len(trained))
+    for i, method in enumerate(trained):
+        stats = summary[method]["test_acc"]
+        ax_acc.errorbar([i], [stats["mean"]], yerr=None if stats["ci95"] is None else [[ci_half(stats)]],
+                        fmt="o", ms=8, capsize=6, color=COLORS[method])
+        ax_acc.annotate(f"{stats['mean']:.2f}", (i, stats["mean"]), xytext=(10, -4), textcoords="offset points")
+    ax_acc.set_xticks(list(x), [label(m, view["task"]).replace(" (", "\n(") for m in trained])
+    ax_acc.set_xlim(-0.5, len(trained) - 0.3)
+    before = ("" if "base_on_task" not in summary else
+              f"; {label('base_on_task', view['task'])}: {fmt_stat(summary['base_on_task']['test_acc'])} %")
+    whiskers = f"mean of {view['n_seeds']} seeds, whiskers: 95 % CI" if view["n_seeds"] > 1 else "1 seed, no interval"
+    ax_acc.set(ylabel="test accuracy (%), axis zoomed",
+               title=f"Test accuracy ({results['config']['test_size']:,} images; {whiskers}){before}\n"
+                     f"zoomed axis: it does not start at 0")
+    ax_acc.grid(alpha=0.3, axis="y")
+    style_axes(ax_acc, epochs=False)
+
+    bottom = [0.0] * len(trained)
+    for key, what, hatch in (("weight_bytes", "weights as stored", None), ("grad_bytes", "gradients", "//"),
+                             ("optimizer_bytes", "Adam state", "..")):
+        mib = [summary[m][key] / 2**20 for m in trained]
+        ax_state.bar(names, mib, bottom=bottom, color=colors, hatch=hatch, edgecolor="black", alpha=0.8, label=what)
+        bottom = [b + v for b, v in zip(bottom, mib)]
+    ax_state.set(ylabel="MiB", title="Training state: weights + gradients + Adam\n(byte accounting)")
+    ax_state.legend()
+    if cuda:
+        ax_peak = fig.add_subplot(grid[0, 2])
+        peaks = [summary[m]["cuda_peak_bytes"] for m in trained]
+        ax_peak.bar_label(ax_peak.bar(names, [p["mean"] / 2**20 for p in peaks], color=colors,
+                                      yerr=[(p["std"] or 0) / 2**20 for p in peaks] if view["n_seeds"] > 1 else None),
+                          fmt="%.1f")
+        ax_peak.set(ylabel="MiB", title="CUDA peak allocated during training\n(above the shared dataset and base model)")
+
+    ax_file = fig.add_subplot(grid[1, 0])
+    ax_file.bar_label(ax_file.bar(names, [summary[m]["file_bytes"] / 2**10 for m in trained], color=colors), fmt="%.0f")
+    ax_file.set(ylabel="KiB", title="Saved file: full model (Base, Full FT) vs adapter only")
+    timed = {m: results["inference"][m] for m in trained if m in results.get("inference", {})}
+    for column, batch in ((1, "1"), (2, "1000")):
+        plot_latency(plt, fig.add_subplot(grid[1, column]), timed, batch)
+    fig.suptitle(f"{view['quick']}Test accuracy, memory, file size and latency; fine-tuned on {view['task']} "
+                 f"({results['environment']['device_name']})")
+    return fig
+
+
+def plot_latency(plt, ax, timed, batch):
+    """Median forward time per method, as trained and merged (one bar where there is no adapter), with the
+    range over the measurement rounds as whiskers, so noise is seen as noise."""
+    ranged = all("latency_range_ms" in t for t in timed.values())
+    for i, (method, t) in enumerate(timed.items()):
+        kinds = [k for k in ("plain", "unmerged", "merged") if k in t["latency_ms"]]
+        if method in PLAIN_FILES:  # results written before Base/Full FT were timed once: one network, one bar
+            kinds = kinds[-1:]
+        for kind in kinds:
+            offset, width = {"plain": (0, 0.5), "unmerged": (-0.2, 0.4), "merged": (0.2, 0.4)}[kind]
+            ms = t["latency_ms"][kind][batch]
+            low, high = t["latency_range_ms"][kind][batch] if ranged else (ms, ms)
+            ax.bar(i + offset, ms, width=width, color=COLORS[method], hatch="//" if kind == "merged" else None,
+                   edgecolor="black", yerr=[[ms - low], [high - ms]] if ranged else None, capsize=3)
+            ax.annotate(f"{ms:.2f}" if batch == "1" else f"{ms:.0f}", (i + offset, high), xytext=(0, 3),
+                        textcoords="offset points", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(timed)), [DISPLAY[m] for m in timed])
+    spread = "whiskers: range over rounds" if ranged else "spread not recorded in this run"
+    ax.set(ylabel="ms", title=f"Inference latency, batch {int(batch):,}\n(median; {spread})")
+    ax.set_ylim(0, 1.35 * ax.get_ylim()[1])  # headroom: the legend above the tallest bar
+    ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, facecolor="white", edgecolor="black", hatch=h) for h in (None, "//")],
+              labels=["as trained (Base, Full FT: no adapter)", "merged"], fontsize=8)
+
+
+def plot_rank_sweep(plt, view):
+    """Test accuracy against trainable parameters, one line per adapter method across the swept ranks."""
+    sweep, summary, n_seeds = rank_sweep(view["results"]), view["summary"], view["n_seeds"]
+    if not sweep:
+        return None
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for i, (method, points) in enumerate(sweep.items()):
+        # LoRA and QLoRA train the same parameters, so their points share an x: told apart by marker
+        ax.errorbar([p["trainable_params"] for p in points], [p["test_acc"]["mean"] for p in points],
+                    yerr=[ci_half(p["test_acc"]) for p in points] if n_seeds > 1 else None, marker="os^"[i % 3],
+                    mfc="none", capsize=3, color=COLORS[method], label=DISPLAY[method])
+    for p in next(iter(sweep.values())):  # the ranks, once, along the bottom
+        ax.annotate(f"r={p['rank']}", (p["trainable_params"], 0), xycoords=("data", "axes fraction"),
+                    xytext=(0, 4), textcoords="offset points", ha="center", fontsize=8, color="dimgray")
+    if summary.get("full", {}).get("status") == "ok":
+        full = summary["full"]
+        ax.errorbar([full["trainable_params"]], [full["test_acc"]["mean"]],
+                    yerr=[ci_half(full["test_acc"])] if n_seeds > 1 else None,
+                    marker="*", ms=12, capsize=3, ls="none", color=COLORS["full"], label=DISPLAY["full"])
+    reference = "base_on_task" if "base_on_task" in summary else "base"
+    if summary.get(reference, {}).get("status") == "ok":
+        before = summary[reference]["test_acc"]["mean"]
+        lowest = min(p["test_acc"]["mean"] for points in sweep.values() for p in points)
+        if before > lowest - 2:
+            ax.axhline(before, ls="--", color="gray", label=f"Base, not fine-tuned ({before:.2f} %)")
+        else:  # far below every point (a shifted task): a line would squash the sweep, the legend says it
+            ax.plot([], [], ls="none", label=f"Base, not fine-tuned: {before:.2f} %")
+    ax.set_xscale("log")
+    ax.set(xlabel="trainable parameters (log scale)", ylabel="test accuracy (%), axis zoomed",
+           title=f"{view['quick']}Accuracy vs trainable parameters on {view['task']} "
+                 f"({f'mean of {n_seeds} seeds, 95 % CI' if n_seeds > 1 else '1 seed'})")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    style_axes(ax, epochs=False)
+    return fig
 
 
 class WriteError(RuntimeError):
@@ -1143,27 +1249,72 @@ def rank_sweep_table(results):
     return "\n".join(rows)
 
 
+def text_table(header, rows, align):
+    """Rows padded into columns (align: '<' or '>' per column), for a terminal."""
+    widths = [max(len(str(row[i])) for row in [header] + rows) for i in range(len(header))]
+    return "\n".join("  ".join(f"{str(cell):{a}{w}}" for cell, a, w in zip(row, align, widths)).rstrip()
+                     for row in [header] + rows)
+
+
+def console_table(results):
+    """The comparison in under 100 columns, with what its notation means; results.md has every column."""
+    summary, task = summarize(results), results["config"]["task"]
+    n_seeds = max((row["test_acc"]["n"] for row in summary.values() if row["status"] == "ok"), default=1)
+    rows, notes = [], []
+    for method, row in summary.items():
+        name = label(method, task).replace("not fine-tuned", "before FT")
+        if row["status"] != "ok":
+            rows.append([name, row["status"], "", "", ""])
+            continue
+        vs = row.get("vs", {}).get("full")
+        rows.append([name, fmt_stat(row["test_acc"]), fmt_ci(vs, signed=True) if vs else "-",
+                     f"{row['trainable_params']:,}" if "trainable_params" in row else "-",
+                     fmt_stat(row["train_time_s"], "{:.1f}") if "train_time_s" in row else "-"])
+        notes += [f"{DISPLAY.get(method, method)}: {reason}" for reason in row["failed"]]
+    header = ["method", "test acc (%)", "vs Full FT (points)", "trainable", "train time (s)"]
+    spread = (f"mean ± std over {n_seeds} seeds; vs Full FT: the paired difference, seed by seed, with its 95 % "
+              f"CI\n(an interval holding 0 is within seed noise)" if n_seeds > 1 else
+              "one seed: single values, no spread; vs Full FT: the difference in points")
+    quick = "QUICK RUN: a smoke test on a subset, not results\n" if results["config"].get("quick") else ""
+    lines = [quick + text_table(header, rows, "<>>>>"), spread]
+    inference = results.get("inference", {})
+    timed = [[DISPLAY[m], f"{summary[m]['file_bytes'] / 2**10:.1f}", latency_cell(t, "1"), latency_cell(t, "1000")]
+             for m, t in inference.items() if m in summary and summary[m]["status"] == "ok"]
+    if timed:
+        lines += ["", text_table(["method", "file (KiB)", "batch 1 (ms)", "batch 1,000 (ms)"], timed, "<>>>"),
+                  "latency: as trained / merged, median of the rounds; file: the full model, or the adapter only"]
+    sweep = rank_sweep(results)
+    if sweep:
+        lines += ["", text_table(["method", "rank", "trainable", "test acc (%)"],
+                                 [[DISPLAY[m], p["rank"], f"{p['trainable_params']:,}", fmt_stat(p["test_acc"])]
+                                  for m, points in sweep.items() for p in points], "<>>>")]
+    return "\n".join(lines + [f"failed or skipped: {n}" for n in notes])
+
+
 def save_results(results, out_dir):
-    """results.json (every run, the summary, the sweep) and results.md (the tables)."""
+    """results.json (every run, the summary, the sweep) and results.md (the tables, with their notation)."""
     results["summary"], results["rank_sweep"] = summarize(results), rank_sweep(results)
     write_atomic(Path(out_dir) / "results.json", json.dumps(results, indent=2))
-    env, config = results["environment"], results["config"]
-    seeds = results["seeds"]
+    env, config, seeds = results["environment"], results["config"], results["seeds"]
     sweep = (f"Rank sweep (the adapter methods at each rank; {len(seeds)} seed(s)):\n\n{rank_sweep_table(results)}\n\n"
              if results["rank_sweep"] else "")
+    quick = (f"**QUICK RUN: a smoke test ({config['train_size']:,} training images, at most {QUICK_MAX_EPOCHS} "
+             f"epochs per method), not results.**\n\n" if config.get("quick") else "")
+    spread = (f"Seeds: {', '.join(map(str, seeds))}: mean ± std over the seeds; 95 % CI: Student's t." if len(seeds) > 1
+              else f"One seed ({seeds[0]}): single values, so no spread and no interval.")
     write_atomic(Path(out_dir) / "results.md",
-                 f"# Results\n\nDevice: {env['device_name']}; torch {env['torch']}, bitsandbytes "
+                 f"# Results\n\n{quick}Device: {env['device_name']}; torch {env['torch']}, bitsandbytes "
                  f"{env['bitsandbytes']}; {env['date']}. Fine-tuning task: {config['task']} ({TASKS[config['task']]}). "
-                 f"Seeds: {', '.join(map(str, seeds))} (mean ± std over seeds; 95 % CI: Student's t).\n\n"
-                 f"{results_table(results)}\n\n"
+                 f"{spread}\n\n{results_table(results)}\n\n"
                  f"After training (Base, Full FT: the full model file; adapters: the adapter-only file; latency of "
-                 f"seed {seeds[0]}'s models):\n\n{inference_table(results)}\n\n{sweep}"
+                 f"seed {seeds[0]}'s models, median over interleaved rounds):\n\n{inference_table(results)}\n\n{sweep}"
                  "vs Full FT = the method's test accuracy minus full fine-tuning's, seed by seed (same base, data "
                  "order and init within a seed), with the 95 % CI of that mean difference: an interval that "
-                 "contains 0 means the difference is within seed noise. train state = weights as stored + gradients "
-                 "+ Adam state (byte accounting). CUDA peak = torch.cuda.max_memory_allocated during training minus "
-                 "the memory held before the method's model was built (dataset and base model), plus that model's "
-                 "own weights.\n")
+                 "contains 0 means the difference is within seed noise. epochs (best) = the epochs each seed ran, "
+                 "separated by /, and in brackets the epoch whose weights were kept (lowest validation loss). "
+                 "train state = weights as stored + gradients + Adam state (byte accounting). CUDA peak = "
+                 "torch.cuda.max_memory_allocated during training minus the memory held before the method's model "
+                 "was built (dataset and base model), plus that model's own weights.\n")
 
 
 # =====================================================================================================
@@ -1196,7 +1347,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=SEED, help="first seed (init, data order); fixes the validation split")
     p.add_argument("--resume", action="store_true",
                    help="keep the runs already finished in out-dir/results.json (same hyperparameters) "
-                        "whose saved models are there; run the rest")
+                        "whose saved models are there and intact; run the rest")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the results an earlier run left in out-dir (without it, such a folder is refused)")
     p.add_argument("--quick", action="store_true",
                    help=f"smoke run: {QUICK_TRAIN_SIZE} training / {QUICK_VAL_SIZE} validation images, "
                         f"at most {QUICK_MAX_EPOCHS} epochs per method")
@@ -1204,6 +1357,9 @@ def parse_args(argv=None):
     args.methods = list(dict.fromkeys(m.strip().lower() for m in args.methods.split(",") if m.strip()))
     args.task = args.task.strip().lower()
     return args
+
+
+MAX_SEED = 2**32 - 1  # seeds feed torch generators and epoch_order's arithmetic: kept well inside int64
 
 
 def seeds_of(args):
@@ -1224,10 +1380,14 @@ def check_args(args):
     for name, low in (("epochs", 1), ("finetune_epochs", 1), ("batch_size", 1), ("patience", 0), ("seeds", 1)):
         if getattr(args, name) < low:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least {low} (got {getattr(args, name)})")
-    if not args.lr > 0:
-        raise ConfigError(f"--lr must be positive (got {args.lr})")
-    if not args.alpha > 0:
-        raise ConfigError(f"--alpha must be positive (got {args.alpha})")
+    for name in ("lr", "alpha"):
+        if not (math.isfinite(getattr(args, name)) and getattr(args, name) > 0):
+            raise ConfigError(f"--{name} must be a positive number (got {getattr(args, name)})")
+    if not 0 <= args.seed <= MAX_SEED - args.seeds + 1:
+        raise ConfigError(f"--seed must be between 0 and {MAX_SEED - args.seeds + 1} with --seeds {args.seeds} "
+                          f"(got {args.seed})")
+    if args.resume and args.overwrite:
+        raise ConfigError("--resume keeps an earlier run's results and --overwrite replaces them: choose one")
     if not 0 <= args.dropout < 1:
         raise ConfigError(f"--dropout must be in [0, 1) (got {args.dropout})")
     if isinstance(args.ranks, str):
@@ -1251,12 +1411,6 @@ def check_args(args):
         probe.unlink()
     except OSError as e:
         raise ConfigError(f"cannot write to --out-dir {out} ({e.strerror or e})") from None
-    adapters = [m for m in args.methods if m != "base"]  # everything that fine-tunes the base
-    missing = [s for s in seeds_of(args) if not saved_model_file(out, "base", s).is_file()]
-    if adapters and "base" not in args.methods and missing:
-        raise ConfigError(f"{', '.join(adapters)} fine-tune a trained base model: add base to --methods, or keep "
-                          f"the base models a previous run saved in {out} (missing for seed(s) "
-                          f"{', '.join(map(str, missing))})")
 
 
 def plan_runs(args):
@@ -1266,29 +1420,134 @@ def plan_runs(args):
                    for r in args.ranks if r != args.rank]
 
 
-def previous_results(out, config, plan):
-    """{(method, seed, rank): result} of the planned runs an earlier run into `out` finished with the same
-    hyperparameters ({} if none).
+def file_digest(path):
+    """SHA-256 of a saved model: a file, or an adapter folder (every file in it, by name)."""
+    digest = hashlib.sha256()
+    for file in sorted(Path(path).iterdir()) if Path(path).is_dir() else [Path(path)]:
+        digest.update(file.name.encode() + b"\0" + file.read_bytes())
+    return digest.hexdigest()
 
-    A result counts only together with the file its model was saved to. A seed whose base is trained again
-    loses the runs that fine-tuned the old one.
+
+def saved_model_problem(out, run):
+    """Why a finished run's saved model cannot be trusted (missing, damaged, another run's), or None."""
+    path = saved_model_file(out, run["method"], run["seed"], run["rank"])
+    if not path.exists():
+        return f"its saved model {path} is missing"
+    try:
+        if run.get("file_sha256") != file_digest(path):
+            return f"{path} is damaged or was written by another run (its checksum is not the one recorded)"
+    except OSError as e:
+        return f"{path} cannot be read ({e.strerror or e})"
+    return None
+
+
+RUN_NUMBERS = ("test_acc", "test_loss", "train_time_s", "epochs_run", "best_epoch", "trainable_params", "total_params",
+               "weight_bytes", "grad_bytes", "optimizer_bytes", "train_state_bytes", "file_bytes",
+               "full_model_file_bytes")
+
+
+def check_results_file(results):
+    """ValueError unless `results` has the shape save_results writes, down to every finished run's numbers
+    and curves: --resume carries those runs into the new results unseen."""
+    if not isinstance(results, dict) or not isinstance(results.get("config"), dict):
+        raise ValueError("no config")
+    runs = results.get("runs"), results.get("other_runs", [])
+    if not all(isinstance(r, list) for r in runs):
+        raise ValueError("runs is not a list")
+    for run in runs[0] + runs[1]:
+        if not (isinstance(run, dict) and run.get("method") in ALL_METHODS and type(run.get("seed")) is int
+                and (run.get("rank") is None or type(run.get("rank")) is int) and isinstance(run.get("status"), str)):
+            raise ValueError(f"a run without method, seed, rank and status: {str(run)[:60]}")
+        if run["status"] != "ok":
+            continue
+        history = run.get("history")
+        if not (all(isinstance(run.get(k), (int, float)) for k in RUN_NUMBERS) and isinstance(history, dict)
+                and all(isinstance(history.get(k), list) and all(isinstance(v, (int, float)) for v in history[k])
+                        for k in ("train_loss", "val_loss", "val_acc"))):
+            raise ValueError(f"the {run['method']} run of seed {run['seed']} lacks its numbers or curves")
+
+
+def previous_results(out, config, plan, log=print):
+    """(kept, others): the runs an earlier run into `out` finished with the same hyperparameters, whose saved
+    models are intact: kept = {(method, seed, rank): result} of the planned ones, others = the rest, carried
+    along so that a --resume with fewer methods, seeds or ranks never drops them.
+
+    A run counts only with its saved model, unchanged since it was recorded (a checksum), and with the base
+    it fine-tuned: a seed whose base is missing, damaged or trained again loses its other runs.
     """
     path = Path(out) / "results.json"
-    if not path.is_file():
-        return {}
+    if not path.exists():
+        return {}, []
     try:
         earlier = json.loads(path.read_text())
-        earlier_config, runs = earlier["config"], earlier["runs"]
-        done = {(r["method"], r["seed"], r["rank"]): r for r in runs
-                if r.get("status") == "ok" and saved_model_file(out, r["method"], r["seed"], r["rank"]).is_file()}
-    except (ValueError, KeyError, TypeError):
-        raise ConfigError(f"{path} is not a results file of this script; move it away or drop --resume") from None
-    if earlier_config != config:
-        changed = sorted(k for k in set(config) | set(earlier_config) if config.get(k) != earlier_config.get(k))
+        check_results_file(earlier)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path} is not a results file of this script ({getattr(e, 'strerror', None) or e}): "
+                          f"move it away, or drop --resume") from None
+    if earlier["config"] != config:
+        changed = sorted(k for k in set(config) | set(earlier["config"]) if config.get(k) != earlier["config"].get(k))
         raise ConfigError(f"{path} was written with other settings ({', '.join(changed)} differ), so its results "
                           f"would not be comparable: use another --out-dir, the same settings, or drop --resume")
-    retrained = {seed for method, seed, rank in plan if method == "base" and (method, seed, rank) not in done}
-    return {key: r for key, r in done.items() if key in plan and key[1] not in retrained}
+    trusted = {}
+    for run in earlier["runs"] + earlier.get("other_runs", []):
+        if run["status"] != "ok":
+            continue
+        problem = saved_model_problem(out, run)
+        if problem:
+            log(f"{DISPLAY[run['method']]} (seed {run['seed']}): {problem}; not kept, it is trained again if planned.")
+        else:
+            trusted[run["method"], run["seed"], run["rank"]] = run
+    trusted = {key: r for key, r in trusted.items() if ("base", key[1], None) in trusted}
+    return {k: r for k, r in trusted.items() if k in plan}, [r for k, r in trusted.items() if k not in plan]
+
+
+def check_bases(args, plan, kept, others):
+    """Every seed fine-tuned here has a base: trained in this run, or kept from the earlier one (--resume)."""
+    have = {seed for method, seed, _ in plan if method == "base"} | {seed for (m, seed, _) in kept if m == "base"}
+    have |= {r["seed"] for r in others if r["method"] == "base"}
+    missing = sorted({seed for method, seed, _ in plan if method != "base"} - have)
+    if missing:
+        adapters = ", ".join(m for m in args.methods if m != "base")
+        raise ConfigError(f"{adapters} fine-tune a trained base model: add base to --methods, or --resume in an "
+                          f"out-dir whose results.json holds an intact base of seed(s) {', '.join(map(str, missing))}")
+
+
+def lock_out_dir(out):
+    """Hold an exclusive lock on out/.lock while this run writes there (the system drops it when the process
+    ends, even by kill -9), so two runs never mix their files; ConfigError naming the other run otherwise."""
+    try:
+        import fcntl
+    except ImportError:  # not on Windows: no lock there
+        return None
+    handle = open(out / ".lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        other = handle.read().strip() or "unknown"
+        handle.close()
+        raise ConfigError(f"another run (process {other}) is writing to {out}: wait for it to finish, or use "
+                          f"another --out-dir") from None
+    handle.truncate(0)
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+def prepare_out_dir(out, args):
+    """Refuse an out-dir holding an earlier run's results unless --resume (continue it) or --overwrite
+    (replace it: its results, plots and saved models are removed first)."""
+    earlier = sorted(p.name for p in out.iterdir() if p.name == "results.json" or p.name.startswith("seed"))
+    if not earlier or args.resume:
+        return
+    if not args.overwrite:
+        raise ConfigError(f"{out} already holds an earlier run's results ({', '.join(earlier[:3])}): add --resume "
+                          f"to continue it, --overwrite to replace it, or choose another --out-dir")
+    for p in out.iterdir():
+        if p.name.startswith("seed") and p.is_dir():
+            shutil.rmtree(p)
+        elif p.name in ("results.json", "results.md", SWEEP_PLOT) + PLOT_FILES:
+            p.unlink()
 
 
 def saved_model_file(out_dir, method, seed, rank=None):
@@ -1309,9 +1568,10 @@ def cpu_model():
 def environment(device):
     try:
         from importlib.metadata import version
+        import_bitsandbytes()
         bnb = version("bitsandbytes")
-    except Exception:
-        bnb = "not installed"
+    except Exception as e:  # not installed, or installed but unusable: say so, not the version on disk
+        bnb = "not usable" if isinstance(e, BitsAndBytesUnavailable) else "not installed"
     name = (torch.cuda.get_device_name(device) if device.type == "cuda"
             else f"CPU: {cpu_model()}, {torch.get_num_threads()} threads")
     return {"device": device.type, "device_name": name, "torch": torch.__version__, "bitsandbytes": bnb,
@@ -1342,9 +1602,10 @@ def run_method(method, seed, rank, base_model, splits, args, device):
     if method in PLAIN_FILES:  # saved at once: the base is what adapter-only runs and --resume start from
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, model.state_dict())
+        result["file_bytes"] = path.stat().st_size
     else:
-        path = save_adapter(model, method, rank, args, path) / ADAPTER_WEIGHTS
-    result["file_bytes"] = path.stat().st_size
+        result["file_bytes"] = (save_adapter(model, method, rank, args, path) / ADAPTER_WEIGHTS).stat().st_size
+    result["file_sha256"] = file_digest(path)  # --resume trusts the saved model only while this matches
     result["full_model_file_bytes"] = saved_model_file(args.out_dir, "base", seed).stat().st_size
     return result, model
 
@@ -1370,88 +1631,104 @@ def report_method(r):
         print(f"On the fine-tuning task, before any fine-tuning: {r['task_test_acc']:.2f}% test accuracy")
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def divergence_advice(method, rank, args):
+    """What to change after a divergence: the learning rate, and alpha too when it was raised for an adapter."""
+    advice = f"lower --lr (now {args.lr:g})"
+    if method in ADAPTERS and args.alpha > ALPHA:
+        advice += f" or --alpha (now {args.alpha:g}: every update is scaled by alpha/r = {args.alpha / rank:g})"
+    return advice
+
+
+def attempt(method, seed, rank, base_model, splits, args, device, name):
+    """(result, model) of one run; a run that cannot finish is recorded with its reason, and the others go on."""
     try:
-        check_args(args)
-        device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-                              else "cpu")
-        data = load_mnist(args.data_dir)
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    out = Path(args.out_dir)
+        result, model = run_method(method, seed, rank, base_model, splits, args, device)
+        report_method(result)
+        return result, model
+    except BitsAndBytesUnavailable as e:
+        print(f"{name} skipped: {e}")
+        return {"status": "skipped", "reason": str(e)}, None
+    except Diverged as e:
+        print(f"{name} failed: {e}; {divergence_advice(method, rank, args)}. Going on with the other methods.")
+        return {"status": "failed", "reason": str(e)}, None
+    except torch.cuda.OutOfMemoryError:
+        print(f"{name} ran out of CUDA memory: try a smaller --batch-size.")
+        return {"status": "failed", "reason": "CUDA out of memory"}, None
+
+
+def run_plan(plan, kept, results, splits, args, device, stage):
+    """Every planned run in order, results.json rewritten after each. False when a base failed (nothing to
+    fine-tune); `stage` names the run in progress, for the message after an interruption."""
+    out, base_models = Path(args.out_dir), {}  # base_models: each seed's trained base, which the others copy
+    for method, seed, rank in plan:
+        which = run_suffix(seed, rank, args)  # "" for one seed at the main rank
+        stage["now"] = name = DISPLAY[method] + which
+        if (method, seed, rank) in kept:
+            results["runs"].append(kept[method, seed, rank])
+            print(f"{name}: finished in a previous run (results.json), kept.")
+            continue
+        if method != "base" and seed not in base_models:
+            base_models[seed] = load_plain(saved_model_file(out, "base", seed), device)
+        print(f"Training the base model{which}..." if method == "base"
+              else f"Fine-tuning every parameter of the base model (Full FT){which}..." if method == "full"
+              else f"Fine-tuning the base model with {name}...")
+        result, model = attempt(method, seed, rank, base_models.get(seed), splits, args, device, name)
+        results["runs"].append({"method": method, "seed": seed, "rank": rank, **result})
+        save_results(results, out)  # after every run: nothing finished is lost
+        if method == "base" and model is None:
+            print(f"error: the base model of seed {seed} failed, so there is nothing to fine-tune.", file=sys.stderr)
+            return False
+        if method == "base":
+            base_models[seed] = model
+        print("-------------------------------------")
+    return True
+
+
+def run_experiment(args, stage):
+    """Load the data, resume what an earlier run finished, run the rest, measure, write and report."""
+    out, plan = Path(args.out_dir), plan_runs(args)
+    prepare_out_dir(out, args)
+    if not args.resume:
+        check_bases(args, plan, {}, [])  # before loading anything; with --resume, once results.json is read
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    data = load_mnist(args.data_dir)
     sizes = dict(val_size=QUICK_VAL_SIZE if args.quick else VAL_SIZE, seed=args.seed,
                  train_size=QUICK_TRAIN_SIZE if args.quick else None)
     splits = {task: make_splits(data, device, task, **sizes) for task in dict.fromkeys(("mnist", args.task))}
     config = {k: v for k, v in vars(args).items()
-              if k not in ("data_dir", "out_dir", "device", "methods", "resume", "seeds", "ranks")}
+              if k not in ("data_dir", "out_dir", "device", "methods", "resume", "overwrite", "seeds", "ranks")}
     config.update(quant_blocksize=QUANT_BLOCKSIZE, val_size=len(splits["mnist"]["val"][1]),
                   train_size=len(splits["mnist"]["train"][1]), test_size=len(splits["mnist"]["test"][1]))
-    plan = plan_runs(args)
+    kept, others = previous_results(out, config, plan) if args.resume else ({}, [])
+    check_bases(args, plan, kept, others)
     results = {"config": config, "environment": environment(device), "methods": args.methods,
-               "seeds": seeds_of(args), "ranks": args.ranks, "runs": []}
+               "seeds": seeds_of(args), "ranks": args.ranks, "runs": [], "other_runs": others}
+    print(f"{'QUICK RUN (a smoke test, not results). ' if args.quick else ''}Device: "
+          f"{results['environment']['device_name']}\n{config['train_size']:,} training, {config['val_size']:,} "
+          f"validation, {config['test_size']:,} test images; fine-tuning on {args.task}; {len(plan)} runs "
+          f"({args.seeds} seed(s){f', ranks {args.ranks}' if args.ranks else ''})\nWriting to {out}/")
     try:
-        previous = previous_results(out, config, plan) if args.resume else {}
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"Device: {results['environment']['device_name']}; {config['train_size']:,} training, "
-          f"{config['val_size']:,} validation, {config['test_size']:,} test images; fine-tuning on {args.task}; "
-          f"{len(plan)} runs ({args.seeds} seed(s){f', ranks {args.ranks}' if args.ranks else ''})")
-
-    sigterm_handler = signal.signal(signal.SIGTERM, signal.default_int_handler)  # like Ctrl-C: results kept
-    base_models, current = {}, None  # base_models: the trained base of each seed, which the others copy
-    try:
-        for method, seed, rank in plan:
-            which = run_suffix(seed, rank, args)  # "" for one seed at the main rank
-            current = name = DISPLAY[method] + which
-            if (method, seed, rank) in previous:
-                results["runs"].append(previous[method, seed, rank])
-                print(f"{name}: finished in a previous run (results.json), kept.")
-                continue
-            if method != "base" and seed not in base_models:
-                base_models[seed] = load_plain(saved_model_file(out, "base", seed), device)
-            print(f"Training the base model{which}..." if method == "base"
-                  else f"Fine-tuning every parameter of the base model (Full FT){which}..." if method == "full"
-                  else f"Fine-tuning the base model with {name}...")
-            try:
-                result, model = run_method(method, seed, rank, base_models.get(seed), splits, args, device)
-                report_method(result)
-            except BitsAndBytesUnavailable as e:
-                result = {"status": "skipped", "reason": str(e)}
-                print(f"{name} skipped: {e}")
-            except Diverged as e:
-                result = {"status": "failed", "reason": str(e)}
-                print(f"{name} failed: {e}; lower --lr. Going on with the other methods.")
-            except torch.cuda.OutOfMemoryError:
-                result = {"status": "failed", "reason": "CUDA out of memory"}
-                print(f"{name} ran out of CUDA memory: try a smaller --batch-size.")
-            results["runs"].append({"method": method, "seed": seed, "rank": rank, **result})
-            if method == "base" and result["status"] == "ok":
-                base_models[seed] = model
-            elif method == "base":
-                print(f"error: the base model of seed {seed} failed, so there is nothing to fine-tune.", file=sys.stderr)
-                save_results(results, out)
-                return 1
-            save_results(results, out)  # after every run: nothing finished is lost
-            print("-------------------------------------")
-        current = "the latency measurement"
-        if any(r["status"] == "ok" for r in main_runs(results)):
+        ok = run_plan(plan, kept, results, splits, args, device, stage)
+        if ok and any(r["status"] == "ok" for r in main_runs(results)):
+            stage["now"] = "the latency measurement"
             print("Measuring inference latency, as trained and merged...")
-            measure_inference(results, out, splits[args.task]["test"], device,
-                              *((QUICK_LATENCY_ROUNDS, QUICK_LATENCY_REPEATS) if args.quick else ()))
+            try:
+                measure_inference(results, out, splits[args.task]["test"], device,
+                                  *((QUICK_LATENCY_ROUNDS, QUICK_LATENCY_REPEATS) if args.quick else ()))
+            except ModelFileError as e:
+                print(f"Latency not measured: {e}")
             save_results(results, out)
-        current = None
-    except KeyboardInterrupt:
-        print(f"\nInterrupted during {current}. The runs finished before it are saved in "
-              f"{out / 'results.json'}; run the same command with --resume to continue.", file=sys.stderr)
-        return 130
-    finally:
-        signal.signal(signal.SIGTERM, sigterm_handler)
+    finally:  # interrupted or not: whatever finished is drawn
         if any(r["status"] == "ok" for r in results["runs"]):
+            during, stage["now"] = stage["now"], "plotting (the results themselves are saved)"
             plot_results(results, out)
+            stage["now"] = during
+    print_summary(results, args)
+    return 0 if ok and all(r["status"] != "failed" for r in results["runs"]) else 1
 
+
+def print_summary(results, args):
     for method, row in summarize(results).items():
         if row["status"] != "ok":
             shown = f"{row['status']} ({row['reason']})"
@@ -1461,15 +1738,38 @@ def main(argv=None):
             shown = (f"{fmt_stat(row['test_acc'])}% (mean ± std of {row['test_acc']['n']} seeds; 95 % CI "
                      f"{fmt_ci(row['test_acc'])})")
         print(f"{label(method, args.task)} Model Test Accuracy: {shown}")
-    print()
-    print(results_table(results))
-    print()
-    print(inference_table(results))
-    if rank_sweep(results):
-        print()
-        print(rank_sweep_table(results))
-    print(f"\nPlots, results.json and results.md are in {out}/")
-    return 0 if all(r["status"] != "failed" for r in results["runs"]) else 1
+    print(f"\n{console_table(results)}")
+    print(f"\nPlots, results.json and results.md (every column) are in\n  {args.out_dir}/")
+
+
+def main(argv=None):
+    """Exit status: 0 done; 1 a run failed, or an output could not be written; 2 bad input, found before any
+    training; 130 interrupted (Ctrl-C or SIGTERM), with every finished run saved."""
+    args = parse_args(argv)
+    stage = {"now": "start-up"}
+    sigterm_handler = signal.signal(signal.SIGTERM, signal.default_int_handler)  # like Ctrl-C: results kept
+    lock = None
+    try:
+        check_args(args)
+        lock = lock_out_dir(Path(args.out_dir))
+        return run_experiment(args, stage)
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (WriteError, ModelFileError) as e:
+        print(f"error: {e}. Every run finished before it is kept in {Path(args.out_dir) / 'results.json'}: "
+              f"fix the cause and run the same command with --resume.", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        saved = ("nothing had been trained yet" if stage["now"] == "start-up" else
+                 f"the runs finished before it are saved in {Path(args.out_dir) / 'results.json'}; run the same "
+                 f"command with --resume to continue")
+        print(f"\nInterrupted during {stage['now']}: {saved}.", file=sys.stderr)
+        return 130
+    finally:
+        if lock:
+            lock.close()
+        signal.signal(signal.SIGTERM, sigterm_handler)
 
 
 if __name__ == "__main__":

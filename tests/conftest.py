@@ -17,4 +17,4 @@ def mnist_dir():
         if os.environ.get("CI"):
             pytest.fail("MNIST_DIR must point at a folder with MNIST/raw/ in CI (.ci/run prepares it)")
         pytest.skip("set MNIST_DIR to a folder holding MNIST/raw/ to run the tests on real data")
-    return Path(path)
+    return Path(path).resolve()

@@ -26,8 +26,15 @@ BAD = [
     (["--rank", "0"], "--rank must be between 1 and 16"),
     (["--rank", "17"], "--rank must be between 1 and 16"),
     (["--rank", "11", "--no-train-head"], "--rank must be between 1 and 10"),
-    (["--alpha", "0"], "--alpha must be positive"),
-    (["--lr=-0.001"], "--lr must be positive"),
+    (["--alpha", "0"], "--alpha must be a positive number"),
+    (["--alpha", "inf"], "--alpha must be a positive number (got inf)"),
+    (["--lr=-0.001"], "--lr must be a positive number"),
+    (["--lr", "inf"], "--lr must be a positive number (got inf)"),
+    (["--lr", "nan"], "--lr must be a positive number (got nan)"),
+    (["--seed", "92233720368547"], "--seed must be between 0 and 4294967295 with --seeds 1"),
+    (["--seed", "4294967295", "--seeds", "2"], "--seed must be between 0 and 4294967294 with --seeds 2"),
+    (["--seed=-1"], "--seed must be between 0 and"),
+    (["--resume", "--overwrite"], "--resume keeps an earlier run's results and --overwrite replaces them"),
     (["--batch-size", "0"], "--batch-size must be at least 1"),
     (["--epochs", "0"], "--epochs must be at least 1"),
     (["--finetune-epochs", "0"], "--finetune-epochs must be at least 1"),
@@ -51,7 +58,7 @@ def test_bad_flags_fail_before_any_work(capsys, tmp_path, monkeypatch, argv, mes
 
 
 @pytest.mark.parametrize("constant, value, message", [
-    ("RANK", 0, "--rank must be between 1 and 16"), ("LEARNING_RATE", 0.0, "--lr must be positive"),
+    ("RANK", 0, "--rank must be between 1 and 16"), ("LEARNING_RATE", 0.0, "--lr must be a positive number"),
     ("PATIENCE", -2, "--patience must be at least 0"), ("METHODS", "base,ia3", "unknown method(s) ia3"),
     ("LORA_DROPOUT", 1.5, "--dropout must be in [0, 1)"), ("BATCH_SIZE", 0, "--batch-size must be at least 1"),
     ("SEEDS", 0, "--seeds must be at least 1"), ("FINETUNE_TASK", "mnits", "unknown --task 'mnits'"),
@@ -76,13 +83,10 @@ def test_out_dir_that_cannot_be_written(capsys, tmp_path):
     assert code == 2 and "cannot write to --out-dir" in err
 
 
-def test_adapters_without_a_base_need_its_checkpoint(capsys, tmp_path):
+def test_adapters_without_a_base_need_one_from_this_run_or_a_resumed_one(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(main, "load_mnist", lambda *a, **k: pytest.fail("data was loaded despite bad input"))
     code, _, err = run(capsys, "--methods", "lora", "--out-dir", tmp_path)
-    assert code == 2 and "add base to --methods" in err and "missing for seed(s) 0)" in err
-    (tmp_path / "seed0").mkdir()
-    torch.save(main.CNN().state_dict(), tmp_path / "seed0" / "base_model.pt")
-    code, _, err = run(capsys, "--methods", "lora", "--seeds", "2", "--out-dir", tmp_path)
-    assert code == 2 and "missing for seed(s) 1)" in err
+    assert code == 2 and "add base to --methods, or --resume" in err and "base of seed(s) 0" in err
 
 
 def test_missing_data_is_one_sentence_without_traceback(tmp_path):
@@ -96,12 +100,43 @@ def test_missing_data_is_one_sentence_without_traceback(tmp_path):
 
 
 # --------------------------------------------------------------------------------- the quick run
+def git(repo, *argv):
+    return subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", *argv],
+                          check=True, capture_output=True, text=True).stdout
+
+
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory, mnist_dir):
-    """One --quick run of all four methods, shared by the tests below."""
-    out = tmp_path_factory.mktemp("quick")
-    code = main.main(["--quick", "--data-dir", str(mnist_dir), "--out-dir", str(out)])
-    return code, out
+    """The README's first command with --quick (every method, the default out-dir), run in a fresh copy of
+    the repository as committed; shared by the tests below."""
+    repo = tmp_path_factory.mktemp("clone") / "repo"
+    for name in git(ROOT, "ls-files").splitlines():
+        if (ROOT / name).is_file():
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, repo / name)
+    git(repo, "init", "-q")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "copy")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(repo)
+        code = main.main(["--quick", "--data-dir", str(mnist_dir)])
+    return code, repo / main.OUT_DIR, repo
+
+
+def test_a_run_with_the_default_out_dir_changes_no_committed_file(quick_run):
+    code, out, repo = quick_run
+    assert code == 0 and (out / "results.json").is_file() and (out / main.PLOT_FILES[4]).is_file()
+    assert git(repo, "status", "--porcelain", "--untracked-files=all") == ""  # nothing changed, nothing unignored
+
+
+def test_no_readme_command_writes_into_a_committed_folder():
+    tracked = {Path(name).parent for name in git(ROOT, "ls-files").splitlines()}
+    commands = [line for line in (ROOT / "README.md").read_text().splitlines() if "python main.py" in line]
+    assert len(commands) >= 3
+    for command in commands:
+        argv = command.split("python main.py", 1)[1].split("#")[0].split()
+        out = Path(argv[argv.index("--out-dir") + 1]) if "--out-dir" in argv else Path(main.OUT_DIR)
+        assert out not in tracked and "--overwrite" not in argv, command
 
 
 def runs_by_method(results, seed=0):
@@ -109,7 +144,7 @@ def runs_by_method(results, seed=0):
 
 
 def test_quick_run_writes_every_output_with_sane_numbers(quick_run):
-    code, out = quick_run
+    code, out, _ = quick_run
     assert code == 0
     for name in main.PLOT_FILES:
         assert (out / name).stat().st_size > 10_000, name
@@ -144,14 +179,18 @@ def test_quick_run_writes_every_output_with_sane_numbers(quick_run):
     assert (out / "seed0" / "base_model.pt").is_file()
     for method, r in runs.items():  # after training: files and inference cost
         inference = results["inference"][method]
-        assert r["file_bytes"] > 0 and inference["latency_ms"]["merged"]["1000"] > 0
-        assert inference["merged_max_abs_logit_diff"] < 1e-3
+        assert r["file_bytes"] > 0 and min(t["1000"] for t in inference["latency_ms"].values()) > 0
         if method not in main.PLAIN_FILES:
+            assert inference["merged_max_abs_logit_diff"] < 1e-3
             path = out / "seed0" / "adapters" / f"{method}_r8"
             size = (path / "adapter_model.safetensors").stat().st_size
             assert size == r["file_bytes"] and r["file_bytes"] < 0.2 * r["full_model_file_bytes"]
             assert main.load_adapter(out / "seed0" / "base_model.pt", path)
     assert "| method | saved file (KiB) |" in table
+    assert "**QUICK RUN: a smoke test" in table and "One seed (0): single values" in table
+    assert "mean ± std over" not in table and "epochs (best) = the epochs each seed ran" in table
+    qlora_on_fp32 = results["inference"]["qlora"]["test_acc_fp32_base"]
+    assert abs(qlora_on_fp32 - qlora["test_acc"]) < 2 and "QLoRA's adapter (seed 0) on the fp32 base" in table
 
 
 # ------------------------------------------------------------- seeds, a shifted task and a rank sweep
@@ -225,20 +264,25 @@ def test_the_console_shows_mean_and_spread_and_resume_adds_only_new_runs(seeds_r
     assert code == 2 and "other settings (task differ)" in err
 
 
-def test_quick_run_console_summary(quick_run, mnist_dir, capsys):
-    """The closing lines, as the old README showed them (re-printed from a --resume of the same run)."""
-    _, out = quick_run
-    code, stdout, _ = run(capsys, "--quick", "--resume", "--data-dir", mnist_dir, "--out-dir", out)
+def test_quick_run_console_summary(quick_run, mnist_dir, capsys, tmp_path):
+    """The closing lines (re-printed from a --resume of the same run): labelled quick, under 100 columns."""
+    shutil.copytree(quick_run[1], tmp_path / "out")
+    code, stdout, _ = run(capsys, "--quick", "--resume", "--data-dir", mnist_dir, "--out-dir", tmp_path / "out")
     assert code == 0 and "Epoch " not in stdout  # everything was kept, nothing retrained
     for name in ("Base", "Full FT", "LoRA", "DoRA", "QLoRA"):
         assert f"{name} Model Test Accuracy: " in stdout
+    summary = stdout[stdout.index("QUICK RUN: a smoke test"):]
+    assert "one seed: single values, no spread" in summary and "as trained / merged" in summary
+    assert max(len(line) for line in summary.splitlines()) <= 100
 
 
 # --------------------------------------------------------------------------- faults and interruptions
 def copy_base(quick_run, tmp_path):
-    """A fresh out-dir holding only the quick run's base checkpoint."""
+    """A fresh out-dir holding the quick run's results.json and only its base checkpoint: --resume there
+    fine-tunes that base again."""
     (tmp_path / "seed0").mkdir()
-    (tmp_path / "seed0" / "base_model.pt").write_bytes((quick_run[1] / "seed0" / "base_model.pt").read_bytes())
+    for name in ("results.json", "seed0/base_model.pt"):
+        shutil.copy2(quick_run[1] / name, tmp_path / name)
     return tmp_path
 
 
@@ -247,7 +291,7 @@ def test_missing_bitsandbytes_skips_qlora_only(capsys, quick_run, mnist_dir, tmp
         raise main.BitsAndBytesUnavailable("bitsandbytes cannot be imported (ImportError: no module)")
     monkeypatch.setattr(main, "import_bitsandbytes", unavailable)
     out = copy_base(quick_run, tmp_path)
-    code, stdout, _ = run(capsys, "--quick", "--methods", "qlora,lora", "--data-dir", mnist_dir, "--out-dir", out)
+    code, stdout, _ = run(capsys, "--quick", "--resume", "--methods", "qlora,lora", "--data-dir", mnist_dir, "--out-dir", out)
     methods = runs_by_method(json.loads((out / "results.json").read_text()))
     assert code == 0 and methods["qlora"]["status"] == "skipped" and methods["lora"]["status"] == "ok"
     assert "QLoRA skipped: bitsandbytes cannot be imported" in stdout
@@ -265,7 +309,7 @@ def test_divergence_fails_that_method_and_the_others_still_run(capsys, quick_run
             args[4].lr = main.LEARNING_RATE
     monkeypatch.setattr(main, "run_method", lora_diverges)
     out = copy_base(quick_run, tmp_path)
-    code, stdout, _ = run(capsys, "--quick", "--methods", "lora,dora", "--data-dir", mnist_dir, "--out-dir", out)
+    code, stdout, _ = run(capsys, "--quick", "--resume", "--methods", "lora,dora", "--data-dir", mnist_dir, "--out-dir", out)
     methods = runs_by_method(json.loads((out / "results.json").read_text()))
     assert code == 1
     assert methods["lora"] == {"method": "lora", "seed": 0, "rank": 8, "status": "failed",
@@ -279,7 +323,7 @@ def test_cuda_out_of_memory_names_the_method_and_a_remedy(capsys, quick_run, mni
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
     monkeypatch.setattr(main, "run_method", oom)
     out = copy_base(quick_run, tmp_path)
-    code, stdout, _ = run(capsys, "--quick", "--methods", "dora", "--data-dir", mnist_dir, "--out-dir", out)
+    code, stdout, _ = run(capsys, "--quick", "--resume", "--methods", "dora", "--data-dir", mnist_dir, "--out-dir", out)
     assert code == 1 and "DoRA ran out of CUDA memory: try a smaller --batch-size" in stdout
 
 
@@ -321,11 +365,11 @@ def test_sigterm_is_handled_like_ctrl_c(capsys, quick_run, mnist_dir, tmp_path, 
     monkeypatch.setattr(main, "run_method", terminated_at_dora)
     previous = signal.getsignal(signal.SIGTERM)
     out = copy_base(quick_run, tmp_path)
-    code, _, err = run(capsys, "--quick", "--methods", "lora,dora", "--finetune-epochs", "1",
-                       "--data-dir", mnist_dir, "--out-dir", out)
+    code, _, err = run(capsys, "--quick", "--resume", "--methods", "lora,dora", "--data-dir", mnist_dir, "--out-dir", out)
     assert signal.getsignal(signal.SIGTERM) is previous  # main() puts the caller's handler back
     assert code == 130 and "Interrupted during DoRA" in err
     assert [r["method"] for r in json.loads((out / "results.json").read_text())["runs"]] == ["lora"]
+    assert "Traceback" not in err
 
 
 def test_a_cuda_run_shows_its_peak_in_table_console_and_plot(quick_run, capsys, tmp_path):
@@ -342,9 +386,9 @@ def test_a_cuda_run_shows_its_peak_in_table_console_and_plot(quick_run, capsys, 
 def test_resume_keeps_only_methods_whose_saved_model_is_still_there(capsys, quick_run, mnist_dir, tmp_path):
     out = tmp_path
     (out / "seed0" / "adapters").mkdir(parents=True)
-    for name in ("results.json", "seed0/base_model.pt", "seed0/full_finetuned.pt",
-                 "seed0/adapters/lora_r8.pt", "seed0/adapters/lora_r8.json"):  # dora's and qlora's files are gone
+    for name in ("results.json", "seed0/base_model.pt", "seed0/full_finetuned.pt"):  # dora's, qlora's are gone
         (out / name).write_bytes((quick_run[1] / name).read_bytes())
+    shutil.copytree(quick_run[1] / "seed0/adapters/lora_r8", out / "seed0/adapters/lora_r8")
     code, stdout, _ = run(capsys, "--quick", "--resume", "--methods", "base,full,lora,dora", "--data-dir", mnist_dir,
                           "--out-dir", out)
     assert code == 0

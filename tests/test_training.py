@@ -34,13 +34,14 @@ def test_early_stopping_stops_and_restores_the_best_weights(monkeypatch):
 
 def test_patience_zero_stops_at_the_first_epoch_without_improvement(monkeypatch):
     val_losses = iter([1.0, 1.1, 0.5])
-    monkeypatch.setattr(main, "evaluate", lambda *a, **k: (next(val_losses), 10.0))
+    monkeypatch.setattr(main, "evaluate", lambda *a, **k: (next(val_losses), 50.0))
     fit = main.train(main.CNN(), synthetic_splits(), epochs=3, lr=1e-3, batch_size=32, patience=0, seed=0,
                      log=lambda s: None)
     assert fit["epochs_run"] == 2 and fit["best_epoch"] == 1
 
 
-def test_the_same_seed_gives_the_same_run():
+def test_the_same_seed_gives_the_same_run(monkeypatch):
+    monkeypatch.setattr(main, "AT_CHANCE", 0)  # random labels: nothing to learn, and that is not the point here
     runs = []
     for _ in range(2):
         torch.manual_seed(0)
@@ -54,6 +55,29 @@ def test_a_huge_learning_rate_is_reported_as_divergence():
     with pytest.raises(main.Diverged, match="diverged at epoch 1"):
         main.train(main.CNN(), synthetic_splits(), epochs=2, lr=1e30, batch_size=16, patience=1, seed=0,
                    log=lambda s: None)
+
+
+def test_a_finite_blow_up_is_divergence_too():
+    main.check_divergence(1, 5.0, first_loss=2.3)  # worse than chance, but not exploded: no verdict yet
+    with pytest.raises(main.Diverged, match=r"diverged at epoch 3 \(training loss 1.39e\+09, over 23"):
+        main.check_divergence(3, 1.39e9, first_loss=0.5)
+    with pytest.raises(main.Diverged, match="training loss nan"):
+        main.check_divergence(2, float("nan"), first_loss=0.5)
+
+
+def test_a_run_that_ends_at_chance_learned_nothing(monkeypatch):
+    monkeypatch.setattr(main, "evaluate", lambda *a, **k: (2.3, 11.0))
+    with pytest.raises(main.Diverged, match=r"learned nothing: 11.00 % validation accuracy .* chance \(10 %\)"):
+        main.train(main.CNN(), synthetic_splits(), epochs=1, lr=1e-3, batch_size=32, patience=1, seed=0,
+                   log=lambda s: None)
+
+
+def test_the_advice_names_alpha_only_when_it_was_raised():
+    args = main.parse_args(["--lr", "0.5"])
+    assert main.divergence_advice("lora", 8, args) == "lower --lr (now 0.5)"
+    args = main.parse_args(["--alpha", "1e6"])
+    assert "--alpha (now 1e+06: every update is scaled by alpha/r = 125000)" in main.divergence_advice("dora", 8, args)
+    assert "--alpha" not in main.divergence_advice("full", 8, args)
 
 
 def test_cuda_peak_is_measured_above_what_every_method_shares(monkeypatch):
