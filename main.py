@@ -36,15 +36,20 @@ import torch.nn.functional as F
 # =====================================================================================================
 DATA_DIR = "data"                  # MNIST goes in DATA_DIR/MNIST/raw (torchvision's layout); downloaded if missing
 OUT_DIR = "plots/latest"           # plots, results.json, results.md, saved models (git-ignored; see README)
-METHODS = "base,full,lora,dora,qlora"  # runs, in order; all but base start from the trained base
+METHODS = "base,full,head,lora,dora,qlora"  # runs, in order; all but base start from the trained base
 FINETUNE_TASK = "mnist"            # what the methods fine-tune on: mnist | rotated | inverted (see TASKS)
 DEVICE = "auto"                    # auto (cuda when available) | cpu | cuda
 SEED = 0                           # the first seed; it also fixes the validation split
 SEEDS = 1                          # every method runs with seeds SEED .. SEED+SEEDS-1 (init and data order)
 BATCH_SIZE = 128                   # training batch size, the same for every method
-LEARNING_RATE = 2e-3               # Adam learning rate at the start of each run, cosine-decayed to 0 per step
+LEARNING_RATES = {                 # Adam's rate at the start of each run (cosine-decayed to 0 per step), per
+    "base": 2e-3, "full": 2e-3, "head": 1e-2,  # method: fine-tuning rates as the validation grid (LRS) chose them
+    "lora": 1e-2, "dora": 1e-2, "qlora": 1e-2}  # in the README's runs
+LEARNING_RATE = None               # one rate for every method instead of the table (--lr)
+LRS = ""                           # rate grid, e.g. "1e-3,3e-3,1e-2,3e-2": each fine-tuning method takes the
+                                   # rate with the best validation accuracy on the first seed (test set unused)
 NUM_EPOCHS = 8                     # epoch budget of the base model
-FINETUNE_EPOCHS = 4                # epoch budget of each adapter method
+FINETUNE_EPOCHS = 10               # epoch budget of every fine-tuning method
 PATIENCE = 2                       # early stopping: stop after this many epochs without a better val loss
 RANK = 8                           # r, the rank of the update B.A
 ALPHA = 16                         # the update is scaled by ALPHA / RANK (Hu et al. 2021)
@@ -57,14 +62,17 @@ QUICK_TRAIN_SIZE = 6000            # --quick: training images used ...
 QUICK_VAL_SIZE = 1000              # ... validation images ...
 QUICK_MAX_EPOCHS = 2               # ... and the most epochs per method
 
-ALL_METHODS = ("base", "full", "lora", "dora", "qlora")  # full: fine-tuning every parameter, the reference
-DISPLAY = {"base": "Base", "full": "Full FT", "lora": "LoRA", "dora": "DoRA", "qlora": "QLoRA"}
-PLAIN_FILES = {"base": "base_model.pt", "full": "full_finetuned.pt"}  # methods saved as whole CNN state dicts
-TASKS = {  # fine-tuning targets built from the MNIST files, same splits; the base always trains on mnist
+ALL_METHODS = ("base", "full", "head", "lora", "dora", "qlora")  # full: every parameter; head: the classifier only
+DISPLAY = {"base": "Base", "full": "Full FT", "head": "Head only", "lora": "LoRA", "dora": "DoRA", "qlora": "QLoRA"}
+PLAIN_FILES = {"base": "base_model.pt", "full": "full_finetuned.pt", "head": "head_finetuned.pt"}  # no adapter:
+# these methods are saved as whole CNN state dicts
+TASKS = {  # fine-tuning targets, the same split sizes; the base always trains on mnist
     "mnist": "MNIST itself, the data the base was trained on",
     "rotated": "MNIST digits rotated by 90 degrees (counter-clockwise)",
     "inverted": "MNIST with inverted colours (white background, black digits)",
+    "fashion": "Fashion-MNIST: 28x28 grey images of 10 kinds of clothing, a real domain shift",
 }
+TASK_DATASET = {"fashion": "FashionMNIST"}  # where a task's images come from; the others are made from MNIST
 
 
 # =====================================================================================================
@@ -326,11 +334,15 @@ def add_adapters(model, method, rank, alpha, dropout=0.0, train_head=TRAIN_HEAD)
 # =====================================================================================================
 # Data: MNIST as normalized tensors resident on the training device
 # =====================================================================================================
-MNIST_MD5 = {  # canonical checksums of the four uncompressed IDX files
-    "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
-    "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
-    "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
-    "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
+DATASETS = {  # torchvision's class (and folder) name -> MD5 of its four uncompressed IDX files
+    "MNIST": {"train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
+              "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
+              "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
+              "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637"},
+    "FashionMNIST": {"train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+                     "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
+                     "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
+                     "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965"},
 }
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
@@ -339,51 +351,52 @@ class DataError(RuntimeError):
     pass
 
 
-def download_mnist(data_dir):
+def download_dataset(data_dir, name):
     """torchvision's downloader (tries its mirrors); its chatter is kept back and shown only on success."""
-    from torchvision.datasets import MNIST
+    import torchvision.datasets
     log = io.StringIO()
     with redirect_stdout(log), redirect_stderr(log):
-        MNIST(data_dir, train=True, download=True)
+        getattr(torchvision.datasets, name)(data_dir, train=True, download=True)
     print(log.getvalue(), end="")
 
 
-def ensure_mnist(data_dir, download=True):
-    """The raw MNIST folder, after downloading missing files (when allowed) and checking every MD5."""
-    raw = Path(data_dir) / "MNIST" / "raw"
-    missing = [f for f in MNIST_MD5 if not (raw / f).is_file()]
+def ensure_dataset(data_dir, name="MNIST", download=True):
+    """The raw folder of dataset `name`, after downloading missing files (when allowed) and checking every MD5."""
+    raw, md5 = Path(data_dir) / name / "raw", DATASETS[name]
+    missing = [f for f in md5 if not (raw / f).is_file()]
     reason = ""
     if missing and download:
-        print(f"MNIST not found in {raw}: downloading it with torchvision...")
+        print(f"{name} not found in {raw}: downloading it with torchvision...")
         try:
-            download_mnist(data_dir)
+            download_dataset(data_dir, name)
         except Exception as e:  # no network, a mirror down, a full disk...
             detail = " ".join(str(e).split())  # torchvision's message spans lines: one line, kept short
             reason = f" The download failed ({type(e).__name__}: {detail[:150]}{'…' if len(detail) > 150 else ''})."
-        missing = [f for f in MNIST_MD5 if not (raw / f).is_file()]
+        missing = [f for f in md5 if not (raw / f).is_file()]
     if missing:
         raise DataError(
-            f"MNIST is missing from {raw}: {', '.join(missing)}.{reason} Put the four uncompressed IDX files "
-            f"({', '.join(MNIST_MD5)}) in that folder, or run once with network access and torchvision "
-            f"downloads them there; or point --data-dir at a folder that holds MNIST/raw/.")
-    for name, expected in MNIST_MD5.items():
+            f"{name} is missing from {raw}: {', '.join(missing)}.{reason} Put the four uncompressed IDX files "
+            f"({', '.join(md5)}) in that folder, or run once with network access and torchvision "
+            f"downloads them there; or point --data-dir at a folder that holds {name}/raw/.")
+    for file, expected in md5.items():
         try:
-            digest = hashlib.md5((raw / name).read_bytes()).hexdigest()
+            digest = hashlib.md5((raw / file).read_bytes()).hexdigest()
         except OSError as e:
-            raise DataError(f"{raw / name} cannot be read ({e.strerror or e}): check its permissions") from None
+            raise DataError(f"{raw / file} cannot be read ({e.strerror or e}): check its permissions") from None
         if digest != expected:
-            raise DataError(f"{raw / name} is damaged or truncated (MD5 {digest}, expected {expected}). "
+            raise DataError(f"{raw / file} is damaged or truncated (MD5 {digest}, expected {expected}). "
                             f"Delete it and run again with network access, or replace it with a good copy.")
     return raw
 
 
-def load_mnist(data_dir, download=True):
-    """{'train': (pixels, labels), 'test': (...)} as CPU tensors: pixels uint8 [N, 1, 28, 28]."""
-    ensure_mnist(data_dir, download)
-    from torchvision.datasets import MNIST
+def load_dataset(data_dir, name="MNIST", download=True):
+    """{'train': (pixels, labels), 'test': (...)} of dataset `name` as CPU tensors: pixels uint8 [N, 1, 28, 28]."""
+    ensure_dataset(data_dir, name, download)
+    import torchvision.datasets
+    cls = getattr(torchvision.datasets, name)
     return {split: (ds.data.unsqueeze(1), ds.targets.clone())
-            for split, ds in (("train", MNIST(data_dir, train=True, download=False)),
-                              ("test", MNIST(data_dir, train=False, download=False)))}
+            for split, ds in (("train", cls(data_dir, train=True, download=False)),
+                              ("test", cls(data_dir, train=False, download=False)))}
 
 
 def task_pixels(pixels, task):
@@ -856,6 +869,7 @@ def summarize(results):
             "cuda_peak_bytes": (None if any(r["cuda_peak_bytes"] is None for r in ok)
                                 else mean_std_ci(r["cuda_peak_bytes"] for r in ok)),
             "epochs_run": [r["epochs_run"] for r in ok], "best_epoch": [r["best_epoch"] for r in ok],
+            "lr": ok[0].get("lr"),
             **{k: ok[0][k] for k in SAME_FOR_EVERY_SEED},
             "vs": {} if method == "base" else {ref: paired_difference(results, method, ref)
                                                 for ref in ("full", "lora") if ref != method and ref in results["methods"]}}
@@ -887,8 +901,9 @@ def rank_sweep(results):
 # =====================================================================================================
 PLOT_FILES = ("training_loss_comparison.png", "validation_accuracy_comparison.png",
               "base_model_loss_accuracy.png", "lora_loss_accuracy.png", "test_accuracy_memory.png")
-SWEEP_PLOT = "rank_sweep.png"
-COLORS = {"base": "tab:gray", "full": "tab:purple", "lora": "tab:blue", "dora": "tab:orange", "qlora": "tab:green"}
+SWEEP_PLOT, LR_PLOT = "rank_sweep.png", "lr_sweep.png"
+COLORS = {"base": "tab:gray", "full": "tab:purple", "head": "tab:brown", "lora": "tab:blue", "dora": "tab:orange",
+          "qlora": "tab:green"}
 
 
 def label(method, task):
@@ -930,7 +945,8 @@ def plot_results(results, out_dir):
                PLOT_FILES[2]: lambda: plot_loss_and_accuracy(plt, view, "base"),
                PLOT_FILES[3]: lambda: plot_loss_and_accuracy(plt, view, "lora"),
                PLOT_FILES[4]: lambda: plot_comparison(plt, view),
-               SWEEP_PLOT: lambda: plot_rank_sweep(plt, view)}
+               SWEEP_PLOT: lambda: plot_rank_sweep(plt, view),
+               LR_PLOT: lambda: plot_lr_sweep(plt, view)}
     written = []
     for name, draw in figures.items():
         fig = draw() if trained else None
@@ -1125,6 +1141,31 @@ def plot_rank_sweep(plt, view):
     return fig
 
 
+def plot_lr_sweep(plt, view):
+    """Validation accuracy against the learning rate, one line per method, the chosen rate ringed."""
+    grid, chosen = view["results"].get("lr_grid", []), view["results"].get("learning_rates", {})
+    if not grid:
+        return None
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for method in dict.fromkeys(r["method"] for r in grid):
+        ok = sorted((r for r in grid if r["method"] == method and r["status"] == "ok"), key=lambda r: r["lr"])
+        failed = [f"{r['lr']:g}" for r in grid if r["method"] == method and r["status"] != "ok"]
+        name = DISPLAY[method] + (f" (failed at lr {', '.join(failed)})" if failed else "")
+        line, = ax.plot([r["lr"] for r in ok], [r["val_acc"] for r in ok], marker="o", color=COLORS[method], label=name)
+        best = [r for r in ok if chosen.get(method, {}).get("lr") == r["lr"]]
+        if best:
+            ax.plot([best[0]["lr"]], [best[0]["val_acc"]], marker="o", ms=14, mfc="none", mew=2, color=line.get_color())
+    ax.plot([], [], marker="o", ms=10, mfc="none", ls="none", color="black", label="chosen rate")
+    ax.set_xscale("log")
+    seed = view["results"]["seeds"][0]
+    ax.set(xlabel="learning rate (log scale)", ylabel="best validation accuracy (%), axis zoomed",
+           title=f"{view['quick']}Learning-rate grid on {view['task']} (seed {seed}, validation set only)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    style_axes(ax, epochs=False)
+    return fig
+
+
 class WriteError(RuntimeError):
     pass
 
@@ -1182,33 +1223,45 @@ def fmt_ci(stats, signed=False):
             else f"[{f.format(low)}, {f.format(high)}]")
 
 
+def markdown_table(header, rows):
+    return "\n".join(["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+                     + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
+
+
+def frozen_ratio(row):
+    return f"{100 * row['frozen_weight_bytes'] / row['frozen_weight_fp32_bytes']:.1f} %" if row["frozen_weight_fp32_bytes"] else "-"
+
+
+RESULT_COLUMNS = (  # (header, cell of a summary row); the first three also fit the base-before-fine-tuning row
+    ("lr", lambda row: f"{row['lr']:g}" if row.get("lr") else "-"),
+    ("test acc (%)", lambda row: fmt_stat(row["test_acc"])),
+    ("95 % CI", lambda row: fmt_ci(row["test_acc"])),
+    ("vs Full FT (points, paired 95 % CI)", lambda row: fmt_ci(row["vs"]["full"], signed=True) if row["vs"].get("full") else "-"),
+    ("trainable params", lambda row: f"{row['trainable_params']:,}"),
+    ("% of total", lambda row: f"{100 * row['trainable_params'] / row['total_params']:.2f}"),
+    ("weights stored (MiB)", lambda row: fmt_mib(row["weight_bytes"])),
+    ("train state (MiB)", lambda row: fmt_mib(row["train_state_bytes"])),
+    ("frozen W stored / fp32", frozen_ratio),
+    ("CUDA peak (MiB)", lambda row: "n/a (CPU)" if row["cuda_peak_bytes"] is None
+     else fmt_stat(row["cuda_peak_bytes"], scale=2**20)),
+    ("train time (s)", lambda row: fmt_stat(row["train_time_s"], "{:.1f}")),
+    ("epochs (best)", lambda row: f"{'/'.join(map(str, row['epochs_run']))} ({'/'.join(map(str, row['best_epoch']))})"),
+)
+
+
 def results_table(results):
-    task = results["config"]["task"]
-    rows = ["| method | test acc (%) | 95 % CI | vs Full FT (points, paired 95 % CI) | trainable params | "
-            "% of total | weights stored (MiB) | train state (MiB) | frozen W stored / fp32 | CUDA peak (MiB) | "
-            "train time (s) | epochs (best) |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    """The main comparison, one row per method, every column."""
+    task, rows = results["config"]["task"], []
     for method, row in summarize(results).items():
         name = label(method, task)
         if row["status"] != "ok":
-            rows.append(f"| {name} | {row['status']}: {row['reason']} |" + " |" * 10)
+            rows.append([name, "-", f"{row['status']}: {row['reason']}"] + [""] * (len(RESULT_COLUMNS) - 2))
             continue
         if row["failed"]:
             name += f" ({len(row['failed'])} run(s) {'; '.join(row['failed'])})"
-        acc = f"| {name} | {fmt_stat(row['test_acc'])} | {fmt_ci(row['test_acc'])} |"
-        if method == "base_on_task":
-            rows.append(acc + " - |" * 9)
-            continue
-        vs_full = row["vs"].get("full")
-        ratio = (f"{100 * row['frozen_weight_bytes'] / row['frozen_weight_fp32_bytes']:.1f} %"
-                 if row["frozen_weight_fp32_bytes"] else "-")
-        peak = "n/a (CPU)" if row["cuda_peak_bytes"] is None else fmt_stat(row["cuda_peak_bytes"], scale=2**20)
-        rows.append(f"{acc} {fmt_ci(vs_full, signed=True) if vs_full else '-'} | {row['trainable_params']:,} | "
-                    f"{100 * row['trainable_params'] / row['total_params']:.2f} | {fmt_mib(row['weight_bytes'])} | "
-                    f"{fmt_mib(row['train_state_bytes'])} | {ratio} | {peak} | "
-                    f"{fmt_stat(row['train_time_s'], '{:.1f}')} | {'/'.join(map(str, row['epochs_run']))} "
-                    f"({'/'.join(map(str, row['best_epoch']))}) |")
-    return "\n".join(rows)
+        shown = RESULT_COLUMNS[:3] if method == "base_on_task" else RESULT_COLUMNS
+        rows.append([name] + [cell(row) for _, cell in shown] + ["-"] * (len(RESULT_COLUMNS) - len(shown)))
+    return markdown_table(["method"] + [header for header, _ in RESULT_COLUMNS], rows)
 
 
 def latency_cell(timing, batch):
@@ -1242,11 +1295,29 @@ def inference_table(results):
 
 
 def rank_sweep_table(results):
-    rows = ["| method | rank | trainable params | test acc (%) | 95 % CI |", "|---|---:|---:|---:|---:|"]
-    for method, points in rank_sweep(results).items():
-        rows += [f"| {DISPLAY[method]} | {p['rank']} | {p['trainable_params']:,} | {fmt_stat(p['test_acc'])} | "
-                 f"{fmt_ci(p['test_acc'])} |" for p in points]
-    return "\n".join(rows)
+    return markdown_table(["method", "rank", "trainable params", "test acc (%)", "95 % CI"], [
+        [DISPLAY[method], p["rank"], f"{p['trainable_params']:,}", fmt_stat(p["test_acc"]), fmt_ci(p["test_acc"])]
+        for method, points in rank_sweep(results).items() for p in points])
+
+
+def lr_grid_table(results):
+    """Every learning-rate grid run: validation numbers only (the test set takes no part in the choice)."""
+    chosen = {m: r["lr"] for m, r in results.get("learning_rates", {}).items()}
+    return markdown_table(["method", "lr", "val acc (%)", "val loss", "epochs (best)", "chosen"], [
+        [DISPLAY[r["method"]], f"{r['lr']:g}"] + (
+            [f"{r['val_acc']:.2f}", f"{r['val_loss']:.4f}", f"{r['epochs_run']} ({r['best_epoch']})"]
+            if r["status"] == "ok" else [f"{r['status']}: {r['reason']}", "", ""]) + ["✓" if chosen.get(r["method"]) == r["lr"] else ""]
+        for r in results.get("lr_grid", [])])
+
+
+def chosen_rates(results):
+    """One line: each method's learning rate, grouped by how it was set."""
+    groups = {}
+    for method, rate in results.get("learning_rates", {}).items():
+        how = ("chosen on validation from " + ", ".join(f"{lr:g}" for lr in rate["grid"])
+               if rate["chosen_by"] == "validation grid" else f"from {rate['chosen_by']}")
+        groups.setdefault(how, []).append(f"{DISPLAY[method]} {rate['lr']:g}")
+    return "Learning rates: " + "; ".join(f"{', '.join(names)} ({how})" for how, names in groups.items())
 
 
 def text_table(header, rows, align):
@@ -1276,7 +1347,8 @@ def console_table(results):
               f"CI\n(an interval holding 0 is within seed noise)" if n_seeds > 1 else
               "one seed: single values, no spread; vs Full FT: the difference in points")
     quick = "QUICK RUN: a smoke test on a subset, not results\n" if results["config"].get("quick") else ""
-    lines = [quick + text_table(header, rows, "<>>>>"), spread]
+    import textwrap
+    lines = [quick + text_table(header, rows, "<>>>>"), spread, textwrap.fill(chosen_rates(results), 100)]
     inference = results.get("inference", {})
     timed = [[DISPLAY[m], f"{summary[m]['file_bytes'] / 2**10:.1f}", latency_cell(t, "1"), latency_cell(t, "1000")]
              for m, t in inference.items() if m in summary and summary[m]["status"] == "ok"]
@@ -1296,8 +1368,11 @@ def save_results(results, out_dir):
     results["summary"], results["rank_sweep"] = summarize(results), rank_sweep(results)
     write_atomic(Path(out_dir) / "results.json", json.dumps(results, indent=2))
     env, config, seeds = results["environment"], results["config"], results["seeds"]
-    sweep = (f"Rank sweep (the adapter methods at each rank; {len(seeds)} seed(s)):\n\n{rank_sweep_table(results)}\n\n"
-             if results["rank_sweep"] else "")
+    sweep = (f"Rank sweep (the adapter methods at each rank, at their main-rank learning rate; {len(seeds)} "
+             f"seed(s)):\n\n{rank_sweep_table(results)}\n\n" if results["rank_sweep"] else "")
+    if results.get("lr_grid"):
+        sweep += (f"Learning-rate grid (seed {seeds[0]}, main rank; the rate with the best validation accuracy wins, "
+                  f"ties going to the lower validation loss, then the lower rate):\n\n{lr_grid_table(results)}\n\n")
     quick = (f"**QUICK RUN: a smoke test ({config['train_size']:,} training images, at most {QUICK_MAX_EPOCHS} "
              f"epochs per method), not results.**\n\n" if config.get("quick") else "")
     spread = (f"Seeds: {', '.join(map(str, seeds))}: mean ± std over the seeds; 95 % CI: Student's t." if len(seeds) > 1
@@ -1305,7 +1380,7 @@ def save_results(results, out_dir):
     write_atomic(Path(out_dir) / "results.md",
                  f"# Results\n\n{quick}Device: {env['device_name']}; torch {env['torch']}, bitsandbytes "
                  f"{env['bitsandbytes']}; {env['date']}. Fine-tuning task: {config['task']} ({TASKS[config['task']]}). "
-                 f"{spread}\n\n{results_table(results)}\n\n"
+                 f"{spread} {chosen_rates(results)}.\n\n{results_table(results)}\n\n"
                  f"After training (Base, Full FT: the full model file; adapters: the adapter-only file; latency of "
                  f"seed {seeds[0]}'s models, median over interleaved rounds):\n\n{inference_table(results)}\n\n{sweep}"
                  "vs Full FT = the method's test accuracy minus full fine-tuning's, seed by seed (same base, data "
@@ -1333,7 +1408,11 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, default=NUM_EPOCHS, help="epoch budget of the base model")
     p.add_argument("--finetune-epochs", type=int, default=FINETUNE_EPOCHS, help="epoch budget per adapter method")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="training batch size")
-    p.add_argument("--lr", type=float, default=LEARNING_RATE, help="Adam learning rate (cosine-decayed)")
+    p.add_argument("--lr", type=float, default=LEARNING_RATE,
+                   help="one Adam learning rate for every method instead of the LEARNING_RATES table "
+                        f"({', '.join(f'{m} {r:g}' for m, r in LEARNING_RATES.items())})")
+    p.add_argument("--lrs", default=LRS, help="rate grid, e.g. 1e-3,3e-3,1e-2,3e-2: each fine-tuning method takes "
+                                              "the rate with the best validation accuracy on the first seed")
     p.add_argument("--patience", type=int, default=PATIENCE, help="early-stopping patience in epochs")
     p.add_argument("--rank", type=int, default=RANK, help="adapter rank r")
     p.add_argument("--alpha", type=float, default=ALPHA, help="adapter scale numerator (update x alpha/r)")
@@ -1380,9 +1459,18 @@ def check_args(args):
     for name, low in (("epochs", 1), ("finetune_epochs", 1), ("batch_size", 1), ("patience", 0), ("seeds", 1)):
         if getattr(args, name) < low:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least {low} (got {getattr(args, name)})")
-    for name in ("lr", "alpha"):
-        if not (math.isfinite(getattr(args, name)) and getattr(args, name) > 0):
-            raise ConfigError(f"--{name} must be a positive number (got {getattr(args, name)})")
+    if isinstance(args.lrs, str):
+        try:
+            args.lrs = sorted({float(r) for r in args.lrs.split(",") if r.strip()})
+        except ValueError:
+            raise ConfigError(f"--lrs must be numbers separated by commas, like 1e-3,3e-3,1e-2 (got {args.lrs!r})") from None
+    rates = [("--lr", args.lr)] * (args.lr is not None) + [("--lrs", r) for r in args.lrs] + [
+        (f"LEARNING_RATES[{m!r}]", r) for m, r in LEARNING_RATES.items()] + [("--alpha", args.alpha)]
+    for name, value in rates:
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise ConfigError(f"{name} must be a positive number (got {value})")
+    if set(LEARNING_RATES) != set(ALL_METHODS):
+        raise ConfigError(f"LEARNING_RATES needs one rate for each of {', '.join(ALL_METHODS)}")
     if not 0 <= args.seed <= MAX_SEED - args.seeds + 1:
         raise ConfigError(f"--seed must be between 0 and {MAX_SEED - args.seeds + 1} with --seeds {args.seeds} "
                           f"(got {args.seed})")
@@ -1465,19 +1553,27 @@ def check_results_file(results):
                 and all(isinstance(history.get(k), list) and all(isinstance(v, (int, float)) for v in history[k])
                         for k in ("train_loss", "val_loss", "val_acc"))):
             raise ValueError(f"the {run['method']} run of seed {run['seed']} lacks its numbers or curves")
+    grid = results.get("lr_grid", [])
+    if not isinstance(grid, list) or not all(
+            isinstance(r, dict) and r.get("method") in ALL_METHODS and type(r.get("seed")) is int
+            and isinstance(r.get("lr"), float) and isinstance(r.get("status"), str)
+            and (r["status"] != "ok" or all(isinstance(r.get(k), (int, float)) for k in ("val_acc", "val_loss")))
+            for r in grid):
+        raise ValueError("a learning-rate grid run without method, seed, lr, status or validation numbers")
 
 
 def previous_results(out, config, plan, log=print):
-    """(kept, others): the runs an earlier run into `out` finished with the same hyperparameters, whose saved
-    models are intact: kept = {(method, seed, rank): result} of the planned ones, others = the rest, carried
-    along so that a --resume with fewer methods, seeds or ranks never drops them.
+    """(kept, others, grid): the runs an earlier run into `out` finished with the same hyperparameters, whose
+    saved models are intact: kept = {(method, seed, rank): result} of the planned ones, others = the rest,
+    carried along so that a --resume with fewer methods, seeds or ranks never drops them; grid = the finished
+    learning-rate grid runs by (method, seed, rank, lr).
 
     A run counts only with its saved model, unchanged since it was recorded (a checksum), and with the base
     it fine-tuned: a seed whose base is missing, damaged or trained again loses its other runs.
     """
     path = Path(out) / "results.json"
     if not path.exists():
-        return {}, []
+        return {}, [], {}
     try:
         earlier = json.loads(path.read_text())
         check_results_file(earlier)
@@ -1498,7 +1594,10 @@ def previous_results(out, config, plan, log=print):
         else:
             trusted[run["method"], run["seed"], run["rank"]] = run
     trusted = {key: r for key, r in trusted.items() if ("base", key[1], None) in trusted}
-    return {k: r for k, r in trusted.items() if k in plan}, [r for k, r in trusted.items() if k not in plan]
+    grid = {(r["method"], r["seed"], r["rank"], r["lr"]): r for r in earlier.get("lr_grid", [])
+            if r["status"] in ("ok", "failed") and ("base", r["seed"], None) in trusted}  # a diverged rate stays so
+    return ({k: r for k, r in trusted.items() if k in plan}, [r for k, r in trusted.items() if k not in plan],
+            grid)
 
 
 def check_bases(args, plan, kept, others):
@@ -1546,7 +1645,7 @@ def prepare_out_dir(out, args):
     for p in out.iterdir():
         if p.name.startswith("seed") and p.is_dir():
             shutil.rmtree(p)
-        elif p.name in ("results.json", "results.md", SWEEP_PLOT) + PLOT_FILES:
+        elif p.name in ("results.json", "results.md", SWEEP_PLOT, LR_PLOT) + PLOT_FILES:
             p.unlink()
 
 
@@ -1578,24 +1677,44 @@ def environment(device):
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
 
 
-def run_method(method, seed, rank, base_model, splits, args, device):
-    """Train one run; returns (result dict, trained model). splits: {task: splits}, the base's on "mnist"."""
+def fit_method(method, seed, rank, lr, base_model, target, args, device):
+    """Build `method`'s model from the base and train it on `target`: (model, fit, CUDA peak)."""
     torch.manual_seed(seed)  # within a seed: the same adapter A for every method
-    target = splits[args.task]
     if method == "base":
-        model, epochs, target = CNN().to(device), args.epochs, splits["mnist"]
+        model, epochs = CNN().to(device), args.epochs
     elif method == "full":  # the reference every PEFT paper compares against: every parameter trainable
         model, epochs = copy.deepcopy(base_model).requires_grad_(True), args.finetune_epochs
+    elif method == "head":  # the transfer baseline every adapter has to beat: only the classifier learns
+        model, epochs = copy.deepcopy(base_model).requires_grad_(False), args.finetune_epochs
+        model.get_submodule(CNN.head).requires_grad_(True)
     else:
         model = add_adapters(copy.deepcopy(base_model), method, rank, args.alpha, args.dropout, args.train_head)
         epochs = args.finetune_epochs
     if args.quick:
         epochs = min(epochs, QUICK_MAX_EPOCHS)
     model = model.to(memory_format=torch.channels_last)
-    fit, cuda_peak = with_cuda_peak(device, model, lambda: train(model, target, epochs, args.lr, args.batch_size,
+    fit, cuda_peak = with_cuda_peak(device, model, lambda: train(model, target, epochs, lr, args.batch_size,
                                                                 args.patience, seed))
+    return model, fit, cuda_peak
+
+
+def run_method(method, seed, rank, lr, base_model, splits, args, device, grid=False, trained=None):
+    """Train one run; returns (result dict, trained model). splits: {task: splits}, the base's on "mnist".
+
+    A grid run (choosing the rate) reports its validation numbers only, no test set and no saved model, and
+    returns (model, fit, CUDA peak) in place of the model: the run at the chosen rate is then finished from
+    that (`trained`: tested once and saved) instead of being trained again, identically.
+    """
+    target = splits["mnist"] if method == "base" else splits[args.task]
+    model, fit, cuda_peak = trained or fit_method(method, seed, rank, lr, base_model, target, args, device)
+    if grid:
+        best = fit["best_epoch"] - 1
+        return {"lr": lr, "status": "ok", "val_acc": fit["history"]["val_acc"][best],
+                "val_loss": fit["history"]["val_loss"][best], "epochs_run": fit["epochs_run"],
+                "best_epoch": fit["best_epoch"], "train_time_s": fit["train_time_s"],
+                "history": fit["history"]}, (model, fit, cuda_peak)
     test_loss, test_acc = evaluate(model, *target["test"])  # the test set, once per run
-    result = {"method": method, "seed": seed, "rank": rank, **measure(model, fit, test_loss, test_acc, cuda_peak)}
+    result = {"lr": lr, **measure(model, fit, test_loss, test_acc, cuda_peak)}
     if method == "base" and args.task != "mnist":  # where the fine-tuning starts from, on the shifted task
         result["task_test_loss"], result["task_test_acc"] = evaluate(model, *splits[args.task]["test"])
     path = saved_model_file(args.out_dir, method, seed, rank)
@@ -1631,48 +1750,92 @@ def report_method(r):
         print(f"On the fine-tuning task, before any fine-tuning: {r['task_test_acc']:.2f}% test accuracy")
 
 
-def divergence_advice(method, rank, args):
+def divergence_advice(method, rank, lr, args):
     """What to change after a divergence: the learning rate, and alpha too when it was raised for an adapter."""
-    advice = f"lower --lr (now {args.lr:g})"
+    advice = f"lower --lr (now {lr:g})"
     if method in ADAPTERS and args.alpha > ALPHA:
         advice += f" or --alpha (now {args.alpha:g}: every update is scaled by alpha/r = {args.alpha / rank:g})"
     return advice
 
 
-def attempt(method, seed, rank, base_model, splits, args, device, name):
+def attempt(method, seed, rank, lr, base_model, splits, args, device, name, grid=False, trained=None):
     """(result, model) of one run; a run that cannot finish is recorded with its reason, and the others go on."""
     try:
-        result, model = run_method(method, seed, rank, base_model, splits, args, device)
-        report_method(result)
+        result, model = run_method(method, seed, rank, lr, base_model, splits, args, device, grid, trained)
+        if grid:
+            print(f"Best validation accuracy {result['val_acc']:.2f}% (epoch {result['best_epoch']})")
+        else:
+            report_method(result)
         return result, model
     except BitsAndBytesUnavailable as e:
         print(f"{name} skipped: {e}")
         return {"status": "skipped", "reason": str(e)}, None
     except Diverged as e:
-        print(f"{name} failed: {e}; {divergence_advice(method, rank, args)}. Going on with the other methods.")
+        print(f"{name} failed: {e}; {divergence_advice(method, rank, lr, args)}. Going on with the other methods.")
         return {"status": "failed", "reason": str(e)}, None
     except torch.cuda.OutOfMemoryError:
         print(f"{name} ran out of CUDA memory: try a smaller --batch-size.")
         return {"status": "failed", "reason": "CUDA out of memory"}, None
 
 
-def run_plan(plan, kept, results, splits, args, device, stage):
+def choose_rate(method, rank, kept_grid, results, base_model, splits, args, device, stage):
+    """(rate, trained) for `method`: with --lrs, the rate of the grid whose run on the first seed reached the
+    best validation accuracy (ties: the lower validation loss, then the lower rate), None if every rate
+    failed, and that run's (model, fit, CUDA peak) when it trained here; otherwise --lr, or the method's
+    entry in LEARNING_RATES, and None. Recorded in results["learning_rates"]."""
+    if not args.lrs or method == "base":  # the base trains from scratch at its own rate: no grid
+        results["learning_rates"][method] = {"lr": args.lr or LEARNING_RATES[method],
+                                             "chosen_by": "--lr" if args.lr else "LEARNING_RATES"}
+        return results["learning_rates"][method]["lr"], None
+    seed, out, trained = args.seed, Path(args.out_dir), {}
+    for lr in args.lrs:
+        stage["now"] = name = f"{DISPLAY[method]} at lr {lr:g} (learning-rate grid)"
+        if (method, seed, rank, lr) in kept_grid:
+            results["lr_grid"].append(kept_grid[method, seed, rank, lr])
+            print(f"{name}: finished in a previous run (results.json), kept.")
+            continue
+        print(f"Learning-rate grid: {DISPLAY[method]} at lr {lr:g}, seed {seed}, judged on validation...")
+        result, trained[lr] = attempt(method, seed, rank, lr, base_model, splits, args, device, name, grid=True)
+        results["lr_grid"].append({"method": method, "seed": seed, "rank": rank, "lr": lr, **result})
+        save_results(results, out)
+    ok = sorted((r for r in results["lr_grid"] if r["method"] == method and r["rank"] == rank and r["status"] == "ok"),
+                key=lambda r: r["lr"])
+    if not ok:
+        return None, None
+    best = max(ok, key=lambda r: (r["val_acc"], -r["val_loss"]))  # max keeps the first, lowest rate of a tie
+    results["learning_rates"][method] = {"lr": best["lr"], "chosen_by": "validation grid", "grid": args.lrs}
+    print(f"{DISPLAY[method]}: lr {best['lr']:g} chosen ({best['val_acc']:.2f}% validation accuracy).")
+    return best["lr"], trained.get(best["lr"])
+
+
+def run_plan(plan, kept, kept_grid, results, splits, args, device, stage):
     """Every planned run in order, results.json rewritten after each. False when a base failed (nothing to
     fine-tune); `stage` names the run in progress, for the message after an interruption."""
-    out, base_models = Path(args.out_dir), {}  # base_models: each seed's trained base, which the others copy
+    out, base_models, rates = Path(args.out_dir), {}, {}  # base_models: each seed's trained base, copied
     for method, seed, rank in plan:
         which = run_suffix(seed, rank, args)  # "" for one seed at the main rank
+        if method != "base" and seed not in base_models:
+            base_models[seed] = load_plain(saved_model_file(out, "base", seed), device)
+        if method not in rates:  # the first seed's base is there: a grid can run on it
+            rates[method], grid_run = choose_rate(method, run_rank(method, args.rank), kept_grid, results,
+                                                  base_models.get(args.seed), splits, args, device, stage)
         stage["now"] = name = DISPLAY[method] + which
         if (method, seed, rank) in kept:
             results["runs"].append(kept[method, seed, rank])
             print(f"{name}: finished in a previous run (results.json), kept.")
             continue
-        if method != "base" and seed not in base_models:
-            base_models[seed] = load_plain(saved_model_file(out, "base", seed), device)
-        print(f"Training the base model{which}..." if method == "base"
-              else f"Fine-tuning every parameter of the base model (Full FT){which}..." if method == "full"
-              else f"Fine-tuning the base model with {name}...")
-        result, model = attempt(method, seed, rank, base_models.get(seed), splits, args, device, name)
+        if rates[method] is None:
+            result, model = {"status": "failed", "reason": "every rate of the --lrs grid failed"}, None
+        else:
+            print((f"Training the base model{which}" if method == "base"
+                   else f"Fine-tuning every parameter of the base model (Full FT){which}" if method == "full"
+                   else f"Fine-tuning only the classifier head of the base model (Head only){which}" if method == "head"
+                   else f"Fine-tuning the base model with {name}") + f", lr {rates[method]:g}...")
+            reuse = grid_run if (seed, rank) == (args.seed, run_rank(method, args.rank)) else None  # same seed, rate
+            if reuse:
+                print("(the grid's run at this rate and seed, not trained again: tested once now, and saved)")
+            result, model = attempt(method, seed, rank, rates[method], base_models.get(seed), splits, args, device,
+                                    name, trained=reuse)
         results["runs"].append({"method": method, "seed": seed, "rank": rank, **result})
         save_results(results, out)  # after every run: nothing finished is lost
         if method == "base" and model is None:
@@ -1692,24 +1855,27 @@ def run_experiment(args, stage):
         check_bases(args, plan, {}, [])  # before loading anything; with --resume, once results.json is read
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
-    data = load_mnist(args.data_dir)
+    tasks = dict.fromkeys(("mnist", args.task))
+    sources = dict.fromkeys(TASK_DATASET.get(task, "MNIST") for task in tasks)
+    data = {name: load_dataset(args.data_dir, name) for name in sources}
     sizes = dict(val_size=QUICK_VAL_SIZE if args.quick else VAL_SIZE, seed=args.seed,
                  train_size=QUICK_TRAIN_SIZE if args.quick else None)
-    splits = {task: make_splits(data, device, task, **sizes) for task in dict.fromkeys(("mnist", args.task))}
+    splits = {task: make_splits(data[TASK_DATASET.get(task, "MNIST")], device, task, **sizes) for task in tasks}
     config = {k: v for k, v in vars(args).items()
               if k not in ("data_dir", "out_dir", "device", "methods", "resume", "overwrite", "seeds", "ranks")}
-    config.update(quant_blocksize=QUANT_BLOCKSIZE, val_size=len(splits["mnist"]["val"][1]),
+    config.update(learning_rates=LEARNING_RATES, quant_blocksize=QUANT_BLOCKSIZE, val_size=len(splits["mnist"]["val"][1]),
                   train_size=len(splits["mnist"]["train"][1]), test_size=len(splits["mnist"]["test"][1]))
-    kept, others = previous_results(out, config, plan) if args.resume else ({}, [])
+    kept, others, kept_grid = previous_results(out, config, plan) if args.resume else ({}, [], {})
     check_bases(args, plan, kept, others)
     results = {"config": config, "environment": environment(device), "methods": args.methods,
-               "seeds": seeds_of(args), "ranks": args.ranks, "runs": [], "other_runs": others}
+               "seeds": seeds_of(args), "ranks": args.ranks, "learning_rates": {}, "lr_grid": [], "runs": [],
+               "other_runs": others}
     print(f"{'QUICK RUN (a smoke test, not results). ' if args.quick else ''}Device: "
           f"{results['environment']['device_name']}\n{config['train_size']:,} training, {config['val_size']:,} "
           f"validation, {config['test_size']:,} test images; fine-tuning on {args.task}; {len(plan)} runs "
           f"({args.seeds} seed(s){f', ranks {args.ranks}' if args.ranks else ''})\nWriting to {out}/")
     try:
-        ok = run_plan(plan, kept, results, splits, args, device, stage)
+        ok = run_plan(plan, kept, kept_grid, results, splits, args, device, stage)
         if ok and any(r["status"] == "ok" for r in main_runs(results)):
             stage["now"] = "the latency measurement"
             print("Measuring inference latency, as trained and merged...")

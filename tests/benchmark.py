@@ -90,7 +90,7 @@ def main_benchmark(argv=None):
     args = p.parse_args(argv)
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
-    data = main.load_mnist(args.data_dir, download=False)
+    data = main.load_dataset(args.data_dir, download=False)
     train_idx, val_idx = main.split_indices(len(data["train"][1]), main.VAL_SIZE, main.SEED)
     full_steps = math.ceil(len(train_idx) / main.BATCH_SIZE)
     steps = min(args.max_steps or full_steps, full_steps)

@@ -36,7 +36,7 @@ def trained_like(method, seed=0, train_head=True):
 
 @pytest.fixture(scope="module")
 def real_batch(mnist_dir):
-    return main.make_splits(main.load_mnist(mnist_dir, download=False), torch.device("cpu"))["test"][0][:500]
+    return main.make_splits(main.load_dataset(mnist_dir, download=False), torch.device("cpu"))["test"][0][:500]
 
 
 @pytest.mark.parametrize("method", METHODS)

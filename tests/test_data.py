@@ -26,19 +26,19 @@ def test_epoch_order_depends_on_seed_and_epoch_only():
 
 def fake_mnist_files(raw: Path):
     raw.mkdir(parents=True, exist_ok=True)
-    for name in main.MNIST_MD5:
+    for name in main.DATASETS["MNIST"]:
         (raw / name).write_bytes(b"not mnist")
 
 
 def test_missing_and_offline_says_which_files_go_where(tmp_path, monkeypatch):
-    def offline(data_dir):
+    def offline(data_dir, name):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
-    monkeypatch.setattr(main, "download_mnist", offline)
+    monkeypatch.setattr(main, "download_dataset", offline)
     with pytest.raises(main.DataError) as err:
-        main.ensure_mnist(tmp_path)
+        main.ensure_dataset(tmp_path)
     msg = str(err.value)
     assert str(tmp_path / "MNIST" / "raw") in msg and "download failed" in msg
-    assert all(name in msg for name in main.MNIST_MD5)
+    assert all(name in msg for name in main.DATASETS["MNIST"])
     assert "\n" not in msg
 
 
@@ -54,14 +54,14 @@ def test_download_goes_through_torchvision_and_is_then_checked(tmp_path, monkeyp
             fake_mnist_files(Path(root) / "MNIST" / "raw")
     monkeypatch.setattr(torchvision.datasets, "MNIST", FakeMNIST)
     with pytest.raises(main.DataError, match="damaged or truncated"):
-        main.ensure_mnist(tmp_path)
+        main.ensure_dataset(tmp_path)
     assert calls == [(tmp_path, True)]
 
 
 def test_no_download_attempt_when_files_are_present(tmp_path, monkeypatch, mnist_dir):
     shutil.copytree(mnist_dir / "MNIST", tmp_path / "MNIST")
-    monkeypatch.setattr(main, "download_mnist", lambda d: pytest.fail("tried to download present files"))
-    assert main.ensure_mnist(tmp_path) == tmp_path / "MNIST" / "raw"
+    monkeypatch.setattr(main, "download_dataset", lambda d, name: pytest.fail("tried to download present files"))
+    assert main.ensure_dataset(tmp_path) == tmp_path / "MNIST" / "raw"
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
@@ -71,11 +71,11 @@ def test_a_damaged_file_is_named_by_its_checksum(tmp_path, mnist_dir, damage):
     data = bytearray(victim.read_bytes())
     victim.write_bytes(data[: len(data) // 2] if damage == "truncate" else data[:-1] + bytes([(data[-1] + 1) % 256]))
     with pytest.raises(main.DataError, match="t10k-labels-idx1-ubyte is damaged or truncated"):
-        main.ensure_mnist(tmp_path, download=False)
+        main.ensure_dataset(tmp_path, download=False)
 
 
 def test_real_mnist_loads_as_normalized_resident_tensors(mnist_dir):
-    data = main.load_mnist(mnist_dir, download=False)
+    data = main.load_dataset(mnist_dir, download=False)
     pixels, labels = data["train"]
     assert pixels.shape == (60_000, 1, 28, 28) and pixels.dtype == torch.uint8 and labels.shape == (60_000,)
     assert data["test"][0].shape == (10_000, 1, 28, 28)
@@ -99,7 +99,7 @@ def test_shifted_tasks_are_exact_transforms_of_the_same_images():
     assert torch.equal(main.task_pixels(rotated, "rotated").flip(2).flip(3), pixels)  # twice = 180 degrees
     assert torch.equal(main.task_pixels(pixels, "inverted").int(), 255 - pixels.int())
     assert main.task_pixels(pixels, "mnist") is pixels
-    assert set(main.TASKS) == {"mnist", "rotated", "inverted"}
+    assert set(main.TASKS) == {"mnist", "rotated", "inverted", "fashion"} and main.task_pixels(pixels, "fashion") is pixels
     labels = torch.arange(3)
     data = {"train": (pixels.repeat(4, 1, 1, 1), labels.repeat(4)), "test": (pixels, labels)}
     plain, turned = (main.make_splits(data, torch.device("cpu"), task, val_size=4, seed=1) for task in ("mnist", "rotated"))

@@ -119,7 +119,7 @@ def test_results_md_does_not_name_a_bitsandbytes_that_cannot_be_used(monkeypatch
 
 # ------------------------------------------------------------------------------- one run per out-dir
 def test_a_second_run_into_a_busy_out_dir_is_refused(capsys, tmp_path, monkeypatch):
-    monkeypatch.setattr(main, "load_mnist", lambda *a, **k: pytest.fail("the second run went ahead"))
+    monkeypatch.setattr(main, "load_dataset", lambda *a, **k: pytest.fail("the second run went ahead"))
     lock = main.lock_out_dir(tmp_path)  # the first run, still going
     try:
         code, _, err = run(capsys, "--quick", "--out-dir", tmp_path)
@@ -230,7 +230,7 @@ def test_unreadable_mnist_is_one_sentence(capsys, mnist_dir, tmp_path, monkeypat
 def test_ctrl_c_during_start_up_is_a_sentence(capsys, tmp_path, monkeypatch):
     def interrupted(*a, **k):
         raise KeyboardInterrupt
-    monkeypatch.setattr(main, "load_mnist", interrupted)
+    monkeypatch.setattr(main, "load_dataset", interrupted)
     code, _, err = run(capsys, "--quick", "--out-dir", tmp_path)
     assert code == 130 and "Interrupted during start-up: nothing had been trained yet." in err
 

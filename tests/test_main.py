@@ -41,7 +41,7 @@ BAD = [
     (["--patience", "-1"], "--patience must be at least 0"),
     (["--dropout", "1"], "--dropout must be in [0, 1)"),
     (["--dropout", "-0.1"], "--dropout must be in [0, 1)"),
-    (["--methods", "base,lorra"], "unknown method(s) lorra: choose from base, full, lora, dora, qlora"),
+    (["--methods", "base,lorra"], "unknown method(s) lorra: choose from base, full, head, lora, dora, qlora"),
     (["--methods", "lora,base"], "base must come first in --methods"),
     (["--seeds", "0"], "--seeds must be at least 1"),
     (["--task", "upside-down"], "unknown --task 'upside-down': choose from mnist, rotated, inverted"),
@@ -52,7 +52,7 @@ BAD = [
 
 @pytest.mark.parametrize("argv, message", BAD)
 def test_bad_flags_fail_before_any_work(capsys, tmp_path, monkeypatch, argv, message):
-    monkeypatch.setattr(main, "load_mnist", lambda *a, **k: pytest.fail("data was loaded despite bad input"))
+    monkeypatch.setattr(main, "load_dataset", lambda *a, **k: pytest.fail("data was loaded despite bad input"))
     code, out, err = run(capsys, *argv, "--out-dir", tmp_path)
     assert code == 2 and message in err and err.startswith("error: ") and err.count("\n") == 1
 
@@ -65,7 +65,7 @@ def test_bad_flags_fail_before_any_work(capsys, tmp_path, monkeypatch, argv, mes
     ("RANKS", "0,8", "--ranks must be between 1 and 16")])
 def test_bad_constants_are_caught_like_flags(capsys, tmp_path, monkeypatch, constant, value, message):
     monkeypatch.setattr(main, constant, value)
-    monkeypatch.setattr(main, "load_mnist", lambda *a, **k: pytest.fail("data was loaded despite bad input"))
+    monkeypatch.setattr(main, "load_dataset", lambda *a, **k: pytest.fail("data was loaded despite bad input"))
     code, _, err = run(capsys, "--out-dir", tmp_path)
     assert code == 2 and message in err
 
@@ -84,7 +84,7 @@ def test_out_dir_that_cannot_be_written(capsys, tmp_path):
 
 
 def test_adapters_without_a_base_need_one_from_this_run_or_a_resumed_one(capsys, tmp_path, monkeypatch):
-    monkeypatch.setattr(main, "load_mnist", lambda *a, **k: pytest.fail("data was loaded despite bad input"))
+    monkeypatch.setattr(main, "load_dataset", lambda *a, **k: pytest.fail("data was loaded despite bad input"))
     code, _, err = run(capsys, "--methods", "lora", "--out-dir", tmp_path)
     assert code == 2 and "add base to --methods, or --resume" in err and "base of seed(s) 0" in err
 
@@ -152,7 +152,7 @@ def test_quick_run_writes_every_output_with_sane_numbers(quick_run):
     results = json.loads((out / "results.json").read_text())
     runs = runs_by_method(results)
     assert [(r["method"], r["seed"], r["rank"]) for r in results["runs"]] == [
-        ("base", 0, None), ("full", 0, None), ("lora", 0, 8), ("dora", 0, 8), ("qlora", 0, 8)]
+        ("base", 0, None), ("full", 0, None), ("head", 0, None), ("lora", 0, 8), ("dora", 0, 8), ("qlora", 0, 8)]
     assert results["config"]["rank"] == main.RANK and results["environment"]["torch"] == torch.__version__
     assert results["config"]["task"] == "mnist" and results["seeds"] == [0] and results["rank_sweep"] == {}
     base = runs["base"]
@@ -171,7 +171,7 @@ def test_quick_run_writes_every_output_with_sane_numbers(quick_run):
     assert qlora["frozen_weight_bytes"] <= 0.20 * qlora["frozen_weight_fp32_bytes"]
     assert qlora["weight_bytes"] < 0.5 * runs["lora"]["weight_bytes"]
     table = (out / "results.md").read_text()
-    assert all(name in table for name in ("| Base |", "| Full FT |", "| LoRA |", "| DoRA |", "| QLoRA |"))
+    assert all(name in table for name in ("| Base |", "| Full FT |", "| Head only |", "| LoRA |", "| DoRA |", "| QLoRA |"))
     assert "- (1 seed)" in table and " ± " not in main.results_table(results)  # no spread from one seed
     full = runs["full"]
     assert full["trainable_params"] == full["total_params"] == base["total_params"]
@@ -269,7 +269,7 @@ def test_quick_run_console_summary(quick_run, mnist_dir, capsys, tmp_path):
     shutil.copytree(quick_run[1], tmp_path / "out")
     code, stdout, _ = run(capsys, "--quick", "--resume", "--data-dir", mnist_dir, "--out-dir", tmp_path / "out")
     assert code == 0 and "Epoch " not in stdout  # everything was kept, nothing retrained
-    for name in ("Base", "Full FT", "LoRA", "DoRA", "QLoRA"):
+    for name in ("Base", "Full FT", "Head only", "LoRA", "DoRA", "QLoRA"):
         assert f"{name} Model Test Accuracy: " in stdout
     summary = stdout[stdout.index("QUICK RUN: a smoke test"):]
     assert "one seed: single values, no spread" in summary and "as trained / merged" in summary
@@ -300,13 +300,8 @@ def test_missing_bitsandbytes_skips_qlora_only(capsys, quick_run, mnist_dir, tmp
 def test_divergence_fails_that_method_and_the_others_still_run(capsys, quick_run, mnist_dir, tmp_path, monkeypatch):
     real_run = main.run_method
 
-    def lora_diverges(method, *args):
-        if method == "lora":
-            args[4].lr = 1e30  # a huge learning rate, for LoRA alone
-        try:
-            return real_run(method, *args)
-        finally:
-            args[4].lr = main.LEARNING_RATE
+    def lora_diverges(method, seed, rank, lr, *args, **kwargs):
+        return real_run(method, seed, rank, 1e30 if method == "lora" else lr, *args, **kwargs)  # LoRA alone
     monkeypatch.setattr(main, "run_method", lora_diverges)
     out = copy_base(quick_run, tmp_path)
     code, stdout, _ = run(capsys, "--quick", "--resume", "--methods", "lora,dora", "--data-dir", mnist_dir, "--out-dir", out)
@@ -393,4 +388,4 @@ def test_resume_keeps_only_methods_whose_saved_model_is_still_there(capsys, quic
                           "--out-dir", out)
     assert code == 0
     assert stdout.count("finished in a previous run (results.json), kept.") == 3  # base, full, lora
-    assert "Fine-tuning the base model with DoRA..." in stdout
+    assert "Fine-tuning the base model with DoRA, lr " in stdout

@@ -74,10 +74,10 @@ def test_a_run_that_ends_at_chance_learned_nothing(monkeypatch):
 
 def test_the_advice_names_alpha_only_when_it_was_raised():
     args = main.parse_args(["--lr", "0.5"])
-    assert main.divergence_advice("lora", 8, args) == "lower --lr (now 0.5)"
+    assert main.divergence_advice("lora", 8, 0.5, args) == "lower --lr (now 0.5)"
     args = main.parse_args(["--alpha", "1e6"])
-    assert "--alpha (now 1e+06: every update is scaled by alpha/r = 125000)" in main.divergence_advice("dora", 8, args)
-    assert "--alpha" not in main.divergence_advice("full", 8, args)
+    assert "--alpha (now 1e+06: every update is scaled by alpha/r = 125000)" in main.divergence_advice("dora", 8, 0.01, args)
+    assert "--alpha" not in main.divergence_advice("full", 8, 0.01, args)
 
 
 def test_cuda_peak_is_measured_above_what_every_method_shares(monkeypatch):

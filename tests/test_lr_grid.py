@@ -1,0 +1,169 @@
+"""The learning rate per method: chosen on validation from a grid (never the test set), ties broken as the
+README says; Fashion-MNIST as a fine-tuning task, with the same data checks as MNIST; the head-only baseline."""
+import json
+import shutil
+import urllib.error
+
+import pytest
+import torch
+
+import main
+from test_main import run
+
+
+class NotToBeRead:
+    """A test split that fails the test if anything reads it."""
+    def __getitem__(self, key):
+        raise AssertionError("the test set was read while choosing the learning rate")
+
+    def __iter__(self):
+        raise AssertionError("the test set was read while choosing the learning rate")
+
+
+def grid_args(tmp_path, lrs):
+    args = main.parse_args(["--quick", "--lrs", lrs, "--finetune-epochs", "1", "--out-dir", str(tmp_path)])
+    main.check_args(args)
+    return args
+
+
+def empty_results():
+    return {"learning_rates": {}, "lr_grid": []}
+
+
+def test_the_rate_is_chosen_on_validation_and_the_test_set_is_never_read(tmp_path, monkeypatch):
+    monkeypatch.setattr(main, "save_results", lambda *a: None)
+    monkeypatch.setattr(main, "AT_CHANCE", 0)  # random labels: learning them is not the point
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(96, 1, 28, 28, generator=g), torch.randint(0, 10, (96,), generator=g)
+    splits = {"mnist": {"train": (x[:64], y[:64]), "val": (x[64:], y[64:]), "test": NotToBeRead()}}
+    results = empty_results()
+    lr, trained = main.choose_rate("lora", 8, {}, results, main.CNN(), splits, grid_args(tmp_path, "1e-3,1e-1"),
+                                   torch.device("cpu"), {"now": ""})
+    grid = results["lr_grid"]
+    assert [r["lr"] for r in grid] == [1e-3, 1e-1] and all("test_acc" not in r for r in grid)
+    best = max(grid, key=lambda r: (r["val_acc"], -r["val_loss"]))
+    assert lr == best["lr"] and results["learning_rates"]["lora"] == {"lr": lr, "chosen_by": "validation grid",
+                                                                      "grid": [1e-3, 1e-1]}
+    assert trained[1]["history"]["val_acc"] == best["history"]["val_acc"]  # that very run is finished later
+
+
+def test_ties_go_to_the_lower_validation_loss_then_the_lower_rate(tmp_path, monkeypatch):
+    scripted = {1e-3: (90.0, 0.30), 3e-3: (92.0, 0.25), 1e-2: (92.0, 0.20), 3e-2: (92.0, 0.20), 1e-1: None}
+
+    def run_method(method, seed, rank, lr, *a, **k):
+        if scripted[lr] is None:
+            raise main.Diverged("diverged at epoch 1 (training loss nan)")
+        acc, loss = scripted[lr]
+        return {"lr": lr, "status": "ok", "val_acc": acc, "val_loss": loss, "best_epoch": 1}, None
+    monkeypatch.setattr(main, "run_method", run_method)
+    monkeypatch.setattr(main, "save_results", lambda *a: None)
+    results = empty_results()
+    lr, _ = main.choose_rate("dora", 8, {}, results, None, {}, grid_args(tmp_path, "3e-2,1e-2,3e-3,1e-3,1e-1"),
+                             torch.device("cpu"), {"now": ""})
+    assert lr == 1e-2  # 92 % thrice; of those, loss 0.20 twice; of those, the lower rate
+    assert [r["status"] for r in results["lr_grid"]] == ["ok"] * 4 + ["failed"]
+
+
+def test_without_a_grid_the_table_or_lr_sets_the_rate(tmp_path):
+    results = empty_results()
+    assert main.choose_rate("full", None, {}, results, None, {}, grid_args(tmp_path, ""), None, {}) == (
+        main.LEARNING_RATES["full"], None)
+    args = main.parse_args(["--lr", "0.05"])
+    assert main.choose_rate("lora", 8, {}, results, None, {}, args, None, {})[0] == 0.05
+    assert results["learning_rates"]["lora"] == {"lr": 0.05, "chosen_by": "--lr"}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lrs", "1e-3,x"], "--lrs must be numbers separated by commas"),
+    (["--lrs", "1e-3,0"], "--lrs must be a positive number (got 0.0)"),
+    (["--lrs", "inf"], "--lrs must be a positive number (got inf)")])
+def test_bad_grids_fail_before_any_work(capsys, tmp_path, monkeypatch, argv, message):
+    monkeypatch.setattr(main, "load_dataset", lambda *a, **k: pytest.fail("data was loaded despite bad input"))
+    code, _, err = run(capsys, *argv, "--out-dir", tmp_path)
+    assert code == 2 and message in err
+
+
+def test_a_bad_rate_in_the_table_is_caught(capsys, tmp_path, monkeypatch):
+    monkeypatch.setitem(main.LEARNING_RATES, "dora", -1.0)
+    code, _, err = run(capsys, "--out-dir", tmp_path)
+    assert code == 2 and "LEARNING_RATES['dora'] must be a positive number (got -1.0)" in err
+
+
+# ------------------------------------------------------------------------------------- Fashion-MNIST
+@pytest.fixture
+def fashion_dir(mnist_dir):
+    if not (mnist_dir / "FashionMNIST" / "raw").is_dir():
+        pytest.fail(f"{mnist_dir} needs FashionMNIST/raw/ too (.ci/run unpacks it)")
+    return mnist_dir
+
+
+def data_dir_with(tmp_path, mnist_dir, fashion=True):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "MNIST").symlink_to(mnist_dir / "MNIST")
+    if fashion:
+        shutil.copytree(mnist_dir / "FashionMNIST", tmp_path / "data" / "FashionMNIST")
+    return tmp_path / "data"
+
+
+def test_missing_fashion_mnist_offline_is_one_clear_error(capsys, fashion_dir, tmp_path, monkeypatch):
+    def offline(data_dir, name):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+    monkeypatch.setattr(main, "download_dataset", offline)
+    data = data_dir_with(tmp_path, fashion_dir, fashion=False)
+    code, _, err = run(capsys, "--quick", "--task", "fashion", "--data-dir", data, "--out-dir", tmp_path / "out")
+    assert code == 2 and err.count("\n") == 1
+    assert f"FashionMNIST is missing from {data / 'FashionMNIST' / 'raw'}" in err and "download failed" in err
+    assert all(name in err for name in main.DATASETS["FashionMNIST"])
+
+
+def test_damaged_fashion_mnist_is_named_by_its_checksum(capsys, fashion_dir, tmp_path):
+    data = data_dir_with(tmp_path, fashion_dir)
+    victim = data / "FashionMNIST" / "raw" / "train-labels-idx1-ubyte"
+    victim.write_bytes(victim.read_bytes()[:-1] + b"\x07")
+    code, _, err = run(capsys, "--quick", "--task", "fashion", "--data-dir", data, "--out-dir", tmp_path / "out")
+    assert code == 2 and "train-labels-idx1-ubyte is damaged or truncated (MD5 " in err
+
+
+def test_fashion_mnist_downloads_through_torchvision_when_online(tmp_path, monkeypatch):
+    import torchvision.datasets
+    calls = []
+
+    class FakeFashion:
+        def __init__(self, root, train=True, download=False):
+            calls.append(download)
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", FakeFashion)
+    with pytest.raises(main.DataError, match="FashionMNIST is missing"):
+        main.ensure_dataset(tmp_path, "FashionMNIST")
+    assert calls == [True]
+
+
+def test_real_fashion_mnist_loads_with_the_split_of_mnist(fashion_dir):
+    data = main.load_dataset(fashion_dir, "FashionMNIST", download=False)
+    assert data["train"][0].shape == (60_000, 1, 28, 28) and data["test"][0].shape == (10_000, 1, 28, 28)
+    splits = main.make_splits(data, torch.device("cpu"), "fashion", val_size=1000, seed=0, train_size=2000)
+    train_idx, val_idx = main.split_indices(60_000, 1000, 0)
+    assert torch.equal(splits["val"][1], data["train"][1][val_idx])  # the same held-out indices as MNIST's
+
+
+# ------------------------------------------------------------------------ the issue's end-to-end command
+def test_quick_fashion_run_with_a_grid_runs_every_method(fashion_dir, tmp_path, capsys):
+    """python main.py --quick --task fashion --lrs 1e-3,1e-2"""
+    code, stdout, _ = run(capsys, "--quick", "--task", "fashion", "--lrs", "1e-3,1e-2", "--data-dir", fashion_dir,
+                          "--out-dir", tmp_path)
+    assert code == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    main_runs = {r["method"]: r for r in results["runs"]}
+    assert set(main_runs) == set(main.ALL_METHODS) and all(r["status"] == "ok" for r in main_runs.values())
+    assert [(r["method"], r["lr"]) for r in results["lr_grid"]] == [
+        (m, lr) for m in ("full", "head", "lora", "dora", "qlora") for lr in (1e-3, 1e-2)]
+    for method in ("full", "head", "lora", "dora", "qlora"):
+        chosen = results["learning_rates"][method]
+        assert chosen["chosen_by"] == "validation grid" and main_runs[method]["lr"] == chosen["lr"]
+    assert results["learning_rates"]["base"] == {"lr": main.LEARNING_RATES["base"], "chosen_by": "LEARNING_RATES"}
+    head = main_runs["head"]
+    assert head["trainable_params"] == 256 * 10 + 10 and head["test_acc"] > 20  # the classifier alone learns
+    assert results["summary"]["base_on_task"]["test_acc"]["mean"] < 30  # digits' features, clothes' labels
+    assert (tmp_path / main.LR_PLOT).stat().st_size > 10_000
+    table = (tmp_path / "results.md").read_text()
+    assert "Learning-rate grid (seed 0" in table and "(chosen on validation from 0.001, 0.01)" in table
+    assert "| Head only |" in table and "Learning rates: " in stdout
