@@ -1,6 +1,6 @@
 """Side-by-side speed of the usual MNIST pipeline and this project's, on the same model, batch and data.
 
-    python tests/benchmark.py --data-dir data                  # one epoch each, then the full experiment
+    python tests/benchmark.py --data-dir data                  # one epoch each, then the full experiment (writes plots/latest/benchmark.json)
     python tests/benchmark.py --data-dir data --max-steps 100  # a quick check: 100 steps each, no full run
 
 (a) seed-style: torchvision's MNIST with per-sample ToTensor + Normalize, a shuffling DataLoader (0 workers),
@@ -94,7 +94,7 @@ def main_benchmark(argv=None):
     train_idx, val_idx = main.split_indices(len(data["train"][1]), main.VAL_SIZE, main.SEED)
     full_steps = math.ceil(len(train_idx) / main.BATCH_SIZE)
     steps = min(args.max_steps or full_steps, full_steps)
-    common = dict(device=device, batch_size=main.BATCH_SIZE, steps=steps, lr=main.LEARNING_RATE, seed=main.SEED)
+    common = dict(device=device, batch_size=main.BATCH_SIZE, steps=steps, lr=main.LEARNING_RATES["base"], seed=main.SEED)
 
     print(f"{main.environment(device)['device_name']}: {steps} steps of batch {main.BATCH_SIZE} + validation "
           f"on {len(val_idx):,} images, base CNN, torch {torch.__version__}")
