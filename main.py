@@ -870,10 +870,10 @@ def summarize(results):
             "cuda_peak_bytes": (None if any(r["cuda_peak_bytes"] is None for r in ok)
                                 else mean_std_ci(r["cuda_peak_bytes"] for r in ok)),
             "epochs_run": [r["epochs_run"] for r in ok], "best_epoch": [r["best_epoch"] for r in ok],
-            "lr": ok[0].get("lr"),
+            "lr": ok[0].get("lr", results["config"].get("lr")),  # results of before the per-method rates
             **{k: ok[0][k] for k in SAME_FOR_EVERY_SEED},
             "vs": {} if method == "base" else {ref: paired_difference(results, method, ref)
-                                                for ref in ("full", "lora") if ref != method and ref in results["methods"]}}
+                                                for ref in ("full", "head", "lora") if ref != method and ref in results["methods"]}}
         if method == "base" and "task_test_acc" in ok[0]:
             summary["base_on_task"] = {"status": "ok", "seeds": [r["seed"] for r in ok], "failed": [],
                                        "test_acc": mean_std_ci(r["task_test_acc"] for r in ok)}
@@ -1094,10 +1094,11 @@ def plot_latency(plt, ax, timed, batch):
         if method in PLAIN_FILES:  # results written before Base/Full FT were timed once: one network, one bar
             kinds = kinds[-1:]
         for kind in kinds:
-            offset, width = {"plain": (0, 0.5), "unmerged": (-0.2, 0.4), "merged": (0.2, 0.4)}[kind]
+            look = "plain" if method in PLAIN_FILES else kind
+            offset, width = {"plain": (0, 0.5), "unmerged": (-0.2, 0.4), "merged": (0.2, 0.4)}[look]
             ms = t["latency_ms"][kind][batch]
             low, high = t["latency_range_ms"][kind][batch] if ranged else (ms, ms)
-            ax.bar(i + offset, ms, width=width, color=COLORS[method], hatch="//" if kind == "merged" else None,
+            ax.bar(i + offset, ms, width=width, color=COLORS[method], hatch="//" if look == "merged" else None,
                    edgecolor="black", yerr=[[ms - low], [high - ms]] if ranged else None, capsize=3)
             ax.annotate(f"{ms:.2f}" if batch == "1" else f"{ms:.0f}", (i + offset, high), xytext=(0, 3),
                         textcoords="offset points", ha="center", va="bottom", fontsize=7)
@@ -1318,8 +1319,10 @@ def lr_grid_table(results):
 
 def chosen_rates(results):
     """One line: each method's learning rate, grouped by how it was set."""
+    if not results.get("learning_rates"):  # results written when one rate served every method
+        return f"Learning rates: {results['config']['lr']:g} for every method (one shared rate)"
     groups = {}
-    for method, rate in results.get("learning_rates", {}).items():
+    for method, rate in results["learning_rates"].items():
         how = ("chosen on validation from " + ", ".join(f"{lr:g}" for lr in rate["grid"])
                if rate["chosen_by"] == "validation grid" else f"from {rate['chosen_by']}")
         groups.setdefault(how, []).append(f"{DISPLAY[method]} {rate['lr']:g}")
