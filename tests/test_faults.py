@@ -128,9 +128,17 @@ def test_a_second_run_into_a_busy_out_dir_is_refused(capsys, tmp_path, monkeypat
     assert code == 2 and f"another run (process {os.getpid()}) is writing to {tmp_path}" in err
 
 
-def test_the_lock_dies_with_its_process(tmp_path):
-    subprocess.run([sys.executable, "-c", f"import main; main.lock_out_dir(__import__('pathlib').Path({str(tmp_path)!r}))"],
-                   cwd=ROOT, check=True)
+def test_the_lock_dies_with_its_process_even_by_kill_9(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", "import main, pathlib, time; "
+                               f"held = main.lock_out_dir(pathlib.Path({str(tmp_path)!r})); print('locked', flush=True); "
+                               "time.sleep(60)"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(main.ConfigError, match=f"another run \\(process {holder.pid}\\)"):
+            main.lock_out_dir(tmp_path)
+    finally:
+        holder.kill()  # SIGKILL: no clean-up code of its own runs
+        holder.wait()
     main.lock_out_dir(tmp_path).close()  # free again
 
 
