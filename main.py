@@ -1645,13 +1645,19 @@ def lock_out_dir(out):
 
 def prepare_out_dir(out, args):
     """Refuse an out-dir holding an earlier run's results unless --resume (continue it) or --overwrite
-    (replace it: its results, plots and saved models are removed first)."""
+    (replace it: its results, plots and saved models are removed first). A quick run's results are a smoke
+    test, not results: they are replaced without asking."""
     earlier = sorted(p.name for p in out.iterdir() if p.name == "results.json" or p.name.startswith("seed"))
     if not earlier or args.resume:
         return
-    if not args.overwrite:
+    try:
+        quick = json.loads((out / "results.json").read_text())["config"]["quick"] is True
+    except (OSError, ValueError, KeyError, TypeError):
+        quick = False
+    if not (args.overwrite or quick):
         raise ConfigError(f"{out} already holds an earlier run's results ({', '.join(earlier[:3])}): add --resume "
                           f"to continue it, --overwrite to replace it, or choose another --out-dir")
+    print(f"Replacing the {'quick run (a smoke test)' if quick else 'earlier run'} in {out}/")
     for p in out.iterdir():
         if p.name.startswith("seed") and p.is_dir():
             shutil.rmtree(p)
@@ -1860,9 +1866,9 @@ def run_plan(plan, kept, kept_grid, results, splits, args, device, stage):
 def run_experiment(args, stage):
     """Load the data, resume what an earlier run finished, run the rest, measure, write and report."""
     out, plan = Path(args.out_dir), plan_runs(args)
-    prepare_out_dir(out, args)
     if not args.resume:
         check_bases(args, plan, {}, [])  # before loading anything; with --resume, once results.json is read
+    prepare_out_dir(out, args)
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
     tasks = dict.fromkeys(("mnist", args.task))

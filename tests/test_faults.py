@@ -143,11 +143,15 @@ def test_the_lock_dies_with_its_process_even_by_kill_9(tmp_path):
 
 
 def test_a_second_run_never_mixes_with_an_earlier_one(capsys, mnist_dir, copy_of):
-    before = (copy_of / "results.json").read_bytes()
+    quick = (copy_of / "results.json").read_text()
+    real = json.loads(quick)
+    real["config"]["quick"] = False  # the earlier run as a real one: a quick run would be replaced
+    (copy_of / "results.json").write_text(json.dumps(real))
     code, _, err = run(capsys, "--quick", "--methods", "base,dora", "--lr", "1e-3", "--data-dir", mnist_dir,
                        "--out-dir", copy_of)
     assert code == 2 and "already holds an earlier run's results" in err and "--resume" in err and "--overwrite" in err
-    assert (copy_of / "results.json").read_bytes() == before
+    assert json.loads((copy_of / "results.json").read_text()) == real
+    (copy_of / "results.json").write_text(quick)
     code, _, err = run(capsys, "--quick", "--methods", "dora", "--lr", "1e-3", "--resume", "--data-dir", mnist_dir,
                        "--out-dir", copy_of)
     assert code == 2 and "other settings (epochs, finetune_epochs, lr differ)" in err  # not on that base
@@ -156,6 +160,25 @@ def test_a_second_run_never_mixes_with_an_earlier_one(capsys, mnist_dir, copy_of
     results = json.loads((copy_of / "results.json").read_text())
     assert code == 0 and [r["method"] for r in results["runs"]] == ["base"]
     assert not (copy_of / "seed0" / "adapters").exists()  # replaced, not mixed
+
+
+def test_a_quick_run_is_replaced_without_asking_a_real_one_is_not(capsys, mnist_dir, tmp_path):
+    (tmp_path / "results.json").write_text(json.dumps({"config": {"quick": True}, "runs": []}))
+    (tmp_path / "seed0").mkdir()
+    code, stdout, _ = run(capsys, "--quick", "--methods", "base", "--epochs", "1", "--data-dir", mnist_dir,
+                          "--out-dir", tmp_path)
+    assert code == 0 and f"Replacing the quick run (a smoke test) in {tmp_path}/" in stdout
+    results = json.loads((tmp_path / "results.json").read_text())
+    results["config"]["quick"] = False  # as a real run's results
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    code, _, err = run(capsys, "--quick", "--methods", "base", "--epochs", "1", "--data-dir", mnist_dir,
+                       "--out-dir", tmp_path)
+    assert code == 2 and "already holds an earlier run's results" in err
+
+
+def test_overwrite_is_refused_before_anything_is_removed_when_the_run_cannot_start(capsys, copy_of):
+    code, _, err = run(capsys, "--methods", "lora", "--overwrite", "--out-dir", copy_of)
+    assert code == 2 and "add base to --methods" in err and (copy_of / "seed0" / "base_model.pt").is_file()
 
 
 def test_resume_with_fewer_methods_keeps_the_others(capsys, mnist_dir, copy_of):
