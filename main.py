@@ -803,7 +803,8 @@ def measure_inference(results, out_dir, test, device, rounds=LATENCY_ROUNDS, rep
         extra[method] = {"merged_max_abs_logit_diff": gap}
         if method == "qlora":
             on_fp32 = load_adapter(base_file, path, device, method="lora")
-            extra[method].update(test_acc_nf4_base=r["test_acc"], test_acc_fp32_base=evaluate(on_fp32, images, labels)[1])
+            extra[method].update(test_acc_nf4_base=r["test_acc"],
+                                 test_acc_fp32_base=evaluate(on_fp32, images, labels)[1])
     samples = {}
     for _ in range(rounds):
         for method, kinds in models.items():
@@ -872,8 +873,8 @@ def summarize(results):
             "epochs_run": [r["epochs_run"] for r in ok], "best_epoch": [r["best_epoch"] for r in ok],
             "lr": ok[0].get("lr", results["config"].get("lr")),  # results of before the per-method rates
             **{k: ok[0][k] for k in SAME_FOR_EVERY_SEED},
-            "vs": {} if method == "base" else {ref: paired_difference(results, method, ref)
-                                                for ref in ("full", "head", "lora") if ref != method and ref in results["methods"]}}
+            "vs": {} if method == "base" else {ref: paired_difference(results, method, ref) for ref in ("full", "head", "lora")
+                                                if ref != method and ref in results["methods"]}}
         if method == "base" and "task_test_acc" in ok[0]:
             summary["base_on_task"] = {"status": "ok", "seeds": [r["seed"] for r in ok], "failed": [],
                                        "test_acc": mean_std_ci(r["task_test_acc"] for r in ok)}
@@ -1080,7 +1081,8 @@ def plot_comparison(plt, view):
     timed = {m: results["inference"][m] for m in trained if m in results.get("inference", {})}
     for column, batch in ((1, "1"), (2, "1000")):
         plot_latency(plt, fig.add_subplot(grid[1, column]), timed, batch)
-    fig.suptitle(f"{view['quick'] and view['quick'] + ': '}Test accuracy, memory, file size and latency; fine-tuned on {view['task']} "
+    fig.suptitle(f"{view['quick'] and view['quick'] + ': '}Test accuracy, memory, file size and latency; "
+                 f"fine-tuned on {view['task']} "
                  f"({results['environment']['device_name']})")
     return fig
 
@@ -1236,14 +1238,16 @@ def markdown_table(header, rows):
 
 
 def frozen_ratio(row):
-    return f"{100 * row['frozen_weight_bytes'] / row['frozen_weight_fp32_bytes']:.1f} %" if row["frozen_weight_fp32_bytes"] else "-"
+    fp32 = row["frozen_weight_fp32_bytes"]
+    return f"{100 * row['frozen_weight_bytes'] / fp32:.1f} %" if fp32 else "-"
 
 
 RESULT_COLUMNS = (  # (header, cell of a summary row); the first three also fit the base-before-fine-tuning row
     ("lr", lambda row: f"{row['lr']:g}" if row.get("lr") else "-"),
     ("test acc (%)", lambda row: fmt_stat(row["test_acc"])),
     ("95 % CI", lambda row: fmt_ci(row["test_acc"])),
-    ("vs Full FT (points, paired 95 % CI)", lambda row: fmt_ci(row["vs"]["full"], signed=True) if row["vs"].get("full") else "-"),
+    ("vs Full FT (points, paired 95 % CI)",
+     lambda row: fmt_ci(row["vs"]["full"], signed=True) if row["vs"].get("full") else "-"),
     ("trainable params", lambda row: f"{row['trainable_params']:,}"),
     ("% of total", lambda row: f"{100 * row['trainable_params'] / row['total_params']:.2f}"),
     ("weights stored (MiB)", lambda row: fmt_mib(row["weight_bytes"])),
@@ -1313,7 +1317,8 @@ def lr_grid_table(results):
     return markdown_table(["method", "lr", "val acc (%)", "val loss", "epochs (best)", "chosen"], [
         [DISPLAY[r["method"]], f"{r['lr']:g}"] + (
             [f"{r['val_acc']:.2f}", f"{r['val_loss']:.4f}", f"{r['epochs_run']} ({r['best_epoch']})"]
-            if r["status"] == "ok" else [f"{r['status']}: {r['reason']}", "", ""]) + ["✓" if chosen.get(r["method"]) == r["lr"] else ""]
+            if r["status"] == "ok" else [f"{r['status']}: {r['reason']}", "", ""])
+        + ["✓" if chosen.get(r["method"]) == r["lr"] else ""]
         for r in results.get("lr_grid", [])])
 
 
@@ -1390,8 +1395,8 @@ def save_results(results, out_dir):
                  f"# Results\n\n{quick}Device: {env['device_name']}; torch {env['torch']}, bitsandbytes "
                  f"{env['bitsandbytes']}; {env['date']}. Fine-tuning task: {config['task']} ({TASKS[config['task']]}). "
                  f"{spread} {chosen_rates(results)}.\n\n{results_table(results)}\n\n"
-                 f"After training (Base, Full FT: the full model file; adapters: the adapter-only file; latency of "
-                 f"seed {seeds[0]}'s models, median over interleaved rounds):\n\n{inference_table(results)}\n\n{sweep}"
+                 f"After training (Base, Full FT, Head only: the whole model's file; adapters: the adapter-only "
+                 f"file; latency of seed {seeds[0]}'s models, median over interleaved rounds):\n\n{inference_table(results)}\n\n{sweep}"
                  "vs Full FT = the method's test accuracy minus full fine-tuning's, seed by seed (same base, data "
                  "order and init within a seed), with the 95 % CI of that mean difference: an interval that "
                  "contains 0 means the difference is within seed noise. epochs (best) = the epochs each seed ran, "
@@ -1879,8 +1884,9 @@ def run_experiment(args, stage):
     splits = {task: make_splits(data[TASK_DATASET.get(task, "MNIST")], device, task, **sizes) for task in tasks}
     config = {k: v for k, v in vars(args).items()
               if k not in ("data_dir", "out_dir", "device", "methods", "resume", "overwrite", "seeds", "ranks")}
-    config.update(learning_rates=LEARNING_RATES, quant_blocksize=QUANT_BLOCKSIZE, val_size=len(splits["mnist"]["val"][1]),
-                  train_size=len(splits["mnist"]["train"][1]), test_size=len(splits["mnist"]["test"][1]))
+    config.update(learning_rates=LEARNING_RATES, quant_blocksize=QUANT_BLOCKSIZE,
+                  val_size=len(splits["mnist"]["val"][1]), train_size=len(splits["mnist"]["train"][1]),
+                  test_size=len(splits["mnist"]["test"][1]))
     kept, others, kept_grid = previous_results(out, config, plan) if args.resume else ({}, [], {})
     check_bases(args, plan, kept, others)
     results = {"config": config, "environment": environment(device), "methods": args.methods,
