@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 # =====================================================================================================
 # Hyperparameters: edit here, or override with the flag of the same name (python main.py --help)
@@ -333,7 +334,7 @@ def add_adapters(model, method, rank, alpha, dropout=0.0, train_head=TRAIN_HEAD)
 
 
 # =====================================================================================================
-# Data: MNIST as normalized tensors resident on the training device
+# Data: MNIST (and Fashion-MNIST) as normalized tensors resident on the training device
 # =====================================================================================================
 DATASETS = {  # torchvision's class (and folder) name -> MD5 of its four uncompressed IDX files
     "MNIST": {"train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
@@ -497,7 +498,6 @@ def train(model, splits, epochs, lr, batch_size, patience, seed, log=print):
     Returns the history and bookkeeping; the model ends with its best-validation weights restored.
     Raises Diverged for a non-finite or exploding loss, or a validation accuracy at chance after training.
     """
-    from tqdm import tqdm
     params = trainable_parameters(model)
     optimizer = torch.optim.Adam(params.values(), lr=lr)
     images, labels = splits["train"]
@@ -713,8 +713,10 @@ def load_adapter(base_checkpoint, folder, device="cpu", method=None):
     if folder.suffix == ".pt" and folder.is_file():
         raise ModelFileError(f"{folder} is an adapter file of this project's earlier layout (<method>_r<rank>.pt); "
                              f"adapters are now folders that PEFT reads: rerun that method with --resume")
-    config = json.loads(read_model_file(folder / ADAPTER_CONFIG, lambda p: p.read_text()))
-    info = json.loads((folder / ADAPTER_INFO).read_text()) if (folder / ADAPTER_INFO).is_file() else {}
+    config = read_model_file(folder / ADAPTER_CONFIG, lambda p: json.loads(p.read_text()))
+    info = {}
+    if (folder / ADAPTER_INFO).is_file():
+        info = read_model_file(folder / ADAPTER_INFO, lambda p: json.loads(p.read_text()))
     method = method or info.get("method") or ("dora" if config.get("use_dora") else "lora")
     model = load_plain(base_checkpoint, device)
     add_adapters(model, method, config["r"], config["lora_alpha"], config["lora_dropout"],
@@ -725,9 +727,12 @@ def load_adapter(base_checkpoint, folder, device="cpu", method=None):
     if set(tensors) != set(expected):
         raise ModelFileError(f"{folder} does not match a {method} adapter of this CNN (missing "
                              f"{sorted(set(expected) - set(tensors))}, extra {sorted(set(tensors) - set(expected))})")
-    with torch.no_grad():
-        for key, (p, _) in expected.items():
-            p.copy_(tensors[key].reshape(p.shape))
+    try:
+        with torch.no_grad():
+            for key, (p, _) in expected.items():
+                p.copy_(tensors[key].reshape(p.shape))
+    except RuntimeError as e:  # a tensor of another shape: another rank, another layer size
+        raise ModelFileError(f"{folder} does not match a {method} adapter of this CNN ({e})") from None
     return model
 
 
@@ -780,8 +785,8 @@ QUICK_LATENCY_ROUNDS, QUICK_LATENCY_REPEATS = 2, {1: 5, 1000: 1}
 def measure_inference(results, out_dir, test, device, rounds=LATENCY_ROUNDS, repeats=LATENCY_REPEATS):
     """After every run: the first seed's models at the main rank (latency depends on shapes, not on trained
     values), rebuilt from the files this run saved, so a resumed method is measured too. Into
-    results["inference"]: latency at batch 1 and 1,000 as trained (unmerged) and merged, for Base and Full FT
-    once (the same network either way), the median and range over rounds; the largest logit difference
+    results["inference"]: latency at batch 1 and 1,000 as trained (unmerged) and merged (methods without an
+    adapter once: the same network either way), the median and range over rounds; the largest logit difference
     merging makes; and for QLoRA the test accuracy of its adapter on the fp32 base, where PEFT puts it.
 
     All models are timed together in interleaved rounds, so a slow spell of a shared machine hits all alike.
