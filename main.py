@@ -968,6 +968,11 @@ def plot_results(results, out_dir):
     return written
 
 
+def titled(view, title, sep="\n"):
+    """A figure's title, led by the quick-run warning when there is one."""
+    return f"{view['quick']}{sep}{title}" if view["quick"] else title
+
+
 ACC_MIN_SPAN = 1.0  # points: a curve's accuracy axis is at least this tall, so 2 images in 5,000 look small
 
 
@@ -1002,8 +1007,7 @@ def plot_curves(plt, view, key):
         ax.set_yscale("log")
     where = "on MNIST too" if view["task"] == "mnist" else f"on {view['task']}"
     ax.set(xlabel="epoch (of each method's own run)", ylabel=ylabel,
-           title=f"{view['quick']}\n{title} ({view['spread']})\nBase from scratch on MNIST; the others from it, {where}"
-           .lstrip("\n"))
+           title=titled(view, f"{title} ({view['spread']})\nBase from scratch on MNIST; the others from it, {where}"))
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the axes: never over a curve
     style_axes(ax)
@@ -1018,8 +1022,8 @@ def plot_loss_and_accuracy(plt, view, method):
     fig, ax = plt.subplots(figsize=(7, 4.5))
     draw_curve(ax, view, method, "train_loss", marker="o", color=loss_color, label="training loss")
     draw_curve(ax, view, method, "val_loss", marker="s", ls="--", color=loss_color, label="validation loss")
-    ax.set(xlabel="epoch", title=f"{view['quick']}\n{label(method, view['task'])}: loss and validation accuracy "
-                                 f"({view['spread']})".lstrip("\n"))
+    ax.set(xlabel="epoch", title=titled(view, f"{label(method, view['task'])}: loss and validation accuracy "
+                                              f"({view['spread']})"))
     ax.set_ylabel("cross-entropy loss", color=loss_color)
     ax.tick_params(axis="y", colors=loss_color)
     ax2 = ax.twinx()
@@ -1086,9 +1090,8 @@ def plot_comparison(plt, view):
     timed = {m: results["inference"][m] for m in trained if m in results.get("inference", {})}
     for column, batch in ((1, "1"), (2, "1000")):
         plot_latency(plt, fig.add_subplot(grid[1, column]), timed, batch)
-    fig.suptitle(f"{view['quick'] and view['quick'] + ': '}Test accuracy, memory, file size and latency; "
-                 f"fine-tuned on {view['task']} "
-                 f"({results['environment']['device_name']})")
+    fig.suptitle(titled(view, f"Test accuracy, memory, file size and latency; fine-tuned on {view['task']} "
+                              f"({results['environment']['device_name']})", sep=": "))
     return fig
 
 
@@ -1146,8 +1149,8 @@ def plot_rank_sweep(plt, view):
             ax.plot([], [], ls="none", label=f"Base, not fine-tuned: {before:.2f} %")
     ax.set_xscale("log")
     ax.set(xlabel="trainable parameters (log scale)", ylabel="test accuracy (%), axis zoomed",
-           title=f"{view['quick']}\nAccuracy vs trainable parameters on {view['task']} "
-                 f"({f'mean of {n_seeds} seeds, 95 % CI' if n_seeds > 1 else '1 seed'})".lstrip("\n"))
+           title=titled(view, f"Accuracy vs trainable parameters on {view['task']} "
+                              f"({f'mean of {n_seeds} seeds, 95 % CI' if n_seeds > 1 else '1 seed'})"))
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     style_axes(ax, epochs=False)
@@ -1172,8 +1175,8 @@ def plot_lr_sweep(plt, view):
     ax.set_xscale("log")
     seed = view["results"]["seeds"][0]
     ax.set(xlabel="learning rate (log scale)", ylabel="best validation accuracy (%), axis zoomed",
-           title=f"{view['quick'] and view['quick'] + ': '}Learning-rate grid on {view['task']}\n(seed {seed}, "
-                 f"judged on the validation set only)")
+           title=titled(view, f"Learning-rate grid on {view['task']}\n(seed {seed}, judged on the validation set "
+                              f"only)", sep=": "))
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     style_axes(ax, epochs=False)
