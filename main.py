@@ -33,47 +33,47 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 # =====================================================================================================
-# Hyperparameters: edit here, or override with the flag of the same name (python main.py --help)
+# Settings: edit a default here, or override it for one run with its flag (python main.py --help)
 # =====================================================================================================
-DATA_DIR = "data"                  # MNIST in DATA_DIR/MNIST/raw, Fashion-MNIST in DATA_DIR/FashionMNIST/raw
-                                   # (torchvision's layout); downloaded there if missing
-OUT_DIR = "plots/latest"           # plots, results.json, results.md, saved models (git-ignored; see README)
-METHODS = "base,full,head,lora,dora,qlora"  # runs, in order; all but base start from the trained base
-FINETUNE_TASK = "mnist"            # what the methods fine-tune on: mnist | rotated | inverted | fashion (TASKS)
-DEVICE = "auto"                    # auto (cuda when available) | cpu | cuda
-SEED = 0                           # the first seed; it also fixes the validation split
-SEEDS = 1                          # every method runs with seeds SEED .. SEED+SEEDS-1 (init and data order)
-BATCH_SIZE = 128                   # training batch size, the same for every method
-LEARNING_RATES = {                 # Adam's rate at the start of each run (cosine-decayed to 0 per step), per
-    "base": 2e-3,                  # method; the fine-tuning rates are what the validation grid (LRS) chose for
-    "full": 1e-3, "head": 1e-3, "lora": 1e-3, "dora": 1e-3, "qlora": 1e-3}  # MNIST, the default task (README)
-LEARNING_RATE = None               # one rate for every method instead of the table (--lr)
-LRS = ""                           # rate grid, e.g. "1e-3,3e-3,1e-2,3e-2": each fine-tuning method takes the
-                                   # rate with the best validation accuracy on the first seed (test set unused)
-NUM_EPOCHS = 8                     # epoch budget of the base model
-FINETUNE_EPOCHS = 10               # epoch budget of every fine-tuning method
-PATIENCE = 2                       # early stopping: stop after this many epochs without a better val loss
-RANK = 8                           # r, the rank of the update B.A
-ALPHA = 16                         # the update is scaled by ALPHA / RANK (Hu et al. 2021)
-RANKS = ""                         # rank sweep, e.g. "1,2,4,8,16": the adapter methods again at each rank
-LORA_DROPOUT = 0.0                 # dropout on the adapter's input (0 lets DoRA reuse the base output)
-TRAIN_HEAD = True                  # classifier head fully trainable instead of adapted (README: "Design choices")
-QUANT_BLOCKSIZE = 64               # QLoRA: NF4 block size (64 in Dettmers et al. 2023)
-VAL_SIZE = 5000                    # images held out of the 60,000 training images for early stopping
-QUICK_TRAIN_SIZE = 6000            # --quick: training images used ...
-QUICK_VAL_SIZE = 1000              # ... validation images ...
-QUICK_MAX_EPOCHS = 2               # ... and the most epochs per method
-
-ALL_METHODS = ("base", "full", "head", "lora", "dora", "qlora")  # full: every parameter; head: the classifier only
-DISPLAY = {"base": "Base", "full": "Full FT", "head": "Head only", "lora": "LoRA", "dora": "DoRA", "qlora": "QLoRA"}
-PLAIN_FILES = {"base": "base_model.pt", "full": "full_finetuned.pt", "head": "head_finetuned.pt"}  # no adapter:
-# these methods are saved as whole CNN state dicts
-TASKS = {  # fine-tuning targets, the same split sizes; the base always trains on mnist
+TASKS = {  # what the methods fine-tune on, the same split sizes; the base always trains on MNIST
     "mnist": "MNIST itself, the data the base was trained on",
     "rotated": "MNIST digits rotated by 90 degrees (counter-clockwise)",
     "inverted": "MNIST with inverted colours (white background, black digits)",
     "fashion": "Fashion-MNIST: 28x28 grey images of 10 kinds of clothing, a real domain shift",
 }
+SETTINGS = {  # name: (default, type, meaning); the flag is --name with - for _ (--batch-size), on/off for a bool
+    "methods": ("base,full,head,lora,dora,qlora", str, "runs, in order; all but base start from the trained base"),
+    "task": ("mnist", str, "what the methods fine-tune on: " + " | ".join(TASKS)),
+    "seeds": (1, int, "every method runs with seeds seed .. seed+seeds-1 (init and data order)"),
+    "epochs": (8, int, "epoch budget of the base model"),
+    "finetune_epochs": (10, int, "epoch budget of every fine-tuning method"),
+    "batch_size": (128, int, "training batch size, the same for every method"),
+    "lr": (None, float, "one Adam rate for every method instead of the LEARNING_RATES table"),
+    "lrs": ("", str, "rate grid, e.g. 1e-3,3e-3,1e-2,3e-2: each fine-tuning method takes the rate with the best "
+                     "validation accuracy on the first seed (the test set takes no part)"),
+    "patience": (2, int, "early stopping: stop after this many epochs without a better validation loss"),
+    "rank": (8, int, "r, the rank of the update B A"),
+    "alpha": (16, float, "the update is scaled by alpha / r (Hu et al. 2021)"),
+    "ranks": ("", str, "rank sweep, e.g. 1,2,4,8,16: the adapter methods again at each rank"),
+    "dropout": (0.0, float, "dropout on the adapter's input (0 lets DoRA reuse the base's output)"),
+    "train_head": (True, bool, "the classifier head fully trainable instead of adapted"),
+    "device": ("auto", str, "auto (cuda when available) | cpu | cuda"),
+    "data_dir": ("data", str, "holds MNIST/raw/ and FashionMNIST/raw/ (torchvision's layout); downloaded there "
+                              "if missing"),
+    "out_dir": ("plots/latest", str, "plots, results.json, results.md and seed<k>/ (saved models)"),
+    "seed": (0, int, "the first seed; it also fixes the validation split"),
+}
+LEARNING_RATES = {  # Adam's rate per method at the start of a run, cosine-decayed to 0; what the validation
+    "base": 2e-3,   # grid (--lrs) chose on MNIST, the default task (README: the rates per task)
+    "full": 1e-3, "head": 1e-3, "lora": 1e-3, "dora": 1e-3, "qlora": 1e-3}
+QUANT_BLOCKSIZE = 64               # QLoRA: NF4 block size (64 in Dettmers et al. 2023)
+VAL_SIZE = 5000                    # images held out of the 60,000 training images for early stopping
+QUICK_TRAIN_SIZE, QUICK_VAL_SIZE, QUICK_MAX_EPOCHS = 6000, 1000, 2  # --quick: a smoke run on a subset
+
+ALL_METHODS = ("base", "full", "head", "lora", "dora", "qlora")  # full: every parameter; head: the classifier only
+DISPLAY = {"base": "Base", "full": "Full FT", "head": "Head only", "lora": "LoRA", "dora": "DoRA", "qlora": "QLoRA"}
+WHOLE_MODEL_FILES = {"base": "base_model.pt", "full": "full_finetuned.pt", "head": "head_finetuned.pt"}  # the
+# methods without an adapter, saved as whole CNN state dicts
 TASK_DATASET = {"fashion": "FashionMNIST"}  # where a task's images come from; the others are made from MNIST
 
 
@@ -88,7 +88,7 @@ class CNN(nn.Module):
     34 s per epoch on the 2-core CPU).
     """
 
-    head = "fc2"  # the classifier layer, left fully trainable when TRAIN_HEAD
+    head = "fc2"  # the classifier layer, left fully trainable with --train-head
 
     def __init__(self):
         super().__init__()
@@ -109,12 +109,13 @@ class CNN(nn.Module):
 # Adapter layers: one base class, three methods; Linear and Conv2d differ only in `layer_op`
 # =====================================================================================================
 class AdapterLayer(nn.Module):
-    """A frozen Linear/Conv2d weight W plus a trainable low-rank update dW = (alpha/r) * B @ A.
+    """What the three methods share: a frozen Linear/Conv2d weight W and bias b, and a trainable low-rank
+    update dW = (alpha/r) * B @ A.
 
-    Layout as PEFT stores it: Linear lora_A [r, in], lora_B [out, r]; Conv2d lora_A [r, in, kh, kw]
-    (a conv with the base's kernel, stride, padding, dilation) and lora_B [out, r, 1, 1] (a 1x1 conv).
-    A is Kaiming-uniform and B zero, so at init the layer computes exactly what the base computed.
-    Subclasses decide how W is stored (`_store_base_weight`/`base_weight`) and how dW enters the output.
+    Layout as PEFT stores it: Linear lora_A [r, in], lora_B [out, r]; Conv2d lora_A [r, in, kh, kw] (a conv
+    with the base's kernel, stride, padding, dilation) and lora_B [out, r, 1, 1] (a 1x1 conv). A starts
+    Kaiming-uniform and B at zero, so a fresh layer computes exactly what the base computed. Every method's
+    forward equals layer_op(x, merged_weight(), bias) in eval mode (tests/test_adapters.py checks it).
     """
 
     def __init__(self, base, rank, alpha, dropout=0.0):
@@ -133,17 +134,19 @@ class AdapterLayer(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear/nn.Conv2d init their weight
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.bias = None if base.bias is None else nn.Parameter(base.bias.detach().clone(), requires_grad=False)
-        self._store_base_weight(weight)
+        self.store_base_weight(weight)
 
-    # -- how W is kept (overridden by QLoRA)
-    def _store_base_weight(self, weight):
+    def store_base_weight(self, weight):  # QLoRA stores it in 4 bits instead
         self.weight = nn.Parameter(weight.clone(), requires_grad=False)
 
     def base_weight(self):
         return self.weight
 
-    # -- the base layer's own operation, with any weight of its shape
+    def frozen_weight_bytes(self):
+        return self.weight.nbytes
+
     def layer_op(self, x, weight, bias=None):
+        """The base layer's own operation, with any weight of its shape."""
         if self.is_conv:
             return F.conv2d(x, weight, bias, **self.conv_args)
         return F.linear(x, weight, bias)
@@ -153,24 +156,14 @@ class AdapterLayer(nn.Module):
         return v.view(-1, 1, 1) if self.is_conv else v
 
     def lora(self, x):
-        """(alpha/r) * B(A(x)), without ever forming the dense dW."""
+        """dW x = (alpha/r) B (A x), without ever forming the dense dW."""
         h = self.layer_op(x, self.lora_A)
-        scaled_B = self.lora_B * self.scaling  # scale the tiny B, not the large output: one pass less (measured)
+        scaled_B = self.lora_B * self.scaling  # scale the tiny B, not the large output: one pass less
         return F.conv2d(h, scaled_B) if self.is_conv else F.linear(h, scaled_B)
 
     def delta_weight(self):
-        """dW = (alpha/r) * B @ A as a dense tensor shaped like W."""
+        """dW = (alpha/r) B @ A as a dense tensor shaped like W."""
         return self.scaling * (self.lora_B.flatten(1) @ self.lora_A.flatten(1)).view(self.weight_shape)
-
-    # -- LoRA (Hu et al. 2021): y = W x + b + (alpha/r) B A dropout(x)
-    def forward(self, x):
-        # in place: saves a pass over the output; autograd allows it, nothing kept W x for backward
-        return self.layer_op(x, self.base_weight(), self.bias).add_(self.lora(self.dropout(x)))
-
-    @torch.no_grad()
-    def merged_weight(self):
-        """The dense weight this layer is equivalent to (in eval mode): layer_op(x, merged_weight(), bias)."""
-        return self.base_weight() + self.delta_weight()
 
     @torch.no_grad()
     def merge(self):
@@ -190,7 +183,16 @@ class AdapterLayer(nn.Module):
 
 
 class LoRALayer(AdapterLayer):
-    """LoRA: frozen fp32 W, trainable B and A (the base class's forward)."""
+    """LoRA (Hu et al. 2021): W frozen, only B and A learn."""
+
+    def forward(self, x):
+        # y = W x + b + dW dropout(x), dW = (alpha/r) B A: layer_op(x, merged_weight(), bias) in eval mode.
+        # add_ in place saves a pass over the output; autograd allows it, as nothing kept W x for backward
+        return self.layer_op(x, self.base_weight(), self.bias).add_(self.lora(self.dropout(x)))
+
+    @torch.no_grad()
+    def merged_weight(self):
+        return self.base_weight() + self.delta_weight()  # W + dW
 
 
 class DoRALayer(AdapterLayer):
@@ -211,23 +213,25 @@ class DoRALayer(AdapterLayer):
         return weight.flatten(1).norm(dim=1)
 
     def forward(self, x):
+        # y = W' x + b, W' = m (W + dW) / ||W + dW||: layer_op(x, merged_weight(), bias) in eval mode.
+        # Never forms W': W x and dW x are computed apart and scaled per output unit by s = m / ||W + dW||.
         weight = self.base_weight()
-        scale = self.per_output(self.magnitude / self.weight_norm(weight + self.delta_weight()).detach())
+        scale = self.per_output(self.magnitude / self.weight_norm(weight + self.delta_weight()).detach())  # s
         base_out = self.layer_op(x, weight)  # W x, without bias
         if isinstance(self.dropout, nn.Identity) or not self.training:
-            # W' x + b = scale * (W x + dW x) + b: W x computed once, and only two passes over the output
+            # y = s (W x + dW x) + b: W x computed once, two passes over the output
             direction_out = base_out.add_(self.lora(x))
             if self.bias is None:
                 return direction_out * scale
-            return torch.addcmul(self.per_output(self.bias), direction_out, scale)
-        # with dropout: W x + (W' - W) dropout(x), the adapter seeing the dropped-out input as LoRA's does
+            return torch.addcmul(self.per_output(self.bias), direction_out, scale)  # b + s * direction_out, fused
+        # with dropout, as PEFT: y = W x + (s - 1) W x' + s dW x' + b, x' = dropout(x): the adapter sees x' only
         x_drop = self.dropout(x)
         out = base_out + (scale - 1) * self.layer_op(x_drop, weight) + scale * self.lora(x_drop)
         return out if self.bias is None else out + self.per_output(self.bias)
 
     @torch.no_grad()
     def merged_weight(self):
-        direction = self.base_weight() + self.delta_weight()
+        direction = self.base_weight() + self.delta_weight()  # W + dW
         return (self.magnitude / self.weight_norm(direction)).view(-1, *[1] * (direction.dim() - 1)) * direction
 
 
@@ -259,8 +263,8 @@ def bitsandbytes_call(name, *args, **kwargs):
                                       f"{' '.join(str(e).split())[:150]})") from None
 
 
-class QLoRALayer(AdapterLayer):
-    """QLoRA (Dettmers et al. 2023): W stored as 4-bit NormalFloat (NF4) with double quantization.
+class QLoRALayer(LoRALayer):
+    """QLoRA (Dettmers et al. 2023): LoRA, with W stored as 4-bit NormalFloat (NF4) and double quantization.
 
     bitsandbytes' quantize_4bit packs two 4-bit codes per byte with one absmax per block of 64 weights;
     double quantization stores those absmax values themselves as 8-bit with a second-level fp32 scale
@@ -269,7 +273,7 @@ class QLoRALayer(AdapterLayer):
     serves Conv2d through `layer_op`.
     """
 
-    def _store_base_weight(self, weight):
+    def store_base_weight(self, weight):
         # Quantized as one flat vector: blocks of 64 consecutive weights either way, but bitsandbytes' CPU
         # kernel needs an even last dimension; a conv's [.., 5, 5] would fall back to a torch.compile'd
         # generic path that recompiles on every switch between training and inference (seconds each).
@@ -290,18 +294,20 @@ class QLoRALayer(AdapterLayer):
         self.quant_state.to(self.weight_4bit.device)  # the absmax/code tensors follow the packed weight
         return self
 
-    def quant_state_tensors(self):
+    def quant_state_bytes(self):
+        """absmax and code tables of both quantization levels: stored with W, so counted with it."""
         qs = self.quant_state
-        tensors = [qs.absmax, qs.code]
-        if qs.nested:
-            tensors += [qs.offset, qs.state2.absmax, qs.state2.code]
-        return tensors
+        tensors = [qs.absmax, qs.code] + ([qs.offset, qs.state2.absmax, qs.state2.code] if qs.nested else [])
+        return sum(t.nbytes for t in tensors)
+
+    def frozen_weight_bytes(self):
+        return self.weight_4bit.nbytes + self.quant_state_bytes()
 
 
 ADAPTERS = {"lora": LoRALayer, "dora": DoRALayer, "qlora": QLoRALayer}
 
 
-def adaptable_layers(model, train_head=TRAIN_HEAD):
+def adaptable_layers(model, train_head=True):
     """(parent module, attribute name, full name, layer) for every Linear/Conv2d the adapters replace."""
     found = []
     for parent_name, parent in model.named_modules():
@@ -312,13 +318,13 @@ def adaptable_layers(model, train_head=TRAIN_HEAD):
     return found
 
 
-def max_rank(model, train_head=TRAIN_HEAD):
+def max_rank(model, train_head=True):
     """The largest rank every adapted layer admits: min(in, out), `in` being in_channels*kh*kw for a conv."""
     return min(min(layer.weight.shape[0], layer.weight[0].numel())
                for *_, layer in adaptable_layers(model, train_head))
 
 
-def add_adapters(model, method, rank, alpha, dropout=0.0, train_head=TRAIN_HEAD):
+def add_adapters(model, method, rank, alpha, dropout=0.0, train_head=True):
     """Replace the model's Linear/Conv2d layers in place (same names) by `method` wrappers; freeze the rest.
 
     With train_head, the classifier head (model.head) stays a plain, fully trainable layer.
@@ -416,7 +422,7 @@ def split_indices(n, val_size, seed):
     return order[val_size:], order[:val_size]
 
 
-def make_splits(data, device, task="mnist", val_size=VAL_SIZE, seed=SEED, train_size=None):
+def make_splits(data, device, task="mnist", val_size=VAL_SIZE, seed=0, train_size=None):
     """train/val/test (images, labels) of `task` on `device`, images normalized once with MNIST's statistics
     (the base's preprocessing, whatever the task); train_size (for --quick) keeps a subset of training images.
     The split depends on the seed only, so every task holds out the same images."""
@@ -473,7 +479,7 @@ AT_CHANCE = 1.5  # a validation accuracy at most this many times chance after tr
 
 
 def optimizer_state_bytes(optimizer):
-    return sum(t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values()
+    return sum(t.nbytes for state in optimizer.state.values() for t in state.values()
                if torch.is_tensor(t))
 
 
@@ -556,10 +562,6 @@ def train(model, splits, epochs, lr, batch_size, patience, seed, log=print):
 # =====================================================================================================
 # Measurement: parameters, bytes as stored, CUDA peak
 # =====================================================================================================
-def nbytes(t):
-    return t.numel() * t.element_size()
-
-
 def count_parameters(model):
     """(trainable, total). A 4-bit weight counts as the number of weights it stores, not its bytes."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -570,21 +572,15 @@ def count_parameters(model):
 
 def weight_bytes(model):
     """Bytes of every weight as stored: fp32 parameters, and for QLoRA the packed 4-bit codes plus all of
-    their quantization constants (absmax, second-level scales, code tables)."""
-    total = sum(nbytes(p) for p in model.parameters()) + sum(nbytes(b) for b in model.buffers())
-    return total + sum(nbytes(t) for m in model.modules() if isinstance(m, QLoRALayer)
-                       for t in m.quant_state_tensors())
+    their quantization constants."""
+    return (sum(p.nbytes for p in model.parameters()) + sum(b.nbytes for b in model.buffers())
+            + sum(m.quant_state_bytes() for m in model.modules() if isinstance(m, QLoRALayer)))
 
 
 def frozen_base_weight_bytes(model):
     """(stored bytes, fp32 bytes) of the adapted layers' frozen weight matrices W (biases excluded)."""
-    stored = fp32 = 0
-    for m in model.modules():
-        if isinstance(m, AdapterLayer):
-            fp32 += 4 * math.prod(m.weight_shape)
-            stored += (nbytes(m.weight_4bit) + sum(nbytes(t) for t in m.quant_state_tensors())
-                       if isinstance(m, QLoRALayer) else nbytes(m.weight))
-    return stored, fp32
+    adapted = [m for m in model.modules() if isinstance(m, AdapterLayer)]
+    return sum(m.frozen_weight_bytes() for m in adapted), sum(4 * math.prod(m.weight_shape) for m in adapted)
 
 
 def with_cuda_peak(device, model, run):
@@ -607,7 +603,7 @@ def with_cuda_peak(device, model, run):
 def measure(model, fit, test_loss, test_acc, cuda_peak):
     trainable, total = count_parameters(model)
     frozen_stored, frozen_fp32 = frozen_base_weight_bytes(model)
-    stored, grad_bytes = weight_bytes(model), sum(nbytes(p) for p in model.parameters() if p.requires_grad)
+    stored, grad_bytes = weight_bytes(model), sum(p.nbytes for p in model.parameters() if p.requires_grad)
     return {"status": "ok", "test_acc": test_acc, "test_loss": test_loss,
             "trainable_params": trainable, "total_params": total,
             "weight_bytes": stored, "grad_bytes": grad_bytes, "optimizer_bytes": fit["optimizer_bytes"],
@@ -798,7 +794,7 @@ def measure_inference(results, out_dir, test, device, rounds=LATENCY_ROUNDS, rep
         if r["seed"] != seed or r["status"] != "ok":
             continue
         method, path = r["method"], saved_model_file(out_dir, r["method"], seed, r["rank"])
-        if method in PLAIN_FILES:
+        if method in WHOLE_MODEL_FILES:
             models[method] = {"plain": load_plain(path, device).to(memory_format=torch.channels_last).eval()}
             continue
         model = load_adapter(base_file, path, device).to(memory_format=torch.channels_last).eval()
@@ -835,7 +831,7 @@ SAME_FOR_EVERY_SEED = ("trainable_params", "total_params", "weight_bytes", "grad
 
 def run_rank(method, rank):
     """The rank a method runs at: None for the base and full fine-tuning, which have no adapter."""
-    return None if method in PLAIN_FILES else rank
+    return None if method in WHOLE_MODEL_FILES else rank
 
 
 def main_runs(results):
@@ -891,7 +887,7 @@ def rank_sweep(results):
     if not results["ranks"]:
         return {}
     sweep = {}
-    for method in (m for m in results["methods"] if m not in PLAIN_FILES):
+    for method in (m for m in results["methods"] if m not in WHOLE_MODEL_FILES):
         points = []
         for rank in sorted(set(results["ranks"]) | {results["config"]["rank"]}):
             ok = [r for r in results["runs"] if r["method"] == method and r["rank"] == rank and r["status"] == "ok"]
@@ -1101,10 +1097,10 @@ def plot_latency(plt, ax, timed, batch):
     ranged = all("latency_range_ms" in t for t in timed.values())
     for i, (method, t) in enumerate(timed.items()):
         kinds = [k for k in ("plain", "unmerged", "merged") if k in t["latency_ms"]]
-        if method in PLAIN_FILES:  # results written before Base/Full FT were timed once: one network, one bar
+        if method in WHOLE_MODEL_FILES:  # results written before Base/Full FT were timed once: one network, one bar
             kinds = kinds[-1:]
         for kind in kinds:
-            look = "plain" if method in PLAIN_FILES else kind
+            look = "plain" if method in WHOLE_MODEL_FILES else kind
             offset, width = {"plain": (0, 0.5), "unmerged": (-0.2, 0.4), "merged": (0.2, 0.4)}[look]
             ms = t["latency_ms"][kind][batch]
             low, high = t["latency_range_ms"][kind][batch] if ranged else (ms, ms)
@@ -1422,34 +1418,18 @@ class ConfigError(ValueError):
 
 
 def parse_args(argv=None):
+    """One flag per entry of SETTINGS, its default read from there; then the three that steer a run."""
     p = argparse.ArgumentParser(description="MNIST CNN fine-tuned with hand-written LoRA, DoRA and QLoRA.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--methods", default=METHODS, help=f"comma list from {','.join(ALL_METHODS)}")
-    p.add_argument("--task", default=FINETUNE_TASK, help=f"what the methods fine-tune on: {', '.join(TASKS)}")
-    p.add_argument("--seeds", type=int, default=SEEDS, help="runs per method, with seeds seed .. seed+seeds-1")
-    p.add_argument("--epochs", type=int, default=NUM_EPOCHS, help="epoch budget of the base model")
-    p.add_argument("--finetune-epochs", type=int, default=FINETUNE_EPOCHS, help="epoch budget of every fine-tuning method")
-    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="training batch size")
-    p.add_argument("--lr", type=float, default=LEARNING_RATE,
-                   help="one Adam learning rate for every method instead of the LEARNING_RATES table "
-                        f"({', '.join(f'{m} {r:g}' for m, r in LEARNING_RATES.items())})")
-    p.add_argument("--lrs", default=LRS, help="rate grid, e.g. 1e-3,3e-3,1e-2,3e-2: each fine-tuning method takes "
-                                              "the rate with the best validation accuracy on the first seed")
-    p.add_argument("--patience", type=int, default=PATIENCE, help="early-stopping patience in epochs")
-    p.add_argument("--rank", type=int, default=RANK, help="adapter rank r")
-    p.add_argument("--alpha", type=float, default=ALPHA, help="adapter scale numerator (update x alpha/r)")
-    p.add_argument("--ranks", default=RANKS, help="rank sweep, e.g. 1,2,4,8,16: the adapter methods at each rank")
-    p.add_argument("--dropout", type=float, default=LORA_DROPOUT, help="dropout on the adapter input")
-    p.add_argument("--train-head", action=argparse.BooleanOptionalAction, default=TRAIN_HEAD,
-                   help="keep the classifier head fully trainable instead of adapting it")
-    p.add_argument("--device", default=DEVICE, choices=("auto", "cpu", "cuda"), help="auto: cuda when available")
-    p.add_argument("--data-dir", default=DATA_DIR,
-                   help="holds MNIST/raw/ and, for --task fashion, FashionMNIST/raw/ (downloaded there if missing)")
-    p.add_argument("--out-dir", default=OUT_DIR, help="plots, results.json, results.md, seed<k>/ (saved models)")
-    p.add_argument("--seed", type=int, default=SEED, help="first seed (init, data order); fixes the validation split")
+    for name, (default, kind, meaning) in SETTINGS.items():
+        flag = "--" + name.replace("_", "-")
+        if kind is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=meaning)
+        else:
+            p.add_argument(flag, type=kind, default=default, help=meaning)
     p.add_argument("--resume", action="store_true",
-                   help="keep the runs already finished in out-dir/results.json (same hyperparameters) "
-                        "whose saved models are there and intact; run the rest")
+                   help="keep the runs already finished in out-dir/results.json (same settings) whose saved models "
+                        "are there and intact; run the rest")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the results an earlier run left in out-dir (without it, such a folder is refused)")
     p.add_argument("--quick", action="store_true",
@@ -1468,27 +1448,38 @@ def seeds_of(args):
     return [args.seed + k for k in range(args.seeds)]
 
 
+AT_LEAST = {"epochs": 1, "finetune_epochs": 1, "batch_size": 1, "patience": 0, "seeds": 1}
+
+
+def number_list(args, name, kind, example):
+    """--lrs/--ranks "a,b,c" as a sorted list of distinct numbers (kept when already one)."""
+    text = getattr(args, name)
+    if isinstance(text, str):
+        try:
+            setattr(args, name, sorted({kind(v) for v in text.split(",") if v.strip()}))
+        except ValueError:
+            what = "whole numbers" if kind is int else "numbers"
+            raise ConfigError(f"--{name} must be {what} separated by commas, like {example} (got {text!r})") from None
+    return getattr(args, name)
+
+
 def check_args(args):
-    """Every bad setting, flag or edited constant, as one ConfigError sentence before anything runs.
-    Turns args.ranks into a sorted list of ints."""
+    """Every bad setting, flag or edited default, as one ConfigError sentence before anything runs.
+    Turns args.lrs and args.ranks into sorted lists of numbers."""
     unknown = [m for m in args.methods if m not in ALL_METHODS]
     if unknown or not args.methods:
         raise ConfigError(f"unknown method(s) {', '.join(unknown) or '(none given)'}: choose from "
                           f"{', '.join(ALL_METHODS)}, comma-separated")
     if "base" in args.methods and args.methods[0] != "base":
         raise ConfigError("base must come first in --methods: the other methods fine-tune the base it trains")
-    if args.task not in TASKS:
-        raise ConfigError(f"unknown --task {args.task!r}: choose from {', '.join(TASKS)}")
-    for name, low in (("epochs", 1), ("finetune_epochs", 1), ("batch_size", 1), ("patience", 0), ("seeds", 1)):
+    for flag, value, allowed in (("--task", args.task, TASKS), ("--device", args.device, ("auto", "cpu", "cuda"))):
+        if value not in allowed:
+            raise ConfigError(f"unknown {flag} {value!r}: choose from {', '.join(allowed)}")
+    for name, low in AT_LEAST.items():
         if getattr(args, name) < low:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least {low} (got {getattr(args, name)})")
-    if isinstance(args.lrs, str):
-        try:
-            args.lrs = sorted({float(r) for r in args.lrs.split(",") if r.strip()})
-        except ValueError:
-            raise ConfigError(f"--lrs must be numbers separated by commas, like 1e-3,3e-3,1e-2 (got {args.lrs!r})") from None
-    rates = [("--lr", args.lr)] * (args.lr is not None) + [("--lrs", r) for r in args.lrs] + [
-        (f"LEARNING_RATES[{m!r}]", r) for m, r in LEARNING_RATES.items()] + [("--alpha", args.alpha)]
+    rates = ([("--lr", args.lr)] * (args.lr is not None) + [("--lrs", r) for r in number_list(args, "lrs", float, "1e-3,3e-3,1e-2")]
+             + [(f"LEARNING_RATES[{m!r}]", r) for m, r in LEARNING_RATES.items()] + [("--alpha", args.alpha)])
     for name, value in rates:
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
             raise ConfigError(f"{name} must be a positive number (got {value})")
@@ -1501,20 +1492,17 @@ def check_args(args):
         raise ConfigError("--resume keeps an earlier run's results and --overwrite replaces them: choose one")
     if not 0 <= args.dropout < 1:
         raise ConfigError(f"--dropout must be in [0, 1) (got {args.dropout})")
-    if isinstance(args.ranks, str):
-        try:
-            args.ranks = sorted({int(r) for r in args.ranks.split(",") if r.strip()})
-        except ValueError:
-            raise ConfigError(f"--ranks must be whole numbers separated by commas, like 1,2,4,8,16 "
-                              f"(got {args.ranks!r})") from None
     limit = max_rank(CNN(), args.train_head)
-    for flag, rank in [("--rank", args.rank)] + [("--ranks", r) for r in args.ranks]:
+    for flag, rank in [("--rank", args.rank)] + [("--ranks", r) for r in number_list(args, "ranks", int, "1,2,4,8,16")]:
         if not 1 <= rank <= limit:
             raise ConfigError(f"{flag} must be between 1 and {limit}, the smallest min(in, out) of the adapted "
                               f"layers (got {rank})")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for but no CUDA device is available; use --device cpu or auto")
-    out = Path(args.out_dir)
+    check_writable(Path(args.out_dir))
+
+
+def check_writable(out):
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write_test"
@@ -1527,7 +1515,7 @@ def check_args(args):
 def plan_runs(args):
     """(method, seed, rank) in running order: the main comparison seed by seed, then the rank sweep."""
     plan = [(m, s, run_rank(m, args.rank)) for s in seeds_of(args) for m in args.methods]
-    return plan + [(m, s, r) for s in seeds_of(args) for m in args.methods if m not in PLAIN_FILES
+    return plan + [(m, s, r) for s in seeds_of(args) for m in args.methods if m not in WHOLE_MODEL_FILES
                    for r in args.ranks if r != args.rank]
 
 
@@ -1682,7 +1670,7 @@ def saved_model_file(out_dir, method, seed, rank=None):
     """Where run_method saves a run's model: seed<k>/ holds the whole state dicts (base, full fine-tuning)
     and adapters/<method>_r<rank>/, an adapter folder in PEFT's format."""
     folder = Path(out_dir) / f"seed{seed}"
-    return folder / PLAIN_FILES[method] if method in PLAIN_FILES else folder / "adapters" / f"{method}_r{rank}"
+    return folder / WHOLE_MODEL_FILES[method] if method in WHOLE_MODEL_FILES else folder / "adapters" / f"{method}_r{rank}"
 
 
 def cpu_model():
@@ -1747,7 +1735,7 @@ def run_method(method, seed, rank, lr, base_model, splits, args, device, grid=Fa
     if method == "base" and args.task != "mnist":  # where the fine-tuning starts from, on the shifted task
         result["task_test_loss"], result["task_test_acc"] = evaluate(model, *splits[args.task]["test"])
     path = saved_model_file(args.out_dir, method, seed, rank)
-    if method in PLAIN_FILES:  # saved at once: the base is what adapter-only runs and --resume start from
+    if method in WHOLE_MODEL_FILES:  # saved at once: the base is what adapter-only runs and --resume start from
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, model.state_dict())
         result["file_bytes"] = path.stat().st_size
@@ -1782,7 +1770,7 @@ def report_method(r):
 def divergence_advice(method, rank, lr, args):
     """What to change after a divergence: the learning rate, and alpha too when it was raised for an adapter."""
     advice = f"lower --lr (now {lr:g})"
-    if method in ADAPTERS and args.alpha > ALPHA:
+    if method in ADAPTERS and args.alpha > SETTINGS["alpha"][0]:
         advice += f" or --alpha (now {args.alpha:g}: every update is scaled by alpha/r = {args.alpha / rank:g})"
     return advice
 

@@ -85,23 +85,23 @@ def main_benchmark(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--max-steps", type=int, default=None, help="time this many steps instead of a whole epoch")
-    p.add_argument("--data-dir", default=main.DATA_DIR)
-    p.add_argument("--out-dir", default=main.OUT_DIR)
+    p.add_argument("--data-dir", default=main.SETTINGS["data_dir"][0])
+    p.add_argument("--out-dir", default=main.SETTINGS["out_dir"][0])
     args = p.parse_args(argv)
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
     data = main.load_dataset(args.data_dir, download=False)
-    train_idx, val_idx = main.split_indices(len(data["train"][1]), main.VAL_SIZE, main.SEED)
-    full_steps = math.ceil(len(train_idx) / main.BATCH_SIZE)
+    train_idx, val_idx = main.split_indices(len(data["train"][1]), main.VAL_SIZE, main.SETTINGS["seed"][0])
+    full_steps = math.ceil(len(train_idx) / main.SETTINGS["batch_size"][0])
     steps = min(args.max_steps or full_steps, full_steps)
-    common = dict(device=device, batch_size=main.BATCH_SIZE, steps=steps, lr=main.LEARNING_RATES["base"], seed=main.SEED)
+    common = dict(device=device, batch_size=main.SETTINGS["batch_size"][0], steps=steps, lr=main.LEARNING_RATES["base"], seed=main.SETTINGS["seed"][0])
 
-    print(f"{main.environment(device)['device_name']}: {steps} steps of batch {main.BATCH_SIZE} + validation "
+    print(f"{main.environment(device)['device_name']}: {steps} steps of batch {main.SETTINGS["batch_size"][0]} + validation "
           f"on {len(val_idx):,} images, base CNN, torch {torch.__version__}")
     seed_s, seed_acc = seed_style_epoch(args.data_dir, train_idx, val_idx, **common)
     project_s, project_acc = project_epoch(data, **common)
     result = {"device": main.environment(device)["device_name"], "torch": torch.__version__, "steps": steps,
-              "batch_size": main.BATCH_SIZE, "max_steps": args.max_steps,
+              "batch_size": main.SETTINGS["batch_size"][0], "max_steps": args.max_steps,
               "seed_style_epoch_s": seed_s, "project_epoch_s": project_s, "ratio": seed_s / project_s,
               "seed_style_val_acc": seed_acc, "project_val_acc": project_acc}
     rows = [("(a) seed-style DataLoader pipeline", f"{seed_s:.2f} s", f"{seed_acc:.2f} %"),

@@ -57,17 +57,28 @@ def test_bad_flags_fail_before_any_work(capsys, tmp_path, monkeypatch, argv, mes
     assert code == 2 and message in err and err.startswith("error: ") and err.count("\n") == 1
 
 
-@pytest.mark.parametrize("constant, value, message", [
-    ("RANK", 0, "--rank must be between 1 and 16"), ("LEARNING_RATE", 0.0, "--lr must be a positive number"),
-    ("PATIENCE", -2, "--patience must be at least 0"), ("METHODS", "base,ia3", "unknown method(s) ia3"),
-    ("LORA_DROPOUT", 1.5, "--dropout must be in [0, 1)"), ("BATCH_SIZE", 0, "--batch-size must be at least 1"),
-    ("SEEDS", 0, "--seeds must be at least 1"), ("FINETUNE_TASK", "mnits", "unknown --task 'mnits'"),
-    ("RANKS", "0,8", "--ranks must be between 1 and 16")])
-def test_bad_constants_are_caught_like_flags(capsys, tmp_path, monkeypatch, constant, value, message):
-    monkeypatch.setattr(main, constant, value)
+@pytest.mark.parametrize("name, value, message", [
+    ("rank", 0, "--rank must be between 1 and 16"), ("lr", 0.0, "--lr must be a positive number"),
+    ("patience", -2, "--patience must be at least 0"), ("methods", "base,ia3", "unknown method(s) ia3"),
+    ("dropout", 1.5, "--dropout must be in [0, 1)"), ("batch_size", 0, "--batch-size must be at least 1"),
+    ("seeds", 0, "--seeds must be at least 1"), ("task", "mnits", "unknown --task 'mnits'"),
+    ("ranks", "0,8", "--ranks must be between 1 and 16"), ("device", "tpu", "unknown --device 'tpu'")])
+def test_bad_defaults_are_caught_like_flags(capsys, tmp_path, monkeypatch, name, value, message):
+    monkeypatch.setitem(main.SETTINGS, name, (value, *main.SETTINGS[name][1:]))
     monkeypatch.setattr(main, "load_dataset", lambda *a, **k: pytest.fail("data was loaded despite bad input"))
     code, _, err = run(capsys, "--out-dir", tmp_path)
     assert code == 2 and message in err
+
+
+def test_every_setting_is_a_flag_with_its_default_and_the_readme_table_says_so():
+    args = main.parse_args([])
+    assert {name: getattr(args, name) for name in main.SETTINGS} == {n: d for n, (d, *_) in main.SETTINGS.items()}
+    readme = (ROOT / "README.md").read_text()
+    for name, (default, kind, meaning) in main.SETTINGS.items():
+        flag = "--" + name.replace("_", "-") + ("/--no-" + name.replace("_", "-") if kind is bool else "")
+        shown = "on" if default is True else "(none)" if default in (None, "") else f"`{default}`"
+        row = f"| `{flag}` | {shown} | {meaning} |"
+        assert row in readme, f"README's settings table lacks, or has another version of:\n{row}"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
@@ -120,7 +131,7 @@ def quick_run(tmp_path_factory, mnist_dir):
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(repo)
         code = main.main(["--quick", "--data-dir", str(mnist_dir)])
-    return code, repo / main.OUT_DIR, repo
+    return code, repo / main.SETTINGS["out_dir"][0], repo
 
 
 def test_a_run_with_the_default_out_dir_changes_no_committed_file(quick_run):
@@ -135,7 +146,7 @@ def test_no_readme_command_writes_into_a_committed_folder():
     assert len(commands) >= 3
     for command in commands:
         argv = command.split("python main.py", 1)[1].split("#")[0].split()
-        out = Path(argv[argv.index("--out-dir") + 1]) if "--out-dir" in argv else Path(main.OUT_DIR)
+        out = Path(argv[argv.index("--out-dir") + 1]) if "--out-dir" in argv else Path(main.SETTINGS["out_dir"][0])
         assert out not in tracked and "--overwrite" not in argv, command
 
 
@@ -153,7 +164,7 @@ def test_quick_run_writes_every_output_with_sane_numbers(quick_run):
     runs = runs_by_method(results)
     assert [(r["method"], r["seed"], r["rank"]) for r in results["runs"]] == [
         ("base", 0, None), ("full", 0, None), ("head", 0, None), ("lora", 0, 8), ("dora", 0, 8), ("qlora", 0, 8)]
-    assert results["config"]["rank"] == main.RANK and results["environment"]["torch"] == torch.__version__
+    assert results["config"]["rank"] == main.SETTINGS["rank"][0] and results["environment"]["torch"] == torch.__version__
     assert results["config"]["task"] == "mnist" and results["seeds"] == [0] and results["rank_sweep"] == {}
     base = runs["base"]
     for method, r in runs.items():
@@ -180,7 +191,7 @@ def test_quick_run_writes_every_output_with_sane_numbers(quick_run):
     for method, r in runs.items():  # after training: files and inference cost
         inference = results["inference"][method]
         assert r["file_bytes"] > 0 and min(t["1000"] for t in inference["latency_ms"].values()) > 0
-        if method not in main.PLAIN_FILES:
+        if method not in main.WHOLE_MODEL_FILES:
             assert inference["merged_max_abs_logit_diff"] < 1e-3
             path = out / "seed0" / "adapters" / f"{method}_r8"
             size = (path / "adapter_model.safetensors").stat().st_size
