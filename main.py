@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+
 # =====================================================================================================
 # Settings: edit a default here, or override it for one run with its flag (python main.py --help)
 # =====================================================================================================
@@ -106,7 +107,7 @@ class CNN(nn.Module):
 
 
 # =====================================================================================================
-# Adapter layers: one base class, three methods; Linear and Conv2d differ only in `layer_op`
+# Adapter layers: one base, three methods; Linear and Conv2d differ only in `layer_op`
 # =====================================================================================================
 class AdapterLayer(nn.Module):
     """What the three methods share: a frozen Linear/Conv2d weight W and bias b, and a trainable low-rank
@@ -451,6 +452,17 @@ class Diverged(RuntimeError):
     pass
 
 
+NUM_CLASSES = 10
+EXPLODED = 10    # a training loss this many times above max(its first value, ln(classes)) has diverged
+AT_CHANCE = 1.5  # a validation accuracy at most this many times chance after training learned nothing
+
+
+def sync(device):
+    """Wait for the GPU's queued work, so a timer reads finished work; nothing to wait for on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @torch.inference_mode()
 def evaluate(model, images, labels, batch_size=1000):
     """(mean cross-entropy, accuracy in %) over a whole split, in large batches."""
@@ -463,19 +475,8 @@ def evaluate(model, images, labels, batch_size=1000):
     return loss.item() / len(labels), 100.0 * correct.item() / len(labels)
 
 
-def sync(device):
-    """Wait for the GPU's queued work, so a timer reads finished work; nothing to wait for on the CPU."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def trainable_parameters(model):
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
-
-
-NUM_CLASSES = 10
-EXPLODED = 10    # a training loss this many times above max(its first value, ln(classes)) has diverged
-AT_CHANCE = 1.5  # a validation accuracy at most this many times chance after training learned nothing
 
 
 def optimizer_state_bytes(optimizer):
@@ -613,47 +614,90 @@ def measure(model, fit, test_loss, test_acc, cuda_peak):
             "epochs_run": fit["epochs_run"], "best_epoch": fit["best_epoch"], "history": fit["history"]}
 
 
-# Student's t quantile t(0.975, df) for df = 1..30 (standard tables); beyond, a Cornish-Fisher expansion
-T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
-         2.045, 2.042)
-
-
-def t_975(df):
-    if df <= len(T_975):
-        return T_975[df - 1]
-    z = 1.959964
-    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
-
-
-def mean_std_ci(values):
-    """Mean, sample standard deviation and 95 % t-interval of the mean over seeds; with one value only the
-    mean (std and interval None: one run says nothing about its spread)."""
-    values = list(values)
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return {"n": len(values), "mean": mean, "std": None, "ci95": None, "values": values}
-    std = statistics.stdev(values)
-    half = t_975(len(values) - 1) * std / math.sqrt(len(values))
-    return {"n": len(values), "mean": mean, "std": std, "ci95": [mean - half, mean + half], "values": values}
-
-
 # =====================================================================================================
-# After training: merged inference, adapter-only files, their cost
+# Saved models: whole CNNs, and adapter folders that PEFT loads as they are
 # =====================================================================================================
+class WriteError(RuntimeError):
+    pass
+
+
+def write_atomic(path, content):
+    """Write `content` to a temporary file beside `path`, then rename it: a reader, or a run stopped mid-write,
+    never sees half a file. content: text, a matplotlib figure (PNG), or tensors (safetensors for a
+    .safetensors path, else torch.save). A failed write (disk full, no permission) leaves no temporary file
+    behind and raises WriteError: one sentence naming the file, its folder and the cause."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        if isinstance(content, str):
+            tmp.write_text(content)
+        elif hasattr(content, "savefig"):
+            content.savefig(tmp, dpi=120, format="png")
+        elif path.suffix == ".safetensors":
+            from safetensors.torch import save_file
+            save_file(content, str(tmp))
+        else:
+            torch.save(content, tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        if not isinstance(e, Exception):  # Ctrl-C: the half-written temporary file is gone, the old file intact
+            raise
+        cause = getattr(e, "strerror", None) or " ".join(str(e).split())[:120]
+        try:
+            if shutil.disk_usage(path.parent).free < 2**20:  # torch.save says "iostream error" when the disk is full
+                cause = "no space left on the device"
+        except OSError:
+            pass
+        raise WriteError(f"cannot write {path.name} in {path.parent} ({cause})") from None
+
+
+class ModelFileError(RuntimeError):
+    pass
+
+
+def read_model_file(path, read):
+    """read(path), any failure (missing, truncated, not ours, a pickle with code) as one sentence naming it."""
+    try:
+        return read(path)
+    except Exception as e:
+        detail = " ".join(str(e).split()).split(" Please file an issue")[0]
+        if "weights_only" in detail.lower() or "unpickl" in detail.lower():
+            detail = "it holds something other than plain tensors, and was not loaded"
+        raise ModelFileError(f"{path} cannot be read ({type(e).__name__}: {detail[:160]})") from None
+
+
+def load_plain(path, device):
+    """A method saved as a whole CNN state dict (the base, full fine-tuning), loaded back."""
+    model = CNN().to(device)
+    state = read_model_file(path, lambda p: torch.load(p, map_location=device, weights_only=True))
+    try:
+        model.load_state_dict(state)
+    except Exception as e:
+        raise ModelFileError(f"{path} does not hold this CNN's weights ({type(e).__name__})") from None
+    return model
+
+
+def saved_model_file(out_dir, method, seed, rank=None):
+    """Where run_method saves a run's model: seed<k>/ holds the whole state dicts (base, full fine-tuning)
+    and adapters/<method>_r<rank>/, an adapter folder in PEFT's format."""
+    folder = Path(out_dir) / f"seed{seed}"
+    return folder / WHOLE_MODEL_FILES[method] if method in WHOLE_MODEL_FILES else folder / "adapters" / f"{method}_r{rank}"
+
+
+def file_digest(path):
+    """SHA-256 of a saved model: a file, or an adapter folder (every file in it, by name)."""
+    digest = hashlib.sha256()
+    for file in sorted(Path(path).iterdir()) if Path(path).is_dir() else [Path(path)]:
+        digest.update(file.name.encode() + b"\0" + file.read_bytes())
+    return digest.hexdigest()
+
+
 PEFT_PREFIX = "base_model.model."  # PEFT's names: <prefix><module>.lora_A.weight, ....lora_magnitude_vector
 PEFT_NAMES = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "magnitude": "lora_magnitude_vector"}
-
-
-def merge_adapters(model):
-    """A copy of an adapted model with every adapter folded into a plain layer: the base architecture again,
-    with no extra inference cost. The adapted model itself is left as it was."""
-    merged = copy.deepcopy(model)
-    for parent in list(merged.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, AdapterLayer):
-                setattr(parent, name, child.merge())
-    return merged
 
 
 def peft_name(name):
@@ -732,98 +776,34 @@ def load_adapter(base_checkpoint, folder, device="cpu", method=None):
     return model
 
 
-class ModelFileError(RuntimeError):
-    pass
-
-
-def read_model_file(path, read):
-    """read(path), any failure (missing, truncated, not ours, a pickle with code) as one sentence naming it."""
-    try:
-        return read(path)
-    except Exception as e:
-        detail = " ".join(str(e).split()).split(" Please file an issue")[0]
-        if "weights_only" in detail.lower() or "unpickl" in detail.lower():
-            detail = "it holds something other than plain tensors, and was not loaded"
-        raise ModelFileError(f"{path} cannot be read ({type(e).__name__}: {detail[:160]})") from None
-
-
-def load_plain(path, device):
-    """A method saved as a whole CNN state dict (the base, full fine-tuning), loaded back."""
-    model = CNN().to(device)
-    state = read_model_file(path, lambda p: torch.load(p, map_location=device, weights_only=True))
-    try:
-        model.load_state_dict(state)
-    except Exception as e:
-        raise ModelFileError(f"{path} does not hold this CNN's weights ({type(e).__name__})") from None
-    return model
-
-
-@torch.inference_mode()
-def latency_ms(model, images, batch_size, repeats):
-    """Median wall-clock milliseconds of one forward pass on `batch_size` images, after one warm-up pass."""
-    model.eval()
-    x = images[:batch_size]
-    model(x)
-    times = []
-    for _ in range(repeats):
-        sync(x.device)
-        start = time.perf_counter()
-        model(x)
-        sync(x.device)
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
-
-
-LATENCY_ROUNDS, LATENCY_REPEATS = 5, {1: 20, 1000: 3}  # batch size: timed passes per round
-QUICK_LATENCY_ROUNDS, QUICK_LATENCY_REPEATS = 2, {1: 5, 1000: 1}
-
-
-def measure_inference(results, out_dir, test, device, rounds=LATENCY_ROUNDS, repeats=LATENCY_REPEATS):
-    """After every run: the first seed's models at the main rank (latency depends on shapes, not on trained
-    values), rebuilt from the files this run saved, so a resumed method is measured too. Into
-    results["inference"]: latency at batch 1 and 1,000 as trained (unmerged) and merged (methods without an
-    adapter once: the same network either way), the median and range over rounds; the largest logit difference
-    merging makes; and for QLoRA the test accuracy of its adapter on the fp32 base, where PEFT puts it.
-
-    All models are timed together in interleaved rounds, so a slow spell of a shared machine hits all alike.
-    """
-    images, labels = test
-    seed, rank, models, extra = results["seeds"][0], results["config"]["rank"], {}, {}
-    base_file = saved_model_file(out_dir, "base", seed)
-    for r in main_runs(results):
-        if r["seed"] != seed or r["status"] != "ok":
-            continue
-        method, path = r["method"], saved_model_file(out_dir, r["method"], seed, r["rank"])
-        if method in WHOLE_MODEL_FILES:
-            models[method] = {"plain": load_plain(path, device).to(memory_format=torch.channels_last).eval()}
-            continue
-        model = load_adapter(base_file, path, device).to(memory_format=torch.channels_last).eval()
-        models[method] = {"unmerged": model, "merged": merge_adapters(model).to(memory_format=torch.channels_last)}
-        with torch.inference_mode():
-            gap = (model(images[:1000]) - models[method]["merged"](images[:1000])).abs().max().item()
-        extra[method] = {"merged_max_abs_logit_diff": gap}
-        if method == "qlora":
-            on_fp32 = load_adapter(base_file, path, device, method="lora")
-            extra[method].update(test_acc_nf4_base=r["test_acc"],
-                                 test_acc_fp32_base=evaluate(on_fp32, images, labels)[1])
-    samples = {}
-    for _ in range(rounds):
-        for method, kinds in models.items():
-            for kind, model in kinds.items():
-                for batch, n in repeats.items():
-                    samples.setdefault((method, kind, batch), []).append(latency_ms(model, images, batch, n))
-    results["inference"] = {
-        method: {"seed": seed, "rank": run_rank(method, rank), **extra.get(method, {}),
-                 "latency_ms": {kind: {str(b): statistics.median(samples[method, kind, b]) for b in repeats}
-                                for kind in kinds},
-                 "latency_range_ms": {kind: {str(b): [min(samples[method, kind, b]), max(samples[method, kind, b])]
-                                             for b in repeats} for kind in kinds}}
-        for method, kinds in models.items()}
-
-
 # =====================================================================================================
-# Results: every run kept; means, spreads and paired differences over seeds
+# Results over seeds: every run kept; means, spreads and paired differences
 # =====================================================================================================
+# Student's t quantile t(0.975, df) for df = 1..30 (standard tables); beyond, a Cornish-Fisher expansion
+T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+         2.045, 2.042)
+
+
+def t_975(df):
+    if df <= len(T_975):
+        return T_975[df - 1]
+    z = 1.959964
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def mean_std_ci(values):
+    """Mean, sample standard deviation and 95 % t-interval of the mean over seeds; with one value only the
+    mean (std and interval None: one run says nothing about its spread)."""
+    values = list(values)
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return {"n": len(values), "mean": mean, "std": None, "ci95": None, "values": values}
+    std = statistics.stdev(values)
+    half = t_975(len(values) - 1) * std / math.sqrt(len(values))
+    return {"n": len(values), "mean": mean, "std": std, "ci95": [mean - half, mean + half], "values": values}
+
+
 SAME_FOR_EVERY_SEED = ("trainable_params", "total_params", "weight_bytes", "grad_bytes", "optimizer_bytes",
                        "train_state_bytes", "frozen_weight_bytes", "frozen_weight_fp32_bytes", "file_bytes",
                        "full_model_file_bytes")  # shapes and byte counts: a seed changes values, not sizes
@@ -900,7 +880,280 @@ def rank_sweep(results):
 
 
 # =====================================================================================================
-# Plots and results files
+# After training: merged models and their latency
+# =====================================================================================================
+def merge_adapters(model):
+    """A copy of an adapted model with every adapter folded into a plain layer: the base architecture again,
+    with no extra inference cost. The adapted model itself is left as it was."""
+    merged = copy.deepcopy(model)
+    for parent in list(merged.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, AdapterLayer):
+                setattr(parent, name, child.merge())
+    return merged
+
+
+@torch.inference_mode()
+def latency_ms(model, images, batch_size, repeats):
+    """Median wall-clock milliseconds of one forward pass on `batch_size` images, after one warm-up pass."""
+    model.eval()
+    x = images[:batch_size]
+    model(x)
+    times = []
+    for _ in range(repeats):
+        sync(x.device)
+        start = time.perf_counter()
+        model(x)
+        sync(x.device)
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+LATENCY_ROUNDS, LATENCY_REPEATS = 5, {1: 20, 1000: 3}  # batch size: timed passes per round
+QUICK_LATENCY_ROUNDS, QUICK_LATENCY_REPEATS = 2, {1: 5, 1000: 1}
+
+
+def measure_inference(results, out_dir, test, device, rounds=LATENCY_ROUNDS, repeats=LATENCY_REPEATS):
+    """After every run: the first seed's models at the main rank (latency depends on shapes, not on trained
+    values), rebuilt from the files this run saved, so a resumed method is measured too. Into
+    results["inference"]: latency at batch 1 and 1,000 as trained (unmerged) and merged (methods without an
+    adapter once: the same network either way), the median and range over rounds; the largest logit difference
+    merging makes; and for QLoRA the test accuracy of its adapter on the fp32 base, where PEFT puts it.
+
+    All models are timed together in interleaved rounds, so a slow spell of a shared machine hits all alike.
+    """
+    images, labels = test
+    seed, rank, models, extra = results["seeds"][0], results["config"]["rank"], {}, {}
+    base_file = saved_model_file(out_dir, "base", seed)
+    for r in main_runs(results):
+        if r["seed"] != seed or r["status"] != "ok":
+            continue
+        method, path = r["method"], saved_model_file(out_dir, r["method"], seed, r["rank"])
+        if method in WHOLE_MODEL_FILES:
+            models[method] = {"plain": load_plain(path, device).to(memory_format=torch.channels_last).eval()}
+            continue
+        model = load_adapter(base_file, path, device).to(memory_format=torch.channels_last).eval()
+        models[method] = {"unmerged": model, "merged": merge_adapters(model).to(memory_format=torch.channels_last)}
+        with torch.inference_mode():
+            gap = (model(images[:1000]) - models[method]["merged"](images[:1000])).abs().max().item()
+        extra[method] = {"merged_max_abs_logit_diff": gap}
+        if method == "qlora":
+            on_fp32 = load_adapter(base_file, path, device, method="lora")
+            extra[method].update(test_acc_nf4_base=r["test_acc"],
+                                 test_acc_fp32_base=evaluate(on_fp32, images, labels)[1])
+    samples = {}
+    for _ in range(rounds):
+        for method, kinds in models.items():
+            for kind, model in kinds.items():
+                for batch, n in repeats.items():
+                    samples.setdefault((method, kind, batch), []).append(latency_ms(model, images, batch, n))
+    results["inference"] = {
+        method: {"seed": seed, "rank": run_rank(method, rank), **extra.get(method, {}),
+                 "latency_ms": {kind: {str(b): statistics.median(samples[method, kind, b]) for b in repeats}
+                                for kind in kinds},
+                 "latency_range_ms": {kind: {str(b): [min(samples[method, kind, b]), max(samples[method, kind, b])]
+                                             for b in repeats} for kind in kinds}}
+        for method, kinds in models.items()}
+
+
+# =====================================================================================================
+# Results files: results.json, results.md and the console summary
+# =====================================================================================================
+def fmt_mib(b):
+    return f"{b / 2**20:.2f}"
+
+
+def fmt_stat(stats, fmt="{:.2f}", scale=1.0):
+    """'mean +- std' (several seeds) or the one value; never a made-up spread."""
+    mean = fmt.format(stats["mean"] / scale)
+    return mean if stats["std"] is None else f"{mean} ± {fmt.format(stats['std'] / scale)}"
+
+
+def fmt_ci(stats, signed=False):
+    f = "{:+.2f}" if signed else "{:.2f}"
+    if stats["ci95"] is None:
+        return f"{f.format(stats['mean'])} (1 seed)" if signed else "- (1 seed)"
+    low, high = stats["ci95"]
+    return (f"{f.format(stats['mean'])} [{f.format(low)}, {f.format(high)}]" if signed
+            else f"[{f.format(low)}, {f.format(high)}]")
+
+
+def markdown_table(header, rows):
+    return "\n".join(["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+                     + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
+
+
+def frozen_ratio(row):
+    fp32 = row["frozen_weight_fp32_bytes"]
+    return f"{100 * row['frozen_weight_bytes'] / fp32:.1f} %" if fp32 else "-"
+
+
+RESULT_COLUMNS = (  # (header, cell of a summary row); the first three also fit the base-before-fine-tuning row
+    ("lr", lambda row: f"{row['lr']:g}" if row.get("lr") else "-"),
+    ("test acc (%)", lambda row: fmt_stat(row["test_acc"])),
+    ("95 % CI", lambda row: fmt_ci(row["test_acc"])),
+    ("vs Full FT (points, paired 95 % CI)",
+     lambda row: fmt_ci(row["vs"]["full"], signed=True) if row["vs"].get("full") else "-"),
+    ("trainable params", lambda row: f"{row['trainable_params']:,}"),
+    ("% of total", lambda row: f"{100 * row['trainable_params'] / row['total_params']:.2f}"),
+    ("weights stored (MiB)", lambda row: fmt_mib(row["weight_bytes"])),
+    ("train state (MiB)", lambda row: fmt_mib(row["train_state_bytes"])),
+    ("frozen W stored / fp32", frozen_ratio),
+    ("CUDA peak (MiB)", lambda row: "n/a (CPU)" if row["cuda_peak_bytes"] is None
+     else fmt_stat(row["cuda_peak_bytes"], scale=2**20)),
+    ("train time (s)", lambda row: fmt_stat(row["train_time_s"], "{:.1f}")),
+    ("epochs (best)", lambda row: f"{'/'.join(map(str, row['epochs_run']))} ({'/'.join(map(str, row['best_epoch']))})"),
+)
+
+
+def results_table(results):
+    """The main comparison, one row per method, every column."""
+    task, rows = results["config"]["task"], []
+    for method, row in summarize(results).items():
+        name = label(method, task)
+        if row["status"] != "ok":
+            rows.append([name, "-", f"{row['status']}: {row['reason']}"] + [""] * (len(RESULT_COLUMNS) - 2))
+            continue
+        if row["failed"]:
+            name += f" ({len(row['failed'])} run(s) {'; '.join(row['failed'])})"
+        shown = RESULT_COLUMNS[:3] if method == "base_on_task" else RESULT_COLUMNS
+        rows.append([name] + [cell(row) for _, cell in shown] + ["-"] * (len(RESULT_COLUMNS) - len(shown)))
+    return markdown_table(["method"] + [header for header, _ in RESULT_COLUMNS], rows)
+
+
+def latency_cell(timing, batch):
+    """'as trained / merged' ms at one batch size; one number for Base and Full FT, which have no adapter."""
+    fmt, ms = ("{:.3f}" if batch == "1" else "{:.1f}"), timing["latency_ms"]
+    if "plain" in ms:
+        return fmt.format(ms["plain"][batch]) + " (no adapter)"
+    return f"{fmt.format(ms['unmerged'][batch])} / {fmt.format(ms['merged'][batch])}"
+
+
+def inference_table(results):
+    rows = ["| method | saved file (KiB) | vs full model | latency b=1 as trained / merged (ms) | "
+            "latency b=1000 as trained / merged (ms) | max abs logit diff merged |",
+            "|---|---:|---:|---:|---:|---:|"]
+    inference = results.get("inference", {})  # measured once every method has finished
+    for method, row in summarize(results).items():
+        if row["status"] != "ok" or method == "base_on_task":
+            continue
+        t = inference.get(method)
+        gap = t.get("merged_max_abs_logit_diff") if t else None
+        timing = (f"{latency_cell(t, '1')} | {latency_cell(t, '1000')} | {'-' if gap is None else f'{gap:.1e}'}"
+                  if t else "not measured | not measured | -")
+        rows.append(f"| {DISPLAY[method]} | {row['file_bytes'] / 2**10:.1f} | "
+                    f"{100 * row['file_bytes'] / row['full_model_file_bytes']:.1f} % | {timing} |")
+    qlora = inference.get("qlora", {})
+    if "test_acc_fp32_base" in qlora:
+        rows.append(f"\nQLoRA's adapter (seed {qlora['seed']}) on the fp32 base, as PEFT loads it: "
+                    f"{qlora['test_acc_fp32_base']:.2f} % test accuracy, against {qlora['test_acc_nf4_base']:.2f} % "
+                    f"on the NF4 base it was trained with.")
+    return "\n".join(rows)
+
+
+def rank_sweep_table(results):
+    return markdown_table(["method", "rank", "trainable params", "test acc (%)", "95 % CI"], [
+        [DISPLAY[method], p["rank"], f"{p['trainable_params']:,}", fmt_stat(p["test_acc"]), fmt_ci(p["test_acc"])]
+        for method, points in rank_sweep(results).items() for p in points])
+
+
+def lr_grid_table(results):
+    """Every learning-rate grid run: validation numbers only (the test set takes no part in the choice)."""
+    chosen = {m: r["lr"] for m, r in results.get("learning_rates", {}).items()}
+    return markdown_table(["method", "lr", "val acc (%)", "val loss", "epochs (best)", "chosen"], [
+        [DISPLAY[r["method"]], f"{r['lr']:g}"] + (
+            [f"{r['val_acc']:.2f}", f"{r['val_loss']:.4f}", f"{r['epochs_run']} ({r['best_epoch']})"]
+            if r["status"] == "ok" else [f"{r['status']}: {r['reason']}", "", ""])
+        + ["✓" if chosen.get(r["method"]) == r["lr"] else ""]
+        for r in results.get("lr_grid", [])])
+
+
+def chosen_rates(results):
+    """One line: each method's learning rate, grouped by how it was set."""
+    if not results.get("learning_rates"):  # results written when one rate served every method
+        return f"Learning rates: {results['config']['lr']:g} for every method (one shared rate)"
+    groups = {}
+    for method, rate in results["learning_rates"].items():
+        how = ("chosen on validation from " + ", ".join(f"{lr:g}" for lr in rate["grid"])
+               if rate["chosen_by"] == "validation grid" else f"from {rate['chosen_by']}")
+        groups.setdefault(how, []).append(f"{DISPLAY[method]} {rate['lr']:g}")
+    return "Learning rates: " + "; ".join(f"{', '.join(names)} ({how})" for how, names in groups.items())
+
+
+def text_table(header, rows, align):
+    """Rows padded into columns (align: '<' or '>' per column), for a terminal."""
+    widths = [max(len(str(row[i])) for row in [header] + rows) for i in range(len(header))]
+    return "\n".join("  ".join(f"{str(cell):{a}{w}}" for cell, a, w in zip(row, align, widths)).rstrip()
+                     for row in [header] + rows)
+
+
+def console_table(results):
+    """The comparison in under 100 columns, with what its notation means; results.md has every column."""
+    summary, task = summarize(results), results["config"]["task"]
+    n_seeds = max((row["test_acc"]["n"] for row in summary.values() if row["status"] == "ok"), default=1)
+    rows, notes = [], []
+    for method, row in summary.items():
+        name = label(method, task).replace("not fine-tuned", "before FT")
+        if row["status"] != "ok":
+            rows.append([name, row["status"], "", "", ""])
+            continue
+        vs = row.get("vs", {}).get("full")
+        rows.append([name, fmt_stat(row["test_acc"]), fmt_ci(vs, signed=True) if vs else "-",
+                     f"{row['trainable_params']:,}" if "trainable_params" in row else "-",
+                     fmt_stat(row["train_time_s"], "{:.1f}") if "train_time_s" in row else "-"])
+        notes += [f"{DISPLAY.get(method, method)}: {reason}" for reason in row["failed"]]
+    header = ["method", "test acc (%)", "vs Full FT (points)", "trainable", "train time (s)"]
+    spread = (f"mean ± std over {n_seeds} seeds; vs Full FT: the paired difference, seed by seed, with its 95 % "
+              f"CI\n(an interval holding 0 is within seed noise)" if n_seeds > 1 else
+              "one seed: single values, no spread; vs Full FT: the difference in points")
+    quick = "QUICK RUN: a smoke test on a subset, not results\n" if results["config"].get("quick") else ""
+    import textwrap
+    lines = [quick + text_table(header, rows, "<>>>>"), spread, textwrap.fill(chosen_rates(results), 100)]
+    inference = results.get("inference", {})
+    timed = [[DISPLAY[m], f"{summary[m]['file_bytes'] / 2**10:.1f}", latency_cell(t, "1"), latency_cell(t, "1000")]
+             for m, t in inference.items() if m in summary and summary[m]["status"] == "ok"]
+    if timed:
+        lines += ["", text_table(["method", "file (KiB)", "batch 1 (ms)", "batch 1,000 (ms)"], timed, "<>>>"),
+                  "latency: as trained / merged, median of the rounds; file: the full model, or the adapter only"]
+    sweep = rank_sweep(results)
+    if sweep:
+        lines += ["", text_table(["method", "rank", "trainable", "test acc (%)"],
+                                 [[DISPLAY[m], p["rank"], f"{p['trainable_params']:,}", fmt_stat(p["test_acc"])]
+                                  for m, points in sweep.items() for p in points], "<>>>")]
+    return "\n".join(lines + [f"failed or skipped: {n}" for n in notes])
+
+
+def save_results(results, out_dir):
+    """results.json (every run, the summary, the sweep) and results.md (the tables, with their notation)."""
+    results["summary"], results["rank_sweep"] = summarize(results), rank_sweep(results)
+    write_atomic(Path(out_dir) / "results.json", json.dumps(results, indent=2))
+    env, config, seeds = results["environment"], results["config"], results["seeds"]
+    sweep = (f"Rank sweep (the adapter methods at each rank, at their main-rank learning rate; {len(seeds)} "
+             f"seed(s)):\n\n{rank_sweep_table(results)}\n\n" if results["rank_sweep"] else "")
+    if results.get("lr_grid"):
+        sweep += (f"Learning-rate grid (seed {seeds[0]}, main rank; the rate with the best validation accuracy wins, "
+                  f"ties going to the lower validation loss, then the lower rate):\n\n{lr_grid_table(results)}\n\n")
+    quick = (f"**QUICK RUN: a smoke test ({config['train_size']:,} training images, at most {QUICK_MAX_EPOCHS} "
+             f"epochs per method), not results.**\n\n" if config.get("quick") else "")
+    spread = (f"Seeds: {', '.join(map(str, seeds))}: mean ± std over the seeds; 95 % CI: Student's t." if len(seeds) > 1
+              else f"One seed ({seeds[0]}): single values, so no spread and no interval.")
+    write_atomic(Path(out_dir) / "results.md",
+                 f"# Results\n\n{quick}Device: {env['device_name']}; torch {env['torch']}, bitsandbytes "
+                 f"{env['bitsandbytes']}; {env['date']}. Fine-tuning task: {config['task']} ({TASKS[config['task']]}). "
+                 f"{spread} {chosen_rates(results)}.\n\n{results_table(results)}\n\n"
+                 f"After training (Base, Full FT, Head only: the whole model's file; adapters: the adapter-only "
+                 f"file; latency of seed {seeds[0]}'s models, median over interleaved rounds):\n\n{inference_table(results)}\n\n{sweep}"
+                 "vs Full FT = the method's test accuracy minus full fine-tuning's, seed by seed (same base, data "
+                 "order and init within a seed), with the 95 % CI of that mean difference: an interval that "
+                 "contains 0 means the difference is within seed noise. epochs (best) = the epochs each seed ran, "
+                 "separated by /, and in brackets the epoch whose weights were kept (lowest validation loss). "
+                 "train state = weights as stored + gradients + Adam state (byte accounting). CUDA peak = "
+                 "torch.cuda.max_memory_allocated during training minus the memory held before the method's model "
+                 "was built (dataset and base model), plus that model's own weights.\n")
+
+
+# =====================================================================================================
+# Plots: one function per figure, drawn from results alone
 # =====================================================================================================
 PLOT_FILES = ("training_loss_comparison.png", "validation_accuracy_comparison.png",
               "base_model_loss_accuracy.png", "lora_loss_accuracy.png", "test_accuracy_memory.png")
@@ -927,41 +1180,6 @@ def mean_curve(runs, key):
 
 def ci_half(stats):
     return 0.0 if stats["ci95"] is None else stats["ci95"][1] - stats["mean"]
-
-
-def plot_results(results, out_dir):
-    """Every figure, drawn from results alone (so they can be redrawn later) and written atomically; returns
-    the file names. With several seeds: means, with bands of +-1 std (curves) or 95 % CIs (points)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    summary = summarize(results)
-    trained = [m for m, row in summary.items() if row["status"] == "ok" and m != "base_on_task"]
-    n_seeds = max((len(summary[m]["seeds"]) for m in trained), default=1)
-    view = {"results": results, "runs": main_runs(results), "summary": summary, "trained": trained,
-            "task": results["config"]["task"], "n_seeds": n_seeds,
-            "spread": f"mean of {n_seeds} seeds, band: +-1 std" if n_seeds > 1 else "1 seed",
-            "quick": "QUICK RUN (smoke test, not results)" if results["config"].get("quick") else ""}
-    figures = {PLOT_FILES[0]: lambda: plot_curves(plt, view, "train_loss"),
-               PLOT_FILES[1]: lambda: plot_curves(plt, view, "val_acc"),
-               PLOT_FILES[2]: lambda: plot_loss_and_accuracy(plt, view, "base"),
-               PLOT_FILES[3]: lambda: plot_loss_and_accuracy(plt, view, "lora"),
-               PLOT_FILES[4]: lambda: plot_comparison(plt, view),
-               SWEEP_PLOT: lambda: plot_rank_sweep(plt, view),
-               LR_PLOT: lambda: plot_lr_sweep(plt, view)}
-    written = []
-    for name, draw in figures.items():
-        fig = draw() if trained else None
-        if fig is None:
-            continue
-        try:
-            fig.tight_layout()
-            write_atomic(Path(out_dir) / name, fig)
-        finally:
-            plt.close(fig)
-        written.append(name)
-    return written
 
 
 def titled(view, title, sep="\n"):
@@ -1179,521 +1397,44 @@ def plot_lr_sweep(plt, view):
     return fig
 
 
-class WriteError(RuntimeError):
-    pass
+def plot_results(results, out_dir):
+    """Every figure, drawn from results alone (so they can be redrawn later) and written atomically; returns
+    the file names. With several seeds: means, with bands of +-1 std (curves) or 95 % CIs (points)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
-
-def write_atomic(path, content):
-    """Write `content` to a temporary file beside `path`, then rename it: a reader, or a run stopped mid-write,
-    never sees half a file. content: text, a matplotlib figure (PNG), or tensors (safetensors for a
-    .safetensors path, else torch.save). A failed write (disk full, no permission) leaves no temporary file
-    behind and raises WriteError: one sentence naming the file, its folder and the cause."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        if isinstance(content, str):
-            tmp.write_text(content)
-        elif hasattr(content, "savefig"):
-            content.savefig(tmp, dpi=120, format="png")
-        elif path.suffix == ".safetensors":
-            from safetensors.torch import save_file
-            save_file(content, str(tmp))
-        else:
-            torch.save(content, tmp)
-        os.replace(tmp, path)
-    except BaseException as e:
+    summary = summarize(results)
+    trained = [m for m, row in summary.items() if row["status"] == "ok" and m != "base_on_task"]
+    n_seeds = max((len(summary[m]["seeds"]) for m in trained), default=1)
+    view = {"results": results, "runs": main_runs(results), "summary": summary, "trained": trained,
+            "task": results["config"]["task"], "n_seeds": n_seeds,
+            "spread": f"mean of {n_seeds} seeds, band: +-1 std" if n_seeds > 1 else "1 seed",
+            "quick": "QUICK RUN (smoke test, not results)" if results["config"].get("quick") else ""}
+    figures = {PLOT_FILES[0]: lambda: plot_curves(plt, view, "train_loss"),
+               PLOT_FILES[1]: lambda: plot_curves(plt, view, "val_acc"),
+               PLOT_FILES[2]: lambda: plot_loss_and_accuracy(plt, view, "base"),
+               PLOT_FILES[3]: lambda: plot_loss_and_accuracy(plt, view, "lora"),
+               PLOT_FILES[4]: lambda: plot_comparison(plt, view),
+               SWEEP_PLOT: lambda: plot_rank_sweep(plt, view),
+               LR_PLOT: lambda: plot_lr_sweep(plt, view)}
+    written = []
+    for name, draw in figures.items():
+        fig = draw() if trained else None
+        if fig is None:
+            continue
         try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-        if not isinstance(e, Exception):  # Ctrl-C: the half-written temporary file is gone, the old file intact
-            raise
-        cause = getattr(e, "strerror", None) or " ".join(str(e).split())[:120]
-        try:
-            if shutil.disk_usage(path.parent).free < 2**20:  # torch.save says "iostream error" when the disk is full
-                cause = "no space left on the device"
-        except OSError:
-            pass
-        raise WriteError(f"cannot write {path.name} in {path.parent} ({cause})") from None
-
-
-def fmt_mib(b):
-    return f"{b / 2**20:.2f}"
-
-
-def fmt_stat(stats, fmt="{:.2f}", scale=1.0):
-    """'mean +- std' (several seeds) or the one value; never a made-up spread."""
-    mean = fmt.format(stats["mean"] / scale)
-    return mean if stats["std"] is None else f"{mean} ± {fmt.format(stats['std'] / scale)}"
-
-
-def fmt_ci(stats, signed=False):
-    f = "{:+.2f}" if signed else "{:.2f}"
-    if stats["ci95"] is None:
-        return f"{f.format(stats['mean'])} (1 seed)" if signed else "- (1 seed)"
-    low, high = stats["ci95"]
-    return (f"{f.format(stats['mean'])} [{f.format(low)}, {f.format(high)}]" if signed
-            else f"[{f.format(low)}, {f.format(high)}]")
-
-
-def markdown_table(header, rows):
-    return "\n".join(["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
-                     + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
-
-
-def frozen_ratio(row):
-    fp32 = row["frozen_weight_fp32_bytes"]
-    return f"{100 * row['frozen_weight_bytes'] / fp32:.1f} %" if fp32 else "-"
-
-
-RESULT_COLUMNS = (  # (header, cell of a summary row); the first three also fit the base-before-fine-tuning row
-    ("lr", lambda row: f"{row['lr']:g}" if row.get("lr") else "-"),
-    ("test acc (%)", lambda row: fmt_stat(row["test_acc"])),
-    ("95 % CI", lambda row: fmt_ci(row["test_acc"])),
-    ("vs Full FT (points, paired 95 % CI)",
-     lambda row: fmt_ci(row["vs"]["full"], signed=True) if row["vs"].get("full") else "-"),
-    ("trainable params", lambda row: f"{row['trainable_params']:,}"),
-    ("% of total", lambda row: f"{100 * row['trainable_params'] / row['total_params']:.2f}"),
-    ("weights stored (MiB)", lambda row: fmt_mib(row["weight_bytes"])),
-    ("train state (MiB)", lambda row: fmt_mib(row["train_state_bytes"])),
-    ("frozen W stored / fp32", frozen_ratio),
-    ("CUDA peak (MiB)", lambda row: "n/a (CPU)" if row["cuda_peak_bytes"] is None
-     else fmt_stat(row["cuda_peak_bytes"], scale=2**20)),
-    ("train time (s)", lambda row: fmt_stat(row["train_time_s"], "{:.1f}")),
-    ("epochs (best)", lambda row: f"{'/'.join(map(str, row['epochs_run']))} ({'/'.join(map(str, row['best_epoch']))})"),
-)
-
-
-def results_table(results):
-    """The main comparison, one row per method, every column."""
-    task, rows = results["config"]["task"], []
-    for method, row in summarize(results).items():
-        name = label(method, task)
-        if row["status"] != "ok":
-            rows.append([name, "-", f"{row['status']}: {row['reason']}"] + [""] * (len(RESULT_COLUMNS) - 2))
-            continue
-        if row["failed"]:
-            name += f" ({len(row['failed'])} run(s) {'; '.join(row['failed'])})"
-        shown = RESULT_COLUMNS[:3] if method == "base_on_task" else RESULT_COLUMNS
-        rows.append([name] + [cell(row) for _, cell in shown] + ["-"] * (len(RESULT_COLUMNS) - len(shown)))
-    return markdown_table(["method"] + [header for header, _ in RESULT_COLUMNS], rows)
-
-
-def latency_cell(timing, batch):
-    """'as trained / merged' ms at one batch size; one number for Base and Full FT, which have no adapter."""
-    fmt, ms = ("{:.3f}" if batch == "1" else "{:.1f}"), timing["latency_ms"]
-    if "plain" in ms:
-        return fmt.format(ms["plain"][batch]) + " (no adapter)"
-    return f"{fmt.format(ms['unmerged'][batch])} / {fmt.format(ms['merged'][batch])}"
-
-
-def inference_table(results):
-    rows = ["| method | saved file (KiB) | vs full model | latency b=1 as trained / merged (ms) | "
-            "latency b=1000 as trained / merged (ms) | max abs logit diff merged |",
-            "|---|---:|---:|---:|---:|---:|"]
-    inference = results.get("inference", {})  # measured once every method has finished
-    for method, row in summarize(results).items():
-        if row["status"] != "ok" or method == "base_on_task":
-            continue
-        t = inference.get(method)
-        gap = t.get("merged_max_abs_logit_diff") if t else None
-        timing = (f"{latency_cell(t, '1')} | {latency_cell(t, '1000')} | {'-' if gap is None else f'{gap:.1e}'}"
-                  if t else "not measured | not measured | -")
-        rows.append(f"| {DISPLAY[method]} | {row['file_bytes'] / 2**10:.1f} | "
-                    f"{100 * row['file_bytes'] / row['full_model_file_bytes']:.1f} % | {timing} |")
-    qlora = inference.get("qlora", {})
-    if "test_acc_fp32_base" in qlora:
-        rows.append(f"\nQLoRA's adapter (seed {qlora['seed']}) on the fp32 base, as PEFT loads it: "
-                    f"{qlora['test_acc_fp32_base']:.2f} % test accuracy, against {qlora['test_acc_nf4_base']:.2f} % "
-                    f"on the NF4 base it was trained with.")
-    return "\n".join(rows)
-
-
-def rank_sweep_table(results):
-    return markdown_table(["method", "rank", "trainable params", "test acc (%)", "95 % CI"], [
-        [DISPLAY[method], p["rank"], f"{p['trainable_params']:,}", fmt_stat(p["test_acc"]), fmt_ci(p["test_acc"])]
-        for method, points in rank_sweep(results).items() for p in points])
-
-
-def lr_grid_table(results):
-    """Every learning-rate grid run: validation numbers only (the test set takes no part in the choice)."""
-    chosen = {m: r["lr"] for m, r in results.get("learning_rates", {}).items()}
-    return markdown_table(["method", "lr", "val acc (%)", "val loss", "epochs (best)", "chosen"], [
-        [DISPLAY[r["method"]], f"{r['lr']:g}"] + (
-            [f"{r['val_acc']:.2f}", f"{r['val_loss']:.4f}", f"{r['epochs_run']} ({r['best_epoch']})"]
-            if r["status"] == "ok" else [f"{r['status']}: {r['reason']}", "", ""])
-        + ["✓" if chosen.get(r["method"]) == r["lr"] else ""]
-        for r in results.get("lr_grid", [])])
-
-
-def chosen_rates(results):
-    """One line: each method's learning rate, grouped by how it was set."""
-    if not results.get("learning_rates"):  # results written when one rate served every method
-        return f"Learning rates: {results['config']['lr']:g} for every method (one shared rate)"
-    groups = {}
-    for method, rate in results["learning_rates"].items():
-        how = ("chosen on validation from " + ", ".join(f"{lr:g}" for lr in rate["grid"])
-               if rate["chosen_by"] == "validation grid" else f"from {rate['chosen_by']}")
-        groups.setdefault(how, []).append(f"{DISPLAY[method]} {rate['lr']:g}")
-    return "Learning rates: " + "; ".join(f"{', '.join(names)} ({how})" for how, names in groups.items())
-
-
-def text_table(header, rows, align):
-    """Rows padded into columns (align: '<' or '>' per column), for a terminal."""
-    widths = [max(len(str(row[i])) for row in [header] + rows) for i in range(len(header))]
-    return "\n".join("  ".join(f"{str(cell):{a}{w}}" for cell, a, w in zip(row, align, widths)).rstrip()
-                     for row in [header] + rows)
-
-
-def console_table(results):
-    """The comparison in under 100 columns, with what its notation means; results.md has every column."""
-    summary, task = summarize(results), results["config"]["task"]
-    n_seeds = max((row["test_acc"]["n"] for row in summary.values() if row["status"] == "ok"), default=1)
-    rows, notes = [], []
-    for method, row in summary.items():
-        name = label(method, task).replace("not fine-tuned", "before FT")
-        if row["status"] != "ok":
-            rows.append([name, row["status"], "", "", ""])
-            continue
-        vs = row.get("vs", {}).get("full")
-        rows.append([name, fmt_stat(row["test_acc"]), fmt_ci(vs, signed=True) if vs else "-",
-                     f"{row['trainable_params']:,}" if "trainable_params" in row else "-",
-                     fmt_stat(row["train_time_s"], "{:.1f}") if "train_time_s" in row else "-"])
-        notes += [f"{DISPLAY.get(method, method)}: {reason}" for reason in row["failed"]]
-    header = ["method", "test acc (%)", "vs Full FT (points)", "trainable", "train time (s)"]
-    spread = (f"mean ± std over {n_seeds} seeds; vs Full FT: the paired difference, seed by seed, with its 95 % "
-              f"CI\n(an interval holding 0 is within seed noise)" if n_seeds > 1 else
-              "one seed: single values, no spread; vs Full FT: the difference in points")
-    quick = "QUICK RUN: a smoke test on a subset, not results\n" if results["config"].get("quick") else ""
-    import textwrap
-    lines = [quick + text_table(header, rows, "<>>>>"), spread, textwrap.fill(chosen_rates(results), 100)]
-    inference = results.get("inference", {})
-    timed = [[DISPLAY[m], f"{summary[m]['file_bytes'] / 2**10:.1f}", latency_cell(t, "1"), latency_cell(t, "1000")]
-             for m, t in inference.items() if m in summary and summary[m]["status"] == "ok"]
-    if timed:
-        lines += ["", text_table(["method", "file (KiB)", "batch 1 (ms)", "batch 1,000 (ms)"], timed, "<>>>"),
-                  "latency: as trained / merged, median of the rounds; file: the full model, or the adapter only"]
-    sweep = rank_sweep(results)
-    if sweep:
-        lines += ["", text_table(["method", "rank", "trainable", "test acc (%)"],
-                                 [[DISPLAY[m], p["rank"], f"{p['trainable_params']:,}", fmt_stat(p["test_acc"])]
-                                  for m, points in sweep.items() for p in points], "<>>>")]
-    return "\n".join(lines + [f"failed or skipped: {n}" for n in notes])
-
-
-def save_results(results, out_dir):
-    """results.json (every run, the summary, the sweep) and results.md (the tables, with their notation)."""
-    results["summary"], results["rank_sweep"] = summarize(results), rank_sweep(results)
-    write_atomic(Path(out_dir) / "results.json", json.dumps(results, indent=2))
-    env, config, seeds = results["environment"], results["config"], results["seeds"]
-    sweep = (f"Rank sweep (the adapter methods at each rank, at their main-rank learning rate; {len(seeds)} "
-             f"seed(s)):\n\n{rank_sweep_table(results)}\n\n" if results["rank_sweep"] else "")
-    if results.get("lr_grid"):
-        sweep += (f"Learning-rate grid (seed {seeds[0]}, main rank; the rate with the best validation accuracy wins, "
-                  f"ties going to the lower validation loss, then the lower rate):\n\n{lr_grid_table(results)}\n\n")
-    quick = (f"**QUICK RUN: a smoke test ({config['train_size']:,} training images, at most {QUICK_MAX_EPOCHS} "
-             f"epochs per method), not results.**\n\n" if config.get("quick") else "")
-    spread = (f"Seeds: {', '.join(map(str, seeds))}: mean ± std over the seeds; 95 % CI: Student's t." if len(seeds) > 1
-              else f"One seed ({seeds[0]}): single values, so no spread and no interval.")
-    write_atomic(Path(out_dir) / "results.md",
-                 f"# Results\n\n{quick}Device: {env['device_name']}; torch {env['torch']}, bitsandbytes "
-                 f"{env['bitsandbytes']}; {env['date']}. Fine-tuning task: {config['task']} ({TASKS[config['task']]}). "
-                 f"{spread} {chosen_rates(results)}.\n\n{results_table(results)}\n\n"
-                 f"After training (Base, Full FT, Head only: the whole model's file; adapters: the adapter-only "
-                 f"file; latency of seed {seeds[0]}'s models, median over interleaved rounds):\n\n{inference_table(results)}\n\n{sweep}"
-                 "vs Full FT = the method's test accuracy minus full fine-tuning's, seed by seed (same base, data "
-                 "order and init within a seed), with the 95 % CI of that mean difference: an interval that "
-                 "contains 0 means the difference is within seed noise. epochs (best) = the epochs each seed ran, "
-                 "separated by /, and in brackets the epoch whose weights were kept (lowest validation loss). "
-                 "train state = weights as stored + gradients + Adam state (byte accounting). CUDA peak = "
-                 "torch.cuda.max_memory_allocated during training minus the memory held before the method's model "
-                 "was built (dataset and base model), plus that model's own weights.\n")
+            fig.tight_layout()
+            write_atomic(Path(out_dir) / name, fig)
+        finally:
+            plt.close(fig)
+        written.append(name)
+    return written
 
 
 # =====================================================================================================
-# main(): flags, checks, the runs
+# The runs: each method built, trained, tested once and saved; the learning-rate grid
 # =====================================================================================================
-class ConfigError(ValueError):
-    pass
-
-
-def parse_args(argv=None):
-    """One flag per entry of SETTINGS, its default read from there; then the three that steer a run."""
-    p = argparse.ArgumentParser(description="MNIST CNN fine-tuned with hand-written LoRA, DoRA and QLoRA.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for name, (default, kind, meaning) in SETTINGS.items():
-        flag = "--" + name.replace("_", "-")
-        if kind is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=meaning)
-        else:
-            p.add_argument(flag, type=kind, default=default, help=meaning)
-    p.add_argument("--resume", action="store_true",
-                   help="keep the runs already finished in out-dir/results.json (same settings) whose saved models "
-                        "are there and intact; run the rest")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the results an earlier run left in out-dir (without it, such a folder is refused)")
-    p.add_argument("--quick", action="store_true",
-                   help=f"smoke run: {QUICK_TRAIN_SIZE} training / {QUICK_VAL_SIZE} validation images, "
-                        f"at most {QUICK_MAX_EPOCHS} epochs per method")
-    args = p.parse_args(argv)
-    args.methods = list(dict.fromkeys(m.strip().lower() for m in args.methods.split(",") if m.strip()))
-    args.task = args.task.strip().lower()
-    return args
-
-
-MAX_SEED = 2**32 - 1  # seeds feed torch generators and epoch_order's arithmetic: kept well inside int64
-
-
-def seeds_of(args):
-    return [args.seed + k for k in range(args.seeds)]
-
-
-AT_LEAST = {"epochs": 1, "finetune_epochs": 1, "batch_size": 1, "patience": 0, "seeds": 1}
-
-
-def number_list(args, name, kind, example):
-    """--lrs/--ranks "a,b,c" as a sorted list of distinct numbers (kept when already one)."""
-    text = getattr(args, name)
-    if isinstance(text, str):
-        try:
-            setattr(args, name, sorted({kind(v) for v in text.split(",") if v.strip()}))
-        except ValueError:
-            what = "whole numbers" if kind is int else "numbers"
-            raise ConfigError(f"--{name} must be {what} separated by commas, like {example} (got {text!r})") from None
-    return getattr(args, name)
-
-
-def check_args(args):
-    """Every bad setting, flag or edited default, as one ConfigError sentence before anything runs.
-    Turns args.lrs and args.ranks into sorted lists of numbers."""
-    unknown = [m for m in args.methods if m not in ALL_METHODS]
-    if unknown or not args.methods:
-        raise ConfigError(f"unknown method(s) {', '.join(unknown) or '(none given)'}: choose from "
-                          f"{', '.join(ALL_METHODS)}, comma-separated")
-    if "base" in args.methods and args.methods[0] != "base":
-        raise ConfigError("base must come first in --methods: the other methods fine-tune the base it trains")
-    for flag, value, allowed in (("--task", args.task, TASKS), ("--device", args.device, ("auto", "cpu", "cuda"))):
-        if value not in allowed:
-            raise ConfigError(f"unknown {flag} {value!r}: choose from {', '.join(allowed)}")
-    for name, low in AT_LEAST.items():
-        if getattr(args, name) < low:
-            raise ConfigError(f"--{name.replace('_', '-')} must be at least {low} (got {getattr(args, name)})")
-    rates = ([("--lr", args.lr)] * (args.lr is not None) + [("--lrs", r) for r in number_list(args, "lrs", float, "1e-3,3e-3,1e-2")]
-             + [(f"LEARNING_RATES[{m!r}]", r) for m, r in LEARNING_RATES.items()] + [("--alpha", args.alpha)])
-    for name, value in rates:
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-            raise ConfigError(f"{name} must be a positive number (got {value})")
-    if set(LEARNING_RATES) != set(ALL_METHODS):
-        raise ConfigError(f"LEARNING_RATES needs one rate for each of {', '.join(ALL_METHODS)}")
-    if not 0 <= args.seed <= MAX_SEED - args.seeds + 1:
-        raise ConfigError(f"--seed must be between 0 and {MAX_SEED - args.seeds + 1} with --seeds {args.seeds} "
-                          f"(got {args.seed})")
-    if args.resume and args.overwrite:
-        raise ConfigError("--resume keeps an earlier run's results and --overwrite replaces them: choose one")
-    if not 0 <= args.dropout < 1:
-        raise ConfigError(f"--dropout must be in [0, 1) (got {args.dropout})")
-    limit = max_rank(CNN(), args.train_head)
-    for flag, rank in [("--rank", args.rank)] + [("--ranks", r) for r in number_list(args, "ranks", int, "1,2,4,8,16")]:
-        if not 1 <= rank <= limit:
-            raise ConfigError(f"{flag} must be between 1 and {limit}, the smallest min(in, out) of the adapted "
-                              f"layers (got {rank})")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but no CUDA device is available; use --device cpu or auto")
-    check_writable(Path(args.out_dir))
-
-
-def check_writable(out):
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write_test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"cannot write to --out-dir {out} ({e.strerror or e})") from None
-
-
-def plan_runs(args):
-    """(method, seed, rank) in running order: the main comparison seed by seed, then the rank sweep."""
-    plan = [(m, s, run_rank(m, args.rank)) for s in seeds_of(args) for m in args.methods]
-    return plan + [(m, s, r) for s in seeds_of(args) for m in args.methods if m not in WHOLE_MODEL_FILES
-                   for r in args.ranks if r != args.rank]
-
-
-def file_digest(path):
-    """SHA-256 of a saved model: a file, or an adapter folder (every file in it, by name)."""
-    digest = hashlib.sha256()
-    for file in sorted(Path(path).iterdir()) if Path(path).is_dir() else [Path(path)]:
-        digest.update(file.name.encode() + b"\0" + file.read_bytes())
-    return digest.hexdigest()
-
-
-def saved_model_problem(out, run):
-    """Why a finished run's saved model cannot be trusted (missing, damaged, another run's), or None."""
-    path = saved_model_file(out, run["method"], run["seed"], run["rank"])
-    if not path.exists():
-        return f"its saved model {path} is missing"
-    try:
-        if run.get("file_sha256") != file_digest(path):
-            return f"{path} is damaged or was written by another run (its checksum is not the one recorded)"
-    except OSError as e:
-        return f"{path} cannot be read ({e.strerror or e})"
-    return None
-
-
-RUN_NUMBERS = ("test_acc", "test_loss", "train_time_s", "epochs_run", "best_epoch", "trainable_params", "total_params",
-               "weight_bytes", "grad_bytes", "optimizer_bytes", "train_state_bytes", "file_bytes",
-               "full_model_file_bytes")
-
-
-def check_results_file(results):
-    """ValueError unless `results` has the shape save_results writes, down to every finished run's numbers
-    and curves: --resume carries those runs into the new results unseen."""
-    if not isinstance(results, dict) or not isinstance(results.get("config"), dict):
-        raise ValueError("no config")
-    runs = results.get("runs"), results.get("other_runs", [])
-    if not all(isinstance(r, list) for r in runs):
-        raise ValueError("runs is not a list")
-    for run in runs[0] + runs[1]:
-        if not (isinstance(run, dict) and run.get("method") in ALL_METHODS and type(run.get("seed")) is int
-                and (run.get("rank") is None or type(run.get("rank")) is int) and isinstance(run.get("status"), str)):
-            raise ValueError(f"a run without method, seed, rank and status: {str(run)[:60]}")
-        if run["status"] != "ok":
-            continue
-        history = run.get("history")
-        if not (all(isinstance(run.get(k), (int, float)) for k in RUN_NUMBERS) and isinstance(history, dict)
-                and all(isinstance(history.get(k), list) and all(isinstance(v, (int, float)) for v in history[k])
-                        for k in ("train_loss", "val_loss", "val_acc"))):
-            raise ValueError(f"the {run['method']} run of seed {run['seed']} lacks its numbers or curves")
-    grid = results.get("lr_grid", [])
-    if not isinstance(grid, list) or not all(
-            isinstance(r, dict) and r.get("method") in ALL_METHODS and type(r.get("seed")) is int
-            and isinstance(r.get("lr"), float) and isinstance(r.get("status"), str)
-            and (r["status"] != "ok" or all(isinstance(r.get(k), (int, float)) for k in ("val_acc", "val_loss")))
-            for r in grid):
-        raise ValueError("a learning-rate grid run without method, seed, lr, status or validation numbers")
-
-
-def previous_results(out, config, plan, log=print):
-    """(kept, others, grid): the runs an earlier run into `out` finished with the same hyperparameters, whose
-    saved models are intact: kept = {(method, seed, rank): result} of the planned ones, others = the rest,
-    carried along so that a --resume with fewer methods, seeds or ranks never drops them; grid = the finished
-    learning-rate grid runs by (method, seed, rank, lr).
-
-    A run counts only with its saved model, unchanged since it was recorded (a checksum), and with the base
-    it fine-tuned: a seed whose base is missing, damaged or trained again loses its other runs.
-    """
-    path = Path(out) / "results.json"
-    if not path.exists():
-        return {}, [], {}
-    try:
-        earlier = json.loads(path.read_text())
-        check_results_file(earlier)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{path} is not a results file of this script ({getattr(e, 'strerror', None) or e}): "
-                          f"move it away, or drop --resume") from None
-    if earlier["config"] != config:
-        changed = sorted(k for k in set(config) | set(earlier["config"]) if config.get(k) != earlier["config"].get(k))
-        raise ConfigError(f"{path} was written with other settings ({', '.join(changed)} differ), so its results "
-                          f"would not be comparable: use another --out-dir, the same settings, or drop --resume")
-    trusted = {}
-    for run in earlier["runs"] + earlier.get("other_runs", []):
-        if run["status"] != "ok":
-            continue
-        problem = saved_model_problem(out, run)
-        if problem:
-            log(f"{DISPLAY[run['method']]} (seed {run['seed']}): {problem}; not kept, it is trained again if planned.")
-        else:
-            trusted[run["method"], run["seed"], run["rank"]] = run
-    trusted = {key: r for key, r in trusted.items() if ("base", key[1], None) in trusted}
-    grid = {(r["method"], r["seed"], r["rank"], r["lr"]): r for r in earlier.get("lr_grid", [])
-            if r["status"] in ("ok", "failed") and ("base", r["seed"], None) in trusted}  # a diverged rate stays so
-    return ({k: r for k, r in trusted.items() if k in plan}, [r for k, r in trusted.items() if k not in plan],
-            grid)
-
-
-def check_bases(args, plan, kept, others):
-    """Every seed fine-tuned here has a base: trained in this run, or kept from the earlier one (--resume)."""
-    have = {seed for method, seed, _ in plan if method == "base"} | {seed for (m, seed, _) in kept if m == "base"}
-    have |= {r["seed"] for r in others if r["method"] == "base"}
-    missing = sorted({seed for method, seed, _ in plan if method != "base"} - have)
-    if missing:
-        adapters = ", ".join(m for m in args.methods if m != "base")
-        raise ConfigError(f"{adapters} fine-tune a trained base model: add base to --methods, or --resume in an "
-                          f"out-dir whose results.json holds an intact base of seed(s) {', '.join(map(str, missing))}")
-
-
-def lock_out_dir(out):
-    """Hold an exclusive lock on out/.lock while this run writes there (the system drops it when the process
-    ends, even by kill -9), so two runs never mix their files; ConfigError naming the other run otherwise."""
-    try:
-        import fcntl
-    except ImportError:  # not on Windows: no lock there
-        return None
-    handle = open(out / ".lock", "a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        other = handle.read().strip() or "unknown"
-        handle.close()
-        raise ConfigError(f"another run (process {other}) is writing to {out}: wait for it to finish, or use "
-                          f"another --out-dir") from None
-    handle.truncate(0)
-    handle.write(f"{os.getpid()}\n")
-    handle.flush()
-    return handle
-
-
-def prepare_out_dir(out, args):
-    """Refuse an out-dir holding an earlier run's results unless --resume (continue it) or --overwrite
-    (replace it: its results, plots and saved models are removed first). A quick run's results are a smoke
-    test, not results: they are replaced without asking."""
-    earlier = sorted(p.name for p in out.iterdir() if p.name == "results.json" or p.name.startswith("seed"))
-    if not earlier or args.resume:
-        return
-    try:
-        quick = json.loads((out / "results.json").read_text())["config"]["quick"] is True
-    except (OSError, ValueError, KeyError, TypeError):
-        quick = False
-    if not (args.overwrite or quick):
-        raise ConfigError(f"{out} already holds an earlier run's results ({', '.join(earlier[:3])}): add --resume "
-                          f"to continue it, --overwrite to replace it, or choose another --out-dir")
-    print(f"Replacing the {'quick run (a smoke test)' if quick else 'earlier run'} in {out}/")
-    for p in out.iterdir():
-        if p.name.startswith("seed") and p.is_dir():
-            shutil.rmtree(p)
-        elif p.name in ("results.json", "results.md", SWEEP_PLOT, LR_PLOT) + PLOT_FILES:
-            p.unlink()
-
-
-def saved_model_file(out_dir, method, seed, rank=None):
-    """Where run_method saves a run's model: seed<k>/ holds the whole state dicts (base, full fine-tuning)
-    and adapters/<method>_r<rank>/, an adapter folder in PEFT's format."""
-    folder = Path(out_dir) / f"seed{seed}"
-    return folder / WHOLE_MODEL_FILES[method] if method in WHOLE_MODEL_FILES else folder / "adapters" / f"{method}_r{rank}"
-
-
-def cpu_model():
-    try:
-        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
-def environment(device):
-    try:
-        from importlib.metadata import version
-        import_bitsandbytes()
-        bnb = version("bitsandbytes")
-    except Exception as e:  # not installed, or installed but unusable: say so, not the version on disk
-        bnb = "not usable" if isinstance(e, BitsAndBytesUnavailable) else "not installed"
-    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
-            else f"CPU: {cpu_model()}, {torch.get_num_threads()} threads")
-    return {"device": device.type, "device_name": name, "torch": torch.__version__, "bitsandbytes": bnb,
-            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
-
-
 def fit_method(method, seed, rank, lr, base_model, target, args, device):
     """Build `method`'s model from the base and train it on `target`: (model, fit, CUDA peak)."""
     torch.manual_seed(seed)  # within a seed: the same adapter A for every method
@@ -1862,6 +1603,278 @@ def run_plan(plan, kept, kept_grid, results, splits, args, device, stage):
             base_models[seed] = model
         print("-------------------------------------")
     return True
+
+
+# =====================================================================================================
+# The output folder: one run at a time, earlier results kept or resumed
+# =====================================================================================================
+class ConfigError(ValueError):
+    pass
+
+
+RUN_NUMBERS = ("test_acc", "test_loss", "train_time_s", "epochs_run", "best_epoch", "trainable_params", "total_params",
+               "weight_bytes", "grad_bytes", "optimizer_bytes", "train_state_bytes", "file_bytes",
+               "full_model_file_bytes")
+
+
+def check_results_file(results):
+    """ValueError unless `results` has the shape save_results writes, down to every finished run's numbers
+    and curves: --resume carries those runs into the new results unseen."""
+    if not isinstance(results, dict) or not isinstance(results.get("config"), dict):
+        raise ValueError("no config")
+    runs = results.get("runs"), results.get("other_runs", [])
+    if not all(isinstance(r, list) for r in runs):
+        raise ValueError("runs is not a list")
+    for run in runs[0] + runs[1]:
+        if not (isinstance(run, dict) and run.get("method") in ALL_METHODS and type(run.get("seed")) is int
+                and (run.get("rank") is None or type(run.get("rank")) is int) and isinstance(run.get("status"), str)):
+            raise ValueError(f"a run without method, seed, rank and status: {str(run)[:60]}")
+        if run["status"] != "ok":
+            continue
+        history = run.get("history")
+        if not (all(isinstance(run.get(k), (int, float)) for k in RUN_NUMBERS) and isinstance(history, dict)
+                and all(isinstance(history.get(k), list) and all(isinstance(v, (int, float)) for v in history[k])
+                        for k in ("train_loss", "val_loss", "val_acc"))):
+            raise ValueError(f"the {run['method']} run of seed {run['seed']} lacks its numbers or curves")
+    grid = results.get("lr_grid", [])
+    if not isinstance(grid, list) or not all(
+            isinstance(r, dict) and r.get("method") in ALL_METHODS and type(r.get("seed")) is int
+            and isinstance(r.get("lr"), float) and isinstance(r.get("status"), str)
+            and (r["status"] != "ok" or all(isinstance(r.get(k), (int, float)) for k in ("val_acc", "val_loss")))
+            for r in grid):
+        raise ValueError("a learning-rate grid run without method, seed, lr, status or validation numbers")
+
+
+def saved_model_problem(out, run):
+    """Why a finished run's saved model cannot be trusted (missing, damaged, another run's), or None."""
+    path = saved_model_file(out, run["method"], run["seed"], run["rank"])
+    if not path.exists():
+        return f"its saved model {path} is missing"
+    try:
+        if run.get("file_sha256") != file_digest(path):
+            return f"{path} is damaged or was written by another run (its checksum is not the one recorded)"
+    except OSError as e:
+        return f"{path} cannot be read ({e.strerror or e})"
+    return None
+
+
+def previous_results(out, config, plan, log=print):
+    """(kept, others, grid): the runs an earlier run into `out` finished with the same hyperparameters, whose
+    saved models are intact: kept = {(method, seed, rank): result} of the planned ones, others = the rest,
+    carried along so that a --resume with fewer methods, seeds or ranks never drops them; grid = the finished
+    learning-rate grid runs by (method, seed, rank, lr).
+
+    A run counts only with its saved model, unchanged since it was recorded (a checksum), and with the base
+    it fine-tuned: a seed whose base is missing, damaged or trained again loses its other runs.
+    """
+    path = Path(out) / "results.json"
+    if not path.exists():
+        return {}, [], {}
+    try:
+        earlier = json.loads(path.read_text())
+        check_results_file(earlier)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path} is not a results file of this script ({getattr(e, 'strerror', None) or e}): "
+                          f"move it away, or drop --resume") from None
+    if earlier["config"] != config:
+        changed = sorted(k for k in set(config) | set(earlier["config"]) if config.get(k) != earlier["config"].get(k))
+        raise ConfigError(f"{path} was written with other settings ({', '.join(changed)} differ), so its results "
+                          f"would not be comparable: use another --out-dir, the same settings, or drop --resume")
+    trusted = {}
+    for run in earlier["runs"] + earlier.get("other_runs", []):
+        if run["status"] != "ok":
+            continue
+        problem = saved_model_problem(out, run)
+        if problem:
+            log(f"{DISPLAY[run['method']]} (seed {run['seed']}): {problem}; not kept, it is trained again if planned.")
+        else:
+            trusted[run["method"], run["seed"], run["rank"]] = run
+    trusted = {key: r for key, r in trusted.items() if ("base", key[1], None) in trusted}
+    grid = {(r["method"], r["seed"], r["rank"], r["lr"]): r for r in earlier.get("lr_grid", [])
+            if r["status"] in ("ok", "failed") and ("base", r["seed"], None) in trusted}  # a diverged rate stays so
+    return ({k: r for k, r in trusted.items() if k in plan}, [r for k, r in trusted.items() if k not in plan],
+            grid)
+
+
+def check_bases(args, plan, kept, others):
+    """Every seed fine-tuned here has a base: trained in this run, or kept from the earlier one (--resume)."""
+    have = {seed for method, seed, _ in plan if method == "base"} | {seed for (m, seed, _) in kept if m == "base"}
+    have |= {r["seed"] for r in others if r["method"] == "base"}
+    missing = sorted({seed for method, seed, _ in plan if method != "base"} - have)
+    if missing:
+        adapters = ", ".join(m for m in args.methods if m != "base")
+        raise ConfigError(f"{adapters} fine-tune a trained base model: add base to --methods, or --resume in an "
+                          f"out-dir whose results.json holds an intact base of seed(s) {', '.join(map(str, missing))}")
+
+
+def lock_out_dir(out):
+    """Hold an exclusive lock on out/.lock while this run writes there (the system drops it when the process
+    ends, even by kill -9), so two runs never mix their files; ConfigError naming the other run otherwise."""
+    try:
+        import fcntl
+    except ImportError:  # not on Windows: no lock there
+        return None
+    handle = open(out / ".lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        other = handle.read().strip() or "unknown"
+        handle.close()
+        raise ConfigError(f"another run (process {other}) is writing to {out}: wait for it to finish, or use "
+                          f"another --out-dir") from None
+    handle.truncate(0)
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+def prepare_out_dir(out, args):
+    """Refuse an out-dir holding an earlier run's results unless --resume (continue it) or --overwrite
+    (replace it: its results, plots and saved models are removed first). A quick run's results are a smoke
+    test, not results: they are replaced without asking."""
+    earlier = sorted(p.name for p in out.iterdir() if p.name == "results.json" or p.name.startswith("seed"))
+    if not earlier or args.resume:
+        return
+    try:
+        quick = json.loads((out / "results.json").read_text())["config"]["quick"] is True
+    except (OSError, ValueError, KeyError, TypeError):
+        quick = False
+    if not (args.overwrite or quick):
+        raise ConfigError(f"{out} already holds an earlier run's results ({', '.join(earlier[:3])}): add --resume "
+                          f"to continue it, --overwrite to replace it, or choose another --out-dir")
+    print(f"Replacing the {'quick run (a smoke test)' if quick else 'earlier run'} in {out}/")
+    for p in out.iterdir():
+        if p.name.startswith("seed") and p.is_dir():
+            shutil.rmtree(p)
+        elif p.name in ("results.json", "results.md", SWEEP_PLOT, LR_PLOT) + PLOT_FILES:
+            p.unlink()
+
+
+# =====================================================================================================
+# main(): flags, checks, the experiment
+# =====================================================================================================
+def parse_args(argv=None):
+    """One flag per entry of SETTINGS, its default read from there; then the three that steer a run."""
+    p = argparse.ArgumentParser(description="MNIST CNN fine-tuned with hand-written LoRA, DoRA and QLoRA.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for name, (default, kind, meaning) in SETTINGS.items():
+        flag = "--" + name.replace("_", "-")
+        if kind is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=meaning)
+        else:
+            p.add_argument(flag, type=kind, default=default, help=meaning)
+    p.add_argument("--resume", action="store_true",
+                   help="keep the runs already finished in out-dir/results.json (same settings) whose saved models "
+                        "are there and intact; run the rest")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the results an earlier run left in out-dir (without it, such a folder is refused)")
+    p.add_argument("--quick", action="store_true",
+                   help=f"smoke run: {QUICK_TRAIN_SIZE} training / {QUICK_VAL_SIZE} validation images, "
+                        f"at most {QUICK_MAX_EPOCHS} epochs per method")
+    args = p.parse_args(argv)
+    args.methods = list(dict.fromkeys(m.strip().lower() for m in args.methods.split(",") if m.strip()))
+    args.task = args.task.strip().lower()
+    return args
+
+
+MAX_SEED = 2**32 - 1  # seeds feed torch generators and epoch_order's arithmetic: kept well inside int64
+
+
+def seeds_of(args):
+    return [args.seed + k for k in range(args.seeds)]
+
+
+AT_LEAST = {"epochs": 1, "finetune_epochs": 1, "batch_size": 1, "patience": 0, "seeds": 1}
+
+
+def number_list(args, name, kind, example):
+    """--lrs/--ranks "a,b,c" as a sorted list of distinct numbers (kept when already one)."""
+    text = getattr(args, name)
+    if isinstance(text, str):
+        try:
+            setattr(args, name, sorted({kind(v) for v in text.split(",") if v.strip()}))
+        except ValueError:
+            what = "whole numbers" if kind is int else "numbers"
+            raise ConfigError(f"--{name} must be {what} separated by commas, like {example} (got {text!r})") from None
+    return getattr(args, name)
+
+
+def check_args(args):
+    """Every bad setting, flag or edited default, as one ConfigError sentence before anything runs.
+    Turns args.lrs and args.ranks into sorted lists of numbers."""
+    unknown = [m for m in args.methods if m not in ALL_METHODS]
+    if unknown or not args.methods:
+        raise ConfigError(f"unknown method(s) {', '.join(unknown) or '(none given)'}: choose from "
+                          f"{', '.join(ALL_METHODS)}, comma-separated")
+    if "base" in args.methods and args.methods[0] != "base":
+        raise ConfigError("base must come first in --methods: the other methods fine-tune the base it trains")
+    for flag, value, allowed in (("--task", args.task, TASKS), ("--device", args.device, ("auto", "cpu", "cuda"))):
+        if value not in allowed:
+            raise ConfigError(f"unknown {flag} {value!r}: choose from {', '.join(allowed)}")
+    for name, low in AT_LEAST.items():
+        if getattr(args, name) < low:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least {low} (got {getattr(args, name)})")
+    rates = ([("--lr", args.lr)] * (args.lr is not None) + [("--lrs", r) for r in number_list(args, "lrs", float, "1e-3,3e-3,1e-2")]
+             + [(f"LEARNING_RATES[{m!r}]", r) for m, r in LEARNING_RATES.items()] + [("--alpha", args.alpha)])
+    for name, value in rates:
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise ConfigError(f"{name} must be a positive number (got {value})")
+    if set(LEARNING_RATES) != set(ALL_METHODS):
+        raise ConfigError(f"LEARNING_RATES needs one rate for each of {', '.join(ALL_METHODS)}")
+    if not 0 <= args.seed <= MAX_SEED - args.seeds + 1:
+        raise ConfigError(f"--seed must be between 0 and {MAX_SEED - args.seeds + 1} with --seeds {args.seeds} "
+                          f"(got {args.seed})")
+    if args.resume and args.overwrite:
+        raise ConfigError("--resume keeps an earlier run's results and --overwrite replaces them: choose one")
+    if not 0 <= args.dropout < 1:
+        raise ConfigError(f"--dropout must be in [0, 1) (got {args.dropout})")
+    limit = max_rank(CNN(), args.train_head)
+    for flag, rank in [("--rank", args.rank)] + [("--ranks", r) for r in number_list(args, "ranks", int, "1,2,4,8,16")]:
+        if not 1 <= rank <= limit:
+            raise ConfigError(f"{flag} must be between 1 and {limit}, the smallest min(in, out) of the adapted "
+                              f"layers (got {rank})")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA device is available; use --device cpu or auto")
+    check_writable(Path(args.out_dir))
+
+
+def check_writable(out):
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"cannot write to --out-dir {out} ({e.strerror or e})") from None
+
+
+def plan_runs(args):
+    """(method, seed, rank) in running order: the main comparison seed by seed, then the rank sweep."""
+    plan = [(m, s, run_rank(m, args.rank)) for s in seeds_of(args) for m in args.methods]
+    return plan + [(m, s, r) for s in seeds_of(args) for m in args.methods if m not in WHOLE_MODEL_FILES
+                   for r in args.ranks if r != args.rank]
+
+
+def cpu_model():
+    try:
+        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def environment(device):
+    try:
+        from importlib.metadata import version
+        import_bitsandbytes()
+        bnb = version("bitsandbytes")
+    except Exception as e:  # not installed, or installed but unusable: say so, not the version on disk
+        bnb = "not usable" if isinstance(e, BitsAndBytesUnavailable) else "not installed"
+    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+            else f"CPU: {cpu_model()}, {torch.get_num_threads()} threads")
+    return {"device": device.type, "device_name": name, "torch": torch.__version__, "bitsandbytes": bnb,
+            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
 
 
 def run_experiment(args, stage):
