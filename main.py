@@ -1,14 +1,13 @@
 """MNIST: train a small CNN, then fine-tune it with LoRA, DoRA and QLoRA, and compare them.
 
     python main.py                       # the experiment with the constants below; outputs in plots/latest/
-    python main.py --quick               # a smoke run on a subset (under a minute on a 2-core CPU)
+    python main.py --quick               # a smoke run on a subset, in about a minute
     python main.py --task fashion --seeds 3 --lrs 1e-3,3e-3,1e-2,3e-2   # a real domain shift, tuned rates
     python main.py --help                # every flag; each one mirrors a constant below
 
-Sections, top to bottom: hyperparameters -> model -> adapter layers -> data -> training ->
-measurement -> after training (merge, adapter files, latency) -> results over seeds -> plots and results
-files -> main().
-`import main` has no side effects.
+Sections, top to bottom: settings, model, adapter layers, data, training, measurement, saved models,
+results over seeds, after training (merging, latency), results files, plots, the runs, the output folder,
+main(). `import main` has no side effects.
 """
 import argparse
 import copy
@@ -23,6 +22,7 @@ import shutil
 import signal
 import statistics
 import sys
+import textwrap
 import time
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
@@ -83,11 +83,8 @@ TASK_DATASET = {"fashion": "FashionMNIST"}  # where a task's images come from; t
 # =====================================================================================================
 class CNN(nn.Module):
     """Two 5x5 'valid' conv layers (16, 32 channels) and two linear layers: LeNet-like, 147k parameters.
-
-    Chosen for accuracy per CPU-second: about 99.3 % test accuracy in a few epochs at ~1.2 M multiply-adds
-    per image, under a third of the usual 32/64-channel 'same'-padded MNIST CNN's 4.2 M (measured: 11 s vs
-    34 s per epoch on the 2-core CPU).
-    """
+    Chosen for accuracy per CPU-second: ~99.3 % on MNIST in a few epochs at 1.2 M multiply-adds per image,
+    under a third of the common 32/64-channel 'same'-padded MNIST CNN's 4.2 M."""
 
     head = "fc2"  # the classifier layer, left fully trainable with --train-head
 
@@ -432,7 +429,7 @@ def make_splits(data, device, task="mnist", val_size=VAL_SIZE, seed=0, train_siz
     if train_size is not None:
         train_idx = train_idx[:train_size]
 
-    def put(x, y):  # channels-last: an epoch took 10.6 s instead of 14.5 s on the 2-core CPU (measured)
+    def put(x, y):  # channels-last: the convolutions' fastest layout on the CPU
         x = (task_pixels(x, task).float() / 255 - MNIST_MEAN) / MNIST_STD  # once, not per sample
         return x.to(device).contiguous(memory_format=torch.channels_last), y.to(device)
     return {"train": put(pixels[train_idx], labels[train_idx]),
@@ -964,7 +961,7 @@ def fmt_mib(b):
 
 
 def fmt_stat(stats, fmt="{:.2f}", scale=1.0):
-    """'mean +- std' (several seeds) or the one value; never a made-up spread."""
+    """'mean ± std' (several seeds) or the one value; never a made-up spread."""
     mean = fmt.format(stats["mean"] / scale)
     return mean if stats["std"] is None else f"{mean} ± {fmt.format(stats['std'] / scale)}"
 
@@ -978,9 +975,23 @@ def fmt_ci(stats, signed=False):
             else f"[{f.format(low)}, {f.format(high)}]")
 
 
+def label(method, task):
+    """A row's name; on a shifted task the base's own accuracy is on MNIST, so the rows say which test set."""
+    if method == "base_on_task":
+        return f"Base, not fine-tuned ({task})"
+    return f"{DISPLAY[method]} (MNIST)" if method == "base" and task != "mnist" else DISPLAY[method]
+
+
 def markdown_table(header, rows):
     return "\n".join(["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
                      + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
+
+
+def text_table(header, rows):
+    """Rows padded into columns for a terminal: the first left-aligned, numbers right-aligned."""
+    widths = [max(len(str(row[i])) for row in [header] + rows) for i in range(len(header))]
+    return "\n".join("  ".join(f"{str(cell):{'<' if i == 0 else '>'}{w}}" for i, (cell, w) in enumerate(zip(row, widths)))
+                     .rstrip() for row in [header] + rows)
 
 
 def frozen_ratio(row):
@@ -988,73 +999,85 @@ def frozen_ratio(row):
     return f"{100 * row['frozen_weight_bytes'] / fp32:.1f} %" if fp32 else "-"
 
 
-RESULT_COLUMNS = (  # (header, cell of a summary row); the first three also fit the base-before-fine-tuning row
-    ("lr", lambda row: f"{row['lr']:g}" if row.get("lr") else "-"),
-    ("test acc (%)", lambda row: fmt_stat(row["test_acc"])),
-    ("95 % CI", lambda row: fmt_ci(row["test_acc"])),
-    ("vs Full FT (points, paired 95 % CI)",
+RESULT_COLUMNS = (  # (header in results.md, header on the console or None, cell of a summary row)
+    ("lr", None, lambda row: f"{row['lr']:g}" if row.get("lr") else "-"),
+    ("test acc (%)", "test acc (%)", lambda row: fmt_stat(row["test_acc"])),
+    ("95 % CI", None, lambda row: fmt_ci(row["test_acc"])),
+    ("vs Full FT (points, paired 95 % CI)", "vs Full FT (points)",
      lambda row: fmt_ci(row["vs"]["full"], signed=True) if row["vs"].get("full") else "-"),
-    ("trainable params", lambda row: f"{row['trainable_params']:,}"),
-    ("% of total", lambda row: f"{100 * row['trainable_params'] / row['total_params']:.2f}"),
-    ("weights stored (MiB)", lambda row: fmt_mib(row["weight_bytes"])),
-    ("train state (MiB)", lambda row: fmt_mib(row["train_state_bytes"])),
-    ("frozen W stored / fp32", frozen_ratio),
-    ("CUDA peak (MiB)", lambda row: "n/a (CPU)" if row["cuda_peak_bytes"] is None
+    ("trainable params", "trainable", lambda row: f"{row['trainable_params']:,}"),
+    ("% of total", None, lambda row: f"{100 * row['trainable_params'] / row['total_params']:.2f}"),
+    ("weights stored (MiB)", None, lambda row: fmt_mib(row["weight_bytes"])),
+    ("train state (MiB)", None, lambda row: fmt_mib(row["train_state_bytes"])),
+    ("frozen W stored / fp32", None, frozen_ratio),
+    ("CUDA peak (MiB)", None, lambda row: "n/a (CPU)" if row["cuda_peak_bytes"] is None
      else fmt_stat(row["cuda_peak_bytes"], scale=2**20)),
-    ("train time (s)", lambda row: fmt_stat(row["train_time_s"], "{:.1f}")),
-    ("epochs (best)", lambda row: f"{'/'.join(map(str, row['epochs_run']))} ({'/'.join(map(str, row['best_epoch']))})"),
+    ("train time (s)", "train time (s)", lambda row: fmt_stat(row["train_time_s"], "{:.1f}")),
+    ("epochs (best)", None, lambda row: f"{'/'.join(map(str, row['epochs_run']))} "
+                                        f"({'/'.join(map(str, row['best_epoch']))})"),
 )
+BEFORE_FINE_TUNING = ("lr", "test acc (%)", "95 % CI")  # what the row of the base on a shifted task can fill
 
 
-def results_table(results):
-    """The main comparison, one row per method, every column."""
-    task, rows = results["config"]["task"], []
-    for method, row in summarize(results).items():
-        name = label(method, task)
+def comparison_table(results, console=False):
+    """The main comparison, one row per method: every column for results.md, a few on the console."""
+    columns = [(short if console else header, header, cell) for header, short, cell in RESULT_COLUMNS
+               if short or not console]
+    rows = []
+    for method, row in results["summary"].items():
+        name = label(method, results["config"]["task"])
+        if console:
+            name = name.replace("not fine-tuned", "before FT")
         if row["status"] != "ok":
-            rows.append([name, "-", f"{row['status']}: {row['reason']}"] + [""] * (len(RESULT_COLUMNS) - 2))
+            status = row["status"] if console else f"{row['status']}: {row['reason']}"
+            rows.append([name] + [status if h == "test acc (%)" else "-" if h == "lr" else "" for _, h, _ in columns])
             continue
-        if row["failed"]:
+        if row["failed"] and not console:  # the console lists them under the table
             name += f" ({len(row['failed'])} run(s) {'; '.join(row['failed'])})"
-        shown = RESULT_COLUMNS[:3] if method == "base_on_task" else RESULT_COLUMNS
-        rows.append([name] + [cell(row) for _, cell in shown] + ["-"] * (len(RESULT_COLUMNS) - len(shown)))
-    return markdown_table(["method"] + [header for header, _ in RESULT_COLUMNS], rows)
+        rows.append([name] + [cell(row) if method != "base_on_task" or h in BEFORE_FINE_TUNING else "-"
+                              for _, h, cell in columns])
+    header = ["method"] + [shown for shown, _, _ in columns]
+    return text_table(header, rows) if console else markdown_table(header, rows)
 
 
 def latency_cell(timing, batch):
-    """'as trained / merged' ms at one batch size; one number for Base and Full FT, which have no adapter."""
+    """'as trained / merged' ms at one batch size; one number for the methods without an adapter."""
+    if timing is None:
+        return "not measured"
     fmt, ms = ("{:.3f}" if batch == "1" else "{:.1f}"), timing["latency_ms"]
     if "plain" in ms:
         return fmt.format(ms["plain"][batch]) + " (no adapter)"
     return f"{fmt.format(ms['unmerged'][batch])} / {fmt.format(ms['merged'][batch])}"
 
 
-def inference_table(results):
-    rows = ["| method | saved file (KiB) | vs full model | latency b=1 as trained / merged (ms) | "
-            "latency b=1000 as trained / merged (ms) | max abs logit diff merged |",
-            "|---|---:|---:|---:|---:|---:|"]
-    inference = results.get("inference", {})  # measured once every method has finished
-    for method, row in summarize(results).items():
-        if row["status"] != "ok" or method == "base_on_task":
-            continue
-        t = inference.get(method)
-        gap = t.get("merged_max_abs_logit_diff") if t else None
-        timing = (f"{latency_cell(t, '1')} | {latency_cell(t, '1000')} | {'-' if gap is None else f'{gap:.1e}'}"
-                  if t else "not measured | not measured | -")
-        rows.append(f"| {DISPLAY[method]} | {row['file_bytes'] / 2**10:.1f} | "
-                    f"{100 * row['file_bytes'] / row['full_model_file_bytes']:.1f} % | {timing} |")
-    qlora = inference.get("qlora", {})
-    if "test_acc_fp32_base" in qlora:
-        rows.append(f"\nQLoRA's adapter (seed {qlora['seed']}) on the fp32 base, as PEFT loads it: "
-                    f"{qlora['test_acc_fp32_base']:.2f} % test accuracy, against {qlora['test_acc_nf4_base']:.2f} % "
-                    f"on the NF4 base it was trained with.")
-    return "\n".join(rows)
+INFERENCE_COLUMNS = (  # (header in results.md, on the console or None, cell of (summary row, its timing))
+    ("saved file (KiB)", "file (KiB)", lambda row, t: f"{row['file_bytes'] / 2**10:.1f}"),
+    ("vs full model", None, lambda row, t: f"{100 * row['file_bytes'] / row['full_model_file_bytes']:.1f} %"),
+    ("latency b=1 as trained / merged (ms)", "batch 1 (ms)", lambda row, t: latency_cell(t, "1")),
+    ("latency b=1000 as trained / merged (ms)", "batch 1,000 (ms)", lambda row, t: latency_cell(t, "1000")),
+    ("max abs logit diff merged", None,
+     lambda row, t: f"{t['merged_max_abs_logit_diff']:.1e}" if t and "merged_max_abs_logit_diff" in t else "-"),
+)
 
 
-def rank_sweep_table(results):
-    return markdown_table(["method", "rank", "trainable params", "test acc (%)", "95 % CI"], [
-        [DISPLAY[method], p["rank"], f"{p['trainable_params']:,}", fmt_stat(p["test_acc"]), fmt_ci(p["test_acc"])]
-        for method, points in rank_sweep(results).items() for p in points])
+def inference_table(results, console=False):
+    """File size, latency and merging error per finished method; the console's only once it was measured."""
+    inference, summary = results.get("inference", {}), results["summary"]
+    methods = [m for m, row in summary.items() if row["status"] == "ok" and m != "base_on_task"
+               and (m in inference or not console)]
+    columns = [(short if console else header, cell) for header, short, cell in INFERENCE_COLUMNS if short or not console]
+    rows = [[DISPLAY[m]] + [cell(summary[m], inference.get(m)) for _, cell in columns] for m in methods]
+    header = ["method"] + [shown for shown, _ in columns]
+    return text_table(header, rows) if console else markdown_table(header, rows)
+
+
+def rank_sweep_table(results, console=False):
+    rows = [[DISPLAY[method], p["rank"], f"{p['trainable_params']:,}", fmt_stat(p["test_acc"])]
+            + ([] if console else [fmt_ci(p["test_acc"])])
+            for method, points in results["rank_sweep"].items() for p in points]
+    if console:
+        return text_table(["method", "rank", "trainable", "test acc (%)"], rows)
+    return markdown_table(["method", "rank", "trainable params", "test acc (%)", "95 % CI"], rows)
 
 
 def lr_grid_table(results):
@@ -1080,52 +1103,32 @@ def chosen_rates(results):
     return "Learning rates: " + "; ".join(f"{', '.join(names)} ({how})" for how, names in groups.items())
 
 
-def text_table(header, rows, align):
-    """Rows padded into columns (align: '<' or '>' per column), for a terminal."""
-    widths = [max(len(str(row[i])) for row in [header] + rows) for i in range(len(header))]
-    return "\n".join("  ".join(f"{str(cell):{a}{w}}" for cell, a, w in zip(row, align, widths)).rstrip()
-                     for row in [header] + rows)
-
-
-def console_table(results):
+def console_summary(results):
     """The comparison in under 100 columns, with what its notation means; results.md has every column."""
-    summary, task = summarize(results), results["config"]["task"]
-    n_seeds = max((row["test_acc"]["n"] for row in summary.values() if row["status"] == "ok"), default=1)
-    rows, notes = [], []
-    for method, row in summary.items():
-        name = label(method, task).replace("not fine-tuned", "before FT")
-        if row["status"] != "ok":
-            rows.append([name, row["status"], "", "", ""])
-            continue
-        vs = row.get("vs", {}).get("full")
-        rows.append([name, fmt_stat(row["test_acc"]), fmt_ci(vs, signed=True) if vs else "-",
-                     f"{row['trainable_params']:,}" if "trainable_params" in row else "-",
-                     fmt_stat(row["train_time_s"], "{:.1f}") if "train_time_s" in row else "-"])
-        notes += [f"{DISPLAY.get(method, method)}: {reason}" for reason in row["failed"]]
-    header = ["method", "test acc (%)", "vs Full FT (points)", "trainable", "train time (s)"]
+    n_seeds = max((row["test_acc"]["n"] for row in results["summary"].values() if row["status"] == "ok"), default=1)
     spread = (f"mean ± std over {n_seeds} seeds; vs Full FT: the paired difference, seed by seed, with its 95 % "
               f"CI\n(an interval holding 0 is within seed noise)" if n_seeds > 1 else
               "one seed: single values, no spread; vs Full FT: the difference in points")
     quick = "QUICK RUN: a smoke test on a subset, not results\n" if results["config"].get("quick") else ""
-    import textwrap
-    lines = [quick + text_table(header, rows, "<>>>>"), spread, textwrap.fill(chosen_rates(results), 100)]
-    inference = results.get("inference", {})
-    timed = [[DISPLAY[m], f"{summary[m]['file_bytes'] / 2**10:.1f}", latency_cell(t, "1"), latency_cell(t, "1000")]
-             for m, t in inference.items() if m in summary and summary[m]["status"] == "ok"]
-    if timed:
-        lines += ["", text_table(["method", "file (KiB)", "batch 1 (ms)", "batch 1,000 (ms)"], timed, "<>>>"),
+    lines = [quick + comparison_table(results, console=True), spread, textwrap.fill(chosen_rates(results), 100)]
+    if results.get("inference"):
+        lines += ["", inference_table(results, console=True),
                   "latency: as trained / merged, median of the rounds; file: the full model, or the adapter only"]
-    sweep = rank_sweep(results)
-    if sweep:
-        lines += ["", text_table(["method", "rank", "trainable", "test acc (%)"],
-                                 [[DISPLAY[m], p["rank"], f"{p['trainable_params']:,}", fmt_stat(p["test_acc"])]
-                                  for m, points in sweep.items() for p in points], "<>>>")]
-    return "\n".join(lines + [f"failed or skipped: {n}" for n in notes])
+    if results["rank_sweep"]:
+        lines += ["", rank_sweep_table(results, console=True)]
+    return "\n".join(lines + [f"failed or skipped: {DISPLAY.get(method, method)}: {reason}"
+                              for method, row in results["summary"].items() for reason in row.get("failed", [])])
+
+
+def add_summary(results):
+    """Derive results["summary"] and results["rank_sweep"] from the runs, once, for every table and plot."""
+    results["summary"], results["rank_sweep"] = summarize(results), rank_sweep(results)
+    return results
 
 
 def save_results(results, out_dir):
     """results.json (every run, the summary, the sweep) and results.md (the tables, with their notation)."""
-    results["summary"], results["rank_sweep"] = summarize(results), rank_sweep(results)
+    add_summary(results)
     write_atomic(Path(out_dir) / "results.json", json.dumps(results, indent=2))
     env, config, seeds = results["environment"], results["config"], results["seeds"]
     sweep = (f"Rank sweep (the adapter methods at each rank, at their main-rank learning rate; {len(seeds)} "
@@ -1137,12 +1140,17 @@ def save_results(results, out_dir):
              f"epochs per method), not results.**\n\n" if config.get("quick") else "")
     spread = (f"Seeds: {', '.join(map(str, seeds))}: mean ± std over the seeds; 95 % CI: Student's t." if len(seeds) > 1
               else f"One seed ({seeds[0]}): single values, so no spread and no interval.")
+    qlora = results.get("inference", {}).get("qlora", {})
+    on_fp32 = (f"\n\nQLoRA's adapter (seed {qlora['seed']}) on the fp32 base, as PEFT loads it: "
+               f"{qlora['test_acc_fp32_base']:.2f} % test accuracy, against {qlora['test_acc_nf4_base']:.2f} % on the "
+               f"NF4 base it was trained with." if "test_acc_fp32_base" in qlora else "")
     write_atomic(Path(out_dir) / "results.md",
                  f"# Results\n\n{quick}Device: {env['device_name']}; torch {env['torch']}, bitsandbytes "
                  f"{env['bitsandbytes']}; {env['date']}. Fine-tuning task: {config['task']} ({TASKS[config['task']]}). "
-                 f"{spread} {chosen_rates(results)}.\n\n{results_table(results)}\n\n"
+                 f"{spread} {chosen_rates(results)}.\n\n{comparison_table(results)}\n\n"
                  f"After training (Base, Full FT, Head only: the whole model's file; adapters: the adapter-only "
-                 f"file; latency of seed {seeds[0]}'s models, median over interleaved rounds):\n\n{inference_table(results)}\n\n{sweep}"
+                 f"file; latency of seed {seeds[0]}'s models, median over interleaved rounds):\n\n"
+                 f"{inference_table(results)}{on_fp32}\n\n{sweep}"
                  "vs Full FT = the method's test accuracy minus full fine-tuning's, seed by seed (same base, data "
                  "order and init within a seed), with the 95 % CI of that mean difference: an interval that "
                  "contains 0 means the difference is within seed noise. epochs (best) = the epochs each seed ran, "
@@ -1160,13 +1168,6 @@ PLOT_FILES = ("training_loss_comparison.png", "validation_accuracy_comparison.pn
 SWEEP_PLOT, LR_PLOT = "rank_sweep.png", "lr_sweep.png"
 COLORS = {"base": "tab:gray", "full": "tab:purple", "head": "tab:brown", "lora": "tab:blue", "dora": "tab:orange",
           "qlora": "tab:green"}
-
-
-def label(method, task):
-    """A row's name; on a shifted task the base's own accuracy is on MNIST, so the rows say which test set."""
-    if method == "base_on_task":
-        return f"Base, not fine-tuned ({task})"
-    return f"{DISPLAY[method]} (MNIST)" if method == "base" and task != "mnist" else DISPLAY[method]
 
 
 def mean_curve(runs, key):
@@ -1336,7 +1337,7 @@ def plot_latency(plt, ax, timed, batch):
 
 def plot_rank_sweep(plt, view):
     """Test accuracy against trainable parameters, one line per adapter method across the swept ranks."""
-    sweep, summary, n_seeds = rank_sweep(view["results"]), view["summary"], view["n_seeds"]
+    sweep, summary, n_seeds = view["results"]["rank_sweep"], view["summary"], view["n_seeds"]
     if not sweep:
         return None
     fig, ax = plt.subplots(figsize=(7.5, 5))
@@ -1404,7 +1405,7 @@ def plot_results(results, out_dir):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    summary = summarize(results)
+    summary = results["summary"]
     trained = [m for m, row in summary.items() if row["status"] == "ok" and m != "base_on_task"]
     n_seeds = max((len(summary[m]["seeds"]) for m in trained), default=1)
     view = {"results": results, "runs": main_runs(results), "summary": summary, "trained": trained,
@@ -1917,6 +1918,7 @@ def run_experiment(args, stage):
                 print(f"Latency not measured: {e}")
             save_results(results, out)
     finally:  # interrupted or not: whatever finished is drawn
+        add_summary(results)  # runs kept by --resume may have come in since the last save
         if any(r["status"] == "ok" for r in results["runs"]):
             during, stage["now"] = stage["now"], "plotting (the results themselves are saved)"
             plot_results(results, out)
@@ -1926,7 +1928,7 @@ def run_experiment(args, stage):
 
 
 def print_summary(results, args):
-    for method, row in summarize(results).items():
+    for method, row in results["summary"].items():
         if row["status"] != "ok":
             shown = f"{row['status']} ({row['reason']})"
         elif row["test_acc"]["std"] is None:
@@ -1935,7 +1937,7 @@ def print_summary(results, args):
             shown = (f"{fmt_stat(row['test_acc'])}% (mean ± std of {row['test_acc']['n']} seeds; 95 % CI "
                      f"{fmt_ci(row['test_acc'])})")
         print(f"{label(method, args.task)} Model Test Accuracy: {shown}")
-    print(f"\n{console_table(results)}")
+    print(f"\n{console_summary(results)}")
     print(f"\nPlots, results.json and results.md (every column) are in\n  {args.out_dir}/")
 
 

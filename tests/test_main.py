@@ -184,7 +184,7 @@ def test_quick_run_writes_every_output_with_sane_numbers(quick_run):
     assert qlora["weight_bytes"] < 0.5 * runs["lora"]["weight_bytes"]
     table = (out / "results.md").read_text()
     assert all(name in table for name in ("| Base |", "| Full FT |", "| Head only |", "| LoRA |", "| DoRA |", "| QLoRA |"))
-    assert "- (1 seed)" in table and " ± " not in main.results_table(results)  # no spread from one seed
+    assert "- (1 seed)" in table and " ± " not in main.comparison_table(results)  # no spread from one seed
     full = runs["full"]
     assert full["trainable_params"] == full["total_params"] == base["total_params"]
     assert (out / "seed0" / "full_finetuned.pt").stat().st_size == full["file_bytes"]
@@ -384,7 +384,8 @@ def test_a_cuda_run_shows_its_peak_in_table_console_and_plot(quick_run, capsys, 
     results = json.loads((quick_run[1] / "results.json").read_text())
     for r in results["runs"]:
         r["cuda_peak_bytes"] = 3 * 2**20
-    assert "| 3.00 |" in main.results_table(results) and "n/a (CPU)" not in main.results_table(results)
+    main.add_summary(results)
+    assert "| 3.00 |" in main.comparison_table(results) and "n/a (CPU)" not in main.comparison_table(results)
     main.report_method(runs_by_method(results)["lora"])
     assert "Max memory allocated: 3.00 MiB (CUDA peak above the shared dataset and base model)" in capsys.readouterr().out
     assert main.PLOT_FILES[4] in main.plot_results(results, tmp_path)

@@ -76,7 +76,7 @@ def test_summary_rows_hold_means_spreads_byte_counts_and_the_base_on_the_target(
     assert lora["vs"]["full"]["mean"] == pytest.approx(-1.0333, abs=1e-3) and "lora" not in lora["vs"]
     dora = summary["dora"]
     assert dora["test_acc"]["n"] == 2 and dora["failed"] == ["seed 1: failed (diverged at epoch 1)"]
-    table = main.results_table(results)
+    table = main.comparison_table(main.add_summary(results))
     assert "| Base (MNIST) | - | 99.10 ± 0.10 |" in table and "| Base, not fine-tuned (rotated) | - | 13.00 ± 1.00 |" in table
     assert "DoRA (1 run(s) seed 1: failed" in table and "| -1.03 [" in table
 
@@ -85,7 +85,7 @@ def test_every_run_failed_is_one_status_row():
     results = fake_results()
     results["runs"] = [r for r in results["runs"] if r["method"] != "dora"] + [run("dora", 0, 0, 8, status="failed")]
     assert main.summarize(results)["dora"] == {"status": "failed", "reason": "diverged at epoch 1"}
-    assert "| DoRA | - | failed: diverged at epoch 1 |" in main.results_table(results)
+    assert "| DoRA | - | failed: diverged at epoch 1 |" in main.comparison_table(main.add_summary(results))
 
 
 def test_rank_sweep_has_one_point_per_rank_that_ran_and_the_main_rank():
@@ -95,7 +95,7 @@ def test_rank_sweep_has_one_point_per_rank_that_ran_and_the_main_rank():
     assert [(p["rank"], p["trainable_params"]) for p in sweep["lora"]] == [(2, 2000), (8, 8000)]  # rank 4 never ran
     assert sweep["lora"][0]["test_acc"]["values"] == [90.0, 91.0]
     assert [p["rank"] for p in sweep["dora"]] == [8]
-    assert "| LoRA | 2 | 2,000 | 90.50 ± 0.71 |" in main.rank_sweep_table(fake_results(ranks=[2]))
+    assert "| LoRA | 2 | 2,000 | 90.50 ± 0.71 |" in main.rank_sweep_table(main.add_summary(fake_results(ranks=[2])))
 
 
 def test_mean_curve_averages_the_runs_that_reached_each_epoch():
@@ -112,6 +112,6 @@ def test_plots_with_seeds_and_a_sweep_are_drawn_from_results_alone(tmp_path):
             r["history"] = {k: [1.0, 0.5] for k in ("train_loss", "val_loss")} | {"val_acc": [90.0, r["test_acc"]]}
     results["environment"] = {"device_name": "test"}
     results["config"]["test_size"] = 10_000
-    written = main.plot_results(results, tmp_path)
+    written = main.plot_results(main.add_summary(results), tmp_path)
     assert set(written) == set(main.PLOT_FILES) | {main.SWEEP_PLOT}
     assert all((tmp_path / name).stat().st_size > 10_000 for name in written)
