@@ -1613,9 +1613,23 @@ class ConfigError(ValueError):
     pass
 
 
-RUN_NUMBERS = ("test_acc", "test_loss", "train_time_s", "epochs_run", "best_epoch", "trainable_params", "total_params",
-               "weight_bytes", "grad_bytes", "optimizer_bytes", "train_state_bytes", "file_bytes",
-               "full_model_file_bytes")
+RECORD_NUMBERS = {  # what a finished record of each list in results.json holds besides its curves
+    "runs": ("test_acc", "test_loss", "train_time_s", "epochs_run", "best_epoch", "trainable_params", "total_params",
+             "weight_bytes", "grad_bytes", "optimizer_bytes", "train_state_bytes", "file_bytes", "full_model_file_bytes"),
+    "lr_grid": ("lr", "val_acc", "val_loss", "epochs_run", "best_epoch")}
+RECORD_NUMBERS["other_runs"] = RECORD_NUMBERS["runs"]
+
+
+def well_formed(record, numbers):
+    """A run as save_results records it: method, seed, rank and status; when finished, its numbers and curves."""
+    def numeric(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    if not (isinstance(record, dict) and record.get("method") in ALL_METHODS and type(record.get("seed")) is int
+            and (record.get("rank") is None or type(record.get("rank")) is int) and isinstance(record.get("status"), str)):
+        return False
+    history = record.get("history")
+    return record["status"] != "ok" or (all(numeric(record.get(k)) for k in numbers) and isinstance(history, dict) and all(
+        isinstance(history.get(k), list) and all(map(numeric, history[k])) for k in ("train_loss", "val_loss", "val_acc")))
 
 
 def check_results_file(results):
@@ -1623,27 +1637,14 @@ def check_results_file(results):
     and curves: --resume carries those runs into the new results unseen."""
     if not isinstance(results, dict) or not isinstance(results.get("config"), dict):
         raise ValueError("no config")
-    runs = results.get("runs"), results.get("other_runs", [])
-    if not all(isinstance(r, list) for r in runs):
-        raise ValueError("runs is not a list")
-    for run in runs[0] + runs[1]:
-        if not (isinstance(run, dict) and run.get("method") in ALL_METHODS and type(run.get("seed")) is int
-                and (run.get("rank") is None or type(run.get("rank")) is int) and isinstance(run.get("status"), str)):
-            raise ValueError(f"a run without method, seed, rank and status: {str(run)[:60]}")
-        if run["status"] != "ok":
-            continue
-        history = run.get("history")
-        if not (all(isinstance(run.get(k), (int, float)) for k in RUN_NUMBERS) and isinstance(history, dict)
-                and all(isinstance(history.get(k), list) and all(isinstance(v, (int, float)) for v in history[k])
-                        for k in ("train_loss", "val_loss", "val_acc"))):
-            raise ValueError(f"the {run['method']} run of seed {run['seed']} lacks its numbers or curves")
-    grid = results.get("lr_grid", [])
-    if not isinstance(grid, list) or not all(
-            isinstance(r, dict) and r.get("method") in ALL_METHODS and type(r.get("seed")) is int
-            and isinstance(r.get("lr"), float) and isinstance(r.get("status"), str)
-            and (r["status"] != "ok" or all(isinstance(r.get(k), (int, float)) for k in ("val_acc", "val_loss")))
-            for r in grid):
-        raise ValueError("a learning-rate grid run without method, seed, lr, status or validation numbers")
+    for key, numbers in RECORD_NUMBERS.items():
+        records = results.get(key, None if key == "runs" else [])
+        if not isinstance(records, list):
+            raise ValueError(f"{key} is not a list")
+        for record in records:
+            if not well_formed(record, numbers):
+                raise ValueError(f"a record in {key} lacks its method, seed, rank, status, numbers or curves: "
+                                 f"{str(record)[:60]}")
 
 
 def saved_model_problem(out, run):

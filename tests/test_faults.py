@@ -228,6 +228,9 @@ MALFORMED = {
     "a run without test_acc": lambda r: {**r, "runs": [{k: v for k, v in r["runs"][0].items() if k != "test_acc"}]},
     "a run without history": lambda r: {**r, "runs": [{k: v for k, v in r["runs"][0].items() if k != "history"}]},
     "a list": lambda r: [r],
+    "a grid run without val_acc": lambda r: {**r, "lr_grid": [{"method": "lora", "seed": 0, "rank": 8, "lr": 1e-3,
+                                                                "status": "ok", "val_loss": 0.1}]},
+    "other_runs a dict": lambda r: {**r, "other_runs": {}},
 }
 
 
