@@ -1567,6 +1567,10 @@ def choose_rate(method, rank, kept_grid, results, base_model, splits, args, devi
     return best["lr"], trained.get(best["lr"])
 
 
+DOING = {"base": "Training the base model", "full": "Fine-tuning every parameter of the base model (Full FT)",
+         "head": "Fine-tuning only the classifier head of the base model (Head only)"}
+
+
 def run_plan(plan, kept, kept_grid, results, splits, args, device, stage):
     """Every planned run in order, results.json rewritten after each. False when a base failed (nothing to
     fine-tune); `stage` names the run in progress, for the message after an interruption."""
@@ -1586,10 +1590,8 @@ def run_plan(plan, kept, kept_grid, results, splits, args, device, stage):
         if rates[method] is None:
             result, model = {"status": "failed", "reason": "every rate of the --lrs grid failed"}, None
         else:
-            print((f"Training the base model{which}" if method == "base"
-                   else f"Fine-tuning every parameter of the base model (Full FT){which}" if method == "full"
-                   else f"Fine-tuning only the classifier head of the base model (Head only){which}" if method == "head"
-                   else f"Fine-tuning the base model with {name}") + f", lr {rates[method]:g}...")
+            print(f"{DOING.get(method, 'Fine-tuning the base model with ' + DISPLAY[method])}{which}, "
+                  f"lr {rates[method]:g}...")
             reuse = grid_run if (seed, rank) == (args.seed, run_rank(method, args.rank)) else None  # same seed, rate
             if reuse:
                 print("(the grid's run at this rate and seed, not trained again: tested once now, and saved)")
@@ -1879,6 +1881,26 @@ def environment(device):
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
 
 
+def load_splits(args, device):
+    """{task: its train/val/test splits on the device} for MNIST (the base's) and the fine-tuning task."""
+    tasks = dict.fromkeys(("mnist", args.task))
+    sources = dict.fromkeys(TASK_DATASET.get(task, "MNIST") for task in tasks)
+    data = {name: load_dataset(args.data_dir, name) for name in sources}
+    sizes = dict(val_size=QUICK_VAL_SIZE if args.quick else VAL_SIZE, seed=args.seed,
+                 train_size=QUICK_TRAIN_SIZE if args.quick else None)
+    return {task: make_splits(data[TASK_DATASET.get(task, "MNIST")], device, task, **sizes) for task in tasks}
+
+
+def run_config(args, splits):
+    """What decides the numbers (results.json's "config"; --resume needs it equal): the settings, less where
+    files go, which methods, seeds and ranks run (they may differ between resumed runs), and the split sizes."""
+    config = {k: v for k, v in vars(args).items()
+              if k not in ("data_dir", "out_dir", "device", "methods", "resume", "overwrite", "seeds", "ranks")}
+    return config | dict(learning_rates=LEARNING_RATES, quant_blocksize=QUANT_BLOCKSIZE,
+                         val_size=len(splits["mnist"]["val"][1]), train_size=len(splits["mnist"]["train"][1]),
+                         test_size=len(splits["mnist"]["test"][1]))
+
+
 def run_experiment(args, stage):
     """Load the data, resume what an earlier run finished, run the rest, measure, write and report."""
     out, plan = Path(args.out_dir), plan_runs(args)
@@ -1887,17 +1909,8 @@ def run_experiment(args, stage):
     prepare_out_dir(out, args)
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
-    tasks = dict.fromkeys(("mnist", args.task))
-    sources = dict.fromkeys(TASK_DATASET.get(task, "MNIST") for task in tasks)
-    data = {name: load_dataset(args.data_dir, name) for name in sources}
-    sizes = dict(val_size=QUICK_VAL_SIZE if args.quick else VAL_SIZE, seed=args.seed,
-                 train_size=QUICK_TRAIN_SIZE if args.quick else None)
-    splits = {task: make_splits(data[TASK_DATASET.get(task, "MNIST")], device, task, **sizes) for task in tasks}
-    config = {k: v for k, v in vars(args).items()
-              if k not in ("data_dir", "out_dir", "device", "methods", "resume", "overwrite", "seeds", "ranks")}
-    config.update(learning_rates=LEARNING_RATES, quant_blocksize=QUANT_BLOCKSIZE,
-                  val_size=len(splits["mnist"]["val"][1]), train_size=len(splits["mnist"]["train"][1]),
-                  test_size=len(splits["mnist"]["test"][1]))
+    splits = load_splits(args, device)
+    config = run_config(args, splits)
     kept, others, kept_grid = previous_results(out, config, plan) if args.resume else ({}, [], {})
     check_bases(args, plan, kept, others)
     results = {"config": config, "environment": environment(device), "methods": args.methods,
