@@ -233,6 +233,12 @@ class DoRALayer(AdapterLayer):
         return (self.magnitude / self.weight_norm(direction)).view(-1, *[1] * (direction.dim() - 1)) * direction
 
 
+def one_line(error, limit=150):
+    """An exception's message on one line, cut at `limit` characters: library messages can span a screen."""
+    text = " ".join(str(error).split())
+    return text[:limit] + ("…" if len(text) > limit else "")
+
+
 class BitsAndBytesUnavailable(RuntimeError):
     pass
 
@@ -257,8 +263,7 @@ def bitsandbytes_call(name, *args, **kwargs):
     except torch.cuda.OutOfMemoryError:
         raise
     except Exception as e:
-        raise BitsAndBytesUnavailable(f"bitsandbytes' {name} failed ({type(e).__name__}: "
-                                      f"{' '.join(str(e).split())[:150]})") from None
+        raise BitsAndBytesUnavailable(f"bitsandbytes' {name} failed ({type(e).__name__}: {one_line(e)})") from None
 
 
 class QLoRALayer(LoRALayer):
@@ -376,8 +381,7 @@ def ensure_dataset(data_dir, name="MNIST", download=True):
         try:
             download_dataset(data_dir, name)
         except Exception as e:  # no network, a mirror down, a full disk...
-            detail = " ".join(str(e).split())  # torchvision's message spans lines: one line, kept short
-            reason = f" The download failed ({type(e).__name__}: {detail[:150]}{'…' if len(detail) > 150 else ''})."
+            reason = f" The download failed ({type(e).__name__}: {one_line(e)})."
         missing = [f for f in md5 if not (raw / f).is_file()]
     if missing:
         raise DataError(
@@ -619,10 +623,9 @@ class WriteError(RuntimeError):
 
 
 def write_atomic(path, content):
-    """Write `content` to a temporary file beside `path`, then rename it: a reader, or a run stopped mid-write,
-    never sees half a file. content: text, a matplotlib figure (PNG), or tensors (safetensors for a
-    .safetensors path, else torch.save). A failed write (disk full, no permission) leaves no temporary file
-    behind and raises WriteError: one sentence naming the file, its folder and the cause."""
+    """Text, a matplotlib figure (PNG) or tensors (safetensors, or torch.save) written to a temporary file, then
+    renamed to `path`: no reader, and no run stopped mid-write, sees half a file. A failed write leaves no
+    temporary file and raises WriteError, one sentence naming the file, its folder and the cause."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
@@ -643,7 +646,7 @@ def write_atomic(path, content):
             pass
         if not isinstance(e, Exception):  # Ctrl-C: the half-written temporary file is gone, the old file intact
             raise
-        cause = getattr(e, "strerror", None) or " ".join(str(e).split())[:120]
+        cause = getattr(e, "strerror", None) or one_line(e, 120)
         try:
             if shutil.disk_usage(path.parent).free < 2**20:  # torch.save says "iostream error" when the disk is full
                 cause = "no space left on the device"
@@ -661,10 +664,10 @@ def read_model_file(path, read):
     try:
         return read(path)
     except Exception as e:
-        detail = " ".join(str(e).split()).split(" Please file an issue")[0]
+        detail = one_line(str(e).split("Please file an issue")[0], 160)
         if "weights_only" in detail.lower() or "unpickl" in detail.lower():
             detail = "it holds something other than plain tensors, and was not loaded"
-        raise ModelFileError(f"{path} cannot be read ({type(e).__name__}: {detail[:160]})") from None
+        raise ModelFileError(f"{path} cannot be read ({type(e).__name__}: {detail})") from None
 
 
 def load_plain(path, device):
@@ -911,14 +914,10 @@ QUICK_LATENCY_ROUNDS, QUICK_LATENCY_REPEATS = 2, {1: 5, 1000: 1}
 
 
 def measure_inference(results, out_dir, test, device, rounds=LATENCY_ROUNDS, repeats=LATENCY_REPEATS):
-    """After every run: the first seed's models at the main rank (latency depends on shapes, not on trained
-    values), rebuilt from the files this run saved, so a resumed method is measured too. Into
-    results["inference"]: latency at batch 1 and 1,000 as trained (unmerged) and merged (methods without an
-    adapter once: the same network either way), the median and range over rounds; the largest logit difference
-    merging makes; and for QLoRA the test accuracy of its adapter on the fp32 base, where PEFT puts it.
-
-    All models are timed together in interleaved rounds, so a slow spell of a shared machine hits all alike.
-    """
+    """results["inference"] for the first seed's models at the main rank, rebuilt from their saved files (so
+    resumed ones too): latency at batch 1 and 1,000 as trained and merged (once without an adapter), median and
+    range over rounds; the largest logit change merging makes; QLoRA's test accuracy on the fp32 base (PEFT's).
+    Rounds interleave the models, so a slow spell of a shared machine hits them all alike."""
     images, labels = test
     seed, rank, models, extra = results["seeds"][0], results["config"]["rank"], {}, {}
     base_file = saved_model_file(out_dir, "base", seed)
