@@ -685,7 +685,9 @@ def saved_model_file(out_dir, method, seed, rank=None):
     """Where run_method saves a run's model: seed<k>/ holds the whole state dicts (base, full fine-tuning)
     and adapters/<method>_r<rank>/, an adapter folder in PEFT's format."""
     folder = Path(out_dir) / f"seed{seed}"
-    return folder / WHOLE_MODEL_FILES[method] if method in WHOLE_MODEL_FILES else folder / "adapters" / f"{method}_r{rank}"
+    if method in WHOLE_MODEL_FILES:
+        return folder / WHOLE_MODEL_FILES[method]
+    return folder / "adapters" / f"{method}_r{rank}"
 
 
 def file_digest(path):
@@ -854,7 +856,8 @@ def summarize(results):
             "epochs_run": [r["epochs_run"] for r in ok], "best_epoch": [r["best_epoch"] for r in ok],
             "lr": ok[0].get("lr", results["config"].get("lr")),  # results of before the per-method rates
             **{k: ok[0][k] for k in SAME_FOR_EVERY_SEED},
-            "vs": {} if method == "base" else {ref: paired_difference(results, method, ref) for ref in ("full", "head", "lora")
+            "vs": {} if method == "base" else {ref: paired_difference(results, method, ref)
+                                                for ref in ("full", "head", "lora")
                                                 if ref != method and ref in results["methods"]}}
         if method == "base" and "task_test_acc" in ok[0]:
             summary["base_on_task"] = {"status": "ok", "seeds": [r["seed"] for r in ok], "failed": [],
@@ -989,8 +992,9 @@ def markdown_table(header, rows):
 def text_table(header, rows):
     """Rows padded into columns for a terminal: the first left-aligned, numbers right-aligned."""
     widths = [max(len(str(row[i])) for row in [header] + rows) for i in range(len(header))]
-    return "\n".join("  ".join(f"{str(cell):{'<' if i == 0 else '>'}{w}}" for i, (cell, w) in enumerate(zip(row, widths)))
-                     .rstrip() for row in [header] + rows)
+    align = ["<"] + [">"] * (len(header) - 1)
+    return "\n".join("  ".join(f"{str(cell):{a}{w}}" for cell, a, w in zip(row, align, widths)).rstrip()
+                     for row in [header] + rows)
 
 
 def frozen_ratio(row):
@@ -1064,7 +1068,8 @@ def inference_table(results, console=False):
     inference, summary = results.get("inference", {}), results["summary"]
     methods = [m for m, row in summary.items() if row["status"] == "ok" and m != "base_on_task"
                and (m in inference or not console)]
-    columns = [(short if console else header, cell) for header, short, cell in INFERENCE_COLUMNS if short or not console]
+    columns = [(short if console else header, cell) for header, short, cell in INFERENCE_COLUMNS
+               if short or not console]
     rows = [[DISPLAY[m]] + [cell(summary[m], inference.get(m)) for _, cell in columns] for m in methods]
     header = ["method"] + [shown for shown, _ in columns]
     return text_table(header, rows) if console else markdown_table(header, rows)
@@ -1137,8 +1142,8 @@ def save_results(results, out_dir):
                   f"ties going to the lower validation loss, then the lower rate):\n\n{lr_grid_table(results)}\n\n")
     quick = (f"**QUICK RUN: a smoke test ({config['train_size']:,} training images, at most {QUICK_MAX_EPOCHS} "
              f"epochs per method), not results.**\n\n" if config.get("quick") else "")
-    spread = (f"Seeds: {', '.join(map(str, seeds))}: mean ± std over the seeds; 95 % CI: Student's t." if len(seeds) > 1
-              else f"One seed ({seeds[0]}): single values, so no spread and no interval.")
+    spread = (f"Seeds: {', '.join(map(str, seeds))}: mean ± std over the seeds; 95 % CI: Student's t."
+              if len(seeds) > 1 else f"One seed ({seeds[0]}): single values, so no spread and no interval.")
     qlora = results.get("inference", {}).get("qlora", {})
     on_fp32 = (f"\n\nQLoRA's adapter (seed {qlora['seed']}) on the fp32 base, as PEFT loads it: "
                f"{qlora['test_acc_fp32_base']:.2f} % test accuracy, against {qlora['test_acc_nf4_base']:.2f} % on the "
@@ -1296,7 +1301,8 @@ def plot_comparison(plt, view):
         ax_peak.bar_label(ax_peak.bar(names, [p["mean"] / 2**20 for p in peaks], color=colors,
                                       yerr=[(p["std"] or 0) / 2**20 for p in peaks] if view["n_seeds"] > 1 else None),
                           fmt="%.1f")
-        ax_peak.set(ylabel="MiB", title="CUDA peak allocated during training\n(above the shared dataset and base model)")
+        ax_peak.set(ylabel="MiB",
+                    title="CUDA peak allocated during training\n(above the shared dataset and base model)")
 
     ax_file = fig.add_subplot(grid[1, 0])
     ax_file.bar_label(ax_file.bar(names, [summary[m]["file_bytes"] / 2**10 for m in trained], color=colors), fmt="%.0f")
@@ -1330,7 +1336,8 @@ def plot_latency(plt, ax, timed, batch):
     spread = "whiskers: range over rounds" if ranged else "spread not recorded in this run"
     ax.set(ylabel="ms", title=f"Inference latency, batch {int(batch):,}\n(median; {spread})")
     ax.set_ylim(0, 1.35 * ax.get_ylim()[1])  # headroom: the legend above the tallest bar
-    ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, facecolor="white", edgecolor="black", hatch=h) for h in (None, "//")],
+    ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, facecolor="white", edgecolor="black", hatch=h)
+                       for h in (None, "//")],
               labels=["as trained (one bar: no adapter to merge)", "merged"], fontsize=8)
 
 
@@ -1615,8 +1622,9 @@ class ConfigError(ValueError):
 
 
 RECORD_NUMBERS = {  # what a finished record of each list in results.json holds besides its curves
-    "runs": ("test_acc", "test_loss", "train_time_s", "epochs_run", "best_epoch", "trainable_params", "total_params",
-             "weight_bytes", "grad_bytes", "optimizer_bytes", "train_state_bytes", "file_bytes", "full_model_file_bytes"),
+    "runs": ("test_acc", "test_loss", "train_time_s", "epochs_run", "best_epoch", "trainable_params",
+             "total_params", "weight_bytes", "grad_bytes", "optimizer_bytes", "train_state_bytes", "file_bytes",
+             "full_model_file_bytes"),
     "lr_grid": ("lr", "val_acc", "val_loss", "epochs_run", "best_epoch")}
 RECORD_NUMBERS["other_runs"] = RECORD_NUMBERS["runs"]
 
@@ -1625,12 +1633,16 @@ def well_formed(record, numbers):
     """A run as save_results records it: method, seed, rank and status; when finished, its numbers and curves."""
     def numeric(v):
         return isinstance(v, (int, float)) and not isinstance(v, bool)
-    if not (isinstance(record, dict) and record.get("method") in ALL_METHODS and type(record.get("seed")) is int
-            and (record.get("rank") is None or type(record.get("rank")) is int) and isinstance(record.get("status"), str)):
+    r = record
+    if not (isinstance(r, dict) and r.get("method") in ALL_METHODS and type(r.get("seed")) is int
+            and type(r.get("rank")) in (int, type(None)) and isinstance(r.get("status"), str)):
         return False
-    history = record.get("history")
-    return record["status"] != "ok" or (all(numeric(record.get(k)) for k in numbers) and isinstance(history, dict) and all(
-        isinstance(history.get(k), list) and all(map(numeric, history[k])) for k in ("train_loss", "val_loss", "val_acc")))
+    if r["status"] != "ok":
+        return True
+    history = r.get("history")
+    curves = isinstance(history, dict) and all(isinstance(history.get(k), list) and all(map(numeric, history[k]))
+                                               for k in ("train_loss", "val_loss", "val_acc"))
+    return curves and all(numeric(r.get(k)) for k in numbers)
 
 
 def check_results_file(results):
@@ -1818,7 +1830,8 @@ def check_args(args):
     for name, low in AT_LEAST.items():
         if getattr(args, name) < low:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least {low} (got {getattr(args, name)})")
-    rates = ([("--lr", args.lr)] * (args.lr is not None) + [("--lrs", r) for r in number_list(args, "lrs", float, "1e-3,3e-3,1e-2")]
+    grid = number_list(args, "lrs", float, "1e-3,3e-3,1e-2")
+    rates = ([("--lr", args.lr)] * (args.lr is not None) + [("--lrs", r) for r in grid]
              + [(f"LEARNING_RATES[{m!r}]", r) for m, r in LEARNING_RATES.items()] + [("--alpha", args.alpha)])
     for name, value in rates:
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
