@@ -1,9 +1,9 @@
 """MNIST: train a small CNN, then fine-tune it with LoRA, DoRA and QLoRA, and compare them.
 
-    python main.py                       # the experiment with the constants below; outputs in plots/latest/
+    python main.py                       # the experiment with the SETTINGS below; outputs in plots/latest/
     python main.py --quick               # a smoke run on a subset, in about a minute
     python main.py --task fashion --seeds 3 --lrs 1e-3,3e-3,1e-2,3e-2   # a real domain shift, tuned rates
-    python main.py --help                # every flag; each one mirrors a constant below
+    python main.py --help                # every flag: one per entry of SETTINGS, defaulting to it
 
 Sections, top to bottom: settings, model, adapter layers, data, training, measurement, saved models,
 results over seeds, after training (merging, latency), results files, plots, the runs, the output folder,
@@ -1321,7 +1321,7 @@ def plot_latency(plt, ax, timed, batch):
     ranged = all("latency_range_ms" in t for t in timed.values())
     for i, (method, t) in enumerate(timed.items()):
         kinds = [k for k in ("plain", "unmerged", "merged") if k in t["latency_ms"]]
-        if method in WHOLE_MODEL_FILES:  # results written before Base/Full FT were timed once: one network, one bar
+        if method in WHOLE_MODEL_FILES:  # some results files time these as unmerged and merged: one network
             kinds = kinds[-1:]
         for kind in kinds:
             look = "plain" if method in WHOLE_MODEL_FILES else kind
