@@ -1258,54 +1258,18 @@ def plot_loss_and_accuracy(plt, view, method):
 
 
 def plot_comparison(plt, view):
-    """Test accuracy (points with 95 % CIs on a zoomed axis), training memory, file size and latency."""
+    """One figure, six panels: test accuracy, training state, CUDA peak (on CUDA), file size, latency x 2."""
     summary, trained, results = view["summary"], view["trained"], view["results"]
     cuda = all(summary[m]["cuda_peak_bytes"] is not None for m in trained)
     fig = plt.figure(figsize=(15, 9))
     grid = fig.add_gridspec(2, 3)
-    ax_acc = fig.add_subplot(grid[0, 0] if cuda else grid[0, :2])
-    ax_state = fig.add_subplot(grid[0, 1] if cuda else grid[0, 2])
-    names, colors = [DISPLAY[m] for m in trained], [COLORS[m] for m in trained]
-
-    # on a shifted task the base's own accuracy is on MNIST, another test set: named in the title, not drawn
-    shown = [m for m in trained if not (m == "base" and view["task"] != "mnist")]
-    x = range(len(shown))
-    for i, method in enumerate(shown):
-        stats = summary[method]["test_acc"]
-        ax_acc.errorbar([i], [stats["mean"]], yerr=None if stats["ci95"] is None else [[ci_half(stats)]],
-                        fmt="o", ms=8, capsize=6, color=COLORS[method])
-        ax_acc.annotate(f"{stats['mean']:.2f}", (i, stats["mean"]), xytext=(10, -4), textcoords="offset points")
-    ax_acc.set_xticks(list(x), [label(m, view["task"]).replace(" (", "\n(") for m in shown])
-    ax_acc.set_xlim(-0.5, len(shown) - 0.3)
-    before = ("" if "base_on_task" not in summary else
-              f"\nBase on MNIST {fmt_stat(summary['base']['test_acc'])} %, on {view['task']} before fine-tuning "
-              f"{fmt_stat(summary['base_on_task']['test_acc'])} %")
-    whiskers = f"mean of {view['n_seeds']} seeds, whiskers: 95 % CI" if view["n_seeds"] > 1 else "1 seed, no interval"
-    ax_acc.set(ylabel="test accuracy (%), axis zoomed",
-               title=f"Test accuracy ({results['config']['test_size']:,} images; {whiskers}; zoomed axis, "
-                     f"not from 0){before}")
-    ax_acc.grid(alpha=0.3, axis="y")
-    style_axes(ax_acc, epochs=False)
-
-    bottom = [0.0] * len(trained)
-    for key, what, hatch in (("weight_bytes", "weights as stored", None), ("grad_bytes", "gradients", "//"),
-                             ("optimizer_bytes", "Adam state", "..")):
-        mib = [summary[m][key] / 2**20 for m in trained]
-        ax_state.bar(names, mib, bottom=bottom, color=colors, hatch=hatch, edgecolor="black", alpha=0.8, label=what)
-        bottom = [b + v for b, v in zip(bottom, mib)]
-    ax_state.set(ylabel="MiB", title="Training state: weights + gradients + Adam\n(byte accounting)")
-    ax_state.legend()
+    draw_test_accuracy(fig.add_subplot(grid[0, 0] if cuda else grid[0, :2]), view, narrow=cuda)
+    draw_bytes(fig.add_subplot(grid[0, 1] if cuda else grid[0, 2]), view)
     if cuda:
-        ax_peak = fig.add_subplot(grid[0, 2])
-        peaks = [summary[m]["cuda_peak_bytes"] for m in trained]
-        ax_peak.bar_label(ax_peak.bar(names, [p["mean"] / 2**20 for p in peaks], color=colors,
-                                      yerr=[(p["std"] or 0) / 2**20 for p in peaks] if view["n_seeds"] > 1 else None),
-                          fmt="%.1f")
-        ax_peak.set(ylabel="MiB",
-                    title="CUDA peak allocated during training\n(above the shared dataset and base model)")
-
+        draw_cuda_peak(fig.add_subplot(grid[0, 2]), view)
     ax_file = fig.add_subplot(grid[1, 0])
-    ax_file.bar_label(ax_file.bar(names, [summary[m]["file_bytes"] / 2**10 for m in trained], color=colors), fmt="%.0f")
+    ax_file.bar_label(ax_file.bar([DISPLAY[m] for m in trained], [summary[m]["file_bytes"] / 2**10 for m in trained],
+                                  color=[COLORS[m] for m in trained]), fmt="%.0f")
     ax_file.set(ylabel="KiB", title="Saved file: the whole model (no adapter) or the adapter only")
     timed = {m: results["inference"][m] for m in trained if m in results.get("inference", {})}
     for column, batch in ((1, "1"), (2, "1000")):
@@ -1313,6 +1277,52 @@ def plot_comparison(plt, view):
     fig.suptitle(titled(view, f"Test accuracy, memory, file size and latency; fine-tuned on {view['task']} "
                               f"({results['environment']['device_name']})", sep=": "))
     return fig
+
+
+def draw_test_accuracy(ax, view, narrow=False):
+    """Test accuracy as points with 95 % CIs, on a zoomed axis that says so; a narrow panel's title wrapped."""
+    summary = view["summary"]
+    # on a shifted task the base's own accuracy is on MNIST, another test set: named in the title, not drawn
+    shown = [m for m in view["trained"] if not (m == "base" and view["task"] != "mnist")]
+    for i, method in enumerate(shown):
+        stats = summary[method]["test_acc"]
+        ax.errorbar([i], [stats["mean"]], yerr=None if stats["ci95"] is None else [[ci_half(stats)]],
+                    fmt="o", ms=8, capsize=6, color=COLORS[method])
+        ax.annotate(f"{stats['mean']:.2f}", (i, stats["mean"]), xytext=(10, -4), textcoords="offset points")
+    ax.set_xticks(range(len(shown)), [label(m, view["task"]).replace(" (", "\n(") for m in shown])
+    ax.set_xlim(-0.5, len(shown) - 0.3)
+    whiskers = f"mean of {view['n_seeds']} seeds, whiskers: 95 % CI" if view["n_seeds"] > 1 else "1 seed, no interval"
+    lines = [f"Test accuracy ({view['results']['config']['test_size']:,} images; {whiskers}",
+             "zoomed axis, not from 0)"]
+    if "base_on_task" in summary:
+        lines += [f"\nBase on MNIST {fmt_stat(summary['base']['test_acc'])} %",
+                  f"on {view['task']} before fine-tuning {fmt_stat(summary['base_on_task']['test_acc'])} %"]
+    title = "\n".join(lines) if narrow else "; ".join(lines[:2]) + ", ".join(lines[2:])
+    ax.set(ylabel="test accuracy (%), axis zoomed", title=title.replace("\n\n", "\n"))
+    ax.grid(alpha=0.3, axis="y")
+    style_axes(ax, epochs=False)
+
+
+def draw_bytes(ax, view):
+    """Training state by byte accounting, stacked: weights as stored, gradients, Adam state."""
+    trained, bottom = view["trained"], [0.0] * len(view["trained"])
+    for key, what, hatch in (("weight_bytes", "weights as stored", None), ("grad_bytes", "gradients", "//"),
+                             ("optimizer_bytes", "Adam state", "..")):
+        mib = [view["summary"][m][key] / 2**20 for m in trained]
+        ax.bar([DISPLAY[m] for m in trained], mib, bottom=bottom, color=[COLORS[m] for m in trained], hatch=hatch,
+               edgecolor="black", alpha=0.8, label=what)
+        bottom = [b + v for b, v in zip(bottom, mib)]
+    ax.set(ylabel="MiB", title="Training state: weights + gradients + Adam\n(byte accounting)")
+    ax.legend()
+
+
+def draw_cuda_peak(ax, view):
+    trained = view["trained"]
+    peaks = [view["summary"][m]["cuda_peak_bytes"] for m in trained]
+    bars = ax.bar([DISPLAY[m] for m in trained], [p["mean"] / 2**20 for p in peaks], color=[COLORS[m] for m in trained],
+                  yerr=[(p["std"] or 0) / 2**20 for p in peaks] if view["n_seeds"] > 1 else None)
+    ax.bar_label(bars, fmt="%.1f")
+    ax.set(ylabel="MiB", title="CUDA peak allocated during training\n(above the shared dataset and base model)")
 
 
 def plot_latency(plt, ax, timed, batch):
@@ -1887,8 +1897,9 @@ def environment(device):
         bnb = version("bitsandbytes")
     except Exception as e:  # not installed, or installed but unusable: say so, not the version on disk
         bnb = "not usable" if isinstance(e, BitsAndBytesUnavailable) else "not installed"
+    threads = torch.get_num_threads()
     name = (torch.cuda.get_device_name(device) if device.type == "cuda"
-            else f"CPU: {cpu_model()}, {torch.get_num_threads()} threads")
+            else f"CPU: {cpu_model()}, {threads} thread{'s' if threads > 1 else ''}")
     return {"device": device.type, "device_name": name, "torch": torch.__version__, "bitsandbytes": bnb,
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
 
