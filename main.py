@@ -594,11 +594,11 @@ def with_cuda_peak(device, model, run):
     """
     if device.type != "cuda":
         return run(), None
-    torch.cuda.synchronize()
+    sync(device)
     torch.cuda.reset_peak_memory_stats()
     shared = torch.cuda.memory_allocated() - weight_bytes(model)
     result = run()
-    torch.cuda.synchronize()
+    sync(device)
     return result, torch.cuda.max_memory_allocated() - shared
 
 
@@ -1510,17 +1510,15 @@ def run_suffix(seed, rank, args):
 
 
 def report_method(r):
-    print(f"Total Training Time: {r['train_time_s'] / 60:.2f} min ({r['train_time_s']:.1f} s, "
-          f"{r['epochs_run']} epochs)")
+    """A finished run, in the original README's words, each figure saying what it measures."""
     state = (f"weights {fmt_mib(r['weight_bytes'])} + gradients {fmt_mib(r['grad_bytes'])} + Adam "
              f"{fmt_mib(r['optimizer_bytes'])} = {fmt_mib(r['train_state_bytes'])} MiB")
-    if r["cuda_peak_bytes"] is None:
-        print(f"Max memory allocated: n/a on CPU (no CUDA peak to read); training state by byte count: {state}")
-    else:
-        print(f"Max memory allocated: {fmt_mib(r['cuda_peak_bytes'])} MiB (CUDA peak above the shared "
-              f"dataset and base model); training state: {state}")
-    print(f"Trainable parameters: {r['trainable_params']:,} of {r['total_params']:,} "
-          f"({100 * r['trainable_params'] / r['total_params']:.2f} %)")
+    peak = ("n/a on CPU (no CUDA peak to read); training state by byte count" if r["cuda_peak_bytes"] is None else
+            f"{fmt_mib(r['cuda_peak_bytes'])} MiB (CUDA peak above the shared dataset and base model); training state")
+    share = 100 * r["trainable_params"] / r["total_params"]
+    print(f"Total Training Time: {r['train_time_s'] / 60:.2f} min ({r['train_time_s']:.1f} s, "
+          f"{r['epochs_run']} epochs)\nMax memory allocated: {peak}: {state}\nTrainable parameters: "
+          f"{r['trainable_params']:,} of {r['total_params']:,} ({share:.2f} %)")
     if "task_test_acc" in r:
         print(f"On the fine-tuning task, before any fine-tuning: {r['task_test_acc']:.2f}% test accuracy")
 

@@ -85,7 +85,7 @@ def test_cuda_peak_is_measured_above_what_every_method_shares(monkeypatch):
     model = main.CNN()
     weights = main.weight_bytes(model)
     calls = []
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda: calls.append("sync"))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append("sync"))
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: calls.append("reset"))
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: 10_000_000 + weights)  # dataset + this model
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 13_000_000)
