@@ -27,11 +27,6 @@ import main  # noqa: E402
 BATCH_SIZE, SEED = main.SETTINGS["batch_size"][0], main.SETTINGS["seed"][0]
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def usual_pipeline_epoch(data_dir, train_idx, val_idx, device, batch_size, steps, lr, seed):
     from torch.utils.data import DataLoader, Subset
     from torchvision import datasets, transforms
@@ -43,7 +38,7 @@ def usual_pipeline_epoch(data_dir, train_idx, val_idx, device, batch_size, steps
     torch.manual_seed(seed)
     model = main.CNN().to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    sync(device)
+    main.sync(device)
     start = time.perf_counter()
     model.train()
     for step, (x, y) in enumerate(train_loader):
@@ -59,7 +54,7 @@ def usual_pipeline_epoch(data_dir, train_idx, val_idx, device, batch_size, steps
     with torch.no_grad():
         for x, y in val_loader:
             correct += (model(x.to(device)).argmax(1) == y.to(device)).sum().item()
-    sync(device)
+    main.sync(device)
     return time.perf_counter() - start, 100 * correct / len(val_idx)
 
 
@@ -67,10 +62,10 @@ def project_epoch(data, device, batch_size, steps, lr, seed):
     splits = main.make_splits(data, device, "mnist", main.VAL_SIZE, seed, train_size=steps * batch_size)
     torch.manual_seed(seed)
     model = main.CNN().to(device).to(memory_format=torch.channels_last)
-    sync(device)
+    main.sync(device)
     start = time.perf_counter()
     fit = main.train(model, splits, epochs=1, lr=lr, batch_size=batch_size, patience=1, seed=seed, log=lambda s: None)
-    sync(device)
+    main.sync(device)
     return time.perf_counter() - start, fit["history"]["val_acc"][-1]
 
 
