@@ -74,7 +74,7 @@ QUICK_TRAIN_SIZE, QUICK_VAL_SIZE, QUICK_MAX_EPOCHS = 6000, 1000, 2  # --quick: a
 ALL_METHODS = ("base", "full", "head", "lora", "dora", "qlora")  # full: every parameter; head: the classifier only
 DISPLAY = {"base": "Base", "full": "Full FT", "head": "Head only", "lora": "LoRA", "dora": "DoRA", "qlora": "QLoRA"}
 WHOLE_MODEL_FILES = {"base": "base_model.pt", "full": "full_finetuned.pt", "head": "head_finetuned.pt"}  # the
-# methods without an adapter, saved as whole CNN state dicts
+# files of the methods without an adapter (not in ADAPTERS): whole CNN state dicts
 TASK_DATASET = {"fashion": "FashionMNIST"}  # where a task's images come from; the others are made from MNIST
 
 
@@ -812,8 +812,8 @@ SAME_FOR_EVERY_SEED = ("trainable_params", "total_params", "weight_bytes", "grad
 
 
 def run_rank(method, rank):
-    """The rank a method runs at: None for the base and full fine-tuning, which have no adapter."""
-    return None if method in WHOLE_MODEL_FILES else rank
+    """The rank a method runs at: None for the methods without an adapter (base, full, head)."""
+    return rank if method in ADAPTERS else None
 
 
 def main_runs(results):
@@ -870,7 +870,7 @@ def rank_sweep(results):
     if not results["ranks"]:
         return {}
     sweep = {}
-    for method in (m for m in results["methods"] if m not in WHOLE_MODEL_FILES):
+    for method in (m for m in results["methods"] if m in ADAPTERS):
         points = []
         for rank in sorted(set(results["ranks"]) | {results["config"]["rank"]}):
             ok = [r for r in results["runs"] if r["method"] == method and r["rank"] == rank and r["status"] == "ok"]
@@ -928,7 +928,7 @@ def measure_inference(results, out_dir, test, device, rounds=LATENCY_ROUNDS, rep
         if r["seed"] != seed or r["status"] != "ok":
             continue
         method, path = r["method"], saved_model_file(out_dir, r["method"], seed, r["rank"])
-        if method in WHOLE_MODEL_FILES:
+        if method not in ADAPTERS:
             models[method] = {"plain": load_plain(path, device).to(memory_format=torch.channels_last).eval()}
             continue
         model = load_adapter(base_file, path, device).to(memory_format=torch.channels_last).eval()
@@ -1331,10 +1331,10 @@ def plot_latency(plt, ax, timed, batch):
     ranged = all("latency_range_ms" in t for t in timed.values())
     for i, (method, t) in enumerate(timed.items()):
         kinds = [k for k in ("plain", "unmerged", "merged") if k in t["latency_ms"]]
-        if method in WHOLE_MODEL_FILES:  # some results files time these as unmerged and merged: one network
+        if method not in ADAPTERS:  # some results files time these as unmerged and merged: one network
             kinds = kinds[-1:]
         for kind in kinds:
-            look = "plain" if method in WHOLE_MODEL_FILES else kind
+            look = kind if method in ADAPTERS else "plain"
             offset, width = {"plain": (0, 0.5), "unmerged": (-0.2, 0.4), "merged": (0.2, 0.4)}[look]
             ms = t["latency_ms"][kind][batch]
             low, high = t["latency_range_ms"][kind][batch] if ranged else (ms, ms)
@@ -1493,7 +1493,7 @@ def run_method(method, seed, rank, lr, base_model, splits, args, device, grid=Fa
     if method == "base" and args.task != "mnist":  # where the fine-tuning starts from, on the shifted task
         result["task_test_loss"], result["task_test_acc"] = evaluate(model, *splits[args.task]["test"])
     path = saved_model_file(args.out_dir, method, seed, rank)
-    if method in WHOLE_MODEL_FILES:  # saved at once: the base is what adapter-only runs and --resume start from
+    if method not in ADAPTERS:  # saved at once: the base is what adapter-only runs and --resume start from
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, model.state_dict())
         result["file_bytes"] = path.stat().st_size
@@ -1823,6 +1823,16 @@ def number_list(args, name, kind, example):
     return getattr(args, name)
 
 
+def check_writable(out):
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"cannot write to --out-dir {out} ({e.strerror or e})") from None
+
+
 def check_args(args):
     """Every bad setting, flag or edited default, as one ConfigError sentence before anything runs.
     Turns args.lrs and args.ranks into sorted lists of numbers."""
@@ -1863,20 +1873,10 @@ def check_args(args):
     check_writable(Path(args.out_dir))
 
 
-def check_writable(out):
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write_test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"cannot write to --out-dir {out} ({e.strerror or e})") from None
-
-
 def plan_runs(args):
     """(method, seed, rank) in running order: the main comparison seed by seed, then the rank sweep."""
     plan = [(m, s, run_rank(m, args.rank)) for s in seeds_of(args) for m in args.methods]
-    return plan + [(m, s, r) for s in seeds_of(args) for m in args.methods if m not in WHOLE_MODEL_FILES
+    return plan + [(m, s, r) for s in seeds_of(args) for m in args.methods if m in ADAPTERS
                    for r in args.ranks if r != args.rank]
 
 
@@ -1922,6 +1922,20 @@ def run_config(args, splits):
                          test_size=len(splits["mnist"]["test"][1]))
 
 
+def print_summary(results, args):
+    for method, row in results["summary"].items():
+        if row["status"] != "ok":
+            shown = f"{row['status']} ({row['reason']})"
+        elif row["test_acc"]["std"] is None:
+            shown = f"{row['test_acc']['mean']:.2f}%"
+        else:
+            shown = (f"{fmt_stat(row['test_acc'])}% (mean ± std of {row['test_acc']['n']} seeds; 95 % CI "
+                     f"{fmt_ci(row['test_acc'])})")
+        print(f"{label(method, args.task)} Model Test Accuracy: {shown}")
+    print(f"\n{console_summary(results)}")
+    print(f"\nPlots, results.json and results.md (every column) are in\n  {args.out_dir}/")
+
+
 def run_experiment(args, stage):
     """Load the data, resume what an earlier run finished, run the rest, measure, write and report."""
     out, plan = Path(args.out_dir), plan_runs(args)
@@ -1960,20 +1974,6 @@ def run_experiment(args, stage):
             stage["now"] = during
     print_summary(results, args)
     return 0 if ok and all(r["status"] != "failed" for r in results["runs"]) else 1
-
-
-def print_summary(results, args):
-    for method, row in results["summary"].items():
-        if row["status"] != "ok":
-            shown = f"{row['status']} ({row['reason']})"
-        elif row["test_acc"]["std"] is None:
-            shown = f"{row['test_acc']['mean']:.2f}%"
-        else:
-            shown = (f"{fmt_stat(row['test_acc'])}% (mean ± std of {row['test_acc']['n']} seeds; 95 % CI "
-                     f"{fmt_ci(row['test_acc'])})")
-        print(f"{label(method, args.task)} Model Test Accuracy: {shown}")
-    print(f"\n{console_summary(results)}")
-    print(f"\nPlots, results.json and results.md (every column) are in\n  {args.out_dir}/")
 
 
 def main(argv=None):
