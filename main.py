@@ -44,7 +44,7 @@ TASKS = {  # what the methods fine-tune on, the same split sizes; the base alway
 }
 SETTINGS = {  # name: (default, type, meaning); the flag is --name with - for _ (--batch-size), on/off for a bool
     "methods": ("base,full,head,lora,dora,qlora", str, "runs, in order; all but base start from the trained base"),
-    "task": ("mnist", str, "what the methods fine-tune on: " + " | ".join(TASKS)),
+    "task": ("mnist", str, "what the methods fine-tune on: " + ", ".join(TASKS)),
     "seeds": (1, int, "every method runs with seeds seed .. seed+seeds-1 (init and data order)"),
     "epochs": (8, int, "epoch budget of the base model"),
     "finetune_epochs": (10, int, "epoch budget of every fine-tuning method"),
@@ -58,7 +58,7 @@ SETTINGS = {  # name: (default, type, meaning); the flag is --name with - for _ 
     "ranks": ("", str, "rank sweep, e.g. 1,2,4,8,16: the adapter methods again at each rank"),
     "dropout": (0.0, float, "dropout on the adapter's input (0 lets DoRA reuse the base's output)"),
     "train_head": (True, bool, "the classifier head fully trainable instead of adapted"),
-    "device": ("auto", str, "auto (cuda when available) | cpu | cuda"),
+    "device": ("auto", str, "auto (cuda when available), cpu or cuda"),
     "data_dir": ("data", str, "holds MNIST/raw/ and FashionMNIST/raw/ (torchvision's layout); downloaded there "
                               "if missing"),
     "out_dir": ("plots/latest", str, "plots, results.json, results.md and seed<k>/ (saved models)"),

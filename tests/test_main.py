@@ -78,6 +78,7 @@ def test_every_setting_is_a_flag_with_its_default_and_the_readme_table_says_so()
     for name, (default, kind, meaning) in main.SETTINGS.items():
         flag = "--" + name.replace("_", "-") + ("/--no-" + name.replace("_", "-") if kind is bool else "")
         shown = "on" if default is True else "(none)" if default in (None, "") else f"`{default}`"
+        assert "|" not in meaning, "a | would split the README's table row"
         row = f"| `{flag}` | {shown} | {meaning} |"
         assert row in readme, f"README's settings table lacks, or has another version of:\n{row}"
 
