@@ -873,7 +873,7 @@ def rank_sweep(results):
     for method in (m for m in results["methods"] if m in ADAPTERS):
         points = []
         for rank in sorted(set(results["ranks"]) | {results["config"]["rank"]}):
-            ok = [r for r in results["runs"] if r["method"] == method and r["rank"] == rank and r["status"] == "ok"]
+            ok = [r for r in ok_runs(results["runs"], method) if r["rank"] == rank]
             if ok:
                 points.append({"rank": rank, "trainable_params": ok[0]["trainable_params"],
                                "test_acc": mean_std_ci(r["test_acc"] for r in ok)})
@@ -1395,7 +1395,7 @@ def plot_lr_sweep(plt, view):
         return None
     fig, ax = plt.subplots(figsize=(7.5, 5))
     for method in dict.fromkeys(r["method"] for r in grid):
-        ok = sorted((r for r in grid if r["method"] == method and r["status"] == "ok"), key=lambda r: r["lr"])
+        ok = sorted(ok_runs(grid, method), key=lambda r: r["lr"])
         failed = [f"{r['lr']:g}" for r in grid if r["method"] == method and r["status"] != "ok"]
         name = DISPLAY[method] + (f" (failed at lr {', '.join(failed)})" if failed else "")
         line, = ax.plot([r["lr"] for r in ok], [r["val_acc"] for r in ok], marker="o", color=COLORS[method], label=name)
@@ -1571,8 +1571,7 @@ def choose_rate(method, rank, kept_grid, results, base_model, splits, args, devi
         result, trained[lr] = attempt(method, seed, rank, lr, base_model, splits, args, device, name, grid=True)
         results["lr_grid"].append({"method": method, "seed": seed, "rank": rank, "lr": lr, **result})
         save_results(results, out)
-    ok = sorted((r for r in results["lr_grid"] if r["method"] == method and r["rank"] == rank and r["status"] == "ok"),
-                key=lambda r: r["lr"])
+    ok = sorted((r for r in ok_runs(results["lr_grid"], method) if r["rank"] == rank), key=lambda r: r["lr"])
     if not ok:
         return None, None
     best = max(ok, key=lambda r: (r["val_acc"], -r["val_loss"]))  # max keeps the first, lowest rate of a tie
