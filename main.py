@@ -73,8 +73,6 @@ QUICK_TRAIN_SIZE, QUICK_VAL_SIZE, QUICK_MAX_EPOCHS = 6000, 1000, 2  # --quick: a
 
 ALL_METHODS = ("base", "full", "head", "lora", "dora", "qlora")  # full: every parameter; head: the classifier only
 DISPLAY = {"base": "Base", "full": "Full FT", "head": "Head only", "lora": "LoRA", "dora": "DoRA", "qlora": "QLoRA"}
-WHOLE_MODEL_FILES = {"base": "base_model.pt", "full": "full_finetuned.pt", "head": "head_finetuned.pt"}  # the
-# files of the methods without an adapter (not in ADAPTERS): whole CNN state dicts
 TASK_DATASET = {"fashion": "FashionMNIST"}  # where a task's images come from; the others are made from MNIST
 
 
@@ -168,14 +166,11 @@ class AdapterLayer(nn.Module):
         """A new plain nn.Linear/nn.Conv2d computing what this layer computes in eval mode (for QLoRA: the
         dequantized base plus the update, in fp32). Out of place: this layer keeps its adapter, so there is
         nothing to unmerge, and no inexact inverse (DoRA's division, QLoRA's re-quantization) is needed."""
-        w = self.merged_weight()
-        if self.is_conv:
-            layer = nn.Conv2d(w.shape[1], w.shape[0], tuple(w.shape[2:]), bias=self.bias is not None, **self.conv_args)
-        else:
-            layer = nn.Linear(w.shape[1], w.shape[0], bias=self.bias is not None)
-        layer = layer.to(w.device).requires_grad_(False)
+        w, has_bias = self.merged_weight(), self.bias is not None
+        layer = (nn.Conv2d(w.shape[1], w.shape[0], tuple(w.shape[2:]), bias=has_bias, **self.conv_args) if self.is_conv
+                 else nn.Linear(w.shape[1], w.shape[0], bias=has_bias)).to(w.device).requires_grad_(False)
         layer.weight.copy_(w)
-        if self.bias is not None:
+        if has_bias:
             layer.bias.copy_(self.bias)
         return layer
 
@@ -328,10 +323,8 @@ def max_rank(model, train_head=True):
 
 
 def add_adapters(model, method, rank, alpha, dropout=0.0, train_head=True):
-    """Replace the model's Linear/Conv2d layers in place (same names) by `method` wrappers; freeze the rest.
-
-    With train_head, the classifier head (model.head) stays a plain, fully trainable layer.
-    """
+    """Replace the model's Linear/Conv2d layers in place (same names) by `method` wrappers and freeze the rest;
+    with train_head the classifier head (model.head) stays a plain, fully trainable layer."""
     if method not in ADAPTERS:
         raise ValueError(f"unknown adapter method {method!r}; choose from {', '.join(ADAPTERS)}")
     model.requires_grad_(False)
@@ -480,11 +473,6 @@ def trainable_parameters(model):
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
-def optimizer_state_bytes(optimizer):
-    return sum(t.nbytes for state in optimizer.state.values() for t in state.values()
-               if torch.is_tensor(t))
-
-
 def snapshot(params):
     return {k: p.detach().clone() for k, p in params.items()}
 
@@ -501,11 +489,8 @@ def check_divergence(epoch, train_loss, first_loss):
 
 
 def train(model, splits, epochs, lr, batch_size, patience, seed, log=print):
-    """Adam on the trainable parameters, cosine LR per step, early stopping on validation loss.
-
-    Returns the history and bookkeeping; the model ends with its best-validation weights restored.
-    Raises Diverged for a non-finite or exploding loss, or a validation accuracy at chance after training.
-    """
+    """Adam on the trainable parameters, cosine LR per step, early stopping on validation loss; the model ends
+    with its best-validation weights. Diverged for a non-finite or exploding loss, or chance accuracy at the end."""
     params = trainable_parameters(model)
     optimizer = torch.optim.Adam(params.values(), lr=lr)
     images, labels = splits["train"]
@@ -557,8 +542,9 @@ def train(model, splits, epochs, lr, batch_size, patience, seed, log=print):
     if best_acc <= AT_CHANCE * 100 / NUM_CLASSES:
         raise Diverged(f"learned nothing: {best_acc:.2f} % validation accuracy after training, at chance "
                        f"({100 / NUM_CLASSES:.0f} %)")
+    adam_bytes = sum(t.nbytes for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t))
     return {"history": history, "epochs_run": len(history["train_loss"]), "best_epoch": best["epoch"],
-            "train_time_s": train_time, "optimizer_bytes": optimizer_state_bytes(optimizer)}
+            "train_time_s": train_time, "optimizer_bytes": adam_bytes}
 
 
 # =====================================================================================================
@@ -579,19 +565,9 @@ def weight_bytes(model):
             + sum(m.quant_state_bytes() for m in model.modules() if isinstance(m, QLoRALayer)))
 
 
-def frozen_base_weight_bytes(model):
-    """(stored bytes, fp32 bytes) of the adapted layers' frozen weight matrices W (biases excluded)."""
-    adapted = [m for m in model.modules() if isinstance(m, AdapterLayer)]
-    return sum(m.frozen_weight_bytes() for m in adapted), sum(4 * math.prod(m.weight_shape) for m in adapted)
-
-
 def with_cuda_peak(device, model, run):
-    """(run(), peak CUDA bytes allocated during it above what every method shares), the peak None off CUDA.
-
-    Shared = what is allocated just before, less this model's own weights: the resident dataset and the
-    base model kept for copying. What remains is the model, its gradients, the optimizer state,
-    activations and workspaces.
-    """
+    """(run(), peak CUDA bytes allocated during it above what every method shares: the resident dataset and the
+    base kept for copying), the peak None off CUDA. What remains: the model, gradients, Adam, activations."""
     if device.type != "cuda":
         return run(), None
     sync(device)
@@ -604,13 +580,14 @@ def with_cuda_peak(device, model, run):
 
 def measure(model, fit, test_loss, test_acc, cuda_peak):
     trainable, total = count_parameters(model)
-    frozen_stored, frozen_fp32 = frozen_base_weight_bytes(model)
+    adapted = [m for m in model.modules() if isinstance(m, AdapterLayer)]  # their frozen W (biases excluded)
     stored, grad_bytes = weight_bytes(model), sum(p.nbytes for p in model.parameters() if p.requires_grad)
     return {"status": "ok", "test_acc": test_acc, "test_loss": test_loss,
             "trainable_params": trainable, "total_params": total,
             "weight_bytes": stored, "grad_bytes": grad_bytes, "optimizer_bytes": fit["optimizer_bytes"],
             "train_state_bytes": stored + grad_bytes + fit["optimizer_bytes"],
-            "frozen_weight_bytes": frozen_stored, "frozen_weight_fp32_bytes": frozen_fp32,
+            "frozen_weight_bytes": sum(m.frozen_weight_bytes() for m in adapted),
+            "frozen_weight_fp32_bytes": sum(4 * math.prod(m.weight_shape) for m in adapted),
             "cuda_peak_bytes": cuda_peak, "train_time_s": fit["train_time_s"],
             "epochs_run": fit["epochs_run"], "best_epoch": fit["best_epoch"], "history": fit["history"]}
 
@@ -682,12 +659,12 @@ def load_plain(path, device):
 
 
 def saved_model_file(out_dir, method, seed, rank=None):
-    """Where run_method saves a run's model: seed<k>/ holds the whole state dicts (base, full fine-tuning)
-    and adapters/<method>_r<rank>/, an adapter folder in PEFT's format."""
+    """Where run_method saves a run's model: in seed<k>/, a whole CNN state dict for the methods without an
+    adapter, and adapters/<method>_r<rank>/, a folder in PEFT's format, for the others."""
     folder = Path(out_dir) / f"seed{seed}"
-    if method in WHOLE_MODEL_FILES:
-        return folder / WHOLE_MODEL_FILES[method]
-    return folder / "adapters" / f"{method}_r{rank}"
+    if method in ADAPTERS:
+        return folder / "adapters" / f"{method}_r{rank}"
+    return folder / {"base": "base_model.pt", "full": "full_finetuned.pt", "head": "head_finetuned.pt"}[method]
 
 
 def file_digest(path):
@@ -698,30 +675,20 @@ def file_digest(path):
     return digest.hexdigest()
 
 
-PEFT_PREFIX = "base_model.model."  # PEFT's names: <prefix><module>.lora_A.weight, ....lora_magnitude_vector
 PEFT_NAMES = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "magnitude": "lora_magnitude_vector"}
 
 
-def peft_name(name):
-    """PEFT's name for one of our parameter names: conv1.lora_A -> base_model.model.conv1.lora_A.weight."""
-    module, _, leaf = name.rpartition(".")
-    return PEFT_PREFIX + (f"{module}.{PEFT_NAMES[leaf]}" if leaf in PEFT_NAMES else name)
-
-
 def peft_tensors(model):
-    """{PEFT name: (our parameter, the shape PEFT stores it in)} of the trained tensors: adapters, DoRA
-    magnitudes, a trainable head. PEFT keeps a conv's DoRA magnitude as [1, out, 1, 1], a Linear's as [out]."""
+    """{PEFT's name: (our parameter, the shape PEFT stores it in)} of the trained tensors (adapters, DoRA
+    magnitudes, a trainable head): conv1.lora_A is base_model.model.conv1.lora_A.weight there, and a conv's
+    DoRA magnitude [1, out, 1, 1] (a Linear's stays [out])."""
     tensors = {}
     for name, p in trainable_parameters(model).items():
-        module = model.get_submodule(name.rpartition(".")[0])
-        conv_magnitude = name.endswith(".magnitude") and module.is_conv
-        tensors[peft_name(name)] = (p, (1, -1, 1, 1) if conv_magnitude else p.shape)
+        module, _, leaf = name.rpartition(".")
+        conv_magnitude = leaf == "magnitude" and model.get_submodule(module).is_conv
+        peft_name = f"{module}.{PEFT_NAMES[leaf]}" if leaf in PEFT_NAMES else name
+        tensors["base_model.model." + peft_name] = (p, (1, -1, 1, 1) if conv_magnitude else p.shape)
     return tensors
-
-
-def adapter_state_dict(model):
-    """The trained tensors only, under PEFT's names and in PEFT's shapes."""
-    return {key: p.detach().cpu().reshape(shape).contiguous() for key, (p, shape) in peft_tensors(model).items()}
 
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"  # what PEFT reads
@@ -742,7 +709,8 @@ def save_adapter(model, method, rank, args, folder):
     if method == "qlora":
         info["base_quantization"] = {"quant_type": "nf4", "double_quant": True, "blocksize": QUANT_BLOCKSIZE,
                                      "note": "trained against the NF4-quantized base; PEFT puts it on the fp32 base"}
-    write_atomic(folder / ADAPTER_WEIGHTS, adapter_state_dict(model))
+    write_atomic(folder / ADAPTER_WEIGHTS, {key: p.detach().cpu().reshape(shape).contiguous()  # trained tensors only
+                                            for key, (p, shape) in peft_tensors(model).items()})
     write_atomic(folder / ADAPTER_CONFIG, json.dumps(config, indent=2))
     write_atomic(folder / ADAPTER_INFO, json.dumps(info, indent=2))
     return folder
@@ -865,6 +833,11 @@ def summarize(results):
     return summary
 
 
+def seeds_finished(summary):
+    """The most seeds any method finished: what the console and the plots average over (1: single values)."""
+    return max((len(row["seeds"]) for row in summary.values() if row["status"] == "ok"), default=1)
+
+
 def rank_sweep(results):
     """{adapter method: one point per rank that ran (the main rank included)}, {} without --ranks."""
     if not results["ranks"]:
@@ -984,22 +957,15 @@ def label(method, task):
     return f"{DISPLAY[method]} (MNIST)" if method == "base" and task != "mnist" else DISPLAY[method]
 
 
-def markdown_table(header, rows):
-    return "\n".join(["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
-                     + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
-
-
-def text_table(header, rows):
-    """Rows padded into columns for a terminal: the first left-aligned, numbers right-aligned."""
+def table(header, rows, console=False):
+    """A markdown table for results.md; on the console, padded columns: the first left-aligned, numbers right."""
+    if not console:
+        return "\n".join(["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+                         + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
     widths = [max(len(str(row[i])) for row in [header] + rows) for i in range(len(header))]
     align = ["<"] + [">"] * (len(header) - 1)
     return "\n".join("  ".join(f"{str(cell):{a}{w}}" for cell, a, w in zip(row, align, widths)).rstrip()
                      for row in [header] + rows)
-
-
-def frozen_ratio(row):
-    fp32 = row["frozen_weight_fp32_bytes"]
-    return f"{100 * row['frozen_weight_bytes'] / fp32:.1f} %" if fp32 else "-"
 
 
 RESULT_COLUMNS = (  # (header in results.md, header on the console or None, cell of a summary row)
@@ -1012,7 +978,8 @@ RESULT_COLUMNS = (  # (header in results.md, header on the console or None, cell
     ("% of total", None, lambda row: f"{100 * row['trainable_params'] / row['total_params']:.2f}"),
     ("weights stored (MiB)", None, lambda row: fmt_mib(row["weight_bytes"])),
     ("train state (MiB)", None, lambda row: fmt_mib(row["train_state_bytes"])),
-    ("frozen W stored / fp32", None, frozen_ratio),
+    ("frozen W stored / fp32", None, lambda row: "-" if not row["frozen_weight_fp32_bytes"]
+     else f"{100 * row['frozen_weight_bytes'] / row['frozen_weight_fp32_bytes']:.1f} %"),
     ("CUDA peak (MiB)", None, lambda row: "n/a (CPU)" if row["cuda_peak_bytes"] is None
      else fmt_stat(row["cuda_peak_bytes"], scale=2**20)),
     ("train time (s)", "train time (s)", lambda row: fmt_stat(row["train_time_s"], "{:.1f}")),
@@ -1040,7 +1007,7 @@ def comparison_table(results, console=False):
         rows.append([name] + [cell(row) if method != "base_on_task" or h in BEFORE_FINE_TUNING else "-"
                               for _, h, cell in columns])
     header = ["method"] + [shown for shown, _, _ in columns]
-    return text_table(header, rows) if console else markdown_table(header, rows)
+    return table(header, rows, console)
 
 
 def latency_cell(timing, batch):
@@ -1072,7 +1039,7 @@ def inference_table(results, console=False):
                if short or not console]
     rows = [[DISPLAY[m]] + [cell(summary[m], inference.get(m)) for _, cell in columns] for m in methods]
     header = ["method"] + [shown for shown, _ in columns]
-    return text_table(header, rows) if console else markdown_table(header, rows)
+    return table(header, rows, console)
 
 
 def rank_sweep_table(results, console=False):
@@ -1080,14 +1047,14 @@ def rank_sweep_table(results, console=False):
             + ([] if console else [fmt_ci(p["test_acc"])])
             for method, points in results["rank_sweep"].items() for p in points]
     if console:
-        return text_table(["method", "rank", "trainable", "test acc (%)"], rows)
-    return markdown_table(["method", "rank", "trainable params", "test acc (%)", "95 % CI"], rows)
+        return table(["method", "rank", "trainable", "test acc (%)"], rows, console)
+    return table(["method", "rank", "trainable params", "test acc (%)", "95 % CI"], rows)
 
 
 def lr_grid_table(results):
     """Every learning-rate grid run: validation numbers only (the test set takes no part in the choice)."""
     chosen = {m: r["lr"] for m, r in results.get("learning_rates", {}).items()}
-    return markdown_table(["method", "lr", "val acc (%)", "val loss", "epochs (best)", "chosen"], [
+    return table(["method", "lr", "val acc (%)", "val loss", "epochs (best)", "chosen"], [
         [DISPLAY[r["method"]], f"{r['lr']:g}"] + (
             [f"{r['val_acc']:.2f}", f"{r['val_loss']:.4f}", f"{r['epochs_run']} ({r['best_epoch']})"]
             if r["status"] == "ok" else [f"{r['status']}: {r['reason']}", "", ""])
@@ -1109,7 +1076,7 @@ def chosen_rates(results):
 
 def console_summary(results):
     """The comparison in under 100 columns, with what its notation means; results.md has every column."""
-    n_seeds = max((row["test_acc"]["n"] for row in results["summary"].values() if row["status"] == "ok"), default=1)
+    n_seeds = seeds_finished(results["summary"])
     spread = (f"mean ± std over {n_seeds} seeds; vs Full FT: the paired difference, seed by seed, with its 95 % "
               f"CI\n(an interval holding 0 is within seed noise)" if n_seeds > 1 else
               "one seed: single values, no spread; vs Full FT: the difference in points")
@@ -1423,7 +1390,7 @@ def plot_results(results, out_dir):
 
     summary = results["summary"]
     trained = [m for m, row in summary.items() if row["status"] == "ok" and m != "base_on_task"]
-    n_seeds = max((len(summary[m]["seeds"]) for m in trained), default=1)
+    n_seeds = seeds_finished(summary)
     view = {"results": results, "runs": main_runs(results), "summary": summary, "trained": trained,
             "task": results["config"]["task"], "n_seeds": n_seeds,
             "spread": f"mean of {n_seeds} seeds, band: +-1 std" if n_seeds > 1 else "1 seed",
@@ -1502,11 +1469,6 @@ def run_method(method, seed, rank, lr, base_model, splits, args, device, grid=Fa
     result["file_sha256"] = file_digest(path)  # --resume trusts the saved model only while this matches
     result["full_model_file_bytes"] = saved_model_file(args.out_dir, "base", seed).stat().st_size
     return result, model
-
-
-def run_suffix(seed, rank, args):
-    """What tells a run from its method's others: " r=4" for a rank-sweep run, " (seed 1)" with several seeds."""
-    return (f" r={rank}" if rank not in (None, args.rank) else "") + (f" (seed {seed})" if args.seeds > 1 else "")
 
 
 def report_method(r):
@@ -1589,7 +1551,8 @@ def run_plan(plan, kept, kept_grid, results, splits, args, device, stage):
     fine-tune); `stage` names the run in progress, for the message after an interruption."""
     out, base_models, rates = Path(args.out_dir), {}, {}  # base_models: each seed's trained base, copied
     for method, seed, rank in plan:
-        which = run_suffix(seed, rank, args)  # "" for one seed at the main rank
+        # what tells this run from its method's others: " r=4" in the rank sweep, " (seed 1)" with several seeds
+        which = (f" r={rank}" if rank not in (None, args.rank) else "") + (f" (seed {seed})" if args.seeds > 1 else "")
         if method != "base" and seed not in base_models:
             base_models[seed] = load_plain(saved_model_file(out, "base", seed), device)
         if method not in rates:  # the first seed's base is there: a grid can run on it
