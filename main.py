@@ -1441,12 +1441,9 @@ def fit_method(method, seed, rank, lr, base_model, target, args, device):
 
 
 def run_method(method, seed, rank, lr, base_model, splits, args, device, grid=False, trained=None):
-    """Train one run; returns (result dict, trained model). splits: {task: splits}, the base's on "mnist".
-
-    A grid run (choosing the rate) reports its validation numbers only, no test set and no saved model, and
-    returns (model, fit, CUDA peak) in place of the model: the run at the chosen rate is then finished from
-    that (`trained`: tested once and saved) instead of being trained again, identically.
-    """
+    """Train, test once and save one run: (result, model); splits = {task: splits}, the base's under "mnist".
+    A grid run (choosing the rate) reports validation numbers only, no test, no file, and returns (model, fit,
+    CUDA peak) as its model: the run at the chosen rate is finished from that (`trained`), not trained again."""
     target = splits["mnist"] if method == "base" else splits[args.task]
     model, fit, cuda_peak = trained or fit_method(method, seed, rank, lr, base_model, target, args, device)
     if grid:
@@ -1644,14 +1641,10 @@ def saved_model_problem(out, run):
 
 
 def previous_results(out, config, plan, log=print):
-    """(kept, others, grid): the runs an earlier run into `out` finished with the same hyperparameters, whose
-    saved models are intact: kept = {(method, seed, rank): result} of the planned ones, others = the rest,
-    carried along so that a --resume with fewer methods, seeds or ranks never drops them; grid = the finished
-    learning-rate grid runs by (method, seed, rank, lr).
-
-    A run counts only with its saved model, unchanged since it was recorded (a checksum), and with the base
-    it fine-tuned: a seed whose base is missing, damaged or trained again loses its other runs.
-    """
+    """(kept, others, grid) of an earlier run into `out` with the same settings: kept = {(method, seed, rank):
+    result} of the planned runs, others = the rest (carried along: a --resume with fewer methods, seeds or ranks
+    drops none), grid = its learning-rate grid runs by (method, seed, rank, lr). A run counts only while its saved
+    model matches its recorded checksum, and its seed's base too: a base missing or trained again drops the rest."""
     path = Path(out) / "results.json"
     if not path.exists():
         return {}, [], {}
