@@ -9,8 +9,19 @@ Sections, top to bottom: settings, model, adapter layers, data, training, measur
 results over seeds, after training (merging, latency), results files, plots, the runs, the output folder,
 main(). `import main` has no side effects.
 """
+import signal
+import sys
+
+if __name__ == "__main__":  # Ctrl-C or a hang-up while torch loads (seconds): one sentence, not a traceback
+    def stopped_during_start_up(signum, frame):
+        print("\nInterrupted during start-up: nothing had been trained yet.", file=sys.stderr)
+        sys.exit(130)
+    for stop_signal in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM)):
+        signal.signal(stop_signal, stopped_during_start_up)
+
 import argparse
 import copy
+import errno
 import functools
 import hashlib
 import io
@@ -18,10 +29,11 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
-import signal
 import statistics
-import sys
+import stat
+import tempfile
 import textwrap
 import time
 from contextlib import redirect_stderr, redirect_stdout
@@ -367,7 +379,13 @@ def download_dataset(data_dir, name):
 def ensure_dataset(data_dir, name="MNIST", download=True):
     """The raw folder of dataset `name`, after downloading missing files (when allowed) and checking every MD5."""
     raw, md5 = Path(data_dir) / name / "raw", DATASETS[name]
-    missing = [f for f in md5 if not (raw / f).is_file()]
+
+    def missing_files():
+        try:
+            return [f for f in md5 if not (raw / f).is_file()]
+        except OSError as e:  # a folder on the way without search permission
+            raise DataError(f"{raw} cannot be searched ({e.strerror or e}): check its permissions") from None
+    missing = missing_files()
     reason = ""
     if missing and download:
         print(f"{name} not found in {raw}: downloading it with torchvision...")
@@ -375,7 +393,7 @@ def ensure_dataset(data_dir, name="MNIST", download=True):
             download_dataset(data_dir, name)
         except Exception as e:  # no network, a mirror down, a full disk...
             reason = f" The download failed ({type(e).__name__}: {one_line(e)})."
-        missing = [f for f in md5 if not (raw / f).is_file()]
+        missing = missing_files()
     if missing:
         raise DataError(
             f"{name} is missing from {raw}: {', '.join(missing)}.{reason} Put the four uncompressed IDX files "
@@ -443,7 +461,12 @@ def epoch_order(n, seed, epoch):
 # Training: one loop for every method
 # =====================================================================================================
 class Diverged(RuntimeError):
-    pass
+    """A run that failed to learn: its loss exploded (too_slow False), or it ended at chance with a training loss
+    that never rose above where it started (too_slow True: too low a rate, or too short a budget)."""
+
+    def __init__(self, message, too_slow=False):
+        super().__init__(message)
+        self.too_slow = too_slow
 
 
 NUM_CLASSES = 10
@@ -541,7 +564,7 @@ def train(model, splits, epochs, lr, batch_size, patience, seed, log=print):
     best_acc = history["val_acc"][best["epoch"] - 1] if best["epoch"] else max(history["val_acc"])
     if best_acc <= AT_CHANCE * 100 / NUM_CLASSES:
         raise Diverged(f"learned nothing: {best_acc:.2f} % validation accuracy after training, at chance "
-                       f"({100 / NUM_CLASSES:.0f} %)")
+                       f"({100 / NUM_CLASSES:.0f} %)", too_slow=max(history["train_loss"]) <= first_loss)
     adam_bytes = sum(t.nbytes for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t))
     return {"history": history, "epochs_run": len(history["train_loss"]), "best_epoch": best["epoch"],
             "train_time_s": train_time, "optimizer_bytes": adam_bytes}
@@ -601,20 +624,24 @@ class WriteError(RuntimeError):
 
 def write_atomic(path, content):
     """Text, a matplotlib figure (PNG) or tensors (safetensors, or torch.save) written to a temporary file, then
-    renamed to `path`: no reader, and no run stopped mid-write, sees half a file. A failed write leaves no
-    temporary file and raises WriteError, one sentence naming the file, its folder and the cause."""
+    renamed to `path`: no reader, and no run stopped mid-write, sees half a file. The temporary file is created
+    new and exclusively (a stale one, or a link planted under its name, is removed first, never followed), and
+    the rename replaces a link at `path` rather than writing through it. A failed write leaves no temporary
+    file and raises WriteError, one sentence naming the file, its folder and the cause."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        if isinstance(content, str):
-            tmp.write_text(content)
-        elif hasattr(content, "savefig"):
-            content.savefig(tmp, dpi=120, format="png")
-        elif path.suffix == ".safetensors":
-            from safetensors.torch import save_file
-            save_file(content, str(tmp))
-        else:
-            torch.save(content, tmp)
+        tmp.unlink(missing_ok=True)
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644), "wb") as f:
+            if isinstance(content, str):
+                f.write(content.encode())
+            elif hasattr(content, "savefig"):
+                content.savefig(f, dpi=120, format="png")
+            elif path.suffix == ".safetensors":
+                from safetensors.torch import save
+                f.write(save(content))
+            else:
+                torch.save(content, f)
         os.replace(tmp, path)
     except BaseException as e:
         try:
@@ -630,6 +657,14 @@ def write_atomic(path, content):
         except OSError:
             pass
         raise WriteError(f"cannot write {path.name} in {path.parent} ({cause})") from None
+
+
+def make_folder(folder):
+    """mkdir -p for a folder this script saves into; WriteError (one sentence) when it cannot be made."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise WriteError(f"cannot make the folder {folder} ({e.strerror or e})") from None
 
 
 class ModelFileError(RuntimeError):
@@ -658,13 +693,16 @@ def load_plain(path, device):
     return model
 
 
+MODEL_FILES = {"base": "base_model.pt", "full": "full_finetuned.pt", "head": "head_finetuned.pt"}
+
+
 def saved_model_file(out_dir, method, seed, rank=None):
     """Where run_method saves a run's model: in seed<k>/, a whole CNN state dict for the methods without an
     adapter, and adapters/<method>_r<rank>/, a folder in PEFT's format, for the others."""
     folder = Path(out_dir) / f"seed{seed}"
     if method in ADAPTERS:
         return folder / "adapters" / f"{method}_r{rank}"
-    return folder / {"base": "base_model.pt", "full": "full_finetuned.pt", "head": "head_finetuned.pt"}[method]
+    return folder / MODEL_FILES[method]
 
 
 def file_digest(path):
@@ -699,7 +737,7 @@ def save_adapter(model, method, rank, args, folder):
     """A folder PEFT's `PeftModel.from_pretrained(CNN(), folder)` loads as it is: adapter_config.json (a
     LoraConfig) and adapter_model.safetensors; plus training_info.json (method, task, base, NF4 settings)."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    make_folder(folder)
     config = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
               "r": rank, "lora_alpha": args.alpha, "lora_dropout": args.dropout, "bias": "none",
               "use_dora": method == "dora", "use_rslora": False, "fan_in_fan_out": False, "init_lora_weights": True,
@@ -1384,9 +1422,14 @@ def plot_lr_sweep(plt, view):
 def plot_results(results, out_dir):
     """Every figure, drawn from results alone (so they can be redrawn later) and written atomically; returns
     the file names. With several seeds: means, with bands of +-1 std (curves) or 95 % CIs (points)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    user_backend = os.environ.pop("MPLBACKEND", None)  # we draw to files with Agg; an invalid name there would
+    try:                                                 # fail matplotlib's import, after all the training
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    finally:
+        if user_backend is not None:
+            os.environ["MPLBACKEND"] = user_backend
 
     summary = results["summary"]
     trained = [m for m, row in summary.items() if row["status"] == "ok" and m != "base_on_task"]
@@ -1458,7 +1501,7 @@ def run_method(method, seed, rank, lr, base_model, splits, args, device, grid=Fa
         result["task_test_loss"], result["task_test_acc"] = evaluate(model, *splits[args.task]["test"])
     path = saved_model_file(args.out_dir, method, seed, rank)
     if method not in ADAPTERS:  # saved at once: the base is what adapter-only runs and --resume start from
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_folder(path.parent)
         write_atomic(path, model.state_dict())
         result["file_bytes"] = path.stat().st_size
     else:
@@ -1482,8 +1525,11 @@ def report_method(r):
         print(f"On the fine-tuning task, before any fine-tuning: {r['task_test_acc']:.2f}% test accuracy")
 
 
-def divergence_advice(method, rank, lr, args):
-    """What to change after a divergence: the learning rate, and alpha too when it was raised for an adapter."""
+def divergence_advice(method, rank, lr, args, too_slow=False):
+    """What to change after a run failed to learn: a higher rate or a longer budget when it was too slow; else a
+    lower rate, and alpha too when it was raised for an adapter."""
+    if too_slow:
+        return f"raise --lr (now {lr:g}) or the epoch budget (--{'epochs' if method == 'base' else 'finetune-epochs'})"
     advice = f"lower --lr (now {lr:g})"
     if method in ADAPTERS and args.alpha > SETTINGS["alpha"][0]:
         advice += f" or --alpha (now {args.alpha:g}: every update is scaled by alpha/r = {args.alpha / rank:g})"
@@ -1503,11 +1549,17 @@ def attempt(method, seed, rank, lr, base_model, splits, args, device, name, grid
         print(f"{name} skipped: {e}")
         return {"status": "skipped", "reason": str(e)}, None
     except Diverged as e:
-        print(f"{name} failed: {e}; {divergence_advice(method, rank, lr, args)}. Going on with the other methods.")
+        print(f"{name} failed: {e}; {divergence_advice(method, rank, lr, args, e.too_slow)}. Going on with the other "
+              f"methods.")
         return {"status": "failed", "reason": str(e)}, None
     except torch.cuda.OutOfMemoryError:
         print(f"{name} ran out of CUDA memory: try a smaller --batch-size.")
         return {"status": "failed", "reason": "CUDA out of memory"}, None
+    except (MemoryError, RuntimeError) as e:
+        if not (isinstance(e, MemoryError) or "can't allocate memory" in str(e) or "not enough memory" in str(e)):
+            raise
+        print(f"{name} ran out of memory: try a smaller --batch-size.")  # the CPU allocator's own words are a page
+        return {"status": "failed", "reason": "out of memory"}, None
 
 
 def choose_rate(method, rank, kept_grid, results, base_model, splits, args, device, stage):
@@ -1588,55 +1640,92 @@ class ConfigError(ValueError):
     pass
 
 
-RECORD_NUMBERS = {  # what a finished record of each list in results.json holds besides its curves
-    "runs": ("test_acc", "test_loss", "train_time_s", "epochs_run", "best_epoch", "trainable_params",
-             "total_params", "weight_bytes", "grad_bytes", "optimizer_bytes", "train_state_bytes", "file_bytes",
-             "full_model_file_bytes"),
-    "lr_grid": ("lr", "val_acc", "val_loss", "epochs_run", "best_epoch")}
-RECORD_NUMBERS["other_runs"] = RECORD_NUMBERS["runs"]
+def finite(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def well_formed(record, numbers):
-    """A run as save_results records it: method, seed, rank and status; when finished, its numbers and curves."""
-    def numeric(v):
-        return isinstance(v, (int, float)) and not isinstance(v, bool)
-    r = record
-    if not (isinstance(r, dict) and r.get("method") in ALL_METHODS and type(r.get("seed")) is int
-            and type(r.get("rank")) in (int, type(None)) and isinstance(r.get("status"), str)):
-        return False
-    if r["status"] != "ok":
-        return True
-    history = r.get("history")
-    curves = isinstance(history, dict) and all(isinstance(history.get(k), list) and all(map(numeric, history[k]))
-                                               for k in ("train_loss", "val_loss", "val_acc"))
-    return curves and all(numeric(r.get(k)) for k in numbers)
+def count(v):
+    return type(v) is int and v >= 0
+
+
+def percent(v):
+    return finite(v) and 0 <= v <= 100
+
+
+def rate(v):
+    return finite(v) and 0 < v <= FLOAT32_MAX
+
+
+def curves(v):
+    return isinstance(v, dict) and all(isinstance(v.get(k), list) and all(map(finite, v[k])) for k in HISTORY_KEYS)
+
+
+def optional(check):
+    return lambda v: v is None or check(v)
+
+
+HISTORY_KEYS = ("train_loss", "val_loss", "val_acc", "lr", "epoch_time_s")  # train()'s per-epoch curves
+RECORD = {  # every field of results.json's run records that the code reads, with its check: one schema for all
+    "every": {"method": lambda v: v in ALL_METHODS, "seed": count, "rank": optional(count),
+              "status": lambda v: v in ("ok", "failed", "skipped")},
+    "not ok": {"reason": lambda v: isinstance(v, str)},
+    "run": {"lr": rate, "test_acc": percent, "test_loss": finite, "train_time_s": finite, "epochs_run": count,
+            "best_epoch": count, "trainable_params": count, "total_params": count, "weight_bytes": count,
+            "grad_bytes": count, "optimizer_bytes": count, "train_state_bytes": count, "frozen_weight_bytes": count,
+            "frozen_weight_fp32_bytes": count, "cuda_peak_bytes": optional(count), "file_bytes": count,
+            "full_model_file_bytes": count, "file_sha256": lambda v: isinstance(v, str), "history": curves},
+    "run on a shifted task": {"task_test_acc": percent, "task_test_loss": finite},  # the base's, on task != mnist
+    "grid": {"lr": rate},
+    "grid ok": {"val_acc": percent, "val_loss": finite, "epochs_run": count, "best_epoch": count,
+                "train_time_s": finite, "history": curves},
+}
+
+
+def record_fields(record, kind, task):
+    """The schema's fields for one record of results.json's `kind` ("runs", "other_runs", "lr_grid")."""
+    parts = ["every"] + (["grid"] if kind == "lr_grid" else [])
+    if record.get("status") != "ok":
+        return parts + ["not ok"]
+    if kind == "lr_grid":
+        return parts + ["grid ok"]
+    return parts + ["run"] + (["run on a shifted task"] if record.get("method") == "base" and task != "mnist" else [])
 
 
 def check_results_file(results):
-    """ValueError unless `results` has the shape save_results writes, down to every finished run's numbers
-    and curves: --resume carries those runs into the new results unseen."""
+    """ValueError unless every record of `results` holds every field the code reads from it, each of its kind
+    (RECORD): --resume carries those records into the new results unseen."""
     if not isinstance(results, dict) or not isinstance(results.get("config"), dict):
         raise ValueError("no config")
-    for key, numbers in RECORD_NUMBERS.items():
-        records = results.get(key, None if key == "runs" else [])
+    task = results["config"].get("task")
+    for kind in ("runs", "other_runs", "lr_grid"):
+        records = results.get(kind, None if kind == "runs" else [])
         if not isinstance(records, list):
-            raise ValueError(f"{key} is not a list")
+            raise ValueError(f"{kind} is not a list")
         for record in records:
-            if not well_formed(record, numbers):
-                raise ValueError(f"a record in {key} lacks its method, seed, rank, status, numbers or curves: "
-                                 f"{str(record)[:60]}")
+            bad = [field for part in (record_fields(record, kind, task) if isinstance(record, dict) else ["every"])
+                   for field, check in RECORD[part].items()
+                   if not (isinstance(record, dict) and field in record and check(record[field]))]
+            if bad:
+                raise ValueError(f"a record in {kind} has no valid {', '.join(bad)}: {str(record)[:60]}")
 
 
 def saved_model_problem(out, run):
     """Why a finished run's saved model cannot be trusted (missing, damaged, another run's), or None."""
     path = saved_model_file(out, run["method"], run["seed"], run["rank"])
-    if not path.exists():
-        return f"its saved model {path} is missing"
     try:
-        if run.get("file_sha256") != file_digest(path):
+        if not path.exists():
+            return f"its saved model {path} is missing"
+        if run["file_sha256"] != file_digest(path):
             return f"{path} is damaged or was written by another run (its checksum is not the one recorded)"
+        if run["method"] in ADAPTERS:  # a folder of another method (its files copied here) would pass the checksum
+            saved = json.loads((path / ADAPTER_INFO).read_text()).get("method")
+            if saved != run["method"]:
+                return (f"{path} was written for {DISPLAY.get(saved, saved)}, not {DISPLAY[run['method']]}")
     except OSError as e:
-        return f"{path} cannot be read ({e.strerror or e})"
+        raise ConfigError(f"{e.filename or path} cannot be read ({e.strerror or e}): check its permissions, or "
+                          f"drop --resume") from None
+    except (ValueError, AttributeError):
+        return f"{path / ADAPTER_INFO} is damaged"
     return None
 
 
@@ -1651,6 +1740,9 @@ def previous_results(out, config, plan, log=print):
     try:
         earlier = json.loads(path.read_text())
         check_results_file(earlier)
+    except RecursionError:  # nested thousands deep: json gives up
+        raise ConfigError(f"{path} is not a results file of this script (nested too deep): move it away, or drop "
+                          f"--resume") from None
     except (OSError, ValueError) as e:
         raise ConfigError(f"{path} is not a results file of this script ({getattr(e, 'strerror', None) or e}): "
                           f"move it away, or drop --resume") from None
@@ -1687,46 +1779,120 @@ def check_bases(args, plan, kept, others):
 
 def lock_out_dir(out):
     """Hold an exclusive lock on out/.lock while this run writes there (the system drops it when the process
-    ends, even by kill -9), so two runs never mix their files; ConfigError naming the other run otherwise."""
+    ends, even by kill -9), so two runs never mix their files; ConfigError naming the other run otherwise. The
+    lock file is opened without following a link, and anything but a regular file there is refused."""
     try:
         import fcntl
     except ImportError:  # not on Windows: no lock there
         return None
-    handle = open(out / ".lock", "a+")
+    path = out / ".lock"
+    not_regular = ConfigError(f"{path} is not a regular file (a symbolic link, folder or device): this script "
+                              f"locks the out-dir with it; remove it, or use another --out-dir")
+    try:  # O_NONBLOCK: a FIFO planted there would otherwise block the open
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+            raise not_regular from None
+        raise ConfigError(f"cannot open {path} ({e.strerror or e}): this script locks the out-dir with it") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise not_regular
+    handle = os.fdopen(fd, "r+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        handle.seek(0)
         other = handle.read().strip() or "unknown"
         handle.close()
         raise ConfigError(f"another run (process {other}) is writing to {out}: wait for it to finish, or use "
                           f"another --out-dir") from None
     handle.truncate(0)
+    handle.seek(0)
     handle.write(f"{os.getpid()}\n")
     handle.flush()
     return handle
 
 
-def prepare_out_dir(out, args):
-    """Refuse an out-dir holding an earlier run's results unless --resume (continue it) or --overwrite
-    (replace it: its results, plots and saved models are removed first). A quick run's results are a smoke
-    test, not results: they are replaced without asking."""
-    earlier = sorted(p.name for p in out.iterdir() if p.name == "results.json" or p.name.startswith("seed"))
-    if not earlier or args.resume:
-        return
+SEED_FOLDER = re.compile(r"seed\d+")                   # seed<k>/, where a seed's models are saved
+ADAPTER_FOLDER = re.compile(rf"({'|'.join(ADAPTERS)})_r\d+")  # seed<k>/adapters/<method>_r<rank>/
+
+
+def own_outputs(out):
+    """(files, folders) this script writes in `out`, found by name: results, plots, and in each seed<k>/
+    folder the saved models (a file of each name, and the three files of each adapter folder), with the
+    temporary files of any of them. Nothing else: a user's seed_photos/ or notes in seed0/ are not ours."""
+    def with_temporary(folder, names):
+        return [folder / n for name in names for n in (name, f".{name}.tmp")]
+    files = with_temporary(out, ("results.json", "results.md", SWEEP_PLOT, LR_PLOT) + PLOT_FILES)
+    folders = []
+    for seed_dir in (p for p in out.iterdir() if SEED_FOLDER.fullmatch(p.name) and real_folder(p)):
+        files += with_temporary(seed_dir, MODEL_FILES.values())
+        adapters = seed_dir / "adapters"
+        if real_folder(adapters):
+            for folder in (p for p in adapters.iterdir() if ADAPTER_FOLDER.fullmatch(p.name) and real_folder(p)):
+                files += with_temporary(folder, (ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_INFO))
+                folders.append(folder)
+            folders.append(adapters)
+        folders.append(seed_dir)
+    return [f for f in files if f.is_file() or f.is_symlink()], folders
+
+
+def real_folder(path):
+    """A folder, not a link to one (its contents may be anyone's)."""
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def check_own_folders(out, plan):
+    """Every folder a planned run saves into is absent or a real folder: a file or a link in its place is
+    refused before anything is read, trained or removed (a link would send the models, and a clean-up, into
+    someone else's folder)."""
+    try:
+        for method, seed, rank in plan:
+            path = saved_model_file(out, method, seed, rank)
+            for folder in [path] * (method in ADAPTERS) + [p for p in path.parents if out in p.parents]:
+                if os.path.lexists(folder) and not real_folder(folder):
+                    raise ConfigError(f"{folder} is not a folder (a file or a symbolic link): this script saves "
+                                      f"models there; move it away, or use another --out-dir")
+    except OSError as e:
+        raise ConfigError(f"cannot read {e.filename} ({e.strerror or e}): check its permissions") from None
+
+
+def replaces_earlier_results(out, args):
+    """Whether this run replaces an earlier run's results in `out`: refused (ConfigError) unless --resume
+    (continue it) or --overwrite; a quick run's results, a smoke test, are replaced without asking. Nothing
+    is removed here: remove_own_outputs does it once every check has passed."""
+    if args.resume:
+        return False
+    try:
+        earlier = sorted(str(f.relative_to(out)) for f in own_outputs(out)[0] if not f.name.endswith(".tmp"))
+    except OSError as e:
+        raise ConfigError(f"cannot read {e.filename} ({e.strerror or e}): check its permissions") from None
+    if not earlier:
+        return False
     try:
         quick = json.loads((out / "results.json").read_text())["config"]["quick"] is True
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         quick = False
     if not (args.overwrite or quick):
         raise ConfigError(f"{out} already holds an earlier run's results ({', '.join(earlier[:3])}): add --resume "
                           f"to continue it, --overwrite to replace it, or choose another --out-dir")
     print(f"Replacing the {'quick run (a smoke test)' if quick else 'earlier run'} in {out}/")
-    for p in out.iterdir():
-        if p.name.startswith("seed") and p.is_dir():
-            shutil.rmtree(p)
-        elif p.name in ("results.json", "results.md", SWEEP_PLOT, LR_PLOT) + PLOT_FILES:
-            p.unlink()
+    return True
+
+
+def remove_own_outputs(out):
+    """Remove what own_outputs finds, then each of its folders that is left empty; a user's file keeps its folder."""
+    files, folders = own_outputs(out)
+    try:
+        for file in files:
+            file.unlink()
+        for folder in folders:  # innermost first: adapter folders, adapters/, seed<k>/
+            if not any(folder.iterdir()):
+                folder.rmdir()
+    except OSError as e:
+        raise WriteError(f"cannot remove the earlier run's {e.filename} ({e.strerror or e})") from None
 
 
 # =====================================================================================================
@@ -1763,7 +1929,11 @@ def seeds_of(args):
     return [args.seed + k for k in range(args.seeds)]
 
 
-AT_LEAST = {"epochs": 1, "finetune_epochs": 1, "batch_size": 1, "patience": 0, "seeds": 1}
+BOUNDS = {  # the whole numbers that size the plan, each between its bounds: (lowest, highest or None)
+    "epochs": (1, 10_000), "finetune_epochs": (1, 10_000), "batch_size": (1, None), "patience": (0, None),
+    "seeds": (1, 1000)}  # --seeds 10**8 would build a plan of 10**9 runs in memory before any message
+MAX_GRID = 20  # rates in --lrs: every fine-tuning method trains once at each on the first seed
+FLOAT32_MAX = torch.finfo(torch.float32).max  # Adam keeps its rate as a float32 scalar
 
 
 def number_list(args, name, kind, example):
@@ -1775,15 +1945,20 @@ def number_list(args, name, kind, example):
         except ValueError:
             what = "whole numbers" if kind is int else "numbers"
             raise ConfigError(f"--{name} must be {what} separated by commas, like {example} (got {text!r})") from None
+        if text.strip() and not getattr(args, name):
+            raise ConfigError(f"--{name} names no {'rank' if kind is int else 'rate'} (got {text!r}): give "
+                              f"numbers separated by commas, like {example}, or leave it out")
     return getattr(args, name)
 
 
 def check_writable(out):
+    """The out-dir can take files: made if missing, probed with a temporary file that no planted link can
+    redirect (mkstemp creates a new file, exclusively, under a random name)."""
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write_test"
-        probe.write_text("")
-        probe.unlink()
+        fd, probe = tempfile.mkstemp(prefix=".write_test.", dir=out)
+        os.close(fd)
+        os.unlink(probe)
     except OSError as e:
         raise ConfigError(f"cannot write to --out-dir {out} ({e.strerror or e})") from None
 
@@ -1800,15 +1975,23 @@ def check_args(args):
     for flag, value, allowed in (("--task", args.task, TASKS), ("--device", args.device, ("auto", "cpu", "cuda"))):
         if value not in allowed:
             raise ConfigError(f"unknown {flag} {value!r}: choose from {', '.join(allowed)}")
-    for name, low in AT_LEAST.items():
-        if getattr(args, name) < low:
-            raise ConfigError(f"--{name.replace('_', '-')} must be at least {low} (got {getattr(args, name)})")
+    for name in ("out_dir", "data_dir"):
+        if not getattr(args, name).strip():
+            raise ConfigError(f"--{name.replace('_', '-')} must name a folder (got an empty name)")
+    for name, (low, high) in BOUNDS.items():
+        value = getattr(args, name)
+        if value < low or (high is not None and value > high):
+            raise ConfigError(f"--{name.replace('_', '-')} must be "
+                              f"{f'between {low} and {high}' if high else f'at least {low}'} (got {value})")
     grid = number_list(args, "lrs", float, "1e-3,3e-3,1e-2")
+    if len(grid) > MAX_GRID:
+        raise ConfigError(f"--lrs holds {len(grid)} rates: at most {MAX_GRID} (each is a training run per method)")
     rates = ([("--lr", args.lr)] * (args.lr is not None) + [("--lrs", r) for r in grid]
              + [(f"LEARNING_RATES[{m!r}]", r) for m, r in LEARNING_RATES.items()] + [("--alpha", args.alpha)])
     for name, value in rates:
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-            raise ConfigError(f"{name} must be a positive number (got {value})")
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 < value <= FLOAT32_MAX):
+            raise ConfigError(f"{name} must be a positive number no larger than {FLOAT32_MAX:.2g} (float32's "
+                              f"largest; got {value})")
     if set(LEARNING_RATES) != set(ALL_METHODS):
         raise ConfigError(f"LEARNING_RATES needs one rate for each of {', '.join(ALL_METHODS)}")
     if not 0 <= args.seed <= MAX_SEED - args.seeds + 1:
@@ -1891,18 +2074,38 @@ def print_summary(results, args):
     print(f"\nPlots, results.json and results.md (every column) are in\n  {args.out_dir}/")
 
 
+def draw_finished(results, out, stage, failing=False):
+    """The plots of whatever finished. While another error is on its way out (failing), a failure to draw is
+    mentioned, not put in its place: the message names the first thing that went wrong."""
+    add_summary(results)  # runs kept by --resume may have come in since the last save
+    if not any(r["status"] == "ok" for r in results["runs"]):
+        return
+    during, stage["now"] = stage["now"], "plotting (the results themselves are saved)"
+    try:
+        plot_results(results, out)
+    except WriteError as e:
+        if not failing:
+            raise
+        print(f"The plots were not written either: {e}.", file=sys.stderr)
+    stage["now"] = during
+
+
 def run_experiment(args, stage):
-    """Load the data, resume what an earlier run finished, run the rest, measure, write and report."""
+    """Check everything that can stop the run (settings, folders, data, an earlier run's results), only then
+    remove what a replaced run wrote; run the plan, measure, write and report."""
     out, plan = Path(args.out_dir), plan_runs(args)
     if not args.resume:
         check_bases(args, plan, {}, [])  # before loading anything; with --resume, once results.json is read
-    prepare_out_dir(out, args)
+    check_own_folders(out, plan)
+    replacing = replaces_earlier_results(out, args)  # refused here, before the data is read; removed below
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
     splits = load_splits(args, device)
     config = run_config(args, splits)
     kept, others, kept_grid = previous_results(out, config, plan) if args.resume else ({}, [], {})
     check_bases(args, plan, kept, others)
+    if replacing:  # every check has passed: the run will start
+        remove_own_outputs(out)
     results = {"config": config, "environment": environment(device), "methods": args.methods,
                "seeds": seeds_of(args), "ranks": args.ranks, "learning_rates": {}, "lr_grid": [], "runs": [],
                "other_runs": others}
@@ -1921,22 +2124,24 @@ def run_experiment(args, stage):
             except ModelFileError as e:
                 print(f"Latency not measured: {e}")
             save_results(results, out)
-    finally:  # interrupted or not: whatever finished is drawn
-        add_summary(results)  # runs kept by --resume may have come in since the last save
-        if any(r["status"] == "ok" for r in results["runs"]):
-            during, stage["now"] = stage["now"], "plotting (the results themselves are saved)"
-            plot_results(results, out)
-            stage["now"] = during
+    except BaseException:  # interrupted or failed: whatever finished is drawn all the same
+        draw_finished(results, out, stage, failing=True)
+        raise
+    draw_finished(results, out, stage)
     print_summary(results, args)
     return 0 if ok and all(r["status"] != "failed" for r in results["runs"]) else 1
 
 
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
 def main(argv=None):
     """Exit status: 0 done; 1 a run failed, or an output could not be written; 2 bad input, found before any
-    training; 130 interrupted (Ctrl-C or SIGTERM), with every finished run saved."""
+    training; 130 interrupted (Ctrl-C, SIGTERM or SIGHUP), with every finished run saved."""
     args = parse_args(argv)
     stage = {"now": "start-up"}
-    sigterm_handler = signal.signal(signal.SIGTERM, signal.default_int_handler)  # like Ctrl-C: results kept
+    # SIGTERM and a closed terminal (SIGHUP) stop the run like Ctrl-C: the finished runs are kept and said so
+    handlers = {s: signal.signal(s, signal.default_int_handler) for s in STOP_SIGNALS}
     lock = None
     try:
         check_args(args)
@@ -1958,7 +2163,8 @@ def main(argv=None):
     finally:
         if lock:
             lock.close()
-        signal.signal(signal.SIGTERM, sigterm_handler)
+        for stop_signal, handler in handlers.items():
+            signal.signal(stop_signal, handler)
 
 
 if __name__ == "__main__":

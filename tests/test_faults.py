@@ -5,6 +5,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -195,7 +196,7 @@ def test_a_full_disk_is_one_sentence_leaving_no_temporary_files(capsys, mnist_di
     real_save = torch.save
 
     def disk_full(obj, f, *a, **k):
-        Path(f).write_bytes(b"\0" * 100)  # a part written, then the device is full
+        f.write(b"\0" * 100)  # a part written, then the device is full
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 54912 vs 54800")
     monkeypatch.setattr(torch, "save", disk_full)
     monkeypatch.setattr(shutil, "disk_usage", lambda p: types.SimpleNamespace(total=1, used=1, free=0))
@@ -209,8 +210,8 @@ def test_a_full_disk_is_one_sentence_leaving_no_temporary_files(capsys, mnist_di
 def test_a_plot_that_cannot_be_written_leaves_no_empty_png(capsys, mnist_dir, copy_of, monkeypatch):
     import matplotlib.figure
 
-    def enospc(self, fname, *a, **k):
-        Path(fname).write_bytes(b"")
+    def enospc(self, file, *a, **k):
+        file.write(b"")  # the PNG begun in its temporary file, then the device is full
         raise OSError(28, "No space left on device")
     before = (copy_of / main.PLOT_FILES[0]).read_bytes()
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", enospc)
@@ -279,3 +280,305 @@ def test_an_interruption_while_plotting_is_a_sentence(capsys, mnist_dir, copy_of
     code, _, err = run(capsys, *SMALL, "--resume", "--data-dir", mnist_dir, "--out-dir", copy_of)
     assert code == 130 and "Interrupted during plotting (the results themselves are saved)" in err
     assert len(json.loads((copy_of / "results.json").read_text())["runs"]) == 2
+
+
+# ====================================================================== the user's files (issue 20)
+def as_real_run(out):
+    """Mark an out-dir's results as a real run's: a quick run's are replaced without asking."""
+    results = json.loads((out / "results.json").read_text())
+    results["config"]["quick"] = False
+    (out / "results.json").write_text(json.dumps(results))
+
+
+USERS_FILES = {"seed_photos/IMG_0001.jpg": b"precious", "seedbank/notes.txt": b"mine", "seeds.csv": b"1,2,3",
+               "seed0/my_notes.txt": b"mine too", "seed0/adapters/lora_r8/README": b"my words on this adapter"}
+
+
+def plant(out, files=USERS_FILES):
+    for name, content in files.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_bytes(content)
+
+
+def untouched(out, files=USERS_FILES):
+    return all((out / name).is_file() and (out / name).read_bytes() == content for name, content in files.items())
+
+
+@pytest.mark.parametrize("how", ["--overwrite", "a quick run replaced"])
+def test_clean_up_removes_only_what_this_script_wrote(capsys, mnist_dir, copy_of, how):
+    if how == "--overwrite":
+        as_real_run(copy_of)
+    plant(copy_of)
+    flags = ["--overwrite"] if how == "--overwrite" else []
+    code, _, _ = run(capsys, "--quick", "--methods", "base", "--epochs", "1", *flags, "--data-dir", mnist_dir,
+                     "--out-dir", copy_of)
+    assert code == 0 and untouched(copy_of)
+    assert not (copy_of / "seed0" / "adapters" / "lora_r8" / "adapter_model.safetensors").exists()  # its own: gone
+    assert [r["method"] for r in json.loads((copy_of / "results.json").read_text())["runs"]] == ["base"]
+
+
+def damaged_data(tmp_path, mnist_dir):
+    raw = tmp_path / "damaged" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for f in (mnist_dir / "MNIST" / "raw").iterdir():
+        (raw / f.name).symlink_to(f)
+    victim = raw / "t10k-labels-idx1-ubyte"
+    data = victim.read_bytes()
+    victim.unlink()
+    victim.write_bytes(data[:-10])
+    return tmp_path / "damaged"
+
+
+@pytest.mark.parametrize("data", ["missing", "damaged"])
+def test_overwrite_removes_nothing_when_the_data_stops_the_run(capsys, mnist_dir, copy_of, tmp_path, data):
+    as_real_run(copy_of)
+    before = {p: p.read_bytes() for p in copy_of.rglob("*") if p.is_file()}
+    data_dir = tmp_path / "no_data" if data == "missing" else damaged_data(tmp_path, mnist_dir)
+    code, _, err = run(capsys, "--quick", "--methods", "base", "--overwrite", "--data-dir", data_dir, "--out-dir", copy_of)
+    assert code == 2 and ("is missing from" in err or "is damaged" in err)
+    assert {p: p.read_bytes() for p in copy_of.rglob("*") if p.is_file() and p.name != ".lock"} == {
+        p: b for p, b in before.items() if p.name != ".lock"}
+
+
+def victim_of(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("a file of the user's, outside the out-dir")
+    return victim
+
+
+def test_no_write_follows_a_symlink_planted_in_the_out_dir(capsys, mnist_dir, tmp_path):
+    victim, out = victim_of(tmp_path), tmp_path / "out"
+    (out / "seed0").mkdir(parents=True)
+    for name in (".write_test", ".results.json.tmp", ".results.md.tmp", f".{main.PLOT_FILES[0]}.tmp",
+                 "seed0/.base_model.pt.tmp"):
+        (out / name).symlink_to(victim)
+    code, _, _ = run(capsys, "--quick", "--methods", "base", "--epochs", "1", "--data-dir", mnist_dir, "--out-dir", out)
+    assert code == 0 and victim.read_text() == "a file of the user's, outside the out-dir"
+    assert (out / "results.json").is_file() and not (out / "results.json").is_symlink()
+
+
+@pytest.mark.parametrize("kind", ["symlink", "directory", "fifo"])
+def test_a_lock_that_is_not_a_regular_file_is_refused(capsys, tmp_path, monkeypatch, kind):
+    monkeypatch.setattr(main, "load_dataset", lambda *a, **k: pytest.fail("the run went ahead"))
+    victim, out = victim_of(tmp_path), tmp_path / "out"
+    out.mkdir()
+    {"symlink": lambda p: p.symlink_to(victim), "directory": lambda p: p.mkdir(), "fifo": os.mkfifo}[kind](out / ".lock")
+    code, _, err = run(capsys, "--quick", "--out-dir", out)
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert f"{out / '.lock'} is not a regular file" in err
+    assert victim.read_text() == "a file of the user's, outside the out-dir"
+
+
+def test_a_lock_that_cannot_be_opened_is_one_sentence(capsys, tmp_path, monkeypatch):
+    """A read-only .lock (as a user other than root sees it), simulated: root may open any file."""
+    real_open = os.open
+
+    def read_only(path, flags, *a, **k):
+        if str(path).endswith(".lock"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *a, **k)
+    monkeypatch.setattr(main, "load_dataset", lambda *a, **k: pytest.fail("the run went ahead"))
+    monkeypatch.setattr(os, "open", read_only)
+    code, _, err = run(capsys, "--quick", "--out-dir", tmp_path)
+    assert code == 2 and f"cannot open {tmp_path / '.lock'} (Permission denied)" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--seeds", "100000000"], "--seeds must be between 1 and 1000"),
+    (["--lrs", ",".join(f"{k}e-4" for k in range(1, 40))], "--lrs holds 39 rates: at most 20"),
+    (["--epochs", "100000000"], "--epochs must be between 1 and 10000"),
+    (["--lr", "1e39"], "--lr must be a positive number no larger than 3.4e+38"),
+    (["--lrs", "1e-3,1e39"], "--lrs must be a positive number no larger than 3.4e+38"),
+    (["--alpha", "1e39"], "--alpha must be a positive number no larger than 3.4e+38"),
+    (["--out-dir", ""], "--out-dir must name a folder"),
+    (["--data-dir", ""], "--data-dir must name a folder"),
+    (["--lrs", " , "], "--lrs names no rate"),
+    (["--ranks", " ,"], "--ranks names no rank"),
+])
+def test_bounds_and_empty_values_are_one_sentence_before_any_work(capsys, tmp_path, monkeypatch, argv, message):
+    monkeypatch.setattr(main, "load_dataset", lambda *a, **k: pytest.fail("data was loaded despite bad input"))
+    out = [] if "--out-dir" in argv else ["--out-dir", tmp_path]
+    code, _, err = run(capsys, *argv, *out)
+    assert code == 2 and message in err and err.count("\n") == 1
+
+
+def test_a_rate_beyond_float32_in_the_table_is_caught(capsys, tmp_path, monkeypatch):
+    monkeypatch.setitem(main.LEARNING_RATES, "dora", 1e39)
+    code, _, err = run(capsys, "--out-dir", tmp_path)
+    assert code == 2 and "LEARNING_RATES['dora'] must be a positive number no larger than 3.4e+38" in err
+
+
+def without(record, key):
+    return {k: v for k, v in record.items() if k != key}
+
+
+UNCHECKED = {  # fields the code reads that the results-file check let through
+    "a kept run without cuda_peak_bytes": lambda r: {**r, "runs": [without(r["runs"][0], "cuda_peak_bytes")] + r["runs"][1:]},
+    "a kept run without frozen_weight_bytes": lambda r: {**r, "runs": [r["runs"][0], without(r["runs"][1], "frozen_weight_bytes")]},
+    "a kept run without frozen_weight_fp32_bytes": lambda r: {
+        **r, "runs": [r["runs"][0], without(r["runs"][1], "frozen_weight_fp32_bytes")]},
+    "a failed grid run without lr": lambda r: {**r, "lr_grid": [{"method": "lora", "seed": 0, "rank": 8, "status": "failed",
+                                                                  "reason": "diverged"}]},
+    "NaN as an accuracy": lambda r: {**r, "runs": [{**r["runs"][0], "test_acc": float("nan")}] + r["runs"][1:]},
+    "an accuracy of 250 %": lambda r: {**r, "runs": [{**r["runs"][0], "test_acc": 250.0}] + r["runs"][1:]},
+}
+
+
+@pytest.mark.parametrize("case", list(UNCHECKED) + ["nested 100,000 deep"])
+def test_every_field_the_code_reads_is_checked(capsys, mnist_dir, copy_of, case):
+    path = copy_of / "results.json"
+    if case == "nested 100,000 deep":
+        path.write_text("[" * 100_000 + "]" * 100_000)
+    else:
+        path.write_text(json.dumps(UNCHECKED[case](json.loads(path.read_text()))))
+    code, _, err = run(capsys, *SMALL, "--resume", "--data-dir", mnist_dir, "--out-dir", copy_of)
+    assert code == 2 and f"{path} is not a results file of this script" in err and err.count("\n") == 1
+
+
+def test_the_schema_holds_every_field_the_code_reads(capsys, mnist_dir, tmp_path):
+    """Records stripped to exactly their schema's fields still resume, summarise, tabulate and draw: no field is
+    read that the check does not check. On a shifted task with a grid, so every kind of record is there."""
+    argv = ["--quick", "--methods", "base,head", "--task", "rotated", "--lrs", "1e-3,1e10", "--epochs", "1",
+            "--finetune-epochs", "1", "--data-dir", mnist_dir, "--out-dir", tmp_path]
+    assert run(capsys, *argv)[0] == 0  # the rate 1e10 diverges: a failed grid record too
+    results = json.loads((tmp_path / "results.json").read_text())
+    kinds = {"runs": results["runs"], "lr_grid": results["lr_grid"]}
+    assert {r["status"] for r in results["lr_grid"]} == {"ok", "failed"} and "task_test_acc" in results["runs"][0]
+    for kind, records in kinds.items():
+        for i, r in enumerate(records):
+            fields = {f for part in main.record_fields(r, kind, "rotated") for f in main.RECORD[part]}
+            records[i] = {k: v for k, v in r.items() if k in fields}
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    (tmp_path / "results.md").unlink()
+    code, stdout, err = run(capsys, *argv, "--resume")
+    assert code == 0 and "Traceback" not in err and stdout.count("kept.") == 4  # base, head, and the two grid runs
+    assert (tmp_path / "results.md").is_file() and "| Head only |" in (tmp_path / "results.md").read_text()
+
+
+def test_an_adapter_folder_of_another_method_is_not_trusted_even_with_its_checksum(capsys, mnist_dir, copy_of):
+    folder = copy_of / "seed0" / "adapters" / "lora_r8"
+    info = json.loads((folder / "training_info.json").read_text())
+    (folder / "training_info.json").write_text(json.dumps({**info, "method": "dora"}))
+    results = json.loads((copy_of / "results.json").read_text())
+    results["runs"][1]["file_sha256"] = main.file_digest(folder)  # the checksum made to match
+    (copy_of / "results.json").write_text(json.dumps(results))
+    code, stdout, _ = run(capsys, *SMALL, "--resume", "--data-dir", mnist_dir, "--out-dir", copy_of)
+    assert code == 0 and "was written for DoRA, not LoRA" in stdout and "not kept, it is trained again" in stdout
+    assert len(methods_run(capsys, stdout)) == 1
+
+
+def permission_denied_under(monkeypatch, folder):
+    """Simulate a folder without search permission (root, who runs CI, may search any folder)."""
+    real_stat = Path.stat
+
+    def stat(self, *a, **k):
+        if str(self).startswith(str(folder) + os.sep):
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_stat(self, *a, **k)
+    monkeypatch.setattr(Path, "stat", stat)
+
+
+def test_a_data_folder_without_search_permission_is_one_sentence(capsys, mnist_dir, tmp_path, monkeypatch):
+    permission_denied_under(monkeypatch, mnist_dir / "MNIST" / "raw")
+    code, _, err = run(capsys, "--quick", "--data-dir", mnist_dir, "--out-dir", tmp_path)
+    assert code == 2 and err.count("\n") == 1 and "Permission denied" in err and str(mnist_dir / "MNIST" / "raw") in err
+
+
+def test_resume_with_an_unsearchable_seed_folder_is_one_sentence(capsys, mnist_dir, copy_of, monkeypatch):
+    permission_denied_under(monkeypatch, copy_of / "seed0")
+    code, stdout, err = run(capsys, *SMALL, "--resume", "--data-dir", mnist_dir, "--out-dir", copy_of)
+    assert code in (1, 2) and err.count("\n") == 1 and "Permission denied" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("kind", ["symlink", "file"])
+@pytest.mark.parametrize("flag", ["--overwrite", "--resume", "fresh"])
+def test_a_seed_folder_that_is_not_a_folder_is_refused_before_anything_is_removed(capsys, tmp_path, mnist_dir,
+                                                                                   small_run, kind, flag):
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    shutil.copytree(small_run, elsewhere)
+    out.mkdir()
+    if flag != "fresh":
+        shutil.copy2(small_run / "results.json", out / "results.json")
+        as_real_run(out)
+    (out / "seed0").symlink_to(elsewhere / "seed0") if kind == "symlink" else (out / "seed0").write_text("mine")
+    before = sorted(p.relative_to(elsewhere) for p in elsewhere.rglob("*"))
+    code, _, err = run(capsys, *SMALL, *([flag] if flag != "fresh" else []), "--data-dir", mnist_dir, "--out-dir", out)
+    assert code == 2 and f"{out / 'seed0'} is not a folder" in err and err.count("\n") == 1
+    assert sorted(p.relative_to(elsewhere) for p in elsewhere.rglob("*")) == before
+    assert (out / "seed0").is_symlink() if kind == "symlink" else (out / "seed0").read_text() == "mine"
+
+
+# ---------------------------------------------------------------------------------- minor cases
+def test_ctrl_c_while_torch_imports_is_a_sentence(tmp_path):
+    """SIGINT sent while libtorch is being loaded (seen in the process's memory map), not a traceback."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "main.py"), "--quick", "--out-dir", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(3000):
+            maps = Path(f"/proc/{proc.pid}/maps")
+            if proc.poll() is not None or "libtorch" in maps.read_text():
+                break
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "Traceback" not in err and "Interrupted during start-up" in err
+
+
+def test_sighup_is_handled_like_ctrl_c(capsys, mnist_dir, copy_of, monkeypatch):
+    def hung_up(*a, **k):
+        handler = signal.getsignal(signal.SIGHUP)  # the default would end pytest too, silently
+        assert handler not in (signal.SIG_DFL, signal.SIG_IGN, None), "SIGHUP would end the run without a word"
+        os.kill(os.getpid(), signal.SIGHUP)
+    previous = signal.getsignal(signal.SIGHUP)
+    monkeypatch.setattr(main, "plot_results", hung_up)
+    code, _, err = run(capsys, *SMALL, "--resume", "--data-dir", mnist_dir, "--out-dir", copy_of)
+    assert code == 130 and "Interrupted during plotting" in err and signal.getsignal(signal.SIGHUP) is previous
+
+
+@pytest.mark.parametrize("error", [
+    RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you "
+                 "tried to allocate 40000000000000 bytes. Error code 12 (Cannot allocate memory)"),
+    MemoryError()])
+def test_cpu_out_of_memory_names_the_method_and_a_remedy(capsys, mnist_dir, copy_of, monkeypatch, error):
+    def oom(method, *a, **k):
+        raise error
+    monkeypatch.setattr(main, "run_method", oom)
+    code, stdout, err = run(capsys, "--quick", "--methods", "dora", "--epochs", "1", "--finetune-epochs", "1",
+                            "--resume", "--data-dir", mnist_dir, "--out-dir", copy_of)
+    assert code == 1 and "DoRA ran out of memory: try a smaller --batch-size" in stdout and "Traceback" not in err
+
+
+def test_an_invalid_mplbackend_does_not_stop_the_plots(mnist_dir, copy_of):
+    """In a fresh process: matplotlib reads MPLBACKEND when it is first imported."""
+    for name in main.PLOT_FILES:
+        (copy_of / name).unlink()
+    proc = subprocess.run([sys.executable, str(ROOT / "main.py"), *SMALL, "--resume", "--data-dir", str(mnist_dir),
+                           "--out-dir", str(copy_of)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "MPLBACKEND": "no-such-backend"})
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert all((copy_of / name).is_file() for name in main.PLOT_FILES)
+
+
+def test_the_first_write_error_is_the_one_reported(capsys, mnist_dir, tmp_path, monkeypatch):
+    """The base saved, then the disk full: the adapter cannot be written, nor then the plots. The message
+    names the adapter file, the first failure, and mentions the plots after it."""
+    real_replace = os.replace
+
+    def disk_full_for_adapters_and_plots(src, dst, *a, **k):
+        if str(dst).endswith((".safetensors", ".png")):
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst, *a, **k)
+    monkeypatch.setattr(os, "replace", disk_full_for_adapters_and_plots)
+    code, _, err = run(capsys, *SMALL, "--data-dir", mnist_dir, "--out-dir", tmp_path)
+    assert code == 1 and "Traceback" not in err
+    assert err.splitlines()[-1].startswith("error: cannot write adapter_model.safetensors")
+    assert "The plots were not written either: cannot write" in err
+
+
+def test_a_slow_run_that_learned_nothing_is_not_told_to_lower_the_rate(capsys, mnist_dir, tmp_path):
+    code, stdout, _ = run(capsys, "--quick", "--methods", "base", "--epochs", "1", "--lr", "1e-7",
+                          "--data-dir", mnist_dir, "--out-dir", tmp_path)
+    assert code == 1 and "learned nothing" in stdout
+    assert "lower --lr" not in stdout and "raise --lr (now 1e-07) or the epoch budget" in stdout

@@ -75,8 +75,8 @@ def test_without_a_grid_the_table_or_lr_sets_the_rate(tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["--lrs", "1e-3,x"], "--lrs must be numbers separated by commas"),
-    (["--lrs", "1e-3,0"], "--lrs must be a positive number (got 0.0)"),
-    (["--lrs", "inf"], "--lrs must be a positive number (got inf)")])
+    (["--lrs", "1e-3,0"], "--lrs must be a positive number no larger than 3.4e+38 (float32's largest; got 0.0)"),
+    (["--lrs", "inf"], "--lrs must be a positive number no larger than 3.4e+38 (float32's largest; got inf)")])
 def test_bad_grids_fail_before_any_work(capsys, tmp_path, monkeypatch, argv, message):
     monkeypatch.setattr(main, "load_dataset", lambda *a, **k: pytest.fail("data was loaded despite bad input"))
     code, _, err = run(capsys, *argv, "--out-dir", tmp_path)
@@ -86,7 +86,7 @@ def test_bad_grids_fail_before_any_work(capsys, tmp_path, monkeypatch, argv, mes
 def test_a_bad_rate_in_the_table_is_caught(capsys, tmp_path, monkeypatch):
     monkeypatch.setitem(main.LEARNING_RATES, "dora", -1.0)
     code, _, err = run(capsys, "--out-dir", tmp_path)
-    assert code == 2 and "LEARNING_RATES['dora'] must be a positive number (got -1.0)" in err
+    assert code == 2 and "LEARNING_RATES['dora'] must be a positive number no larger than 3.4e+38" in err and "got -1.0" in err
 
 
 # ------------------------------------------------------------------------------------- Fashion-MNIST
