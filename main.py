@@ -38,6 +38,7 @@ import textwrap
 import time
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -48,6 +49,24 @@ from tqdm import tqdm
 # =====================================================================================================
 # Settings: edit a default here, or override it for one run with its flag (python main.py --help)
 # =====================================================================================================
+class Method(NamedTuple):
+    """One row of METHODS."""
+    name: str          # in tables, plots and messages
+    color: str         # its lines, points and bars in every plot
+    marker: str        # its points where several methods share an axis (the rank sweep)
+    lr: float          # Adam's rate at the start of its runs, cosine-decayed to 0 (without --lr or --lrs)
+    trains: str        # "all" its parameters, only the classifier "head", or the "adapters" (and the head)
+    layer: str = ""    # with "adapters": the adapter class wrapping every Linear/Conv2d (defined below)
+
+
+METHODS = {  # every fine-tuning method, one row each: everything else about a method is derived from here
+    "full": Method("Full FT", "tab:purple", "*", 1e-3, "all"),        # the reference every PEFT paper uses
+    "head": Method("Head only", "tab:brown", "v", 1e-3, "head"),      # the transfer baseline an adapter must beat
+    "lora": Method("LoRA", "tab:blue", "o", 1e-3, "adapters", "LoRALayer"),
+    "dora": Method("DoRA", "tab:orange", "s", 1e-3, "adapters", "DoRALayer"),
+    "qlora": Method("QLoRA", "tab:green", "^", 1e-3, "adapters", "QLoRALayer"),
+}  # the rates: what the validation grid (--lrs) chose on MNIST, the default task (README: the rates per task)
+BASE = Method("Base", "tab:gray", "o", 2e-3, "all")  # the stage every method starts from: a CNN trained on MNIST
 TASKS = {  # what the methods fine-tune on, the same split sizes; the base always trains on MNIST
     "mnist": "MNIST itself, the data the base was trained on",
     "rotated": "MNIST digits rotated by 90 degrees (counter-clockwise)",
@@ -55,13 +74,14 @@ TASKS = {  # what the methods fine-tune on, the same split sizes; the base alway
     "fashion": "Fashion-MNIST: 28x28 grey images of 10 kinds of clothing, a real domain shift",
 }
 SETTINGS = {  # name: (default, type, meaning); the flag is --name with - for _ (--batch-size), on/off for a bool
-    "methods": ("base,full,head,lora,dora,qlora", str, "runs, in order; all but base start from the trained base"),
+    "methods": (",".join(["base", *METHODS]), str, "runs, in order; base trains the base model, which all the "
+                                                   "others start from"),
     "task": ("mnist", str, "what the methods fine-tune on: " + ", ".join(TASKS)),
     "seeds": (1, int, "every method runs with seeds seed .. seed+seeds-1 (init and data order)"),
     "epochs": (8, int, "epoch budget of the base model"),
     "finetune_epochs": (10, int, "epoch budget of every fine-tuning method"),
     "batch_size": (128, int, "training batch size, the same for every method"),
-    "lr": (None, float, "one Adam rate for every method instead of the LEARNING_RATES table"),
+    "lr": (None, float, "one Adam rate for every method and the base instead of their rows' rates"),
     "lrs": ("", str, "rate grid, e.g. 1e-3,3e-3,1e-2,3e-2: each fine-tuning method takes the rate with the best "
                      "validation accuracy on the first seed (the test set takes no part)"),
     "patience": (2, int, "early stopping: stop after this many epochs without a better validation loss"),
@@ -76,16 +96,34 @@ SETTINGS = {  # name: (default, type, meaning); the flag is --name with - for _ 
     "out_dir": ("plots/latest", str, "plots, results.json, results.md and seed<k>/ (saved models)"),
     "seed": (0, int, "the first seed; it also fixes the validation split"),
 }
-LEARNING_RATES = {  # Adam's rate per method at the start of a run, cosine-decayed to 0; what the validation
-    "base": 2e-3,   # grid (--lrs) chose on MNIST, the default task (README: the rates per task)
-    "full": 1e-3, "head": 1e-3, "lora": 1e-3, "dora": 1e-3, "qlora": 1e-3}
 QUANT_BLOCKSIZE = 64               # QLoRA: NF4 block size (64 in Dettmers et al. 2023)
 VAL_SIZE = 5000                    # images held out of the 60,000 training images for early stopping
 QUICK_TRAIN_SIZE, QUICK_VAL_SIZE, QUICK_MAX_EPOCHS = 6000, 1000, 2  # --quick: a smoke run on a subset
-
-ALL_METHODS = ("base", "full", "head", "lora", "dora", "qlora")  # full: every parameter; head: the classifier only
-DISPLAY = {"base": "Base", "full": "Full FT", "head": "Head only", "lora": "LoRA", "dora": "DoRA", "qlora": "QLoRA"}
 TASK_DATASET = {"fashion": "FashionMNIST"}  # where a task's images come from; the others are made from MNIST
+
+
+def row(method):
+    """The table row of a method, or of the base stage ("base")."""
+    return BASE if method == "base" else METHODS[method]
+
+
+def adapter_class(method):
+    """The adapter class of an adapter method (named in its row), None for full fine-tuning, head only, the base."""
+    return globals()[METHODS[method].layer] if method in METHODS and METHODS[method].trains == "adapters" else None
+
+
+def adapter_methods():
+    return [m for m in METHODS if adapter_class(m)]
+
+
+def display(method):
+    """A method's name in tables and plots ("Base" for the base stage); a name no row knows, as it is."""
+    return row(method).name if method == "base" or method in METHODS else str(method)
+
+
+def default_rates():
+    """{method: its row's rate}, the base's first: what runs use without --lr or --lrs."""
+    return {m: row(m).lr for m in ["base", *METHODS]}
 
 
 # =====================================================================================================
@@ -116,15 +154,33 @@ class CNN(nn.Module):
 # =====================================================================================================
 # Adapter layers: one base, three methods; Linear and Conv2d differ only in `layer_op`
 # =====================================================================================================
+class AdapterConfig(NamedTuple):
+    """How a model's adapter layers are built, in the names of PEFT's LoraConfig (saving writes them there)."""
+    r: int                      # the rank of every adapted layer ...
+    lora_alpha: float           # ... and its alpha: the update is scaled by alpha / r
+    lora_dropout: float = 0.0   # dropout on the adapter's input
+    rank_pattern: dict = {}     # {layer name: rank} of the layers that differ (a saved dynamic-rank adapter)
+    alpha_pattern: dict = {}    # {layer name: alpha}, likewise
+
+    def for_layer(self, name):
+        return self.rank_pattern.get(name, self.r), self.alpha_pattern.get(name, self.lora_alpha)
+
+
 class AdapterLayer(nn.Module):
-    """What the three methods share: a frozen Linear/Conv2d weight W and bias b, and a trainable low-rank
+    """What every adapter method shares: a frozen Linear/Conv2d weight W and bias b, and a trainable low-rank
     update dW = (alpha/r) * B @ A.
 
     Layout as PEFT stores it: Linear lora_A [r, in], lora_B [out, r]; Conv2d lora_A [r, in, kh, kw] (a conv
     with the base's kernel, stride, padding, dilation) and lora_B [out, r, 1, 1] (a 1x1 conv). A starts
     Kaiming-uniform and B at zero, so a fresh layer computes exactly what the base computed. Every method's
     forward equals layer_op(x, merged_weight(), bias) in eval mode (tests/test_adapters.py checks it).
+
+    A method is a subclass: its forward and merged_weight are its math. Below them, what the rest of the
+    experiment asks of a method (saving, loading, measuring, train()'s hooks), overridden where it differs.
     """
+    peft_fields = {}     # LoraConfig fields that tell PEFT which variant this is (DoRA: use_dora)
+    loads_as = None      # the class a saved folder is rebuilt as, when it is not this one
+    peft_loads_as = None  # the method PEFT's loading amounts to, when it computes something else (QLoRA: LoRA)
 
     def __init__(self, base, rank, alpha, dropout=0.0):
         super().__init__()
@@ -186,6 +242,50 @@ class AdapterLayer(nn.Module):
             layer.bias.copy_(self.bias)
         return layer
 
+    # ---- asked by saving, loading and measuring -------------------------------------------------------
+    def peft_tensors(self):
+        """{PEFT's name within this layer: the tensor as PEFT stores it} of what the layer trained; loading copies
+        into these same tensors (they are the parameters, or views of them)."""
+        return {"lora_A.weight": self.lora_A, "lora_B.weight": self.lora_B}
+
+    @classmethod
+    def peft_config(cls, layers):
+        """The LoraConfig fields this method sets for a model's layers of it ({full name: layer})."""
+        return dict(cls.peft_fields)
+
+    @classmethod
+    def info(cls, layers):
+        """What training_info.json records of this method, beside its name and task."""
+        return {}
+
+    @classmethod
+    def options(cls, args):
+        """Keyword arguments of this class's constructor taken from the settings (its own hyperparameters)."""
+        return {}
+
+    def stored_weight_count(self):
+        """Weights stored outside the parameters (QLoRA's 4-bit W), counted in the model's total."""
+        return 0
+
+    def extra_stored_bytes(self):
+        """Bytes stored beside the parameters and buffers (QLoRA's quantization constants)."""
+        return 0
+
+    # ---- asked by train(), for all of a model's layers of one class at once ({full name: layer}) ---------
+    @classmethod
+    def regularizer(cls, layers, step, total_steps):
+        """A term added to the training loss at this step, or None."""
+        return None
+
+    @classmethod
+    def on_step(cls, layers, step, total_steps):
+        """Called after each optimizer step; step counts from 1 to total_steps."""
+
+    @classmethod
+    def record(cls, layers):
+        """What results.json records of a finished run of this method, beside the common numbers."""
+        return {}
+
 
 class LoRALayer(AdapterLayer):
     """LoRA (Hu et al. 2021): W frozen, only B and A learn."""
@@ -209,9 +309,15 @@ class DoRALayer(AdapterLayer):
     flows through it, which the paper shows saves memory for a negligible difference in accuracy.
     """
 
+    peft_fields = {"use_dora": True}
+
     def __init__(self, base, rank, alpha, dropout=0.0):
         super().__init__(base, rank, alpha, dropout)
         self.magnitude = nn.Parameter(self.weight_norm(self.base_weight()).clone())
+
+    def peft_tensors(self):  # PEFT keeps a conv's magnitude as [1, out, 1, 1], a Linear's as [out]
+        magnitude = self.magnitude.view(1, -1, 1, 1) if self.is_conv else self.magnitude
+        return {**super().peft_tensors(), "lora_magnitude_vector": magnitude}
 
     @staticmethod
     def weight_norm(weight):
@@ -283,6 +389,8 @@ class QLoRALayer(LoRALayer):
     serves Conv2d through `layer_op`.
     """
 
+    peft_loads_as = "lora"  # PEFT has no 4-bit conv: it puts this adapter on the fp32 base
+
     def store_base_weight(self, weight):
         # Quantized as one flat vector: blocks of 64 consecutive weights either way, but bitsandbytes' CPU
         # kernel needs an even last dimension; a conv's [.., 5, 5] would fall back to a torch.compile'd
@@ -313,8 +421,16 @@ class QLoRALayer(LoRALayer):
     def frozen_weight_bytes(self):
         return self.weight_4bit.nbytes + self.quant_state_bytes()
 
+    def stored_weight_count(self):
+        return math.prod(self.weight_shape)
 
-ADAPTERS = {"lora": LoRALayer, "dora": DoRALayer, "qlora": QLoRALayer}
+    def extra_stored_bytes(self):
+        return self.quant_state_bytes()
+
+    @classmethod
+    def info(cls, layers):
+        return {"base_quantization": {"quant_type": "nf4", "double_quant": True, "blocksize": QUANT_BLOCKSIZE,
+                                      "note": "trained against the NF4-quantized base; PEFT puts it on the fp32 base"}}
 
 
 def adaptable_layers(model, train_head=True):
@@ -334,17 +450,22 @@ def max_rank(model, train_head=True):
                for *_, layer in adaptable_layers(model, train_head))
 
 
-def add_adapters(model, method, rank, alpha, dropout=0.0, train_head=True):
-    """Replace the model's Linear/Conv2d layers in place (same names) by `method` wrappers and freeze the rest;
-    with train_head the classifier head (model.head) stays a plain, fully trainable layer."""
-    if method not in ADAPTERS:
-        raise ValueError(f"unknown adapter method {method!r}; choose from {', '.join(ADAPTERS)}")
+def add_adapters(model, cls, config, train_head=True, **options):
+    """Replace the model's Linear/Conv2d layers in place (same names) by `cls` adapter layers built as `config`
+    says (an AdapterConfig), and freeze the rest; with train_head the classifier head (model.head) stays a
+    plain, fully trainable layer. `options` go to every layer's constructor (a method's own settings)."""
     model.requires_grad_(False)
-    for parent, name, _, layer in adaptable_layers(model, train_head):
-        setattr(parent, name, ADAPTERS[method](layer, rank, alpha, dropout))
+    for parent, name, full, layer in adaptable_layers(model, train_head):
+        rank, alpha = config.for_layer(full)
+        setattr(parent, name, cls(layer, rank, alpha, config.lora_dropout, **options))
     if train_head and getattr(model, "head", None):
         model.get_submodule(model.head).requires_grad_(True)
     return model
+
+
+def adapter_layers(model):
+    """{full name: layer} of a model's adapter layers."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, AdapterLayer)}
 
 
 # =====================================================================================================
@@ -496,8 +617,33 @@ def trainable_parameters(model):
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
-def snapshot(params):
-    return {k: p.detach().clone() for k, p in params.items()}
+def snapshot(model):
+    """The model's whole state as training changes it: its trainable parameters and every buffer (BatchNorm's
+    running statistics, a method's masks and scores), copied."""
+    state = {k: p for k, p in model.named_parameters() if p.requires_grad} | dict(model.named_buffers())
+    return {k: t.detach().clone() for k, t in state.items()}
+
+
+@torch.no_grad()
+def restore(model, state):
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    for k, t in state.items():
+        tensors[k].copy_(t)
+
+
+def layer_groups(model):
+    """{adapter class: {full name: layer}} of a model: train() calls each class's hooks with all of its layers."""
+    groups = {}
+    for name, layer in adapter_layers(model).items():
+        groups.setdefault(type(layer), {})[name] = layer
+    return groups
+
+
+class Budget(NamedTuple):
+    """How long, and in batches of what size, a run trains."""
+    epochs: int
+    batch_size: int
+    patience: int  # early stopping: stop after this many epochs without a better validation loss
 
 
 def check_divergence(epoch, train_loss, first_loss):
@@ -511,18 +657,20 @@ def check_divergence(epoch, train_loss, first_loss):
                        f"{EXPLODED}x where it started)")
 
 
-def train(model, splits, epochs, lr, batch_size, patience, seed, log=print):
+def train(model, splits, lr, budget, seed, log=print):
     """Adam on the trainable parameters, cosine LR per step, early stopping on validation loss; the model ends
-    with its best-validation weights. Diverged for a non-finite or exploding loss, or chance accuracy at the end."""
-    params = trainable_parameters(model)
+    in its best-validation state (parameters and buffers). Adapter classes may add a term to the loss and act
+    after each step (AdapterLayer.regularizer, .on_step). Diverged for a non-finite or exploding loss, or
+    chance accuracy at the end."""
+    params, groups = trainable_parameters(model), layer_groups(model)
     optimizer = torch.optim.Adam(params.values(), lr=lr)
     images, labels = splits["train"]
-    n = len(labels)
+    n, epochs, batch_size = len(labels), budget.epochs, budget.batch_size
     steps = math.ceil(n / batch_size)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps)
     history = {"train_loss": [], "val_loss": [], "val_acc": [], "lr": [], "epoch_time_s": []}
-    best = {"val_loss": math.inf, "epoch": 0, "state": snapshot(params)}
-    first_loss = None
+    best = {"val_loss": math.inf, "epoch": 0, "state": snapshot(model)}
+    first_loss, step = None, 0
     sync(images.device)
     start = time.perf_counter()
     for epoch in range(1, epochs + 1):
@@ -533,34 +681,35 @@ def train(model, splits, epochs, lr, batch_size, patience, seed, log=print):
         loss_sum = torch.zeros((), device=images.device)  # summed on the device: no sync per step
         # a progress bar with rate and time left, shown only on a terminal (disable=None), so logs stay clean
         for i in tqdm(range(steps), desc=f"epoch {epoch}/{epochs}", unit="step", leave=False, disable=None):
-            idx = order[i * batch_size:(i + 1) * batch_size]
-            loss = F.cross_entropy(model(images[idx]), labels[idx])
+            step, idx = step + 1, order[i * batch_size:(i + 1) * batch_size]
+            loss = F.cross_entropy(model(images[idx]), labels[idx])  # what is recorded: the task's loss alone
+            terms = [term for cls, layers in groups.items()
+                     if (term := cls.regularizer(layers, step, epochs * steps)) is not None]
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss + sum(terms) if terms else loss).backward()
             optimizer.step()
             scheduler.step()
+            for cls, layers in groups.items():
+                cls.on_step(layers, step, epochs * steps)
             loss_sum += loss.detach() * len(idx)
             if first_loss is None:
                 first_loss = loss.item()  # the one sync of the run: where the loss started
         train_loss = loss_sum.item() / n
         check_divergence(epoch, train_loss, first_loss)
         val_loss, val_acc = evaluate(model, *splits["val"])
-        history["train_loss"].append(train_loss)
-        history["val_loss"].append(val_loss)
-        history["val_acc"].append(val_acc)
-        history["epoch_time_s"].append(time.perf_counter() - epoch_start)
+        for key, value in (("train_loss", train_loss), ("val_loss", val_loss), ("val_acc", val_acc),
+                           ("epoch_time_s", time.perf_counter() - epoch_start)):
+            history[key].append(value)
         log(f"Epoch {epoch}, Loss: {train_loss:.4f}, Learning Rate: {history['lr'][-1]:.6f}, "
             f"Val Accuracy: {val_acc:.2f}% ({history['epoch_time_s'][-1]:.1f} s)")
         if val_loss < best["val_loss"]:
-            best = {"val_loss": val_loss, "epoch": epoch, "state": snapshot(params)}
-        elif epoch - best["epoch"] >= patience and epoch < epochs:
+            best = {"val_loss": val_loss, "epoch": epoch, "state": snapshot(model)}
+        elif epoch - best["epoch"] >= budget.patience and epoch < epochs:
             log(f"Early stopping at epoch {epoch}")
             break
     sync(images.device)
     train_time = time.perf_counter() - start
-    with torch.no_grad():
-        for k, p in params.items():
-            p.copy_(best["state"][k])
+    restore(model, best["state"])
     best_acc = history["val_acc"][best["epoch"] - 1] if best["epoch"] else max(history["val_acc"])
     if best_acc <= AT_CHANCE * 100 / NUM_CLASSES:
         raise Diverged(f"learned nothing: {best_acc:.2f} % validation accuracy after training, at chance "
@@ -577,15 +726,14 @@ def count_parameters(model):
     """(trainable, total). A 4-bit weight counts as the number of weights it stores, not its bytes."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    total += sum(math.prod(m.weight_shape) for m in model.modules() if isinstance(m, QLoRALayer))
-    return trainable, total
+    return trainable, total + sum(m.stored_weight_count() for m in adapter_layers(model).values())
 
 
 def weight_bytes(model):
     """Bytes of every weight as stored: fp32 parameters, and for QLoRA the packed 4-bit codes plus all of
     their quantization constants."""
     return (sum(p.nbytes for p in model.parameters()) + sum(b.nbytes for b in model.buffers())
-            + sum(m.quant_state_bytes() for m in model.modules() if isinstance(m, QLoRALayer)))
+            + sum(m.extra_stored_bytes() for m in adapter_layers(model).values()))
 
 
 def with_cuda_peak(device, model, run):
@@ -603,7 +751,7 @@ def with_cuda_peak(device, model, run):
 
 def measure(model, fit, test_loss, test_acc, cuda_peak):
     trainable, total = count_parameters(model)
-    adapted = [m for m in model.modules() if isinstance(m, AdapterLayer)]  # their frozen W (biases excluded)
+    adapted = adapter_layers(model).values()  # their frozen W (biases excluded)
     stored, grad_bytes = weight_bytes(model), sum(p.nbytes for p in model.parameters() if p.requires_grad)
     return {"status": "ok", "test_acc": test_acc, "test_loss": test_loss,
             "trainable_params": trainable, "total_params": total,
@@ -700,7 +848,7 @@ def saved_model_file(out_dir, method, seed, rank=None):
     """Where run_method saves a run's model: in seed<k>/, a whole CNN state dict for the methods without an
     adapter, and adapters/<method>_r<rank>/, a folder in PEFT's format, for the others."""
     folder = Path(out_dir) / f"seed{seed}"
-    if method in ADAPTERS:
+    if adapter_class(method):
         return folder / "adapters" / f"{method}_r{rank}"
     return folder / MODEL_FILES[method]
 
@@ -713,20 +861,15 @@ def file_digest(path):
     return digest.hexdigest()
 
 
-PEFT_NAMES = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "magnitude": "lora_magnitude_vector"}
-
-
 def peft_tensors(model):
-    """{PEFT's name: (our parameter, the shape PEFT stores it in)} of the trained tensors (adapters, DoRA
-    magnitudes, a trainable head): conv1.lora_A is base_model.model.conv1.lora_A.weight there, and a conv's
-    DoRA magnitude [1, out, 1, 1] (a Linear's stays [out])."""
-    tensors = {}
-    for name, p in trainable_parameters(model).items():
-        module, _, leaf = name.rpartition(".")
-        conv_magnitude = leaf == "magnitude" and model.get_submodule(module).is_conv
-        peft_name = f"{module}.{PEFT_NAMES[leaf]}" if leaf in PEFT_NAMES else name
-        tensors["base_model.model." + peft_name] = (p, (1, -1, 1, 1) if conv_magnitude else p.shape)
-    return tensors
+    """{PEFT's key: the tensor as PEFT stores it} of everything the model trained: each adapter layer's tensors,
+    named and shaped as the layer says (conv1.lora_A is base_model.model.conv1.lora_A.weight there), and any
+    trainable plain parameter (the head) under its own name."""
+    adapters = adapter_layers(model)
+    tensors = {f"base_model.model.{name}.{leaf}": t for name, layer in adapters.items()
+               for leaf, t in layer.peft_tensors().items()}
+    return tensors | {f"base_model.model.{name}": p for name, p in trainable_parameters(model).items()
+                      if name.rpartition(".")[0] not in adapters}
 
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"  # what PEFT reads
@@ -735,20 +878,20 @@ ADAPTER_INFO = "training_info.json"  # what only this project needs, in a file P
 
 def save_adapter(model, method, rank, args, folder):
     """A folder PEFT's `PeftModel.from_pretrained(CNN(), folder)` loads as it is: adapter_config.json (a
-    LoraConfig) and adapter_model.safetensors; plus training_info.json (method, task, base, NF4 settings)."""
-    folder = Path(folder)
+    LoraConfig, with the fields the method's class adds) and adapter_model.safetensors; plus training_info.json
+    (method, task, base, what the class adds), which PEFT never opens."""
+    folder, layers = Path(folder), adapter_layers(model)
+    cls = type(next(iter(layers.values())))
     make_folder(folder)
     config = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
               "r": rank, "lora_alpha": args.alpha, "lora_dropout": args.dropout, "bias": "none",
-              "use_dora": method == "dora", "use_rslora": False, "fan_in_fan_out": False, "init_lora_weights": True,
+              "use_dora": False, "use_rslora": False, "fan_in_fan_out": False, "init_lora_weights": True,
               "target_modules": [full for *_, full, _ in adaptable_layers(CNN(), args.train_head)],
-              "modules_to_save": [CNN.head] if args.train_head else None}
-    info = {"method": method, "task": args.task, "base_model": "../../base_model.pt (the CNN of the same seed)"}
-    if method == "qlora":
-        info["base_quantization"] = {"quant_type": "nf4", "double_quant": True, "blocksize": QUANT_BLOCKSIZE,
-                                     "note": "trained against the NF4-quantized base; PEFT puts it on the fp32 base"}
-    write_atomic(folder / ADAPTER_WEIGHTS, {key: p.detach().cpu().reshape(shape).contiguous()  # trained tensors only
-                                            for key, (p, shape) in peft_tensors(model).items()})
+              "modules_to_save": [CNN.head] if args.train_head else None, **cls.peft_config(layers)}
+    info = {"method": method, "task": args.task, "base_model": "../../base_model.pt (the CNN of the same seed)",
+            **cls.info(layers)}
+    write_atomic(folder / ADAPTER_WEIGHTS, {key: t.detach().cpu().contiguous()  # trained tensors only
+                                            for key, t in peft_tensors(model).items()})
     write_atomic(folder / ADAPTER_CONFIG, json.dumps(config, indent=2))
     write_atomic(folder / ADAPTER_INFO, json.dumps(info, indent=2))
     return folder
@@ -766,9 +909,15 @@ def load_adapter(base_checkpoint, folder, device="cpu", method=None):
     if (folder / ADAPTER_INFO).is_file():
         info = read_model_file(folder / ADAPTER_INFO, lambda p: json.loads(p.read_text()))
     method = method or info.get("method") or ("dora" if config.get("use_dora") else "lora")
+    if method not in METHODS or not adapter_class(method):
+        raise ModelFileError(f"{folder} holds an adapter of a method this script does not know ({method!r})")
+    cls = adapter_class(method).loads_as or adapter_class(method)
     model = load_plain(base_checkpoint, device)
-    add_adapters(model, method, config["r"], config["lora_alpha"], config["lora_dropout"],
-                 train_head=bool(config.get("modules_to_save")))
+    try:
+        shape = AdapterConfig(**{k: config[k] for k in AdapterConfig._fields if k in config})
+        add_adapters(model, cls, shape, train_head=bool(config.get("modules_to_save")))
+    except (TypeError, ValueError) as e:
+        raise ModelFileError(f"{folder / ADAPTER_CONFIG} is not a LoRA config of this CNN ({one_line(e)})") from None
     from safetensors.torch import load_file
     tensors = read_model_file(folder / ADAPTER_WEIGHTS, lambda p: load_file(p, device=str(device)))
     expected = peft_tensors(model)
@@ -777,8 +926,8 @@ def load_adapter(base_checkpoint, folder, device="cpu", method=None):
                              f"{sorted(set(expected) - set(tensors))}, extra {sorted(set(tensors) - set(expected))})")
     try:
         with torch.no_grad():
-            for key, (p, _) in expected.items():
-                p.copy_(tensors[key].reshape(p.shape))
+            for key, ours in expected.items():
+                ours.copy_(tensors[key].reshape(ours.shape))
     except RuntimeError as e:  # a tensor of another shape: another rank, another layer size
         raise ModelFileError(f"{folder} does not match a {method} adapter of this CNN ({e})") from None
     return model
@@ -819,7 +968,7 @@ SAME_FOR_EVERY_SEED = ("trainable_params", "total_params", "weight_bytes", "grad
 
 def run_rank(method, rank):
     """The rank a method runs at: None for the methods without an adapter (base, full, head)."""
-    return rank if method in ADAPTERS else None
+    return rank if adapter_class(method) else None
 
 
 def main_runs(results):
@@ -881,7 +1030,7 @@ def rank_sweep(results):
     if not results["ranks"]:
         return {}
     sweep = {}
-    for method in (m for m in results["methods"] if m in ADAPTERS):
+    for method in (m for m in results["methods"] if adapter_class(m)):
         points = []
         for rank in sorted(set(results["ranks"]) | {results["config"]["rank"]}):
             ok = [r for r in ok_runs(results["runs"], method) if r["rank"] == rank]
@@ -909,10 +1058,9 @@ def merge_adapters(model):
 
 @torch.inference_mode()
 def latency_ms(model, images, batch_size, repeats):
-    """Median wall-clock milliseconds of one forward pass on `batch_size` images, after one warm-up pass."""
+    """Median wall-clock milliseconds of one forward pass on `batch_size` images (the model warmed up before)."""
     model.eval()
     x = images[:batch_size]
-    model(x)
     times = []
     for _ in range(repeats):
         sync(x.device)
@@ -924,7 +1072,7 @@ def latency_ms(model, images, batch_size, repeats):
 
 
 LATENCY_ROUNDS, LATENCY_REPEATS = 5, {1: 20, 1000: 3}  # batch size: timed passes per round
-QUICK_LATENCY_ROUNDS, QUICK_LATENCY_REPEATS = 2, {1: 5, 1000: 1}
+QUICK_LATENCY_ROUNDS, QUICK_LATENCY_REPEATS = 1, {1: 3, 1000: 1}  # a smoke test: the code path, not numbers
 
 
 def measure_inference(results, out_dir, test, device, rounds=LATENCY_ROUNDS, repeats=LATENCY_REPEATS):
@@ -939,7 +1087,7 @@ def measure_inference(results, out_dir, test, device, rounds=LATENCY_ROUNDS, rep
         if r["seed"] != seed or r["status"] != "ok":
             continue
         method, path = r["method"], saved_model_file(out_dir, r["method"], seed, r["rank"])
-        if method not in ADAPTERS:
+        if not adapter_class(method):
             models[method] = {"plain": load_plain(path, device).to(memory_format=torch.channels_last).eval()}
             continue
         model = load_adapter(base_file, path, device).to(memory_format=torch.channels_last).eval()
@@ -947,11 +1095,16 @@ def measure_inference(results, out_dir, test, device, rounds=LATENCY_ROUNDS, rep
         with torch.inference_mode():
             gap = (model(images[:1000]) - models[method]["merged"](images[:1000])).abs().max().item()
         extra[method] = {"merged_max_abs_logit_diff": gap}
-        if method == "qlora":
-            on_fp32 = load_adapter(base_file, path, device, method="lora")
+        if adapter_class(method).peft_loads_as:  # PEFT rebuilds it otherwise (QLoRA: on the fp32 base)
+            on_fp32 = load_adapter(base_file, path, device, method=adapter_class(method).peft_loads_as)
             extra[method].update(test_acc_nf4_base=r["test_acc"],
                                  test_acc_fp32_base=evaluate(on_fp32, images, labels)[1])
     samples = {}
+    with torch.inference_mode():  # one warm-up pass of every model at every batch size, before any timing
+        for kinds in models.values():
+            for model in kinds.values():
+                for batch in repeats:
+                    model(images[:batch])
     for _ in range(rounds):
         for method, kinds in models.items():
             for kind, model in kinds.items():
@@ -992,7 +1145,7 @@ def label(method, task):
     """A row's name; on a shifted task the base's own accuracy is on MNIST, so the rows say which test set."""
     if method == "base_on_task":
         return f"Base, not fine-tuned ({task})"
-    return f"{DISPLAY[method]} (MNIST)" if method == "base" and task != "mnist" else DISPLAY[method]
+    return f"{display(method)} (MNIST)" if method == "base" and task != "mnist" else display(method)
 
 
 def table(header, rows, console=False):
@@ -1075,13 +1228,13 @@ def inference_table(results, console=False):
                and (m in inference or not console)]
     columns = [(short if console else header, cell) for header, short, cell in INFERENCE_COLUMNS
                if short or not console]
-    rows = [[DISPLAY[m]] + [cell(summary[m], inference.get(m)) for _, cell in columns] for m in methods]
+    rows = [[display(m)] + [cell(summary[m], inference.get(m)) for _, cell in columns] for m in methods]
     header = ["method"] + [shown for shown, _ in columns]
     return table(header, rows, console)
 
 
 def rank_sweep_table(results, console=False):
-    rows = [[DISPLAY[method], p["rank"], f"{p['trainable_params']:,}", fmt_stat(p["test_acc"])]
+    rows = [[display(method), p["rank"], f"{p['trainable_params']:,}", fmt_stat(p["test_acc"])]
             + ([] if console else [fmt_ci(p["test_acc"])])
             for method, points in results["rank_sweep"].items() for p in points]
     if console:
@@ -1093,7 +1246,7 @@ def lr_grid_table(results):
     """Every learning-rate grid run: validation numbers only (the test set takes no part in the choice)."""
     chosen = {m: r["lr"] for m, r in results.get("learning_rates", {}).items()}
     return table(["method", "lr", "val acc (%)", "val loss", "epochs (best)", "chosen"], [
-        [DISPLAY[r["method"]], f"{r['lr']:g}"] + (
+        [display(r["method"]), f"{r['lr']:g}"] + (
             [f"{r['val_acc']:.2f}", f"{r['val_loss']:.4f}", f"{r['epochs_run']} ({r['best_epoch']})"]
             if r["status"] == "ok" else [f"{r['status']}: {r['reason']}", "", ""])
         + ["✓" if chosen.get(r["method"]) == r["lr"] else ""]
@@ -1108,7 +1261,7 @@ def chosen_rates(results):
     for method, rate in results["learning_rates"].items():
         how = ("chosen on validation from " + ", ".join(f"{lr:g}" for lr in rate["grid"])
                if rate["chosen_by"] == "validation grid" else f"from {rate['chosen_by']}")
-        groups.setdefault(how, []).append(f"{DISPLAY[method]} {rate['lr']:g}")
+        groups.setdefault(how, []).append(f"{display(method)} {rate['lr']:g}")
     return "Learning rates: " + "; ".join(f"{', '.join(names)} ({how})" for how, names in groups.items())
 
 
@@ -1125,7 +1278,7 @@ def console_summary(results):
                   "latency: as trained / merged, median of the rounds; file: the full model, or the adapter only"]
     if results["rank_sweep"]:
         lines += ["", rank_sweep_table(results, console=True)]
-    return "\n".join(lines + [f"failed or skipped: {DISPLAY.get(method, method)}: {reason}"
+    return "\n".join(lines + [f"failed or skipped: {display(method)}: {reason}"
                               for method, row in results["summary"].items() for reason in row.get("failed", [])])
 
 
@@ -1175,9 +1328,6 @@ def save_results(results, out_dir):
 PLOT_FILES = ("training_loss_comparison.png", "validation_accuracy_comparison.png",
               "base_model_loss_accuracy.png", "lora_loss_accuracy.png", "test_accuracy_memory.png")
 SWEEP_PLOT, LR_PLOT = "rank_sweep.png", "lr_sweep.png"
-COLORS = {"base": "tab:gray", "full": "tab:purple", "head": "tab:brown", "lora": "tab:blue", "dora": "tab:orange",
-          "qlora": "tab:green"}
-
 
 def mean_curve(runs, key):
     """(epochs, mean, std) of history[key] over runs; epoch e averages the runs that reached it (early
@@ -1226,7 +1376,7 @@ def plot_curves(plt, view, key):
                      "val_acc": ("validation accuracy (%)", "Validation accuracy per epoch")}[key]
     fig, ax = plt.subplots(figsize=(8.5, 4.5))
     for method in view["trained"]:
-        draw_curve(ax, view, method, key, marker="o", color=COLORS[method], label=label(method, view["task"]))
+        draw_curve(ax, view, method, key, marker="o", color=row(method).color, label=label(method, view["task"]))
     if key == "train_loss":
         ax.set_yscale("log")
     where = "on MNIST too" if view["task"] == "mnist" else f"on {view['task']}"
@@ -1273,8 +1423,8 @@ def plot_comparison(plt, view):
     if cuda:
         draw_cuda_peak(fig.add_subplot(grid[0, 2]), view)
     ax_file = fig.add_subplot(grid[1, 0])
-    ax_file.bar_label(ax_file.bar([DISPLAY[m] for m in trained], [summary[m]["file_bytes"] / 2**10 for m in trained],
-                                  color=[COLORS[m] for m in trained]), fmt="%.0f")
+    ax_file.bar_label(ax_file.bar([display(m) for m in trained], [summary[m]["file_bytes"] / 2**10 for m in trained],
+                                  color=[row(m).color for m in trained]), fmt="%.0f")
     ax_file.set(ylabel="KiB", title="Saved file: the whole model (no adapter) or the adapter only")
     timed = {m: results["inference"][m] for m in trained if m in results.get("inference", {})}
     for column, batch in ((1, "1"), (2, "1000")):
@@ -1292,7 +1442,7 @@ def draw_test_accuracy(ax, view, narrow=False):
     for i, method in enumerate(shown):
         stats = summary[method]["test_acc"]
         ax.errorbar([i], [stats["mean"]], yerr=None if stats["ci95"] is None else [[ci_half(stats)]],
-                    fmt="o", ms=8, capsize=6, color=COLORS[method])
+                    fmt="o", ms=8, capsize=6, color=row(method).color)
         ax.annotate(f"{stats['mean']:.2f}", (i, stats["mean"]), xytext=(10, -4), textcoords="offset points")
     ax.set_xticks(range(len(shown)), [label(m, view["task"]).replace(" (", "\n(") for m in shown])
     ax.set_xlim(-0.5, len(shown) - 0.3)
@@ -1314,7 +1464,7 @@ def draw_bytes(ax, view):
     for key, what, hatch in (("weight_bytes", "weights as stored", None), ("grad_bytes", "gradients", "//"),
                              ("optimizer_bytes", "Adam state", "..")):
         mib = [view["summary"][m][key] / 2**20 for m in trained]
-        ax.bar([DISPLAY[m] for m in trained], mib, bottom=bottom, color=[COLORS[m] for m in trained], hatch=hatch,
+        ax.bar([display(m) for m in trained], mib, bottom=bottom, color=[row(m).color for m in trained], hatch=hatch,
                edgecolor="black", alpha=0.8, label=what)
         bottom = [b + v for b, v in zip(bottom, mib)]
     ax.set(ylabel="MiB", title="Training state: weights + gradients + Adam\n(byte accounting)")
@@ -1324,7 +1474,8 @@ def draw_bytes(ax, view):
 def draw_cuda_peak(ax, view):
     trained = view["trained"]
     peaks = [view["summary"][m]["cuda_peak_bytes"] for m in trained]
-    bars = ax.bar([DISPLAY[m] for m in trained], [p["mean"] / 2**20 for p in peaks], color=[COLORS[m] for m in trained],
+    bars = ax.bar([display(m) for m in trained], [p["mean"] / 2**20 for p in peaks],
+                  color=[row(m).color for m in trained],
                   yerr=[(p["std"] or 0) / 2**20 for p in peaks] if view["n_seeds"] > 1 else None)
     ax.bar_label(bars, fmt="%.1f")
     ax.set(ylabel="MiB", title="CUDA peak allocated during training\n(above the shared dataset and base model)")
@@ -1336,18 +1487,18 @@ def plot_latency(plt, ax, timed, batch):
     ranged = all("latency_range_ms" in t for t in timed.values())
     for i, (method, t) in enumerate(timed.items()):
         kinds = [k for k in ("plain", "unmerged", "merged") if k in t["latency_ms"]]
-        if method not in ADAPTERS:  # some results files time these as unmerged and merged: one network
+        if not adapter_class(method):  # some results files time these as unmerged and merged: one network
             kinds = kinds[-1:]
         for kind in kinds:
-            look = kind if method in ADAPTERS else "plain"
+            look = kind if adapter_class(method) else "plain"
             offset, width = {"plain": (0, 0.5), "unmerged": (-0.2, 0.4), "merged": (0.2, 0.4)}[look]
             ms = t["latency_ms"][kind][batch]
             low, high = t["latency_range_ms"][kind][batch] if ranged else (ms, ms)
-            ax.bar(i + offset, ms, width=width, color=COLORS[method], hatch="//" if look == "merged" else None,
+            ax.bar(i + offset, ms, width=width, color=row(method).color, hatch="//" if look == "merged" else None,
                    edgecolor="black", yerr=[[ms - low], [high - ms]] if ranged else None, capsize=3)
             ax.annotate(f"{ms:.2f}" if batch == "1" else f"{ms:.0f}", (i + offset, high), xytext=(0, 3),
                         textcoords="offset points", ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(range(len(timed)), [DISPLAY[m] for m in timed])
+    ax.set_xticks(range(len(timed)), [display(m) for m in timed])
     spread = "whiskers: range over rounds" if ranged else "spread not recorded in this run"
     ax.set(ylabel="ms", title=f"Inference latency, batch {int(batch):,}\n(median; {spread})")
     ax.set_ylim(0, 1.35 * ax.get_ylim()[1])  # headroom: the legend above the tallest bar
@@ -1362,11 +1513,11 @@ def plot_rank_sweep(plt, view):
     if not sweep:
         return None
     fig, ax = plt.subplots(figsize=(7.5, 5))
-    for i, (method, points) in enumerate(sweep.items()):
+    for method, points in sweep.items():
         # LoRA and QLoRA train the same parameters, so their points share an x: told apart by marker
         ax.errorbar([p["trainable_params"] for p in points], [p["test_acc"]["mean"] for p in points],
-                    yerr=[ci_half(p["test_acc"]) for p in points] if n_seeds > 1 else None, marker="os^"[i % 3],
-                    mfc="none", capsize=3, color=COLORS[method], label=DISPLAY[method])
+                    yerr=[ci_half(p["test_acc"]) for p in points] if n_seeds > 1 else None, marker=row(method).marker,
+                    mfc="none", capsize=3, color=row(method).color, label=display(method))
     for p in next(iter(sweep.values())):  # the ranks, once, along the bottom
         ax.annotate(f"r={p['rank']}", (p["trainable_params"], 0), xycoords=("data", "axes fraction"),
                     xytext=(0, 4), textcoords="offset points", ha="center", fontsize=8, color="dimgray")
@@ -1374,7 +1525,8 @@ def plot_rank_sweep(plt, view):
         full = summary["full"]
         ax.errorbar([full["trainable_params"]], [full["test_acc"]["mean"]],
                     yerr=[ci_half(full["test_acc"])] if n_seeds > 1 else None,
-                    marker="*", ms=12, capsize=3, ls="none", color=COLORS["full"], label=DISPLAY["full"])
+                    marker=row("full").marker, ms=12, capsize=3, ls="none", color=row("full").color,
+                    label=display("full"))
     reference = "base_on_task" if "base_on_task" in summary else "base"
     if summary.get(reference, {}).get("status") == "ok":
         before = summary[reference]["test_acc"]["mean"]
@@ -1402,8 +1554,9 @@ def plot_lr_sweep(plt, view):
     for method in dict.fromkeys(r["method"] for r in grid):
         ok = sorted(ok_runs(grid, method), key=lambda r: r["lr"])
         failed = [f"{r['lr']:g}" for r in grid if r["method"] == method and r["status"] != "ok"]
-        name = DISPLAY[method] + (f" (failed at lr {', '.join(failed)})" if failed else "")
-        line, = ax.plot([r["lr"] for r in ok], [r["val_acc"] for r in ok], marker="o", color=COLORS[method], label=name)
+        name = display(method) + (f" (failed at lr {', '.join(failed)})" if failed else "")
+        line, = ax.plot([r["lr"] for r in ok], [r["val_acc"] for r in ok], marker="o", color=row(method).color,
+                        label=name)
         best = [r for r in ok if chosen.get(method, {}).get("lr") == r["lr"]]
         if best:
             ax.plot([best[0]["lr"]], [best[0]["val_acc"]], marker="o", ms=14, mfc="none", mew=2, color=line.get_color())
@@ -1462,52 +1615,86 @@ def plot_results(results, out_dir):
 # =====================================================================================================
 # The runs: each method built, trained, tested once and saved; the learning-rate grid
 # =====================================================================================================
-def fit_method(method, seed, rank, lr, base_model, target, args, device):
-    """Build `method`'s model from the base and train it on `target`: (model, fit, CUDA peak)."""
+class Run:
+    """What every run of one experiment shares: the settings, the device, the data, the results being written,
+    each seed's trained base, what --resume kept, and the name of the run in progress (`stage`, read by the
+    message after an interruption)."""
+
+    def __init__(self, args, device, splits, results, stage):
+        self.args, self.device, self.splits, self.results, self.stage = args, device, splits, results, stage
+        self.out = Path(args.out_dir)
+        self.bases = {}                  # seed -> its trained base CNN, copied by every method of that seed
+        self.kept, self.kept_grid = {}, {}  # what --resume found finished: runs by key, grid runs by key + (lr,)
+
+    def base(self, seed):
+        """The trained base of `seed`: trained in this run, or loaded from its saved file (--resume)."""
+        if seed not in self.bases:
+            self.bases[seed] = load_plain(saved_model_file(self.out, "base", seed), self.device)
+        return self.bases[seed]
+
+
+def new_model(ctx, method, seed, rank):
+    """(model, epoch budget) of one run: for the base a fresh CNN; for a fine-tuning method a copy of the seed's
+    base, training what its row says (every parameter, the head, or adapters of its class at `rank`)."""
     torch.manual_seed(seed)  # within a seed: the same adapter A for every method
+    args = ctx.args
     if method == "base":
-        model, epochs = CNN().to(device), args.epochs
-    elif method == "full":  # the reference every PEFT paper compares against: every parameter trainable
-        model, epochs = copy.deepcopy(base_model).requires_grad_(True), args.finetune_epochs
-    elif method == "head":  # the transfer baseline every adapter has to beat: only the classifier learns
-        model, epochs = copy.deepcopy(base_model).requires_grad_(False), args.finetune_epochs
-        model.get_submodule(CNN.head).requires_grad_(True)
+        return CNN().to(ctx.device), args.epochs
+    model, spec = copy.deepcopy(ctx.base(seed)), METHODS[method]
+    if spec.trains == "all":
+        model.requires_grad_(True)
+    elif spec.trains == "head":
+        model.requires_grad_(False).get_submodule(CNN.head).requires_grad_(True)
     else:
-        model = add_adapters(copy.deepcopy(base_model), method, rank, args.alpha, args.dropout, args.train_head)
-        epochs = args.finetune_epochs
-    if args.quick:
+        cls = adapter_class(method)
+        add_adapters(model, cls, AdapterConfig(rank, args.alpha, args.dropout), args.train_head, **cls.options(args))
+    return model, args.finetune_epochs
+
+
+def fit(ctx, key, lr):
+    """Build and train the run `key` = (method, seed, rank) on its data: (model, fit, CUDA peak)."""
+    method, seed, rank = key
+    model, epochs = new_model(ctx, method, seed, rank)
+    if ctx.args.quick:
         epochs = min(epochs, QUICK_MAX_EPOCHS)
     model = model.to(memory_format=torch.channels_last)
-    fit, cuda_peak = with_cuda_peak(device, model, lambda: train(model, target, epochs, lr, args.batch_size,
-                                                                args.patience, seed))
-    return model, fit, cuda_peak
+    data = ctx.splits["mnist" if method == "base" else ctx.args.task]
+    fitted, cuda_peak = with_cuda_peak(ctx.device, model, lambda: train(
+        model, data, lr, Budget(epochs, ctx.args.batch_size, ctx.args.patience), seed))
+    return model, fitted, cuda_peak
 
 
-def run_method(method, seed, rank, lr, base_model, splits, args, device, grid=False, trained=None):
-    """Train, test once and save one run: (result, model); splits = {task: splits}, the base's under "mnist".
-    A grid run (choosing the rate) reports validation numbers only, no test, no file, and returns (model, fit,
-    CUDA peak) as its model: the run at the chosen rate is finished from that (`trained`), not trained again."""
-    target = splits["mnist"] if method == "base" else splits[args.task]
-    model, fit, cuda_peak = trained or fit_method(method, seed, rank, lr, base_model, target, args, device)
+def save_model(ctx, key, model):
+    """Save a finished run's model where --resume and the latency measurement look for it: (path, file bytes)."""
+    method, seed, rank = key
+    path = saved_model_file(ctx.out, method, seed, rank)
+    if adapter_class(method):
+        return path, (save_adapter(model, method, rank, ctx.args, path) / ADAPTER_WEIGHTS).stat().st_size
+    make_folder(path.parent)  # saved at once: the base is what adapter-only runs and --resume start from
+    write_atomic(path, model.state_dict())
+    return path, path.stat().st_size
+
+
+def run_method(ctx, key, lr, grid=False, trained=None):
+    """Train, test once and save one run: (result, model). A grid run (choosing the rate) reports validation
+    numbers only, no test, no file, and returns (model, fit, CUDA peak) as its model: the run at the chosen rate
+    is finished from that (`trained`), not trained again."""
+    method, seed, rank = key
+    model, fitted, cuda_peak = trained or fit(ctx, key, lr)
     if grid:
-        best = fit["best_epoch"] - 1
-        return {"lr": lr, "status": "ok", "val_acc": fit["history"]["val_acc"][best],
-                "val_loss": fit["history"]["val_loss"][best], "epochs_run": fit["epochs_run"],
-                "best_epoch": fit["best_epoch"], "train_time_s": fit["train_time_s"],
-                "history": fit["history"]}, (model, fit, cuda_peak)
-    test_loss, test_acc = evaluate(model, *target["test"])  # the test set, once per run
-    result = {"lr": lr, **measure(model, fit, test_loss, test_acc, cuda_peak)}
-    if method == "base" and args.task != "mnist":  # where the fine-tuning starts from, on the shifted task
-        result["task_test_loss"], result["task_test_acc"] = evaluate(model, *splits[args.task]["test"])
-    path = saved_model_file(args.out_dir, method, seed, rank)
-    if method not in ADAPTERS:  # saved at once: the base is what adapter-only runs and --resume start from
-        make_folder(path.parent)
-        write_atomic(path, model.state_dict())
-        result["file_bytes"] = path.stat().st_size
-    else:
-        result["file_bytes"] = (save_adapter(model, method, rank, args, path) / ADAPTER_WEIGHTS).stat().st_size
+        best = fitted["best_epoch"] - 1
+        return {"lr": lr, "status": "ok", "val_acc": fitted["history"]["val_acc"][best],
+                "val_loss": fitted["history"]["val_loss"][best], "epochs_run": fitted["epochs_run"],
+                "best_epoch": fitted["best_epoch"], "train_time_s": fitted["train_time_s"],
+                "history": fitted["history"]}, (model, fitted, cuda_peak)
+    data = ctx.splits["mnist" if method == "base" else ctx.args.task]
+    test_loss, test_acc = evaluate(model, *data["test"])  # the test set, once per run
+    result = {"lr": lr, **measure(model, fitted, test_loss, test_acc, cuda_peak)}
+    if method == "base" and ctx.args.task != "mnist":  # where the fine-tuning starts from, on the shifted task
+        result["task_test_loss"], result["task_test_acc"] = evaluate(model, *ctx.splits[ctx.args.task]["test"])
+    path, result["file_bytes"] = save_model(ctx, key, model)
     result["file_sha256"] = file_digest(path)  # --resume trusts the saved model only while this matches
-    result["full_model_file_bytes"] = saved_model_file(args.out_dir, "base", seed).stat().st_size
+    result["full_model_file_bytes"] = saved_model_file(ctx.out, "base", seed).stat().st_size
     return result, model
 
 
@@ -1525,21 +1712,22 @@ def report_method(r):
         print(f"On the fine-tuning task, before any fine-tuning: {r['task_test_acc']:.2f}% test accuracy")
 
 
-def divergence_advice(method, rank, lr, args, too_slow=False):
+def divergence_advice(key, lr, args, too_slow=False):
     """What to change after a run failed to learn: a higher rate or a longer budget when it was too slow; else a
     lower rate, and alpha too when it was raised for an adapter."""
+    method, _, rank = key
     if too_slow:
         return f"raise --lr (now {lr:g}) or the epoch budget (--{'epochs' if method == 'base' else 'finetune-epochs'})"
     advice = f"lower --lr (now {lr:g})"
-    if method in ADAPTERS and args.alpha > SETTINGS["alpha"][0]:
+    if adapter_class(method) and args.alpha > SETTINGS["alpha"][0]:
         advice += f" or --alpha (now {args.alpha:g}: every update is scaled by alpha/r = {args.alpha / rank:g})"
     return advice
 
 
-def attempt(method, seed, rank, lr, base_model, splits, args, device, name, grid=False, trained=None):
+def attempt(ctx, key, lr, name, grid=False, trained=None):
     """(result, model) of one run; a run that cannot finish is recorded with its reason, and the others go on."""
     try:
-        result, model = run_method(method, seed, rank, lr, base_model, splits, args, device, grid, trained)
+        result, model = run_method(ctx, key, lr, grid, trained)
         if grid:
             print(f"Best validation accuracy {result['val_acc']:.2f}% (epoch {result['best_epoch']})")
         else:
@@ -1549,7 +1737,7 @@ def attempt(method, seed, rank, lr, base_model, splits, args, device, name, grid
         print(f"{name} skipped: {e}")
         return {"status": "skipped", "reason": str(e)}, None
     except Diverged as e:
-        print(f"{name} failed: {e}; {divergence_advice(method, rank, lr, args, e.too_slow)}. Going on with the other "
+        print(f"{name} failed: {e}; {divergence_advice(key, lr, ctx.args, e.too_slow)}. Going on with the other "
               f"methods.")
         return {"status": "failed", "reason": str(e)}, None
     except torch.cuda.OutOfMemoryError:
@@ -1562,73 +1750,76 @@ def attempt(method, seed, rank, lr, base_model, splits, args, device, name, grid
         return {"status": "failed", "reason": "out of memory"}, None
 
 
-def choose_rate(method, rank, kept_grid, results, base_model, splits, args, device, stage):
+def choose_rate(ctx, method, rank):
     """(rate, trained) for `method`: with --lrs, the rate of the grid whose run on the first seed reached the
     best validation accuracy (ties: the lower validation loss, then the lower rate), None if every rate
     failed, and that run's (model, fit, CUDA peak) when it trained here; otherwise --lr, or the method's
-    entry in LEARNING_RATES, and None. Recorded in results["learning_rates"]."""
+    rate in METHODS (BASE for the base), and None. Recorded in results["learning_rates"]."""
+    args, results = ctx.args, ctx.results
     if not args.lrs or method == "base":  # the base trains from scratch at its own rate: no grid
-        results["learning_rates"][method] = {"lr": args.lr or LEARNING_RATES[method],
-                                             "chosen_by": "--lr" if args.lr else "LEARNING_RATES"}
+        table = "BASE" if method == "base" else "METHODS"
+        results["learning_rates"][method] = {"lr": args.lr or row(method).lr, "chosen_by": "--lr" if args.lr else table}
         return results["learning_rates"][method]["lr"], None
-    seed, out, trained = args.seed, Path(args.out_dir), {}
+    key, trained = (method, args.seed, rank), {}
     for lr in args.lrs:
-        stage["now"] = name = f"{DISPLAY[method]} at lr {lr:g} (learning-rate grid)"
-        if (method, seed, rank, lr) in kept_grid:
-            results["lr_grid"].append(kept_grid[method, seed, rank, lr])
+        ctx.stage["now"] = name = f"{display(method)} at lr {lr:g} (learning-rate grid)"
+        if key + (lr,) in ctx.kept_grid:
+            results["lr_grid"].append(ctx.kept_grid[key + (lr,)])
             print(f"{name}: finished in a previous run (results.json), kept.")
             continue
-        print(f"Learning-rate grid: {DISPLAY[method]} at lr {lr:g}, seed {seed}, judged on validation...")
-        result, trained[lr] = attempt(method, seed, rank, lr, base_model, splits, args, device, name, grid=True)
-        results["lr_grid"].append({"method": method, "seed": seed, "rank": rank, "lr": lr, **result})
-        save_results(results, out)
+        print(f"Learning-rate grid: {display(method)} at lr {lr:g}, seed {args.seed}, judged on validation...")
+        result, trained[lr] = attempt(ctx, key, lr, name, grid=True)
+        results["lr_grid"].append({"method": method, "seed": args.seed, "rank": rank, "lr": lr, **result})
+        save_results(results, ctx.out)
     ok = sorted((r for r in ok_runs(results["lr_grid"], method) if r["rank"] == rank), key=lambda r: r["lr"])
     if not ok:
         return None, None
     best = max(ok, key=lambda r: (r["val_acc"], -r["val_loss"]))  # max keeps the first, lowest rate of a tie
     results["learning_rates"][method] = {"lr": best["lr"], "chosen_by": "validation grid", "grid": args.lrs}
-    print(f"{DISPLAY[method]}: lr {best['lr']:g} chosen ({best['val_acc']:.2f}% validation accuracy).")
+    print(f"{display(method)}: lr {best['lr']:g} chosen ({best['val_acc']:.2f}% validation accuracy).")
     return best["lr"], trained.get(best["lr"])
 
 
-DOING = {"base": "Training the base model", "full": "Fine-tuning every parameter of the base model (Full FT)",
-         "head": "Fine-tuning only the classifier head of the base model (Head only)"}
+def doing(method):
+    """What a run of `method` does, said when it starts."""
+    trains = {"all": "every parameter of", "head": "only the classifier head of"}.get(row(method).trains)
+    if method == "base":
+        return "Training the base model"
+    if trains:
+        return f"Fine-tuning {trains} the base model ({display(method)})"
+    return f"Fine-tuning the base model with {display(method)}"
 
 
-def run_plan(plan, kept, kept_grid, results, splits, args, device, stage):
+def run_plan(ctx, plan):
     """Every planned run in order, results.json rewritten after each. False when a base failed (nothing to
-    fine-tune); `stage` names the run in progress, for the message after an interruption."""
-    out, base_models, rates = Path(args.out_dir), {}, {}  # base_models: each seed's trained base, copied
-    for method, seed, rank in plan:
+    fine-tune)."""
+    args, results, rates = ctx.args, ctx.results, {}
+    for key in plan:
+        method, seed, rank = key
         # what tells this run from its method's others: " r=4" in the rank sweep, " (seed 1)" with several seeds
         which = (f" r={rank}" if rank not in (None, args.rank) else "") + (f" (seed {seed})" if args.seeds > 1 else "")
-        if method != "base" and seed not in base_models:
-            base_models[seed] = load_plain(saved_model_file(out, "base", seed), device)
         if method not in rates:  # the first seed's base is there: a grid can run on it
-            rates[method], grid_run = choose_rate(method, run_rank(method, args.rank), kept_grid, results,
-                                                  base_models.get(args.seed), splits, args, device, stage)
-        stage["now"] = name = DISPLAY[method] + which
-        if (method, seed, rank) in kept:
-            results["runs"].append(kept[method, seed, rank])
+            rates[method], grid_run = choose_rate(ctx, method, run_rank(method, args.rank))
+        ctx.stage["now"] = name = display(method) + which
+        if key in ctx.kept:
+            results["runs"].append(ctx.kept[key])
             print(f"{name}: finished in a previous run (results.json), kept.")
             continue
         if rates[method] is None:
             result, model = {"status": "failed", "reason": "every rate of the --lrs grid failed"}, None
         else:
-            print(f"{DOING.get(method, 'Fine-tuning the base model with ' + DISPLAY[method])}{which}, "
-                  f"lr {rates[method]:g}...")
+            print(f"{doing(method)}{which}, lr {rates[method]:g}...")
             reuse = grid_run if (seed, rank) == (args.seed, run_rank(method, args.rank)) else None  # same seed, rate
             if reuse:
                 print("(the grid's run at this rate and seed, not trained again: tested once now, and saved)")
-            result, model = attempt(method, seed, rank, rates[method], base_models.get(seed), splits, args, device,
-                                    name, trained=reuse)
+            result, model = attempt(ctx, key, rates[method], name, trained=reuse)
         results["runs"].append({"method": method, "seed": seed, "rank": rank, **result})
-        save_results(results, out)  # after every run: nothing finished is lost
+        save_results(results, ctx.out)  # after every run: nothing finished is lost
         if method == "base" and model is None:
             print(f"error: the base model of seed {seed} failed, so there is nothing to fine-tune.", file=sys.stderr)
             return False
         if method == "base":
-            base_models[seed] = model
+            ctx.bases[seed] = model
         print("-------------------------------------")
     return True
 
@@ -1666,7 +1857,7 @@ def optional(check):
 
 HISTORY_KEYS = ("train_loss", "val_loss", "val_acc", "lr", "epoch_time_s")  # train()'s per-epoch curves
 RECORD = {  # every field of results.json's run records that the code reads, with its check: one schema for all
-    "every": {"method": lambda v: v in ALL_METHODS, "seed": count, "rank": optional(count),
+    "every": {"method": lambda v: v == "base" or v in METHODS, "seed": count, "rank": optional(count),
               "status": lambda v: v in ("ok", "failed", "skipped")},
     "not ok": {"reason": lambda v: isinstance(v, str)},
     "run": {"lr": rate, "test_acc": percent, "test_loss": finite, "train_time_s": finite, "epochs_run": count,
@@ -1717,10 +1908,10 @@ def saved_model_problem(out, run):
             return f"its saved model {path} is missing"
         if run["file_sha256"] != file_digest(path):
             return f"{path} is damaged or was written by another run (its checksum is not the one recorded)"
-        if run["method"] in ADAPTERS:  # a folder of another method (its files copied here) would pass the checksum
+        if adapter_class(run["method"]):  # a folder of another method (its files copied here) would pass the checksum
             saved = json.loads((path / ADAPTER_INFO).read_text()).get("method")
             if saved != run["method"]:
-                return (f"{path} was written for {DISPLAY.get(saved, saved)}, not {DISPLAY[run['method']]}")
+                return (f"{path} was written for {display(saved)}, not {display(run['method'])}")
     except OSError as e:
         raise ConfigError(f"{e.filename or path} cannot be read ({e.strerror or e}): check its permissions, or "
                           f"drop --resume") from None
@@ -1756,7 +1947,7 @@ def previous_results(out, config, plan, log=print):
             continue
         problem = saved_model_problem(out, run)
         if problem:
-            log(f"{DISPLAY[run['method']]} (seed {run['seed']}): {problem}; not kept, it is trained again if planned.")
+            log(f"{display(run['method'])} (seed {run['seed']}): {problem}; not kept, it is trained again if planned.")
         else:
             trusted[run["method"], run["seed"], run["rank"]] = run
     trusted = {key: r for key, r in trusted.items() if ("base", key[1], None) in trusted}
@@ -1813,7 +2004,6 @@ def lock_out_dir(out):
 
 
 SEED_FOLDER = re.compile(r"seed\d+")                   # seed<k>/, where a seed's models are saved
-ADAPTER_FOLDER = re.compile(rf"({'|'.join(ADAPTERS)})_r\d+")  # seed<k>/adapters/<method>_r<rank>/
 
 
 def own_outputs(out):
@@ -1828,7 +2018,8 @@ def own_outputs(out):
         files += with_temporary(seed_dir, MODEL_FILES.values())
         adapters = seed_dir / "adapters"
         if real_folder(adapters):
-            for folder in (p for p in adapters.iterdir() if ADAPTER_FOLDER.fullmatch(p.name) and real_folder(p)):
+            named = re.compile(rf"({'|'.join(map(re.escape, adapter_methods()))})_r\d+")  # <method>_r<rank>
+            for folder in (p for p in adapters.iterdir() if named.fullmatch(p.name) and real_folder(p)):
                 files += with_temporary(folder, (ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_INFO))
                 folders.append(folder)
             folders.append(adapters)
@@ -1851,7 +2042,7 @@ def check_own_folders(out, plan):
     try:
         for method, seed, rank in plan:
             path = saved_model_file(out, method, seed, rank)
-            for folder in [path] * (method in ADAPTERS) + [p for p in path.parents if out in p.parents]:
+            for folder in [path] * bool(adapter_class(method)) + [p for p in path.parents if out in p.parents]:
                 if os.path.lexists(folder) and not real_folder(folder):
                     raise ConfigError(f"{folder} is not a folder (a file or a symbolic link): this script saves "
                                       f"models there; move it away, or use another --out-dir")
@@ -1966,10 +2157,10 @@ def check_writable(out):
 def check_args(args):
     """Every bad setting, flag or edited default, as one ConfigError sentence before anything runs.
     Turns args.lrs and args.ranks into sorted lists of numbers."""
-    unknown = [m for m in args.methods if m not in ALL_METHODS]
+    unknown = [m for m in args.methods if m != "base" and m not in METHODS]
     if unknown or not args.methods:
         raise ConfigError(f"unknown method(s) {', '.join(unknown) or '(none given)'}: choose from "
-                          f"{', '.join(ALL_METHODS)}, comma-separated")
+                          f"{', '.join(['base', *METHODS])}, comma-separated")
     if "base" in args.methods and args.methods[0] != "base":
         raise ConfigError("base must come first in --methods: the other methods fine-tune the base it trains")
     for flag, value, allowed in (("--task", args.task, TASKS), ("--device", args.device, ("auto", "cpu", "cuda"))):
@@ -1987,13 +2178,12 @@ def check_args(args):
     if len(grid) > MAX_GRID:
         raise ConfigError(f"--lrs holds {len(grid)} rates: at most {MAX_GRID} (each is a training run per method)")
     rates = ([("--lr", args.lr)] * (args.lr is not None) + [("--lrs", r) for r in grid]
-             + [(f"LEARNING_RATES[{m!r}]", r) for m, r in LEARNING_RATES.items()] + [("--alpha", args.alpha)])
+             + [("BASE.lr" if m == "base" else f"METHODS[{m!r}].lr", r) for m, r in default_rates().items()]
+             + [("--alpha", args.alpha)])
     for name, value in rates:
         if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 < value <= FLOAT32_MAX):
             raise ConfigError(f"{name} must be a positive number no larger than {FLOAT32_MAX:.2g} (float32's "
                               f"largest; got {value})")
-    if set(LEARNING_RATES) != set(ALL_METHODS):
-        raise ConfigError(f"LEARNING_RATES needs one rate for each of {', '.join(ALL_METHODS)}")
     if not 0 <= args.seed <= MAX_SEED - args.seeds + 1:
         raise ConfigError(f"--seed must be between 0 and {MAX_SEED - args.seeds + 1} with --seeds {args.seeds} "
                           f"(got {args.seed})")
@@ -2014,7 +2204,7 @@ def check_args(args):
 def plan_runs(args):
     """(method, seed, rank) in running order: the main comparison seed by seed, then the rank sweep."""
     plan = [(m, s, run_rank(m, args.rank)) for s in seeds_of(args) for m in args.methods]
-    return plan + [(m, s, r) for s in seeds_of(args) for m in args.methods if m in ADAPTERS
+    return plan + [(m, s, r) for s in seeds_of(args) for m in args.methods if adapter_class(m)
                    for r in args.ranks if r != args.rank]
 
 
@@ -2055,7 +2245,7 @@ def run_config(args, splits):
     files go, which methods, seeds and ranks run (they may differ between resumed runs), and the split sizes."""
     config = {k: v for k, v in vars(args).items()
               if k not in ("data_dir", "out_dir", "device", "methods", "resume", "overwrite", "seeds", "ranks")}
-    return config | dict(learning_rates=LEARNING_RATES, quant_blocksize=QUANT_BLOCKSIZE,
+    return config | dict(learning_rates=default_rates(), quant_blocksize=QUANT_BLOCKSIZE,
                          val_size=len(splits["mnist"]["val"][1]), train_size=len(splits["mnist"]["train"][1]),
                          test_size=len(splits["mnist"]["test"][1]))
 
@@ -2109,12 +2299,14 @@ def run_experiment(args, stage):
     results = {"config": config, "environment": environment(device), "methods": args.methods,
                "seeds": seeds_of(args), "ranks": args.ranks, "learning_rates": {}, "lr_grid": [], "runs": [],
                "other_runs": others}
+    ctx = Run(args, device, splits, results, stage)
+    ctx.kept, ctx.kept_grid = kept, kept_grid
     print(f"{'QUICK RUN (a smoke test, not results). ' if args.quick else ''}Device: "
           f"{results['environment']['device_name']}\n{config['train_size']:,} training, {config['val_size']:,} "
           f"validation, {config['test_size']:,} test images; fine-tuning on {args.task}; {len(plan)} runs "
           f"({args.seeds} seed(s){f', ranks {args.ranks}' if args.ranks else ''})\nWriting to {out}/")
     try:
-        ok = run_plan(plan, kept, kept_grid, results, splits, args, device, stage)
+        ok = run_plan(ctx, plan)
         if ok and any(r["status"] == "ok" for r in main_runs(results)):
             stage["now"] = "the latency measurement"
             print("Measuring inference latency, as trained and merged...")

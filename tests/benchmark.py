@@ -64,7 +64,7 @@ def project_epoch(data, device, batch_size, steps, lr, seed):
     model = main.CNN().to(device).to(memory_format=torch.channels_last)
     main.sync(device)
     start = time.perf_counter()
-    fit = main.train(model, splits, epochs=1, lr=lr, batch_size=batch_size, patience=1, seed=seed, log=lambda s: None)
+    fit = main.train(model, splits, lr, main.Budget(1, batch_size, 1), seed, log=lambda s: None)
     main.sync(device)
     return time.perf_counter() - start, fit["history"]["val_acc"][-1]
 
@@ -91,7 +91,7 @@ def main_benchmark(argv=None):
     train_idx, val_idx = main.split_indices(len(data["train"][1]), main.VAL_SIZE, SEED)
     full_steps = math.ceil(len(train_idx) / BATCH_SIZE)
     steps = min(args.max_steps or full_steps, full_steps)
-    common = dict(device=device, batch_size=BATCH_SIZE, steps=steps, lr=main.LEARNING_RATES["base"], seed=SEED)
+    common = dict(device=device, batch_size=BATCH_SIZE, steps=steps, lr=main.BASE.lr, seed=SEED)
 
     print(f"{main.environment(device)['device_name']}: {steps} steps of batch {BATCH_SIZE} + validation "
           f"on {len(val_idx):,} images, base CNN, torch {torch.__version__}")
@@ -108,7 +108,7 @@ def main_benchmark(argv=None):
         total, per_method = full_experiment_train_s(args.data_dir, device)
         result.update(full_experiment_train_s=total, full_experiment_train_s_per_method=per_method)
         rows.append(("(c) full default experiment, training time", f"{total:.1f} s",
-                     ", ".join(f"{main.DISPLAY[m]} {s:.1f} s" for m, s in per_method.items())))
+                     ", ".join(f"{main.display(m)} {s:.1f} s" for m, s in per_method.items())))
     print("\n| pipeline | time | |\n|---|---:|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")

@@ -1,13 +1,26 @@
-"""Shared fixtures. Real MNIST comes from $MNIST_DIR (a folder holding MNIST/raw/, as .ci/run prepares it)."""
+"""Shared fixtures and helpers. Real MNIST comes from $MNIST_DIR (a folder holding MNIST/raw/, as .ci/run prepares
+it). The method list, and the adapter classes the math tests run for, come from main.py's METHODS table."""
+import copy
 import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn as nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+import main  # noqa: E402
+
+ADAPTER_METHODS = main.adapter_methods()  # every registered adapter method: the math tests run for each
+LAYERS = {
+    "linear": (lambda: nn.Linear(12, 8), lambda: torch.randn(5, 12)),
+    # stride, padding and dilation all differ from the defaults, so lora_A must inherit them
+    "conv": (lambda: nn.Conv2d(4, 6, 3, stride=2, padding=2, dilation=2), lambda: torch.randn(2, 4, 9, 9)),
+}
 
 
 @pytest.fixture(scope="session")
@@ -18,3 +31,46 @@ def mnist_dir():
             pytest.fail("MNIST_DIR must point at a folder with MNIST/raw/ in CI (.ci/run prepares it)")
         pytest.skip("set MNIST_DIR to a folder holding MNIST/raw/ to run the tests on real data")
     return Path(path).resolve()
+
+
+def run(capsys, *argv):
+    """main.main(argv) as the command line would run it: (exit code, stdout, stderr)."""
+    code = main.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def make(method, kind, rank=2, alpha=4.0, dropout=0.0, seed=0):
+    """(base layer, `method`'s adapter layer around a copy of it, an input) for a Linear or a Conv2d."""
+    torch.manual_seed(seed)
+    layer_fn, x_fn = LAYERS[kind]
+    base = layer_fn()
+    wrapped = main.adapter_class(method)(copy.deepcopy(base), rank, alpha, dropout)
+    return base, wrapped, x_fn()
+
+
+def perturb(layer, seed=1):
+    """Give every trainable tensor of an adapter layer a non-trivial value, as after some training (B starts at
+    zero, DoRA's magnitude at the weight norms, a gate at zero)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            if p.requires_grad and name != "lora_A":
+                p.copy_(p * (1 + 0.3 * torch.rand(p.shape, generator=g)) if name == "magnitude"
+                        else torch.randn(p.shape, generator=g))
+
+
+def adapt(model, method, rank=4, alpha=8, train_head=True):
+    """`model` with `method`'s adapters at rank/alpha, as the experiment builds it (the class's own settings at
+    their defaults)."""
+    cls = main.adapter_class(method)
+    return main.add_adapters(model, cls, main.AdapterConfig(rank, alpha), train_head,
+                             **cls.options(main.parse_args([])))
+
+
+@pytest.fixture
+def no_plots_or_latency(monkeypatch):
+    """For tests of something else (resume, faults, the plan): no figures drawn, no latency timed. Seconds per
+    run that those tests do not look at; the quick-run tests check both."""
+    monkeypatch.setattr(main, "plot_results", lambda results, out_dir: [])
+    monkeypatch.setattr(main, "measure_inference", lambda *a, **k: None)

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 import main
-from test_adapters import LAYERS, METHODS, make, perturb
+from conftest import ADAPTER_METHODS as METHODS, LAYERS, adapt, make, perturb
 
 
 @pytest.mark.parametrize("kind", LAYERS)
@@ -24,7 +24,7 @@ def test_merge_gives_a_plain_layer_with_the_same_output(method, kind):
 
 def trained_like(method, seed=0, train_head=True):
     torch.manual_seed(seed)
-    model = main.add_adapters(main.CNN(), method, rank=4, alpha=8, train_head=train_head)
+    model = adapt(main.CNN(), method, train_head=train_head)
     for module in model.modules():
         if isinstance(module, main.AdapterLayer):
             perturb(module, seed=seed + 1)
@@ -84,7 +84,7 @@ def test_reloaded_adapter_gives_the_same_predictions(method, tmp_path):
     torch.manual_seed(0)
     base = main.CNN()
     torch.save(base.state_dict(), tmp_path / "base_model.pt")
-    model = main.add_adapters(copy.deepcopy(base), method, rank=4, alpha=8)  # as the experiment builds it
+    model = adapt(copy.deepcopy(base), method)  # as the experiment builds it
     for module in model.modules():
         if isinstance(module, main.AdapterLayer):
             perturb(module, seed=5)

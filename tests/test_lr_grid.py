@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import main
-from test_main import run
+from conftest import run
 
 
 class NotToBeRead:
@@ -26,8 +26,11 @@ def grid_args(tmp_path, lrs):
     return args
 
 
-def empty_results():
-    return {"learning_rates": {}, "lr_grid": []}
+def context(args, splits=None, base=None):
+    """A Run holding only what choosing a rate needs: settings, data, the first seed's base, empty results."""
+    ctx = main.Run(args, torch.device("cpu"), splits or {}, {"learning_rates": {}, "lr_grid": []}, {"now": ""})
+    ctx.bases[args.seed] = base
+    return ctx
 
 
 def test_the_rate_is_chosen_on_validation_and_the_test_set_is_never_read(tmp_path, monkeypatch):
@@ -36,9 +39,9 @@ def test_the_rate_is_chosen_on_validation_and_the_test_set_is_never_read(tmp_pat
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(96, 1, 28, 28, generator=g), torch.randint(0, 10, (96,), generator=g)
     splits = {"mnist": {"train": (x[:64], y[:64]), "val": (x[64:], y[64:]), "test": NotToBeRead()}}
-    results = empty_results()
-    lr, trained = main.choose_rate("lora", 8, {}, results, main.CNN(), splits, grid_args(tmp_path, "1e-3,1e-1"),
-                                   torch.device("cpu"), {"now": ""})
+    ctx = context(grid_args(tmp_path, "1e-3,1e-1"), splits, main.CNN())
+    lr, trained = main.choose_rate(ctx, "lora", 8)
+    results = ctx.results
     grid = results["lr_grid"]
     assert [r["lr"] for r in grid] == [1e-3, 1e-1] and all("test_acc" not in r for r in grid)
     best = max(grid, key=lambda r: (r["val_acc"], -r["val_loss"]))
@@ -50,27 +53,27 @@ def test_the_rate_is_chosen_on_validation_and_the_test_set_is_never_read(tmp_pat
 def test_ties_go_to_the_lower_validation_loss_then_the_lower_rate(tmp_path, monkeypatch):
     scripted = {1e-3: (90.0, 0.30), 3e-3: (92.0, 0.25), 1e-2: (92.0, 0.20), 3e-2: (92.0, 0.20), 1e-1: None}
 
-    def run_method(method, seed, rank, lr, *a, **k):
+    def run_method(ctx, key, lr, *a, **k):
         if scripted[lr] is None:
             raise main.Diverged("diverged at epoch 1 (training loss nan)")
         acc, loss = scripted[lr]
         return {"lr": lr, "status": "ok", "val_acc": acc, "val_loss": loss, "best_epoch": 1}, None
     monkeypatch.setattr(main, "run_method", run_method)
     monkeypatch.setattr(main, "save_results", lambda *a: None)
-    results = empty_results()
-    lr, _ = main.choose_rate("dora", 8, {}, results, None, {}, grid_args(tmp_path, "3e-2,1e-2,3e-3,1e-3,1e-1"),
-                             torch.device("cpu"), {"now": ""})
+    ctx = context(grid_args(tmp_path, "3e-2,1e-2,3e-3,1e-3,1e-1"))
+    lr, _ = main.choose_rate(ctx, "dora", 8)
+    results = ctx.results
     assert lr == 1e-2  # 92 % thrice; of those, loss 0.20 twice; of those, the lower rate
     assert [r["status"] for r in results["lr_grid"]] == ["ok"] * 4 + ["failed"]
 
 
 def test_without_a_grid_the_table_or_lr_sets_the_rate(tmp_path):
-    results = empty_results()
-    assert main.choose_rate("full", None, {}, results, None, {}, grid_args(tmp_path, ""), None, {}) == (
-        main.LEARNING_RATES["full"], None)
-    args = main.parse_args(["--lr", "0.05"])
-    assert main.choose_rate("lora", 8, {}, results, None, {}, args, None, {})[0] == 0.05
-    assert results["learning_rates"]["lora"] == {"lr": 0.05, "chosen_by": "--lr"}
+    ctx = context(grid_args(tmp_path, ""))
+    assert main.choose_rate(ctx, "full", None) == (main.METHODS["full"].lr, None)
+    assert ctx.results["learning_rates"]["full"] == {"lr": main.METHODS["full"].lr, "chosen_by": "METHODS"}
+    ctx = context(main.parse_args(["--lr", "0.05"]))
+    assert main.choose_rate(ctx, "lora", 8)[0] == 0.05
+    assert ctx.results["learning_rates"]["lora"] == {"lr": 0.05, "chosen_by": "--lr"}
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -84,9 +87,9 @@ def test_bad_grids_fail_before_any_work(capsys, tmp_path, monkeypatch, argv, mes
 
 
 def test_a_bad_rate_in_the_table_is_caught(capsys, tmp_path, monkeypatch):
-    monkeypatch.setitem(main.LEARNING_RATES, "dora", -1.0)
+    monkeypatch.setitem(main.METHODS, "dora", main.METHODS["dora"]._replace(lr=-1.0))
     code, _, err = run(capsys, "--out-dir", tmp_path)
-    assert code == 2 and "LEARNING_RATES['dora'] must be a positive number no larger than 3.4e+38" in err and "got -1.0" in err
+    assert code == 2 and "METHODS['dora'].lr must be a positive number no larger than 3.4e+38" in err and "got -1.0" in err
 
 
 # ------------------------------------------------------------------------------------- Fashion-MNIST
@@ -146,20 +149,20 @@ def test_real_fashion_mnist_loads_with_the_split_of_mnist(fashion_dir):
 
 
 # ------------------------------------------------------------------------ the issue's end-to-end command
-def test_quick_fashion_run_with_a_grid_runs_every_method(fashion_dir, tmp_path, capsys):
-    """python main.py --quick --task fashion --lrs 1e-3,1e-2"""
-    code, stdout, _ = run(capsys, "--quick", "--task", "fashion", "--lrs", "1e-3,1e-2", "--data-dir", fashion_dir,
-                          "--out-dir", tmp_path)
+def test_quick_fashion_run_with_a_grid_runs_every_method(fashion_dir, tmp_path, capsys, monkeypatch):
+    """python main.py --quick --task fashion --lrs 1e-3,1e-2 (one epoch each; latency is not its subject)"""
+    monkeypatch.setattr(main, "measure_inference", lambda *a, **k: None)
+    code, stdout, _ = run(capsys, "--quick", "--task", "fashion", "--lrs", "1e-3,1e-2", "--epochs", "1",
+                          "--finetune-epochs", "1", "--data-dir", fashion_dir, "--out-dir", tmp_path)
     assert code == 0
     results = json.loads((tmp_path / "results.json").read_text())
     main_runs = {r["method"]: r for r in results["runs"]}
-    assert set(main_runs) == set(main.ALL_METHODS) and all(r["status"] == "ok" for r in main_runs.values())
-    assert [(r["method"], r["lr"]) for r in results["lr_grid"]] == [
-        (m, lr) for m in ("full", "head", "lora", "dora", "qlora") for lr in (1e-3, 1e-2)]
-    for method in ("full", "head", "lora", "dora", "qlora"):
+    assert set(main_runs) == {"base", *main.METHODS} and all(r["status"] == "ok" for r in main_runs.values())
+    assert [(r["method"], r["lr"]) for r in results["lr_grid"]] == [(m, lr) for m in main.METHODS for lr in (1e-3, 1e-2)]
+    for method in main.METHODS:
         chosen = results["learning_rates"][method]
         assert chosen["chosen_by"] == "validation grid" and main_runs[method]["lr"] == chosen["lr"]
-    assert results["learning_rates"]["base"] == {"lr": main.LEARNING_RATES["base"], "chosen_by": "LEARNING_RATES"}
+    assert results["learning_rates"]["base"] == {"lr": main.BASE.lr, "chosen_by": "BASE"}
     head = main_runs["head"]
     assert head["trainable_params"] == 256 * 10 + 10 and head["test_acc"] > 20  # the classifier alone learns
     assert results["summary"]["base_on_task"]["test_acc"]["mean"] < 30  # digits' features, clothes' labels

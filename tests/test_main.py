@@ -11,14 +11,7 @@ import pytest
 import torch
 
 import main
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def run(capsys, *argv):
-    code = main.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
+from conftest import ROOT, run
 
 
 # ----------------------------------------------------------------------------------------- bad input
@@ -41,7 +34,7 @@ BAD = [
     (["--patience", "-1"], "--patience must be at least 0"),
     (["--dropout", "1"], "--dropout must be in [0, 1)"),
     (["--dropout", "-0.1"], "--dropout must be in [0, 1)"),
-    (["--methods", "base,lorra"], "unknown method(s) lorra: choose from base, full, head, lora, dora, qlora"),
+    (["--methods", "base,lorra"], f"unknown method(s) lorra: choose from {', '.join(['base', *main.METHODS])}"),
     (["--methods", "lora,base"], "base must come first in --methods"),
     (["--seeds", "0"], "--seeds must be between 1 and 1000"),
     (["--task", "upside-down"], "unknown --task 'upside-down': choose from mnist, rotated, inverted"),
@@ -193,7 +186,7 @@ def test_quick_run_writes_every_output_with_sane_numbers(quick_run):
     for method, r in runs.items():  # after training: files and inference cost
         inference = results["inference"][method]
         assert r["file_bytes"] > 0 and min(t["1000"] for t in inference["latency_ms"].values()) > 0
-        if method in main.ADAPTERS:
+        if main.adapter_class(method):
             assert inference["merged_max_abs_logit_diff"] < 1e-3
             path = out / "seed0" / "adapters" / f"{method}_r8"
             size = (path / "adapter_model.safetensors").stat().st_size
@@ -213,9 +206,9 @@ def seeds_run(tmp_path_factory, mnist_dir):
     out, used = tmp_path_factory.mktemp("seeds"), []
     real_run, real_order = main.run_method, main.epoch_order
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(main, "run_method", lambda method, seed, rank, *a: used.append([method, seed, rank, set()])
-                   or real_run(method, seed, rank, *a))
+        mp.setattr(main, "run_method", lambda ctx, key, *a: used.append([*key, set()]) or real_run(ctx, key, *a))
         mp.setattr(main, "epoch_order", lambda n, seed, epoch: used[-1][3].add(seed) or real_order(n, seed, epoch))
+        mp.setattr(main, "measure_inference", lambda *a, **k: None)  # not what these tests look at
         code = main.main(["--quick", "--seeds", "2", "--task", "rotated", "--ranks", "2,8", "--methods", "base,full,lora",
                           "--epochs", "1", "--finetune-epochs", "1", "--data-dir", str(mnist_dir), "--out-dir", str(out)])
     return code, out, used
@@ -299,6 +292,7 @@ def copy_base(quick_run, tmp_path):
     return tmp_path
 
 
+@pytest.mark.usefixtures("no_plots_or_latency")
 def test_missing_bitsandbytes_skips_qlora_only(capsys, quick_run, mnist_dir, tmp_path, monkeypatch):
     def unavailable():
         raise main.BitsAndBytesUnavailable("bitsandbytes cannot be imported (ImportError: no module)")
@@ -310,11 +304,12 @@ def test_missing_bitsandbytes_skips_qlora_only(capsys, quick_run, mnist_dir, tmp
     assert "QLoRA skipped: bitsandbytes cannot be imported" in stdout
 
 
+@pytest.mark.usefixtures("no_plots_or_latency")
 def test_divergence_fails_that_method_and_the_others_still_run(capsys, quick_run, mnist_dir, tmp_path, monkeypatch):
     real_run = main.run_method
 
-    def lora_diverges(method, seed, rank, lr, *args, **kwargs):
-        return real_run(method, seed, rank, 1e30 if method == "lora" else lr, *args, **kwargs)  # LoRA alone
+    def lora_diverges(ctx, key, lr, *args, **kwargs):
+        return real_run(ctx, key, 1e30 if key[0] == "lora" else lr, *args, **kwargs)  # LoRA alone
     monkeypatch.setattr(main, "run_method", lora_diverges)
     out = copy_base(quick_run, tmp_path)
     code, stdout, _ = run(capsys, "--quick", "--resume", "--methods", "lora,dora", "--data-dir", mnist_dir, "--out-dir", out)
@@ -326,8 +321,9 @@ def test_divergence_fails_that_method_and_the_others_still_run(capsys, quick_run
     assert "LoRA Model Test Accuracy: failed (diverged at epoch 1" in stdout
 
 
+@pytest.mark.usefixtures("no_plots_or_latency")
 def test_cuda_out_of_memory_names_the_method_and_a_remedy(capsys, quick_run, mnist_dir, tmp_path, monkeypatch):
-    def oom(method, *args):
+    def oom(ctx, key, *args):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
     monkeypatch.setattr(main, "run_method", oom)
     out = copy_base(quick_run, tmp_path)
@@ -338,11 +334,11 @@ def test_cuda_out_of_memory_names_the_method_and_a_remedy(capsys, quick_run, mni
 def test_interrupt_keeps_finished_methods_and_resume_continues(capsys, mnist_dir, tmp_path, monkeypatch):
     real_run, calls = main.run_method, []
 
-    def interrupted_at_lora(method, *args):
-        calls.append(method)
-        if method == "lora" and calls.count("lora") == 1:
+    def interrupted_at_lora(ctx, key, *args):
+        calls.append(key[0])
+        if key[0] == "lora" and calls.count("lora") == 1:
             raise KeyboardInterrupt
-        return real_run(method, *args)
+        return real_run(ctx, key, *args)
     monkeypatch.setattr(main, "run_method", interrupted_at_lora)
     argv = ["--quick", "--methods", "base,lora", "--epochs", "1", "--finetune-epochs", "1",
             "--data-dir", mnist_dir, "--out-dir", tmp_path]
@@ -362,14 +358,15 @@ def test_interrupt_keeps_finished_methods_and_resume_continues(capsys, mnist_dir
     assert code == 2 and "other settings (lr differ)" in err
 
 
+@pytest.mark.usefixtures("no_plots_or_latency")
 def test_sigterm_is_handled_like_ctrl_c(capsys, quick_run, mnist_dir, tmp_path, monkeypatch):
     import signal
     real_run = main.run_method
 
-    def terminated_at_dora(method, *args):
-        if method == "dora":
+    def terminated_at_dora(ctx, key, *args):
+        if key[0] == "dora":
             os.kill(os.getpid(), signal.SIGTERM)
-        return real_run(method, *args)
+        return real_run(ctx, key, *args)
     monkeypatch.setattr(main, "run_method", terminated_at_dora)
     previous = signal.getsignal(signal.SIGTERM)
     out = copy_base(quick_run, tmp_path)
@@ -392,6 +389,7 @@ def test_a_cuda_run_shows_its_peak_in_table_console_and_plot(quick_run, capsys, 
     assert main.PLOT_FILES[4] in main.plot_results(results, tmp_path)
 
 
+@pytest.mark.usefixtures("no_plots_or_latency")
 def test_resume_keeps_only_methods_whose_saved_model_is_still_there(capsys, quick_run, mnist_dir, tmp_path):
     out = tmp_path
     (out / "seed0" / "adapters").mkdir(parents=True)
@@ -403,3 +401,52 @@ def test_resume_keeps_only_methods_whose_saved_model_is_still_there(capsys, quic
     assert code == 0
     assert stdout.count("finished in a previous run (results.json), kept.") == 3  # base, full, lora
     assert "Fine-tuning the base model with DoRA, lr " in stdout
+
+
+# ------------------------------------------------------------------ a new method: one row and one class
+class DoubledLoRALayer(main.LoRALayer):
+    """A toy method: LoRA with its update doubled, dW = 2 (alpha/r) B A."""
+
+    def lora(self, x):
+        return 2 * super().lora(x)
+
+    def delta_weight(self):
+        return 2 * super().delta_weight()
+
+
+def figure_texts(fig):
+    import matplotlib.text
+    return " ".join(t.get_text() for t in fig.findobj(matplotlib.text.Text))
+
+
+def test_a_new_method_is_one_row_and_one_class(capsys, mnist_dir, tmp_path, monkeypatch):
+    """Registered as a user would add it to main.py, and found everywhere: its row in results.md and on the
+    console, every plot that draws the methods, its saved folder, load_adapter, and --resume keeping it."""
+    monkeypatch.setattr(main, "DoubledLoRALayer", DoubledLoRALayer, raising=False)  # the one class
+    monkeypatch.setitem(main.METHODS, "lora2x", main.Method("LoRA x2", "tab:pink", "P", 1e-3, "adapters",
+                                                             "DoubledLoRALayer"))  # the one row
+    drawn, real_write = {}, main.write_atomic
+    monkeypatch.setattr(main, "write_atomic", lambda path, content: (
+        drawn.__setitem__(Path(path).name, figure_texts(content)) if hasattr(content, "savefig") else None,
+        real_write(path, content))[1])
+    argv = ["--quick", "--methods", "base,lora2x", "--epochs", "1", "--finetune-epochs", "1", "--lrs", "1e-3,3e-3",
+            "--ranks", "2,8", "--data-dir", mnist_dir, "--out-dir", tmp_path]
+    code, stdout, _ = run(capsys, *argv)
+    assert code == 0 and "Fine-tuning the base model with LoRA x2, lr " in stdout
+    table = (tmp_path / "results.md").read_text()
+    assert "| LoRA x2 |" in table and "| LoRA x2 | 2 |" in table and "| LoRA x2 | 0.003 |" in table  # main, sweep, grid
+    assert "LoRA x2 Model Test Accuracy: " in stdout and "\nLoRA x2 " in stdout[stdout.index("QUICK RUN: a smoke"):]
+    for name in [*(n for n in main.PLOT_FILES if n not in ("base_model_loss_accuracy.png", "lora_loss_accuracy.png")),
+                 main.SWEEP_PLOT, main.LR_PLOT]:
+        assert "LoRA x2" in drawn[name], name
+    results = json.loads((tmp_path / "results.json").read_text())
+    run_ = next(r for r in results["runs"] if r["method"] == "lora2x" and r["rank"] == 8)
+    folder = tmp_path / "seed0" / "adapters" / "lora2x_r8"
+    assert json.loads((folder / "training_info.json").read_text())["method"] == "lora2x"
+    loaded = main.load_adapter(tmp_path / "seed0" / "base_model.pt", folder)
+    assert isinstance(loaded.conv1, DoubledLoRALayer)
+    splits = main.make_splits(main.load_dataset(mnist_dir, download=False), torch.device("cpu"))
+    assert main.evaluate(loaded, *splits["test"])[1] == pytest.approx(run_["test_acc"], abs=0.015)  # the trained one
+    assert "lora2x" in results["inference"]
+    code, stdout, _ = run(capsys, *argv, "--resume")
+    assert code == 0 and stdout.count("kept.") == 5 and "Epoch " not in stdout  # base, 2 grid runs, ranks 8 and 2

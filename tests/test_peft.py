@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import main
+from conftest import adapt
 
 peft = pytest.importorskip("peft") if not __import__("os").environ.get("CI") else __import__("peft")
 
@@ -15,7 +16,7 @@ def trained(method, steps=20):
     """A base CNN and an adapted copy trained a few Adam steps on a fixed random batch."""
     torch.manual_seed(0)
     base = main.CNN()
-    model = main.add_adapters(copy.deepcopy(base), method, rank=4, alpha=8)
+    model = adapt(copy.deepcopy(base), method)
     x, y = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(steps):

@@ -22,7 +22,8 @@ def test_early_stopping_stops_and_restores_the_best_weights(monkeypatch):
     torch.manual_seed(0)
     model = main.CNN()
     lines = []
-    fit = main.train(model, synthetic_splits(), epochs=8, lr=1e-3, batch_size=16, patience=2, seed=0, log=lines.append)
+    fit = main.train(model, synthetic_splits(), 1e-3, main.Budget(epochs=8, batch_size=16, patience=2), seed=0,
+                     log=lines.append)
     assert fit["epochs_run"] == 4 and fit["best_epoch"] == 2  # epochs 3 and 4 without improvement
     assert lines[-1] == "Early stopping at epoch 4"
     assert lines[0].startswith("Epoch 1, Loss: ") and ", Learning Rate: 0.001000, Val Accuracy: 50.00%" in lines[0]
@@ -35,8 +36,7 @@ def test_early_stopping_stops_and_restores_the_best_weights(monkeypatch):
 def test_patience_zero_stops_at_the_first_epoch_without_improvement(monkeypatch):
     val_losses = iter([1.0, 1.1, 0.5])
     monkeypatch.setattr(main, "evaluate", lambda *a, **k: (next(val_losses), 50.0))
-    fit = main.train(main.CNN(), synthetic_splits(), epochs=3, lr=1e-3, batch_size=32, patience=0, seed=0,
-                     log=lambda s: None)
+    fit = main.train(main.CNN(), synthetic_splits(), 1e-3, main.Budget(3, 32, 0), seed=0, log=lambda s: None)
     assert fit["epochs_run"] == 2 and fit["best_epoch"] == 1
 
 
@@ -45,16 +45,15 @@ def test_the_same_seed_gives_the_same_run(monkeypatch):
     runs = []
     for _ in range(2):
         torch.manual_seed(0)
-        runs.append(main.train(main.CNN(), synthetic_splits(), epochs=2, lr=1e-3, batch_size=16, patience=1,
-                               seed=0, log=lambda s: None)["history"]["train_loss"])
+        runs.append(main.train(main.CNN(), synthetic_splits(), 1e-3, main.Budget(2, 16, 1), seed=0,
+                               log=lambda s: None)["history"]["train_loss"])
     assert runs[0] == runs[1]
 
 
 def test_a_huge_learning_rate_is_reported_as_divergence():
     torch.manual_seed(0)
     with pytest.raises(main.Diverged, match="diverged at epoch 1"):
-        main.train(main.CNN(), synthetic_splits(), epochs=2, lr=1e30, batch_size=16, patience=1, seed=0,
-                   log=lambda s: None)
+        main.train(main.CNN(), synthetic_splits(), 1e30, main.Budget(2, 16, 1), seed=0, log=lambda s: None)
 
 
 def test_a_finite_blow_up_is_divergence_too():
@@ -68,16 +67,16 @@ def test_a_finite_blow_up_is_divergence_too():
 def test_a_run_that_ends_at_chance_learned_nothing(monkeypatch):
     monkeypatch.setattr(main, "evaluate", lambda *a, **k: (2.3, 11.0))
     with pytest.raises(main.Diverged, match=r"learned nothing: 11.00 % validation accuracy .* chance \(10 %\)"):
-        main.train(main.CNN(), synthetic_splits(), epochs=1, lr=1e-3, batch_size=32, patience=1, seed=0,
-                   log=lambda s: None)
+        main.train(main.CNN(), synthetic_splits(), 1e-3, main.Budget(1, 32, 1), seed=0, log=lambda s: None)
 
 
 def test_the_advice_names_alpha_only_when_it_was_raised():
     args = main.parse_args(["--lr", "0.5"])
-    assert main.divergence_advice("lora", 8, 0.5, args) == "lower --lr (now 0.5)"
+    assert main.divergence_advice(("lora", 0, 8), 0.5, args) == "lower --lr (now 0.5)"
     args = main.parse_args(["--alpha", "1e6"])
-    assert "--alpha (now 1e+06: every update is scaled by alpha/r = 125000)" in main.divergence_advice("dora", 8, 0.01, args)
-    assert "--alpha" not in main.divergence_advice("full", 8, 0.01, args)
+    assert "--alpha (now 1e+06: every update is scaled by alpha/r = 125000)" in main.divergence_advice(
+        ("dora", 0, 8), 0.01, args)
+    assert "--alpha" not in main.divergence_advice(("full", 0, None), 0.01, args)
 
 
 def test_cuda_peak_is_measured_above_what_every_method_shares(monkeypatch):
@@ -92,3 +91,64 @@ def test_cuda_peak_is_measured_above_what_every_method_shares(monkeypatch):
     result, peak = main.with_cuda_peak(torch.device("cuda"), model, lambda: "trained")
     assert result == "trained" and peak == 3_000_000 and calls == ["sync", "reset", "sync"]
     assert main.with_cuda_peak(torch.device("cpu"), model, lambda: "trained") == ("trained", None)
+
+
+class SmallBNNet(torch.nn.Module):
+    """A model that is not ours: BatchNorm, whose running statistics are buffers that training moves."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 5)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.fc = torch.nn.Linear(4 * 12 * 12, 10)
+
+    def forward(self, x):
+        return self.fc(torch.nn.functional.max_pool2d(torch.relu(self.bn(self.conv(x))), 2).flatten(1))
+
+
+def test_the_best_epochs_whole_state_is_restored_buffers_included(monkeypatch):
+    val_losses = iter([1.0, 0.5, 0.7, 0.8])  # best at epoch 2 of 4; patience 9: no early stop
+    states = []
+
+    def scripted_evaluate(model, images, labels, batch_size=1000):
+        states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return next(val_losses), 50.0
+    monkeypatch.setattr(main, "evaluate", scripted_evaluate)
+    torch.manual_seed(0)
+    model = SmallBNNet()
+    fit = main.train(model, synthetic_splits(), 1e-2, main.Budget(4, 16, 9), seed=0, log=lambda s: None)
+    assert fit["epochs_run"] == 4 and fit["best_epoch"] == 2
+    buffers = {name for name, _ in model.named_buffers()}
+    assert {"bn.running_mean", "bn.running_var", "bn.num_batches_tracked"} <= buffers
+    for key, value in model.state_dict().items():  # parameters and buffers alike: epoch 2's
+        torch.testing.assert_close(value, states[1][key], rtol=0, atol=0, msg=key)
+    for key in ("bn.running_mean", "bn.num_batches_tracked", "fc.weight"):  # and they did move on after it
+        assert not torch.equal(states[1][key], states[3][key]), key
+
+
+class CountingLoRA(main.LoRALayer):
+    """LoRA whose class hooks record their calls; its regulariser holds B near zero and adds a constant."""
+    calls = []
+
+    @classmethod
+    def on_step(cls, layers, step, total_steps):
+        cls.calls.append((sorted(layers), step, total_steps))
+
+    @classmethod
+    def regularizer(cls, layers, step, total_steps):
+        return 1000.0 + 1e4 * sum(layer.lora_B.square().sum() for layer in layers.values())
+
+
+def test_a_layer_classs_step_hook_and_regularizer_reach_the_training_loop(monkeypatch):
+    monkeypatch.setattr(main, "AT_CHANCE", 0)  # random labels: nothing to learn, and that is not the point here
+    splits = synthetic_splits()  # 64 images, batch 16: 4 steps an epoch, 3 epochs
+    norms = {}
+    for cls in (main.LoRALayer, CountingLoRA):
+        torch.manual_seed(0)
+        model = main.add_adapters(main.CNN(), cls, main.AdapterConfig(4, 8))
+        CountingLoRA.calls.clear()
+        fit = main.train(model, splits, 1e-2, main.Budget(3, 16, 9), seed=0, log=lambda s: None)
+        norms[cls] = sum(layer.lora_B.norm() for layer in main.adapter_layers(model).values()).item()
+        assert max(fit["history"]["train_loss"]) < 10  # the recorded loss is the task's alone, not + 1000
+    assert CountingLoRA.calls == [(["conv1", "conv2", "fc1"], step, 12) for step in range(1, 13)]
+    assert norms[CountingLoRA] < 0.05 * norms[main.LoRALayer]  # the term reached the loss: B held near zero
