@@ -63,7 +63,8 @@ METHODS = {  # every fine-tuning method, one row each: everything else about a m
     "full": Method("Full FT", "tab:purple", "*", 1e-3, "all"),        # the reference every PEFT paper uses
     "head": Method("Head only", "tab:brown", "v", 1e-3, "head"),      # the transfer baseline an adapter must beat
     "lora": Method("LoRA", "tab:blue", "o", 1e-3, "adapters", "LoRALayer"),
-    "dora": Method("DoRA", "tab:orange", "s", 1e-3, "adapters", "DoRALayer"),
+    "dora": Method("DoRA (weight-decomposed)", "tab:orange", "s", 1e-3, "adapters", "DoRALayer"),
+    "dyndora": Method("DoRA (dynamic rank)", "tab:red", "d", 1e-3, "adapters", "DynamicRankLayer"),
     "qlora": Method("QLoRA", "tab:green", "^", 1e-3, "adapters", "QLoRALayer"),
 }  # the rates: what the validation grid (--lrs) chose on MNIST, the default task (README: the rates per task)
 BASE = Method("Base", "tab:gray", "o", 2e-3, "all")  # the stage every method starts from: a CNN trained on MNIST
@@ -89,6 +90,14 @@ SETTINGS = {  # name: (default, type, meaning); the flag is --name with - for _ 
     "alpha": (16, float, "the update is scaled by alpha / r (Hu et al. 2021)"),
     "ranks": ("", str, "rank sweep, e.g. 1,2,4,8,16: the adapter methods again at each rank"),
     "dropout": (0.0, float, "dropout on the adapter's input (0 lets DoRA reuse the base's output)"),
+    "dyn_components": (1.5, float, "dynamic-rank DoRA: each layer starts with ceil(this x r) rank-1 components, "
+                                   "pruned to r per layer on average"),
+    "dyn_prune_from": (0.15, float, "dynamic-rank DoRA: pruning starts at this fraction of the training steps"),
+    "dyn_prune_until": (0.5, float, "dynamic-rank DoRA: and has reached the budget at this fraction"),
+    "dyn_prune_steps": (20, int, "dynamic-rank DoRA: pruning steps, evenly spread over that window"),
+    "dyn_beta": (0.9, float, "dynamic-rank DoRA: moving-average factor of each component's importance"),
+    "dyn_dem": (0.1, float, "dynamic-rank DoRA: weight in the loss of the variance regulariser (DEM), until "
+                            "pruning ends"),
     "train_head": (True, bool, "the classifier head fully trainable instead of adapted"),
     "device": ("auto", str, "auto (cuda when available), cpu or cuda"),
     "data_dir": ("data", str, "holds MNIST/raw/ and FashionMNIST/raw/ (torchvision's layout); downloaded there "
@@ -219,15 +228,18 @@ class AdapterLayer(nn.Module):
         """Shape a per-output-unit vector [out] to broadcast over this layer's output."""
         return v.view(-1, 1, 1) if self.is_conv else v
 
+    def scaled_B(self):
+        """(alpha/r) B: the update's scale folded into the tiny B, not applied to the large output (one pass less)."""
+        return self.lora_B * self.scaling
+
     def lora(self, x):
         """dW x = (alpha/r) B (A x), without ever forming the dense dW."""
         h = self.layer_op(x, self.lora_A)
-        scaled_B = self.lora_B * self.scaling  # scale the tiny B, not the large output: one pass less
-        return F.conv2d(h, scaled_B) if self.is_conv else F.linear(h, scaled_B)
+        return F.conv2d(h, self.scaled_B()) if self.is_conv else F.linear(h, self.scaled_B())
 
     def delta_weight(self):
         """dW = (alpha/r) B @ A as a dense tensor shaped like W."""
-        return self.scaling * (self.lora_B.flatten(1) @ self.lora_A.flatten(1)).view(self.weight_shape)
+        return (self.scaled_B().flatten(1) @ self.lora_A.flatten(1)).view(self.weight_shape)
 
     @torch.no_grad()
     def merge(self):
@@ -267,6 +279,7 @@ class AdapterLayer(nn.Module):
         """Weights stored outside the parameters (QLoRA's 4-bit W), counted in the model's total."""
         return 0
 
+
     def extra_stored_bytes(self):
         """Bytes stored beside the parameters and buffers (QLoRA's quantization constants)."""
         return 0
@@ -282,8 +295,19 @@ class AdapterLayer(nn.Module):
         """Called after each optimizer step; step counts from 1 to total_steps."""
 
     @classmethod
+    def settled_at(cls, layers, total_steps):
+        """The step from which the layers' structure is final: an epoch ending before it is never the one kept
+        (it would hold components a pruning schedule removes later), and early stopping waits for it."""
+        return 0
+
+    @classmethod
     def record(cls, layers):
         """What results.json records of a finished run of this method, beside the common numbers."""
+        return {}
+
+    @classmethod
+    def record_checks(cls):
+        """{field: its check} of what record() writes: --resume checks these fields like every other."""
         return {}
 
 
@@ -431,6 +455,182 @@ class QLoRALayer(LoRALayer):
     def info(cls, layers):
         return {"base_quantization": {"quant_type": "nf4", "double_quant": True, "blocksize": QUANT_BLOCKSIZE,
                                       "note": "trained against the NF4-quantized base; PEFT puts it on the fp32 base"}}
+
+
+class DynamicRank(NamedTuple):
+    """The dynamic-rank DoRA's schedule; every number a setting (SETTINGS' dyn_*), defaults after the authors."""
+    components: float = 1.5   # r' = ceil(components x r) rank-1 components per layer at the start
+    prune_from: float = 0.15  # the pruning window, in fractions of the training steps
+    prune_until: float = 0.5
+    prune_steps: int = 20     # pruning steps in that window (the authors prune every 100 steps of longer runs)
+    beta: float = 0.9         # moving average of the importance
+    dem: float = 0.1          # weight of the Dimensional Equilibrium Modulator in the loss
+
+    def window(self, total_steps):
+        """(first, last) step of pruning: at least one step, so the budget is always reached."""
+        start = min(round(self.prune_from * total_steps), total_steps - 1)
+        return start, min(total_steps, max(start + 1, round(self.prune_until * total_steps)))
+
+    def pruning_steps(self, total_steps):
+        start, end = self.window(total_steps)
+        return {start + math.ceil((end - start) * i / self.prune_steps) for i in range(1, self.prune_steps + 1)}
+
+    def pruned_share(self, step, total_steps):
+        """The cubic schedule: the share of the pruning to do that is done by `step` (0 before, 1 at the end)."""
+        start, end = self.window(total_steps)
+        return min(1.0, max(0.0, (step - start) / (end - start))) ** 3
+
+
+class DynamicRankLayer(LoRALayer):
+    """DoRA (Mao et al. 2024, Dynamic Rank Distribution): LoRA whose rank moves to the layers that need it.
+
+    dW = (alpha/r') B diag(c) A with r' = ceil(1.5 r) rank-1 components; A and B Kaiming-uniform, the gates c
+    at zero, so a fresh layer computes exactly the base. Component i's importance is its share of the update,
+    ||B[:, i] c_i A[i, :]||_F / ||dW||_F = |c_i| ||B_i|| ||A_i|| / ||dW||_F, smoothed by a moving average. In
+    the pruning window the number of components pruned grows cubically to (r' - r) per layer on average,
+    against one importance threshold over all layers, so the budget goes where the importance is; each layer
+    keeps at least one. A pruned component is zeroed (gate, A row, B column) and held at zero. Until the
+    window closes the loss carries the Dimensional Equilibrium Modulator: the variance of every component's
+    A row and B column, averaged. Saved, the survivors' gates folded into B, it is a plain LoRA with a rank
+    per layer (PEFT's rank_pattern) and the scale alpha/r' (alpha_pattern).
+    """
+    loads_as = LoRALayer
+
+    def __init__(self, base, rank, alpha, dropout=0.0, schedule=DynamicRank()):
+        components = math.ceil(schedule.components * rank)
+        super().__init__(base, components, alpha, dropout)  # self.rank = r' components, scaling alpha / r'
+        for tensor in (self.lora_A, self.lora_B):  # both Kaiming-uniform, as the authors: the zero gates keep dW = 0
+            nn.init.kaiming_uniform_(tensor)
+        self.target_rank, self.schedule = rank, schedule
+        self.gate = nn.Parameter(torch.zeros(components, device=self.lora_A.device))
+        self.register_buffer("alive", torch.ones(components, dtype=torch.bool, device=self.lora_A.device))
+        self.register_buffer("importance", torch.zeros(components, device=self.lora_A.device))
+        self.pruning = []  # (step, components alive) after each pruning step: where the rank went, and when
+        self.steps = (0, 0, 0)  # pruning window and run in steps (first, last, total), once training has begun
+
+    def scaled_B(self):
+        """(alpha/r') B diag(c): the gates scale B's columns, a tiny tensor, not the activations."""
+        gates = self.scaling * self.gate
+        return self.lora_B * (gates.view(1, -1, 1, 1) if self.is_conv else gates)
+
+    @torch.no_grad()
+    def update_importance(self, beta):
+        """Moving average of each component's share of the update (the scale cancels in the ratio)."""
+        update = (self.lora_B.flatten(1) * self.gate) @ self.lora_A.flatten(1)  # B diag(c) A
+        share = self.gate.abs() * self.lora_B.flatten(1).norm(dim=0) * self.lora_A.flatten(1).norm(dim=1)
+        self.importance.mul_(beta).add_((1 - beta) * share / (update.norm() + 1e-8))
+
+    @torch.no_grad()
+    def hold_pruned(self):
+        """Zero what pruned components hold: their gradients are zero, but Adam's momentum would move them.
+        A multiply by the mask, not a masked assignment: that one waits for the GPU at every step."""
+        alive = self.alive.to(self.gate.dtype)
+        self.gate.mul_(alive)
+        self.lora_A.mul_(alive.view(-1, *[1] * (self.lora_A.dim() - 1)))
+        self.lora_B.mul_(alive.view(1, -1, *[1] * (self.lora_B.dim() - 2)))
+
+    @classmethod
+    @torch.no_grad()
+    def prune(cls, layers, step, total_steps):
+        """Prune the least important components of all layers together (one threshold) until the schedule's
+        count is reached; a layer's most important component is never a candidate."""
+        schedule = next(iter(layers.values())).schedule
+        target = math.floor(sum(l.rank - l.target_rank for l in layers.values())
+                            * schedule.pruned_share(step, total_steps))
+        candidates = []
+        for name, layer in layers.items():
+            alive = layer.alive.nonzero().flatten().tolist()
+            kept = max(alive, key=lambda i: layer.importance[i].item())
+            candidates += [(layer.importance[i].item(), name, i) for i in alive if i != kept]
+        done = sum(int((~layer.alive).sum()) for layer in layers.values())
+        for _, name, i in sorted(candidates)[:max(0, target - done)]:
+            layers[name].alive[i] = False
+        for layer in layers.values():
+            layer.pruning.append((step, int(layer.alive.sum())))
+
+    # ---- train()'s hooks ------------------------------------------------------------------------------
+    @classmethod
+    def on_step(cls, layers, step, total_steps):
+        schedule = next(iter(layers.values())).schedule
+        for layer in layers.values():
+            layer.steps = (*schedule.window(total_steps), total_steps)  # for the record: where in the run it pruned
+        if step <= schedule.window(total_steps)[1]:
+            for layer in layers.values():
+                layer.update_importance(schedule.beta)
+        if step in schedule.pruning_steps(total_steps):
+            cls.prune(layers, step, total_steps)
+        for layer in layers.values():
+            layer.hold_pruned()
+
+    @classmethod
+    def regularizer(cls, layers, step, total_steps):
+        """The Dimensional Equilibrium Modulator: dem x the mean variance of every component's A row and B column
+        (over all layers' components), until the pruning window closes."""
+        schedule = next(iter(layers.values())).schedule
+        if step > schedule.window(total_steps)[1] or schedule.dem == 0:
+            return None
+        variances = [v for layer in layers.values()
+                     for v in (layer.lora_A.flatten(1).var(dim=1), layer.lora_B.flatten(1).var(dim=0))]
+        return schedule.dem * torch.cat(variances).mean()
+
+    @classmethod
+    def settled_at(cls, layers, total_steps):
+        return next(iter(layers.values())).schedule.window(total_steps)[1]
+
+    # ---- saving, loading, measuring -----------------------------------------------------------------------
+    @classmethod
+    def options(cls, args):
+        schedule = DynamicRank(args.dyn_components, args.dyn_prune_from, args.dyn_prune_until, args.dyn_prune_steps,
+                               args.dyn_beta, args.dyn_dem)
+        for flag, ok in (("--dyn-components", 1 <= schedule.components <= 10),
+                         ("--dyn-prune-from", 0 <= schedule.prune_from < schedule.prune_until),
+                         ("--dyn-prune-until", schedule.prune_from < schedule.prune_until <= 1),
+                         ("--dyn-prune-steps", 1 <= schedule.prune_steps <= 10_000),
+                         ("--dyn-beta", 0 <= schedule.beta < 1), ("--dyn-dem", 0 <= schedule.dem <= 1e6)):
+            if not ok:  # a nan fails every comparison: out of range too
+                raise ConfigError(f"{flag} is out of range (got {getattr(args, flag[2:].replace('-', '_'))}): "
+                                  f"{SETTINGS[flag[2:].replace('-', '_')][2]}; see python main.py --help")
+        return {"schedule": schedule}
+
+    def peft_tensors(self):
+        """The surviving components only, their gates folded into B: a plain LoRA of rank (components alive)."""
+        alive = self.alive
+        gated_B = self.lora_B[:, alive] * (self.gate[alive].view(1, -1, 1, 1) if self.is_conv else self.gate[alive])
+        return {"lora_A.weight": self.lora_A[alive], "lora_B.weight": gated_B}
+
+    @classmethod
+    def peft_config(cls, layers):
+        """Each layer's rank, and the alpha that keeps PEFT's scale alpha_l / r_l at our alpha / r'."""
+        ranks = {name: int(layer.alive.sum()) for name, layer in layers.items()}
+        return {"rank_pattern": ranks,
+                "alpha_pattern": {name: layer.alpha * ranks[name] / layer.rank for name, layer in layers.items()}}
+
+    @classmethod
+    def info(cls, layers):
+        return {"dynamic_rank": cls.record(layers)["rank_allocation"] | {
+            "schedule": next(iter(layers.values())).schedule._asdict()}}
+
+    @classmethod
+    def record_checks(cls):
+        def counts(v):
+            return isinstance(v, list) and all(map(count, v))
+        return {"rank_allocation": lambda v: (
+            isinstance(v, dict) and count(v.get("components")) and count(v.get("target_rank"))
+            and isinstance(v.get("ranks"), dict) and all(map(count, v["ranks"].values()))
+            and counts(v.get("pruning_steps")) and counts(v.get("window")) and count(v.get("total_steps"))
+            and isinstance(v.get("alive"), dict)
+            and all(map(counts, v["alive"].values())))}
+
+    @classmethod
+    def record(cls, layers):
+        """Where the rank went: each layer's final rank, and the components alive after every pruning step."""
+        first = next(iter(layers.values()))
+        return {"rank_allocation": {
+            "components": first.rank, "target_rank": first.target_rank, "window": list(first.steps[:2]),
+            "total_steps": first.steps[2],
+            "ranks": {name: int(layer.alive.sum()) for name, layer in layers.items()},
+            "pruning_steps": [step for step, _ in first.pruning],
+            "alive": {name: [n for _, n in layer.pruning] for name, layer in layers.items()}}}
 
 
 def adaptable_layers(model, train_head=True):
@@ -631,11 +831,16 @@ def restore(model, state):
         tensors[k].copy_(t)
 
 
-def layer_groups(model):
-    """{adapter class: {full name: layer}} of a model: train() calls each class's hooks with all of its layers."""
+TRAIN_HOOKS = ("regularizer", "on_step", "settled_at")  # AdapterLayer's, with defaults that do nothing
+
+
+def hook_groups(model):
+    """{class: {full name: module}} of the model's modules whose class defines train()'s hooks (every adapter
+    layer; any other module may too): train() calls each class's hooks with all of its modules at once."""
     groups = {}
-    for name, layer in adapter_layers(model).items():
-        groups.setdefault(type(layer), {})[name] = layer
+    for name, module in model.named_modules():
+        if all(hasattr(type(module), hook) for hook in TRAIN_HOOKS):
+            groups.setdefault(type(module), {})[name] = module
     return groups
 
 
@@ -662,11 +867,12 @@ def train(model, splits, lr, budget, seed, log=print):
     in its best-validation state (parameters and buffers). Adapter classes may add a term to the loss and act
     after each step (AdapterLayer.regularizer, .on_step). Diverged for a non-finite or exploding loss, or
     chance accuracy at the end."""
-    params, groups = trainable_parameters(model), layer_groups(model)
+    params, groups = trainable_parameters(model), hook_groups(model)
     optimizer = torch.optim.Adam(params.values(), lr=lr)
     images, labels = splits["train"]
     n, epochs, batch_size = len(labels), budget.epochs, budget.batch_size
     steps = math.ceil(n / batch_size)
+    settled = max((cls.settled_at(modules, epochs * steps) for cls, modules in groups.items()), default=0)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps)
     history = {"train_loss": [], "val_loss": [], "val_acc": [], "lr": [], "epoch_time_s": []}
     best = {"val_loss": math.inf, "epoch": 0, "state": snapshot(model)}
@@ -683,14 +889,14 @@ def train(model, splits, lr, budget, seed, log=print):
         for i in tqdm(range(steps), desc=f"epoch {epoch}/{epochs}", unit="step", leave=False, disable=None):
             step, idx = step + 1, order[i * batch_size:(i + 1) * batch_size]
             loss = F.cross_entropy(model(images[idx]), labels[idx])  # what is recorded: the task's loss alone
-            terms = [term for cls, layers in groups.items()
-                     if (term := cls.regularizer(layers, step, epochs * steps)) is not None]
+            terms = [term for cls, modules in groups.items()
+                     if (term := cls.regularizer(modules, step, epochs * steps)) is not None]
             optimizer.zero_grad(set_to_none=True)
             (loss + sum(terms) if terms else loss).backward()
             optimizer.step()
             scheduler.step()
-            for cls, layers in groups.items():
-                cls.on_step(layers, step, epochs * steps)
+            for cls, modules in groups.items():
+                cls.on_step(modules, step, epochs * steps)
             loss_sum += loss.detach() * len(idx)
             if first_loss is None:
                 first_loss = loss.item()  # the one sync of the run: where the loss started
@@ -702,6 +908,8 @@ def train(model, splits, lr, budget, seed, log=print):
             history[key].append(value)
         log(f"Epoch {epoch}, Loss: {train_loss:.4f}, Learning Rate: {history['lr'][-1]:.6f}, "
             f"Val Accuracy: {val_acc:.2f}% ({history['epoch_time_s'][-1]:.1f} s)")
+        if step < settled:  # the structure is not final yet (a pruning window still open): nothing to keep
+            continue
         if val_loss < best["val_loss"]:
             best = {"val_loss": val_loss, "epoch": epoch, "state": snapshot(model)}
         elif epoch - best["epoch"] >= budget.patience and epoch < epochs:
@@ -755,6 +963,8 @@ def measure(model, fit, test_loss, test_acc, cuda_peak):
     stored, grad_bytes = weight_bytes(model), sum(p.nbytes for p in model.parameters() if p.requires_grad)
     return {"status": "ok", "test_acc": test_acc, "test_loss": test_loss,
             "trainable_params": trainable, "total_params": total,
+            # what its saved folder holds (pruned components dropped): the trained parameters for all but those
+            "stored_params": sum(t.numel() for t in peft_tensors(model).values()),
             "weight_bytes": stored, "grad_bytes": grad_bytes, "optimizer_bytes": fit["optimizer_bytes"],
             "train_state_bytes": stored + grad_bytes + fit["optimizer_bytes"],
             "frozen_weight_bytes": sum(m.frozen_weight_bytes() for m in adapted),
@@ -962,8 +1172,9 @@ def mean_std_ci(values):
 
 
 SAME_FOR_EVERY_SEED = ("trainable_params", "total_params", "weight_bytes", "grad_bytes", "optimizer_bytes",
-                       "train_state_bytes", "frozen_weight_bytes", "frozen_weight_fp32_bytes", "file_bytes",
+                       "train_state_bytes", "frozen_weight_bytes", "frozen_weight_fp32_bytes",
                        "full_model_file_bytes")  # shapes and byte counts: a seed changes values, not sizes
+PER_SEED_SIZES = ("stored_params", "file_bytes")  # what is kept after pruning: each seed prunes its own way
 
 
 def run_rank(method, rank):
@@ -1010,7 +1221,7 @@ def summarize(results):
                                 else mean_std_ci(r["cuda_peak_bytes"] for r in ok)),
             "epochs_run": [r["epochs_run"] for r in ok], "best_epoch": [r["best_epoch"] for r in ok],
             "lr": ok[0].get("lr", results["config"].get("lr")),  # results of before the per-method rates
-            **{k: ok[0][k] for k in SAME_FOR_EVERY_SEED},
+            **{k: ok[0][k] for k in SAME_FOR_EVERY_SEED}, **{k: mean_std_ci(r[k] for r in ok) for k in PER_SEED_SIZES},
             "vs": {} if method == "base" else {ref: paired_difference(results, method, ref)
                                                 for ref in ("full", "head", "lora")
                                                 if ref != method and ref in results["methods"]}}
@@ -1036,6 +1247,7 @@ def rank_sweep(results):
             ok = [r for r in ok_runs(results["runs"], method) if r["rank"] == rank]
             if ok:
                 points.append({"rank": rank, "trainable_params": ok[0]["trainable_params"],
+                               "stored_params": statistics.fmean(r["stored_params"] for r in ok),
                                "test_acc": mean_std_ci(r["test_acc"] for r in ok)})
         if points:
             sweep[method] = points
@@ -1132,6 +1344,12 @@ def fmt_stat(stats, fmt="{:.2f}", scale=1.0):
     return mean if stats["std"] is None else f"{mean} ± {fmt.format(stats['std'] / scale)}"
 
 
+def fmt_count(stats):
+    """A count over seeds: the one value when every seed has it, else 'mean ± std'."""
+    mean = f"{stats['mean']:,.0f}"
+    return mean if not stats["std"] else f"{mean} ± {stats['std']:,.0f}"
+
+
 def fmt_ci(stats, signed=False):
     f = "{:+.2f}" if signed else "{:.2f}"
     if stats["ci95"] is None:
@@ -1166,6 +1384,7 @@ RESULT_COLUMNS = (  # (header in results.md, header on the console or None, cell
     ("vs Full FT (points, paired 95 % CI)", "vs Full FT (points)",
      lambda row: fmt_ci(row["vs"]["full"], signed=True) if row["vs"].get("full") else "-"),
     ("trainable params", "trainable", lambda row: f"{row['trainable_params']:,}"),
+    ("stored params", None, lambda row: fmt_count(row["stored_params"])),
     ("% of total", None, lambda row: f"{100 * row['trainable_params'] / row['total_params']:.2f}"),
     ("weights stored (MiB)", None, lambda row: fmt_mib(row["weight_bytes"])),
     ("train state (MiB)", None, lambda row: fmt_mib(row["train_state_bytes"])),
@@ -1212,8 +1431,8 @@ def latency_cell(timing, batch):
 
 
 INFERENCE_COLUMNS = (  # (header in results.md, on the console or None, cell of (summary row, its timing))
-    ("saved file (KiB)", "file (KiB)", lambda row, t: f"{row['file_bytes'] / 2**10:.1f}"),
-    ("vs full model", None, lambda row, t: f"{100 * row['file_bytes'] / row['full_model_file_bytes']:.1f} %"),
+    ("saved file (KiB)", "file (KiB)", lambda row, t: f"{row['file_bytes']['mean'] / 2**10:.1f}"),
+    ("vs full model", None, lambda row, t: f"{100 * row['file_bytes']['mean'] / row['full_model_file_bytes']:.1f} %"),
     ("latency b=1 as trained / merged (ms)", "batch 1 (ms)", lambda row, t: latency_cell(t, "1")),
     ("latency b=1000 as trained / merged (ms)", "batch 1,000 (ms)", lambda row, t: latency_cell(t, "1000")),
     ("max abs logit diff merged", None,
@@ -1234,12 +1453,12 @@ def inference_table(results, console=False):
 
 
 def rank_sweep_table(results, console=False):
-    rows = [[display(method), p["rank"], f"{p['trainable_params']:,}", fmt_stat(p["test_acc"])]
-            + ([] if console else [fmt_ci(p["test_acc"])])
+    rows = [[display(method), p["rank"], f"{p['trainable_params']:,}", f"{p['stored_params']:,.0f}",
+             fmt_stat(p["test_acc"])] + ([] if console else [fmt_ci(p["test_acc"])])
             for method, points in results["rank_sweep"].items() for p in points]
     if console:
-        return table(["method", "rank", "trainable", "test acc (%)"], rows, console)
-    return table(["method", "rank", "trainable params", "test acc (%)", "95 % CI"], rows)
+        return table(["method", "rank", "trainable", "stored", "test acc (%)"], rows, console)
+    return table(["method", "rank", "trainable params", "stored params", "test acc (%)", "95 % CI"], rows)
 
 
 def lr_grid_table(results):
@@ -1327,7 +1546,7 @@ def save_results(results, out_dir):
 # =====================================================================================================
 PLOT_FILES = ("training_loss_comparison.png", "validation_accuracy_comparison.png",
               "base_model_loss_accuracy.png", "lora_loss_accuracy.png", "test_accuracy_memory.png")
-SWEEP_PLOT, LR_PLOT = "rank_sweep.png", "lr_sweep.png"
+SWEEP_PLOT, LR_PLOT, RANK_PLOT = "rank_sweep.png", "lr_sweep.png", "rank_allocation.png"
 
 def mean_curve(runs, key):
     """(epochs, mean, std) of history[key] over runs; epoch e averages the runs that reached it (early
@@ -1423,7 +1642,8 @@ def plot_comparison(plt, view):
     if cuda:
         draw_cuda_peak(fig.add_subplot(grid[0, 2]), view)
     ax_file = fig.add_subplot(grid[1, 0])
-    ax_file.bar_label(ax_file.bar([display(m) for m in trained], [summary[m]["file_bytes"] / 2**10 for m in trained],
+    ax_file.bar_label(ax_file.bar([display(m) for m in trained],
+                                  [summary[m]["file_bytes"]["mean"] / 2**10 for m in trained],
                                   color=[row(m).color for m in trained]), fmt="%.0f")
     ax_file.set(ylabel="KiB", title="Saved file: the whole model (no adapter) or the adapter only")
     timed = {m: results["inference"][m] for m in trained if m in results.get("inference", {})}
@@ -1508,22 +1728,23 @@ def plot_latency(plt, ax, timed, batch):
 
 
 def plot_rank_sweep(plt, view):
-    """Test accuracy against trainable parameters, one line per adapter method across the swept ranks."""
+    """Test accuracy against the parameters each method stores (its saved folder: trained parameters, pruned
+    ones dropped), one line per adapter method across the swept ranks: equal budgets share an x."""
     sweep, summary, n_seeds = view["results"]["rank_sweep"], view["summary"], view["n_seeds"]
     if not sweep:
         return None
     fig, ax = plt.subplots(figsize=(7.5, 5))
     for method, points in sweep.items():
         # LoRA and QLoRA train the same parameters, so their points share an x: told apart by marker
-        ax.errorbar([p["trainable_params"] for p in points], [p["test_acc"]["mean"] for p in points],
+        ax.errorbar([p["stored_params"] for p in points], [p["test_acc"]["mean"] for p in points],
                     yerr=[ci_half(p["test_acc"]) for p in points] if n_seeds > 1 else None, marker=row(method).marker,
                     mfc="none", capsize=3, color=row(method).color, label=display(method))
     for p in next(iter(sweep.values())):  # the ranks, once, along the bottom
-        ax.annotate(f"r={p['rank']}", (p["trainable_params"], 0), xycoords=("data", "axes fraction"),
+        ax.annotate(f"r={p['rank']}", (p["stored_params"], 0), xycoords=("data", "axes fraction"),
                     xytext=(0, 4), textcoords="offset points", ha="center", fontsize=8, color="dimgray")
     if summary.get("full", {}).get("status") == "ok":
         full = summary["full"]
-        ax.errorbar([full["trainable_params"]], [full["test_acc"]["mean"]],
+        ax.errorbar([full["stored_params"]["mean"]], [full["test_acc"]["mean"]],
                     yerr=[ci_half(full["test_acc"])] if n_seeds > 1 else None,
                     marker=row("full").marker, ms=12, capsize=3, ls="none", color=row("full").color,
                     label=display("full"))
@@ -1536,7 +1757,7 @@ def plot_rank_sweep(plt, view):
         else:  # far below every point (a shifted task): a line would squash the sweep, the legend says it
             ax.plot([], [], ls="none", label=f"Base, not fine-tuned: {before:.2f} %")
     ax.set_xscale("log")
-    ax.set(xlabel="trainable parameters (log scale)", ylabel="test accuracy (%), axis zoomed",
+    ax.set(xlabel="stored parameters: the saved adapter and head (log scale)", ylabel="test accuracy (%), axis zoomed",
            title=titled(view, f"Accuracy vs trainable parameters on {view['task']} "
                               f"({f'mean of {n_seeds} seeds, 95 % CI' if n_seeds > 1 else '1 seed'})"))
     ax.grid(alpha=0.3, which="both")
@@ -1572,6 +1793,43 @@ def plot_lr_sweep(plt, view):
     return fig
 
 
+def plot_rank_allocation(plt, view):
+    """Where a pruning method's rank went: each layer's final rank, seed by seed (left), and the components
+    alive in each layer after every pruning step (right), beside the uniform rank LoRA keeps at that budget."""
+    runs = [r for r in view["runs"] if r["status"] == "ok" and "rank_allocation" in r]
+    methods = list(dict.fromkeys(r["method"] for r in runs))
+    if not methods:
+        return None
+    fig, axes = plt.subplots(len(methods), 2, figsize=(13, 4.6 * len(methods)), squeeze=False)
+    for (ax_rank, ax_steps), method in zip(axes, methods):
+        mine = [r["rank_allocation"] | {"seed": r["seed"]} for r in runs if r["method"] == method]
+        layers, width = list(mine[0]["ranks"]), 0.8 / len(mine)
+        for j, a in enumerate(mine):
+            bars = ax_rank.bar([i + (j - (len(mine) - 1) / 2) * width for i in range(len(layers))],
+                               [a["ranks"][name] for name in layers], width=width, color=row(method).color,
+                               alpha=0.35 + 0.65 * (j + 1) / len(mine), edgecolor="black", label=f"seed {a['seed']}")
+            ax_rank.bar_label(bars, fontsize=8)
+        ax_rank.axhline(mine[0]["target_rank"], ls="--", color="black",
+                        label=f"r = {mine[0]['target_rank']} in every layer (LoRA at this budget)")
+        ax_rank.axhline(mine[0]["components"], ls=":", color="gray", label=f"r' = {mine[0]['components']} at the start")
+        ax_rank.set_xticks(range(len(layers)), layers)
+        ax_rank.set(ylabel="rank (components kept)", ylim=(0, 1.35 * mine[0]["components"]),
+                    title=f"{display(method)}: final rank per layer")
+        ax_rank.legend(fontsize=8, ncol=2)
+        for i, name in enumerate(layers):
+            for j, a in enumerate(mine):
+                ax_steps.step([0, *a["pruning_steps"], a["total_steps"]],
+                              [a["components"], *a["alive"][name], a["alive"][name][-1]], where="post",
+                              color=f"C{i}", lw=2 if j == 0 else 1, alpha=1 if j == 0 else 0.5,
+                              label=name if j == 0 else None)
+        ax_steps.axvspan(*mine[0]["window"], color="gray", alpha=0.15, label="pruning window")
+        ax_steps.set(xlabel="training step", ylabel="components alive",
+                     title=f"Components alive over training (seed {mine[0]['seed']} bold, other seeds faint)")
+        ax_steps.legend(fontsize=8)
+    fig.suptitle(titled(view, f"Where the rank went, fine-tuning on {view['task']}", sep=": "))
+    return fig
+
+
 def plot_results(results, out_dir):
     """Every figure, drawn from results alone (so they can be redrawn later) and written atomically; returns
     the file names. With several seeds: means, with bands of +-1 std (curves) or 95 % CIs (points)."""
@@ -1597,7 +1855,8 @@ def plot_results(results, out_dir):
                PLOT_FILES[3]: lambda: plot_loss_and_accuracy(plt, view, "lora"),
                PLOT_FILES[4]: lambda: plot_comparison(plt, view),
                SWEEP_PLOT: lambda: plot_rank_sweep(plt, view),
-               LR_PLOT: lambda: plot_lr_sweep(plt, view)}
+               LR_PLOT: lambda: plot_lr_sweep(plt, view),
+               RANK_PLOT: lambda: plot_rank_allocation(plt, view)}
     written = []
     for name, draw in figures.items():
         fig = draw() if trained else None
@@ -1692,6 +1951,8 @@ def run_method(ctx, key, lr, grid=False, trained=None):
     result = {"lr": lr, **measure(model, fitted, test_loss, test_acc, cuda_peak)}
     if method == "base" and ctx.args.task != "mnist":  # where the fine-tuning starts from, on the shifted task
         result["task_test_loss"], result["task_test_acc"] = evaluate(model, *ctx.splits[ctx.args.task]["test"])
+    if adapter_class(method):
+        result |= adapter_class(method).record(adapter_layers(model))
     path, result["file_bytes"] = save_model(ctx, key, model)
     result["file_sha256"] = file_digest(path)  # --resume trusts the saved model only while this matches
     result["full_model_file_bytes"] = saved_model_file(ctx.out, "base", seed).stat().st_size
@@ -1864,7 +2125,8 @@ RECORD = {  # every field of results.json's run records that the code reads, wit
             "best_epoch": count, "trainable_params": count, "total_params": count, "weight_bytes": count,
             "grad_bytes": count, "optimizer_bytes": count, "train_state_bytes": count, "frozen_weight_bytes": count,
             "frozen_weight_fp32_bytes": count, "cuda_peak_bytes": optional(count), "file_bytes": count,
-            "full_model_file_bytes": count, "file_sha256": lambda v: isinstance(v, str), "history": curves},
+            "full_model_file_bytes": count, "file_sha256": lambda v: isinstance(v, str), "history": curves,
+            "stored_params": count},
     "run on a shifted task": {"task_test_acc": percent, "task_test_loss": finite},  # the base's, on task != mnist
     "grid": {"lr": rate},
     "grid ok": {"val_acc": percent, "val_loss": finite, "epochs_run": count, "best_epoch": count,
@@ -1872,14 +2134,19 @@ RECORD = {  # every field of results.json's run records that the code reads, wit
 }
 
 
-def record_fields(record, kind, task):
-    """The schema's fields for one record of results.json's `kind` ("runs", "other_runs", "lr_grid")."""
+def record_checks(record, kind, task):
+    """{field: check} of the schema for one record of results.json's `kind` ("runs", "other_runs", "lr_grid"):
+    RECORD's parts, and for a finished run of an adapter method what its class records."""
     parts = ["every"] + (["grid"] if kind == "lr_grid" else [])
     if record.get("status") != "ok":
-        return parts + ["not ok"]
-    if kind == "lr_grid":
-        return parts + ["grid ok"]
-    return parts + ["run"] + (["run on a shifted task"] if record.get("method") == "base" and task != "mnist" else [])
+        parts.append("not ok")
+    elif kind == "lr_grid":
+        parts.append("grid ok")
+    else:
+        parts += ["run"] + (["run on a shifted task"] if record.get("method") == "base" and task != "mnist" else [])
+    checks = {field: check for part in parts for field, check in RECORD[part].items()}
+    cls = adapter_class(record.get("method")) if "run" in parts and record.get("method") in METHODS else None
+    return checks | (cls.record_checks() if cls else {})
 
 
 def check_results_file(results):
@@ -1893,8 +2160,8 @@ def check_results_file(results):
         if not isinstance(records, list):
             raise ValueError(f"{kind} is not a list")
         for record in records:
-            bad = [field for part in (record_fields(record, kind, task) if isinstance(record, dict) else ["every"])
-                   for field, check in RECORD[part].items()
+            checks = record_checks(record, kind, task) if isinstance(record, dict) else RECORD["every"]
+            bad = [field for field, check in checks.items()
                    if not (isinstance(record, dict) and field in record and check(record[field]))]
             if bad:
                 raise ValueError(f"a record in {kind} has no valid {', '.join(bad)}: {str(record)[:60]}")
@@ -2012,7 +2279,7 @@ def own_outputs(out):
     temporary files of any of them. Nothing else: a user's seed_photos/ or notes in seed0/ are not ours."""
     def with_temporary(folder, names):
         return [folder / n for name in names for n in (name, f".{name}.tmp")]
-    files = with_temporary(out, ("results.json", "results.md", SWEEP_PLOT, LR_PLOT) + PLOT_FILES)
+    files = with_temporary(out, ("results.json", "results.md", SWEEP_PLOT, LR_PLOT, RANK_PLOT) + PLOT_FILES)
     folders = []
     for seed_dir in (p for p in out.iterdir() if SEED_FOLDER.fullmatch(p.name) and real_folder(p)):
         files += with_temporary(seed_dir, MODEL_FILES.values())
@@ -2191,6 +2458,9 @@ def check_args(args):
         raise ConfigError("--resume keeps an earlier run's results and --overwrite replaces them: choose one")
     if not 0 <= args.dropout < 1:
         raise ConfigError(f"--dropout must be in [0, 1) (got {args.dropout})")
+    for method in args.methods:  # a method's own settings, checked by its class
+        if adapter_class(method):
+            adapter_class(method).options(args)
     limit = max_rank(CNN(), args.train_head)
     for flag, rank in [("--rank", args.rank)] + [("--ranks", r) for r in number_list(args, "ranks", int, "1,2,4,8,16")]:
         if not 1 <= rank <= limit:

@@ -30,8 +30,17 @@ def dora_weight(layer):
     return (layer.magnitude / norms.detach()).reshape(out, *[1] * (v.dim() - 1)) * v
 
 
+def dynamic_rank_weight(layer):
+    """W + (alpha/r') sum_i c_i B[:, i] A[i, :], component by component."""
+    w, out = layer.base_weight().detach(), layer.weight_shape[0]
+    B, A = layer.lora_B.reshape(out, -1), layer.lora_A.reshape(layer.rank, -1)
+    update = sum(layer.gate[i] * torch.outer(B[:, i], A[i]) for i in range(layer.rank))
+    return w + (layer.alpha / layer.rank) * update.reshape(w.shape)
+
+
 REFERENCE = {  # the paper formulas, written out apart from the wrappers' code paths: one per adapter class
-    main.LoRALayer: lora_weight, main.QLoRALayer: lora_weight, main.DoRALayer: dora_weight}
+    main.LoRALayer: lora_weight, main.QLoRALayer: lora_weight, main.DoRALayer: dora_weight,
+    main.DynamicRankLayer: dynamic_rank_weight}
 
 
 def reference_weight(layer):
@@ -45,14 +54,18 @@ def test_every_registered_adapter_class_has_a_reference_formula():
 @pytest.mark.parametrize("kind", LAYERS)
 @pytest.mark.parametrize("method", METHODS)
 def test_shapes_follow_peft_layout(method, kind):
+    """r components (the dynamic-rank DoRA: ceil(1.5 r) of them) in PEFT's layout, scaled by alpha over their
+    number, and an update of exactly zero at init."""
     base, layer, _ = make(method, kind, rank=3)
     out, *rest = base.weight.shape
+    r = math.ceil(1.5 * 3) if method == "dyndora" else 3
+    assert layer.rank == r
     if kind == "linear":
-        assert layer.lora_A.shape == (3, base.in_features) and layer.lora_B.shape == (out, 3)
+        assert layer.lora_A.shape == (r, base.in_features) and layer.lora_B.shape == (out, r)
     else:
-        assert layer.lora_A.shape == (3, *rest) and layer.lora_B.shape == (out, 3, 1, 1)
-    assert layer.scaling == pytest.approx(4.0 / 3)
-    assert torch.all(layer.lora_B == 0) and layer.lora_A.abs().sum() > 0
+        assert layer.lora_A.shape == (r, *rest) and layer.lora_B.shape == (out, r, 1, 1)
+    assert layer.scaling == pytest.approx(4.0 / r)
+    assert torch.all(layer.delta_weight() == 0) and layer.lora_A.abs().sum() > 0
 
 
 @pytest.mark.parametrize("kind", LAYERS)
@@ -221,3 +234,85 @@ def test_a_missing_bitsandbytes_is_reported_not_raised_as_import_error(monkeypat
             main.QLoRALayer(nn.Linear(8, 4), 2, 4)
     finally:
         main.import_bitsandbytes.cache_clear()
+
+
+# ------------------------------------------------------------------ the dynamic-rank DoRA's schedule
+def dynamic_layers(importances, rank=2):
+    """{name: DynamicRankLayer} of Linear(8, 6) layers (r' = ceil(1.5 r) = 3 components) with given importances."""
+    torch.manual_seed(0)
+    layers = {}
+    for name, values in importances.items():
+        layers[name] = main.DynamicRankLayer(nn.Linear(8, 6), rank, 4.0)
+        layers[name].importance.copy_(torch.tensor(values))
+    return layers
+
+
+def test_the_schedule_prunes_a_cubic_share_inside_its_window():
+    schedule = main.DynamicRank()  # window 15 % to 50 % of the steps, 20 pruning steps
+    assert schedule.window(1000) == (150, 500)
+    assert [schedule.pruned_share(step, 1000) for step in (0, 150, 325, 500, 900)] == [0, 0, 0.125, 1, 1]
+    steps = sorted(schedule.pruning_steps(1000))
+    assert len(steps) == 20 and steps[0] == 150 + math.ceil(350 / 20) and steps[-1] == 500
+    assert main.DynamicRank().window(1) == (0, 1)  # a one-step run still prunes to the budget
+    layers = dynamic_layers({"a": [0.1, 0.2, 0.9], "b": [0.05, 0.5, 0.6], "c": [0.3, 0.35, 0.4]})
+    main.DynamicRankLayer.prune(layers, 325, 1000)  # 3 layers x (3 - 2) = 3 to prune in all; 0.125 of 3 -> 0
+    assert all(layer.alive.all() for layer in layers.values())
+    main.DynamicRankLayer.prune(layers, 430, 1000)  # (280/350)^3 = 0.512 of 3 -> 1
+    assert [int(layer.alive.sum()) for layer in layers.values()] == [3, 2, 3]
+
+
+def test_one_threshold_over_all_layers_moves_the_rank_and_each_layer_keeps_one():
+    layers = dynamic_layers({"a": [0.1, 0.2, 0.9], "b": [0.05, 0.5, 0.6], "c": [0.3, 0.35, 0.4],
+                             "d": [0.01, 0.02, 0.03]})
+    main.DynamicRankLayer.prune(layers, 500, 1000)  # the end: 4 x (3 - 2) = 4 pruned, the four lowest candidates
+    assert {name: layer.alive.tolist() for name, layer in layers.items()} == {
+        "a": [False, True, True], "b": [False, True, True], "c": [True, True, True], "d": [False, False, True]}
+    # one threshold: every pruned candidate below every surviving one (d's last survives as its layer's floor)
+    assert sum(int(layer.alive.sum()) for layer in layers.values()) == 4 * 2  # the average rank is r
+
+
+def test_the_variance_regulariser_by_hand():
+    layer = main.DynamicRankLayer(nn.Linear(3, 2), 2, 4.0)  # 3 components
+    with torch.no_grad():
+        layer.lora_A.copy_(torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0], [2.0, 2.0, 2.0]]))  # row variances 1, 0, 0
+        layer.lora_B.copy_(torch.tensor([[1.0, 0.0, 4.0], [3.0, 0.0, 0.0]]))  # column variances 2, 0, 8
+    term = main.DynamicRankLayer.regularizer({"fc": layer}, step=10, total_steps=100)  # inside the window
+    assert term.item() == pytest.approx(0.1 * (1 + 0 + 0 + 2 + 0 + 8) / 6)
+    assert main.DynamicRankLayer.regularizer({"fc": layer}, step=51, total_steps=100) is None  # after it: off
+
+
+def test_training_ends_at_rank_r_on_average_and_pruned_components_never_move_again(monkeypatch):
+    monkeypatch.setattr(main, "AT_CHANCE", 0)  # random labels: learning them is not the point
+    torch.manual_seed(0)
+    x, y = torch.randn(96, 1, 28, 28), torch.randint(0, 10, (96,))
+    splits = {"train": (x, y), "val": (x[:32], y[:32])}
+    model = adapt(main.CNN(), "dyndora", rank=4)  # r' = 6 components in conv1, conv2, fc1
+    layers = main.adapter_layers(model)
+    snapshots = {}
+
+    def after_the_window(cls, modules, step, total_steps, real=main.DynamicRankLayer.on_step.__func__):
+        real(cls, modules, step, total_steps)
+        if step == cls.settled_at(modules, total_steps):  # the window's last step: pruning is done
+            snapshots.update({k: v.detach().clone() for k, v in model.state_dict().items()})
+    monkeypatch.setattr(main.DynamicRankLayer, "on_step", classmethod(after_the_window))
+    main.train(model, splits, 1e-2, main.Budget(6, 16, 9), seed=0, log=lambda s: None)  # 36 steps: window 5..18
+    ranks = {name: int(layer.alive.sum()) for name, layer in layers.items()}
+    assert sum(ranks.values()) == 3 * 4 and min(ranks.values()) >= 1
+    for name, layer in layers.items():
+        dead = ~layer.alive
+        assert dead.any() or ranks[name] == 6
+        for tensor, index in ((layer.gate, (dead,)), (layer.lora_A, (dead,)), (layer.lora_B, (slice(None), dead))):
+            assert torch.all(tensor[index] == 0)  # zeroed when pruned ...
+        for leaf in ("gate", "lora_A", "lora_B"):  # ... and exactly as the window left them: no update afterwards
+            now, then = getattr(layer, leaf), snapshots[f"{name}.{leaf}"]
+            assert torch.equal(now[dead] if leaf != "lora_B" else now[:, dead],
+                               then[dead] if leaf != "lora_B" else then[:, dead])
+        alive_over_time = layer.pruning
+        assert all(a >= b for (_, a), (_, b) in zip(alive_over_time, alive_over_time[1:]))  # never revived
+    lora = adapt(main.CNN(), "lora", rank=4)
+    stored = sum(t.numel() for t in main.peft_tensors(model).values())
+    sizes = {name: layer.lora_A[0].numel() + layer.weight_shape[0] for name, layer in layers.items()}  # in + out
+    assert stored == sum(ranks[n] * sizes[n] for n in layers) + 256 * 10 + 10  # the survivors and the head
+    for layer in layers.values():  # the same budget spread evenly: exactly LoRA's count at the same r
+        layer.alive.copy_(torch.arange(6) < 4)
+    assert sum(t.numel() for t in main.peft_tensors(model).values()) == main.count_parameters(lora)[0]

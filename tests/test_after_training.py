@@ -23,11 +23,15 @@ def test_merge_gives_a_plain_layer_with_the_same_output(method, kind):
 
 
 def trained_like(method, seed=0, train_head=True):
+    """An adapted CNN as after training: every adapter tensor moved; a pruning method's first two components of
+    each layer pruned (rank 4 of its 6), the head changed."""
     torch.manual_seed(seed)
     model = adapt(main.CNN(), method, train_head=train_head)
-    for module in model.modules():
-        if isinstance(module, main.AdapterLayer):
-            perturb(module, seed=seed + 1)
+    for module in main.adapter_layers(model).values():
+        perturb(module, seed=seed + 1)
+        if hasattr(module, "alive"):
+            module.alive[:2] = False
+            module.hold_pruned()
     if train_head:
         with torch.no_grad():
             model.fc2.weight.add_(0.1)
@@ -68,7 +72,9 @@ def test_adapter_folder_holds_only_the_trained_tensors_under_peft_names_and_shap
     if method == "dora":  # PEFT's shapes: a conv's magnitude [1, out, 1, 1], a Linear's [out]
         assert tensors["base_model.model.conv2.lora_magnitude_vector"].shape == (1, 32, 1, 1)
         assert tensors["base_model.model.fc1.lora_magnitude_vector"].shape == (256,)
-    assert sum(t.numel() for t in tensors.values()) == main.count_parameters(model)[0]
+    stored = sum(layer.weight_shape[0] * 4 + layer.lora_A[0].numel() * 4 + getattr(layer, "magnitude", torch.empty(0)).numel()
+                 for layer in main.adapter_layers(model).values())  # rank 4 (survivors), B and A, DoRA's magnitude
+    assert sum(t.numel() for t in tensors.values()) == stored + (2570 if train_head else 0)
     config = json.loads((folder / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8
     assert config["use_dora"] == (method == "dora") and config["bias"] == "none"
@@ -77,6 +83,10 @@ def test_adapter_folder_holds_only_the_trained_tensors_under_peft_names_and_shap
     assert not {"method", "task", "base_model", "base_quantization"} & set(config)  # PEFT would warn on them
     info = json.loads((folder / "training_info.json").read_text())
     assert info["method"] == method and ("base_quantization" in info) == (method == "qlora")
+    if method == "dyndora":  # a rank per layer, and the alpha that keeps the scale alpha / r' = 8 / 6
+        adapted = config["target_modules"]
+        assert config["rank_pattern"] == dict.fromkeys(adapted, 4) and info["dynamic_rank"]["components"] == 6
+        assert config["alpha_pattern"] == pytest.approx(dict.fromkeys(adapted, 8 * 4 / 6))
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -85,13 +95,18 @@ def test_reloaded_adapter_gives_the_same_predictions(method, tmp_path):
     base = main.CNN()
     torch.save(base.state_dict(), tmp_path / "base_model.pt")
     model = adapt(copy.deepcopy(base), method)  # as the experiment builds it
-    for module in model.modules():
-        if isinstance(module, main.AdapterLayer):
-            perturb(module, seed=5)
+    for name, module in main.adapter_layers(model).items():
+        perturb(module, seed=5)
+        if hasattr(module, "alive"):  # pruned unevenly: ranks 5, 4, 6 of 6
+            module.alive[:{"conv1": 1, "conv2": 2}.get(name, 0)] = False
+            module.hold_pruned()
     args = main.parse_args(["--rank", "4", "--alpha", "8"])
     folder = main.save_adapter(model, method, 4, args, tmp_path / "adapters" / f"{method}_r4")
     reloaded = main.load_adapter(tmp_path / "base_model.pt", folder).eval()
-    assert type(reloaded.conv1) is type(model.conv1)
+    cls = main.adapter_class(method)
+    assert type(reloaded.conv1) is (cls.loads_as or cls)  # a pruned dynamic rank is a plain LoRA, rank per layer
+    assert [m.rank for m in main.adapter_layers(reloaded).values()] == (
+        [5, 4, 6] if method == "dyndora" else [4, 4, 4])
     x = torch.randn(32, 1, 28, 28)
     with torch.inference_mode():
         torch.testing.assert_close(reloaded(x), model.eval()(x))

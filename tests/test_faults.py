@@ -452,7 +452,7 @@ def test_the_schema_holds_every_field_the_code_reads(capsys, mnist_dir, tmp_path
     assert {r["status"] for r in results["lr_grid"]} == {"ok", "failed"} and "task_test_acc" in results["runs"][0]
     for kind, records in kinds.items():
         for i, r in enumerate(records):
-            fields = {f for part in main.record_fields(r, kind, "rotated") for f in main.RECORD[part]}
+            fields = main.record_checks(r, kind, "rotated")
             records[i] = {k: v for k, v in r.items() if k in fields}
     (tmp_path / "results.json").write_text(json.dumps(results))
     (tmp_path / "results.md").unlink()
@@ -470,7 +470,7 @@ def test_an_adapter_folder_of_another_method_is_not_trusted_even_with_its_checks
     results["runs"][1]["file_sha256"] = main.file_digest(folder)  # the checksum made to match
     (copy_of / "results.json").write_text(json.dumps(results))
     code, stdout, _ = run(capsys, *SMALL, "--resume", "--data-dir", mnist_dir, "--out-dir", copy_of)
-    assert code == 0 and "was written for DoRA, not LoRA" in stdout and "not kept, it is trained again" in stdout
+    assert code == 0 and "was written for DoRA (weight-decomposed), not LoRA" in stdout and "not kept, it is trained again" in stdout
     assert len(methods_run(capsys, stdout)) == 1
 
 
@@ -556,7 +556,7 @@ def test_cpu_out_of_memory_names_the_method_and_a_remedy(capsys, mnist_dir, copy
     monkeypatch.setattr(main, "run_method", oom)
     code, stdout, err = run(capsys, "--quick", "--methods", "dora", "--epochs", "1", "--finetune-epochs", "1",
                             "--resume", "--data-dir", mnist_dir, "--out-dir", copy_of)
-    assert code == 1 and "DoRA ran out of memory: try a smaller --batch-size" in stdout and "Traceback" not in err
+    assert code == 1 and "DoRA (weight-decomposed) ran out of memory: try a smaller --batch-size" in stdout and "Traceback" not in err
 
 
 def test_an_invalid_mplbackend_does_not_stop_the_plots(mnist_dir, copy_of):

@@ -40,6 +40,9 @@ BAD = [
     (["--task", "upside-down"], "unknown --task 'upside-down': choose from mnist, rotated, inverted"),
     (["--ranks", "1,2,x"], "--ranks must be whole numbers separated by commas"),
     (["--ranks", "4,17"], "--ranks must be between 1 and 16"),
+    (["--dyn-prune-from", "0.6"], "--dyn-prune-from is out of range (got 0.6): dynamic-rank DoRA: pruning starts"),
+    (["--dyn-components", "0.5"], "--dyn-components is out of range (got 0.5)"),
+    (["--dyn-beta", "nan"], "--dyn-beta is out of range (got nan)"),
 ]
 
 
@@ -157,8 +160,8 @@ def test_quick_run_writes_every_output_with_sane_numbers(quick_run):
     assert not (out / main.SWEEP_PLOT).exists()  # no --ranks, no sweep
     results = json.loads((out / "results.json").read_text())
     runs = runs_by_method(results)
-    assert [(r["method"], r["seed"], r["rank"]) for r in results["runs"]] == [
-        ("base", 0, None), ("full", 0, None), ("head", 0, None), ("lora", 0, 8), ("dora", 0, 8), ("qlora", 0, 8)]
+    assert [(r["method"], r["seed"], r["rank"]) for r in results["runs"]] == [("base", 0, None)] + [
+        (m, 0, 8 if main.adapter_class(m) else None) for m in main.METHODS]
     assert results["config"]["rank"] == main.SETTINGS["rank"][0] and results["environment"]["torch"] == torch.__version__
     assert results["config"]["task"] == "mnist" and results["seeds"] == [0] and results["rank_sweep"] == {}
     base = runs["base"]
@@ -167,17 +170,21 @@ def test_quick_run_writes_every_output_with_sane_numbers(quick_run):
         assert 85 < r["test_acc"] <= 100 and r["train_time_s"] > 0 and 1 <= r["epochs_run"] <= 2
         assert r["cuda_peak_bytes"] is None  # CPU: not measured, never a fake 0
         assert r["train_state_bytes"] == r["weight_bytes"] + r["grad_bytes"] + r["optimizer_bytes"]
-        if method in ("lora", "dora", "qlora"):
-            assert r["trainable_params"] <= 0.10 * base["total_params"]
+        if main.adapter_class(method):
+            assert r["stored_params"] <= r["trainable_params"] <= 0.12 * base["total_params"]
         row = results["summary"][method]  # one seed: the value itself, and no made-up spread
         assert row["test_acc"] == {"n": 1, "mean": r["test_acc"], "std": None, "ci95": None, "values": [r["test_acc"]]}
     assert "base_on_task" not in results["summary"] and "task_test_acc" not in base  # mnist: nothing shifted
     assert runs["dora"]["trainable_params"] > runs["lora"]["trainable_params"]
+    allocation = runs["dyndora"]["rank_allocation"]  # the dynamic rank: pruned to r = 8 per layer on average
+    assert allocation["components"] == 12 and sum(allocation["ranks"].values()) == 3 * 8
+    assert runs["dyndora"]["stored_params"] < runs["dyndora"]["trainable_params"]  # gates, pruned ones: not saved
+    assert (out / main.RANK_PLOT).stat().st_size > 10_000
     qlora = runs["qlora"]
     assert qlora["frozen_weight_bytes"] <= 0.20 * qlora["frozen_weight_fp32_bytes"]
     assert qlora["weight_bytes"] < 0.5 * runs["lora"]["weight_bytes"]
     table = (out / "results.md").read_text()
-    assert all(name in table for name in ("| Base |", "| Full FT |", "| Head only |", "| LoRA |", "| DoRA |", "| QLoRA |"))
+    assert all(f"| {main.display(m)} |" in table for m in ["base", *main.METHODS])
     assert "- (1 seed)" in table and " ± " not in main.comparison_table(results)  # no spread from one seed
     full = runs["full"]
     assert full["trainable_params"] == full["total_params"] == base["total_params"]
@@ -275,7 +282,7 @@ def test_quick_run_console_summary(quick_run, mnist_dir, capsys, tmp_path):
     shutil.copytree(quick_run[1], tmp_path / "out")
     code, stdout, _ = run(capsys, "--quick", "--resume", "--data-dir", mnist_dir, "--out-dir", tmp_path / "out")
     assert code == 0 and "Epoch " not in stdout  # everything was kept, nothing retrained
-    for name in ("Base", "Full FT", "Head only", "LoRA", "DoRA", "QLoRA"):
+    for name in map(main.display, ["base", *main.METHODS]):
         assert f"{name} Model Test Accuracy: " in stdout
     summary = stdout[stdout.index("QUICK RUN: a smoke test"):]
     assert "one seed: single values, no spread" in summary and "as trained / merged" in summary
@@ -328,7 +335,7 @@ def test_cuda_out_of_memory_names_the_method_and_a_remedy(capsys, quick_run, mni
     monkeypatch.setattr(main, "run_method", oom)
     out = copy_base(quick_run, tmp_path)
     code, stdout, _ = run(capsys, "--quick", "--resume", "--methods", "dora", "--data-dir", mnist_dir, "--out-dir", out)
-    assert code == 1 and "DoRA ran out of CUDA memory: try a smaller --batch-size" in stdout
+    assert code == 1 and "DoRA (weight-decomposed) ran out of CUDA memory: try a smaller --batch-size" in stdout
 
 
 def test_interrupt_keeps_finished_methods_and_resume_continues(capsys, mnist_dir, tmp_path, monkeypatch):
@@ -372,7 +379,7 @@ def test_sigterm_is_handled_like_ctrl_c(capsys, quick_run, mnist_dir, tmp_path, 
     out = copy_base(quick_run, tmp_path)
     code, _, err = run(capsys, "--quick", "--resume", "--methods", "lora,dora", "--data-dir", mnist_dir, "--out-dir", out)
     assert signal.getsignal(signal.SIGTERM) is previous  # main() puts the caller's handler back
-    assert code == 130 and "Interrupted during DoRA" in err
+    assert code == 130 and "Interrupted during DoRA (weight-decomposed)" in err
     assert [r["method"] for r in json.loads((out / "results.json").read_text())["runs"]] == ["lora"]
     assert "Traceback" not in err
 
@@ -400,7 +407,7 @@ def test_resume_keeps_only_methods_whose_saved_model_is_still_there(capsys, quic
                           "--out-dir", out)
     assert code == 0
     assert stdout.count("finished in a previous run (results.json), kept.") == 3  # base, full, lora
-    assert "Fine-tuning the base model with DoRA, lr " in stdout
+    assert "Fine-tuning the base model with DoRA (weight-decomposed), lr " in stdout
 
 
 # ------------------------------------------------------------------ a new method: one row and one class

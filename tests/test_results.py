@@ -38,7 +38,7 @@ def run(method, seed, acc, rank=None, status="ok", **extra):
         return {"method": method, "seed": seed, "rank": rank, "status": status, "reason": "diverged at epoch 1"}
     r = {"method": method, "seed": seed, "rank": rank, "status": "ok", "test_acc": acc, "train_time_s": 10.0 + seed,
          "cuda_peak_bytes": None, "epochs_run": 4, "best_epoch": 3, "history": {}}
-    r.update({k: 1000 * (rank or 100) for k in main.SAME_FOR_EVERY_SEED})
+    r.update({k: 1000 * (rank or 100) for k in main.SAME_FOR_EVERY_SEED + main.PER_SEED_SIZES})
     return {**r, **extra}
 
 
@@ -78,14 +78,14 @@ def test_summary_rows_hold_means_spreads_byte_counts_and_the_base_on_the_target(
     assert dora["test_acc"]["n"] == 2 and dora["failed"] == ["seed 1: failed (diverged at epoch 1)"]
     table = main.comparison_table(main.add_summary(results))
     assert "| Base (MNIST) | - | 99.10 ± 0.10 |" in table and "| Base, not fine-tuned (rotated) | - | 13.00 ± 1.00 |" in table
-    assert "DoRA (1 run(s) seed 1: failed" in table and "| -1.03 [" in table
+    assert "DoRA (weight-decomposed) (1 run(s) seed 1: failed" in table and "| -1.03 [" in table
 
 
 def test_every_run_failed_is_one_status_row():
     results = fake_results()
     results["runs"] = [r for r in results["runs"] if r["method"] != "dora"] + [run("dora", 0, 0, 8, status="failed")]
     assert main.summarize(results)["dora"] == {"status": "failed", "reason": "diverged at epoch 1"}
-    assert "| DoRA | - | failed: diverged at epoch 1 |" in main.comparison_table(main.add_summary(results))
+    assert "| DoRA (weight-decomposed) | - | failed: diverged at epoch 1 |" in main.comparison_table(main.add_summary(results))
 
 
 def test_rank_sweep_has_one_point_per_rank_that_ran_and_the_main_rank():
@@ -95,7 +95,7 @@ def test_rank_sweep_has_one_point_per_rank_that_ran_and_the_main_rank():
     assert [(p["rank"], p["trainable_params"]) for p in sweep["lora"]] == [(2, 2000), (8, 8000)]  # rank 4 never ran
     assert sweep["lora"][0]["test_acc"]["values"] == [90.0, 91.0]
     assert [p["rank"] for p in sweep["dora"]] == [8]
-    assert "| LoRA | 2 | 2,000 | 90.50 ± 0.71 |" in main.rank_sweep_table(main.add_summary(fake_results(ranks=[2])))
+    assert "| LoRA | 2 | 2,000 | 2,000 | 90.50 ± 0.71 |" in main.rank_sweep_table(main.add_summary(fake_results(ranks=[2])))
 
 
 def test_mean_curve_averages_the_runs_that_reached_each_epoch():
