@@ -85,10 +85,15 @@ SETTINGS = {  # name: (default, type, meaning); the flag is --name with - for _ 
     "lr": (None, float, "one Adam rate for every method and the base instead of their rows' rates"),
     "lrs": ("", str, "rate grid, e.g. 1e-3,3e-3,1e-2,3e-2: each fine-tuning method takes the rate with the best "
                      "validation accuracy on the first seed (the test set takes no part)"),
-    "patience": (2, int, "early stopping: stop after this many epochs without a better validation loss"),
+    "patience": (None, int, "early stopping: stop after this many epochs without a better epoch by the selection "
+                            "criterion (none: every run trains its whole budget, its best epoch kept)"),
     "rank": (8, int, "r, the rank of the update B A"),
-    "alpha": (16, float, "the update is scaled by alpha / r (Hu et al. 2021)"),
+    "alpha": (16, float, "the update is scaled by alpha / r (or alpha / sqrt(r): --scaling)"),
+    "scaling": ("lora", str, "the update's scale: lora, alpha / r (Hu et al. 2021), or rslora, alpha / sqrt(r), "
+                             "rank-stable (Kalajdzievski 2023; PEFT's use_rslora)"),
     "ranks": ("", str, "rank sweep, e.g. 1,2,4,8,16: the adapter methods again at each rank"),
+    "budgets": ("", str, "budget check, e.g. 20,40: the first seed's fine-tuning runs again at their chosen rates "
+                         "with these epoch budgets, judged on validation: has the comparison's budget plateaued?"),
     "dropout": (0.0, float, "dropout on the adapter's input (0 lets DoRA reuse the base's output)"),
     "dyn_components": (1.5, float, "dynamic-rank DoRA: each layer starts with ceil(this x r) rank-1 components, "
                                    "pruned to r per layer on average"),
@@ -166,8 +171,9 @@ class CNN(nn.Module):
 class AdapterConfig(NamedTuple):
     """How a model's adapter layers are built, in the names of PEFT's LoraConfig (saving writes them there)."""
     r: int                      # the rank of every adapted layer ...
-    lora_alpha: float           # ... and its alpha: the update is scaled by alpha / r
+    lora_alpha: float           # ... and its alpha: the update is scaled by alpha / r (or / sqrt(r))
     lora_dropout: float = 0.0   # dropout on the adapter's input
+    use_rslora: bool = False    # the scale alpha / sqrt(r) instead (Kalajdzievski 2023)
     rank_pattern: dict = {}     # {layer name: rank} of the layers that differ (a saved dynamic-rank adapter)
     alpha_pattern: dict = {}    # {layer name: alpha}, likewise
 
@@ -191,7 +197,7 @@ class AdapterLayer(nn.Module):
     loads_as = None      # the class a saved folder is rebuilt as, when it is not this one
     peft_loads_as = None  # the method PEFT's loading amounts to, when it computes something else (QLoRA: LoRA)
 
-    def __init__(self, base, rank, alpha, dropout=0.0):
+    def __init__(self, base, rank, alpha, dropout=0.0, rslora=False):
         super().__init__()
         self.is_conv = isinstance(base, nn.Conv2d)
         if self.is_conv:
@@ -200,7 +206,8 @@ class AdapterLayer(nn.Module):
             self.conv_args = dict(stride=base.stride, padding=base.padding, dilation=base.dilation)
         weight = base.weight.detach()
         self.weight_shape = weight.shape
-        self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
+        self.rank, self.alpha, self.rslora = rank, alpha, rslora
+        self.scaling = alpha / (math.sqrt(rank) if rslora else rank)  # rsLoRA: a rank-stable step size
         self.lora_A = nn.Parameter(torch.empty(rank, *weight.shape[1:], device=weight.device))
         self.lora_B = nn.Parameter(torch.zeros(weight.shape[0], rank, *((1, 1) if self.is_conv else ()),
                                                device=weight.device))
@@ -335,8 +342,8 @@ class DoRALayer(AdapterLayer):
 
     peft_fields = {"use_dora": True}
 
-    def __init__(self, base, rank, alpha, dropout=0.0):
-        super().__init__(base, rank, alpha, dropout)
+    def __init__(self, base, rank, alpha, dropout=0.0, rslora=False):
+        super().__init__(base, rank, alpha, dropout, rslora)
         self.magnitude = nn.Parameter(self.weight_norm(self.base_weight()).clone())
 
     def peft_tensors(self):  # PEFT keeps a conv's magnitude as [1, out, 1, 1], a Linear's as [out]
@@ -496,9 +503,9 @@ class DynamicRankLayer(LoRALayer):
     """
     loads_as = LoRALayer
 
-    def __init__(self, base, rank, alpha, dropout=0.0, schedule=DynamicRank()):
+    def __init__(self, base, rank, alpha, dropout=0.0, rslora=False, schedule=DynamicRank()):
         components = math.ceil(schedule.components * rank)
-        super().__init__(base, components, alpha, dropout)  # self.rank = r' components, scaling alpha / r'
+        super().__init__(base, components, alpha, dropout, rslora)  # self.rank = r' components: scale alpha / r'
         for tensor in (self.lora_A, self.lora_B):  # both Kaiming-uniform, as the authors: the zero gates keep dW = 0
             nn.init.kaiming_uniform_(tensor)
         self.target_rank, self.schedule = rank, schedule
@@ -602,8 +609,9 @@ class DynamicRankLayer(LoRALayer):
     def peft_config(cls, layers):
         """Each layer's rank, and the alpha that keeps PEFT's scale alpha_l / r_l at our alpha / r'."""
         ranks = {name: int(layer.alive.sum()) for name, layer in layers.items()}
-        return {"rank_pattern": ranks,
-                "alpha_pattern": {name: layer.alpha * ranks[name] / layer.rank for name, layer in layers.items()}}
+        return {"rank_pattern": ranks, "alpha_pattern": {  # PEFT scales by alpha_l / r_l, or / sqrt(r_l) with rsLoRA
+            name: layer.scaling * (math.sqrt(ranks[name]) if layer.rslora else ranks[name])
+            for name, layer in layers.items()}}
 
     @classmethod
     def info(cls, layers):
@@ -657,7 +665,7 @@ def add_adapters(model, cls, config, train_head=True, **options):
     model.requires_grad_(False)
     for parent, name, full, layer in adaptable_layers(model, train_head):
         rank, alpha = config.for_layer(full)
-        setattr(parent, name, cls(layer, rank, alpha, config.lora_dropout, **options))
+        setattr(parent, name, cls(layer, rank, alpha, config.lora_dropout, config.use_rslora, **options))
     if train_head and getattr(model, "head", None):
         model.get_submodule(model.head).requires_grad_(True)
     return model
@@ -793,6 +801,13 @@ class Diverged(RuntimeError):
 NUM_CLASSES = 10
 EXPLODED = 10    # a training loss this many times above max(its first value, ln(classes)) has diverged
 AT_CHANCE = 1.5  # a validation accuracy at most this many times chance after training learned nothing
+LEARNED = 2 * AT_CHANCE  # ... and one that had reached this many times chance before falling there collapsed
+SELECTION = "validation accuracy (ties: the lower validation loss)"  # chooses the kept epoch, early stop, rate
+
+
+def selection_key(val_acc, val_loss):
+    """The one selection criterion, for the epoch kept, early stopping and the rate chosen: larger is better."""
+    return val_acc, -val_loss
 
 
 def sync(device):
@@ -862,20 +877,33 @@ def check_divergence(epoch, train_loss, first_loss):
                        f"{EXPLODED}x where it started)")
 
 
+def verdict(history, first_loss):
+    """After training: Diverged when the run ended at chance (too slow when its loss never rose above where it
+    started); else (epoch, accuracy) where it collapsed to chance after it had learned, or None."""
+    chance = 100 / NUM_CLASSES
+    if max(history["val_acc"]) <= AT_CHANCE * chance:
+        raise Diverged(f"learned nothing: {max(history['val_acc']):.2f} % validation accuracy at best, at chance "
+                       f"({chance:.0f} %)", too_slow=max(history["train_loss"]) <= first_loss)
+    for epoch, acc in enumerate(history["val_acc"], 1):
+        if acc <= AT_CHANCE * chance and max(history["val_acc"][:epoch]) > LEARNED * chance:
+            return epoch, max(history["val_acc"][:epoch])
+    return None
+
+
 def train(model, splits, lr, budget, seed, log=print):
-    """Adam on the trainable parameters, cosine LR per step, early stopping on validation loss; the model ends
-    in its best-validation state (parameters and buffers). Adapter classes may add a term to the loss and act
-    after each step (AdapterLayer.regularizer, .on_step). Diverged for a non-finite or exploding loss, or
-    chance accuracy at the end."""
+    """Adam on the trainable parameters, cosine LR per step to 0 at the end of the budget; the model ends in the
+    state (parameters and buffers) of its best epoch by the selection criterion, with early stopping on it only
+    when budget.patience says so. Adapter classes may add a term to the loss and act after each step
+    (AdapterLayer.regularizer, .on_step, .settled_at). Diverged for a non-finite or exploding loss, or chance
+    accuracy throughout; a collapse to chance after learning is returned, with its epoch."""
     params, groups = trainable_parameters(model), hook_groups(model)
     optimizer = torch.optim.Adam(params.values(), lr=lr)
     images, labels = splits["train"]
     n, epochs, batch_size = len(labels), budget.epochs, budget.batch_size
-    steps = math.ceil(n / batch_size)
-    settled = max((cls.settled_at(modules, epochs * steps) for cls, modules in groups.items()), default=0)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps)
-    history = {"train_loss": [], "val_loss": [], "val_acc": [], "lr": [], "epoch_time_s": []}
-    best = {"val_loss": math.inf, "epoch": 0, "state": snapshot(model)}
+    total = epochs * math.ceil(n / batch_size)
+    settled = max((cls.settled_at(modules, total) for cls, modules in groups.items()), default=0)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    history, best = {key: [] for key in HISTORY_KEYS}, {"key": (-math.inf,), "epoch": 0, "state": snapshot(model)}
     first_loss, step = None, 0
     sync(images.device)
     start = time.perf_counter()
@@ -886,17 +914,17 @@ def train(model, splits, lr, budget, seed, log=print):
         model.train()
         loss_sum = torch.zeros((), device=images.device)  # summed on the device: no sync per step
         # a progress bar with rate and time left, shown only on a terminal (disable=None), so logs stay clean
-        for i in tqdm(range(steps), desc=f"epoch {epoch}/{epochs}", unit="step", leave=False, disable=None):
+        for i in tqdm(range(total // epochs), desc=f"epoch {epoch}/{epochs}", unit="step", leave=False, disable=None):
             step, idx = step + 1, order[i * batch_size:(i + 1) * batch_size]
             loss = F.cross_entropy(model(images[idx]), labels[idx])  # what is recorded: the task's loss alone
             terms = [term for cls, modules in groups.items()
-                     if (term := cls.regularizer(modules, step, epochs * steps)) is not None]
+                     if (term := cls.regularizer(modules, step, total)) is not None]
             optimizer.zero_grad(set_to_none=True)
             (loss + sum(terms) if terms else loss).backward()
             optimizer.step()
             scheduler.step()
             for cls, modules in groups.items():
-                cls.on_step(modules, step, epochs * steps)
+                cls.on_step(modules, step, total)
             loss_sum += loss.detach() * len(idx)
             if first_loss is None:
                 first_loss = loss.item()  # the one sync of the run: where the loss started
@@ -910,21 +938,18 @@ def train(model, splits, lr, budget, seed, log=print):
             f"Val Accuracy: {val_acc:.2f}% ({history['epoch_time_s'][-1]:.1f} s)")
         if step < settled:  # the structure is not final yet (a pruning window still open): nothing to keep
             continue
-        if val_loss < best["val_loss"]:
-            best = {"val_loss": val_loss, "epoch": epoch, "state": snapshot(model)}
-        elif epoch - best["epoch"] >= budget.patience and epoch < epochs:
+        if selection_key(val_acc, val_loss) > best["key"]:
+            best = {"key": selection_key(val_acc, val_loss), "epoch": epoch, "state": snapshot(model)}
+        elif budget.patience is not None and epoch - best["epoch"] >= budget.patience and epoch < epochs:
             log(f"Early stopping at epoch {epoch}")
             break
     sync(images.device)
     train_time = time.perf_counter() - start
     restore(model, best["state"])
-    best_acc = history["val_acc"][best["epoch"] - 1] if best["epoch"] else max(history["val_acc"])
-    if best_acc <= AT_CHANCE * 100 / NUM_CLASSES:
-        raise Diverged(f"learned nothing: {best_acc:.2f} % validation accuracy after training, at chance "
-                       f"({100 / NUM_CLASSES:.0f} %)", too_slow=max(history["train_loss"]) <= first_loss)
+    collapsed = verdict(history, first_loss)
     adam_bytes = sum(t.nbytes for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t))
     return {"history": history, "epochs_run": len(history["train_loss"]), "best_epoch": best["epoch"],
-            "train_time_s": train_time, "optimizer_bytes": adam_bytes}
+            "train_time_s": train_time, "optimizer_bytes": adam_bytes, "collapsed": collapsed}
 
 
 # =====================================================================================================
@@ -1095,7 +1120,8 @@ def save_adapter(model, method, rank, args, folder):
     make_folder(folder)
     config = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
               "r": rank, "lora_alpha": args.alpha, "lora_dropout": args.dropout, "bias": "none",
-              "use_dora": False, "use_rslora": False, "fan_in_fan_out": False, "init_lora_weights": True,
+              "use_dora": False, "use_rslora": args.scaling == "rslora", "fan_in_fan_out": False,
+              "init_lora_weights": True,
               "target_modules": [full for *_, full, _ in adaptable_layers(CNN(), args.train_head)],
               "modules_to_save": [CNN.head] if args.train_head else None, **cls.peft_config(layers)}
     info = {"method": method, "task": args.task, "base_model": "../../base_model.pt (the CNN of the same seed)",
@@ -1220,15 +1246,26 @@ def summarize(results):
             "cuda_peak_bytes": (None if any(r["cuda_peak_bytes"] is None for r in ok)
                                 else mean_std_ci(r["cuda_peak_bytes"] for r in ok)),
             "epochs_run": [r["epochs_run"] for r in ok], "best_epoch": [r["best_epoch"] for r in ok],
-            "lr": ok[0].get("lr", results["config"].get("lr")),  # results of before the per-method rates
-            **{k: ok[0][k] for k in SAME_FOR_EVERY_SEED}, **{k: mean_std_ci(r[k] for r in ok) for k in PER_SEED_SIZES},
+            "lr": ok[0]["lr"], **{k: ok[0][k] for k in SAME_FOR_EVERY_SEED},
+            **{k: mean_std_ci(r[k] for r in ok) for k in PER_SEED_SIZES},
             "vs": {} if method == "base" else {ref: paired_difference(results, method, ref)
                                                 for ref in ("full", "head", "lora")
                                                 if ref != method and ref in results["methods"]}}
+        if "test_acc_in_peft" in ok[0]:  # as PEFT loads its folder (QLoRA: on the fp32 base), seed by seed
+            summary[method]["in_peft"] = {"test_acc": mean_std_ci(r["test_acc_in_peft"] for r in ok),
+                                          "vs_trained": mean_std_ci(r["test_acc_in_peft"] - r["test_acc"] for r in ok)}
         if method == "base" and "task_test_acc" in ok[0]:
             summary["base_on_task"] = {"status": "ok", "seeds": [r["seed"] for r in ok], "failed": [],
                                        "test_acc": mean_std_ci(r["task_test_acc"] for r in ok)}
     return summary
+
+
+def study_time_s(results):
+    """Training time of everything results.json records, each run counted once: the rate grid, the budget
+    check, and the comparison's and the sweep's runs but those finished from a grid run (counted in the grid).
+    A failed run counts the time it took to fail."""
+    records = results["lr_grid"] + results["budget_check"] + results["runs"] + results["other_runs"]
+    return sum(r.get("train_time_s", 0.0) for r in records if not r.get("from_grid"))
 
 
 def seeds_finished(summary):
@@ -1290,9 +1327,9 @@ QUICK_LATENCY_ROUNDS, QUICK_LATENCY_REPEATS = 1, {1: 3, 1000: 1}  # a smoke test
 def measure_inference(results, out_dir, test, device, rounds=LATENCY_ROUNDS, repeats=LATENCY_REPEATS):
     """results["inference"] for the first seed's models at the main rank, rebuilt from their saved files (so
     resumed ones too): latency at batch 1 and 1,000 as trained and merged (once without an adapter), median and
-    range over rounds; the largest logit change merging makes; QLoRA's test accuracy on the fp32 base (PEFT's).
+    range over rounds; the largest logit change merging makes.
     Rounds interleave the models, so a slow spell of a shared machine hits them all alike."""
-    images, labels = test
+    images = test[0]
     seed, rank, models, extra = results["seeds"][0], results["config"]["rank"], {}, {}
     base_file = saved_model_file(out_dir, "base", seed)
     for r in main_runs(results):
@@ -1307,10 +1344,6 @@ def measure_inference(results, out_dir, test, device, rounds=LATENCY_ROUNDS, rep
         with torch.inference_mode():
             gap = (model(images[:1000]) - models[method]["merged"](images[:1000])).abs().max().item()
         extra[method] = {"merged_max_abs_logit_diff": gap}
-        if adapter_class(method).peft_loads_as:  # PEFT rebuilds it otherwise (QLoRA: on the fp32 base)
-            on_fp32 = load_adapter(base_file, path, device, method=adapter_class(method).peft_loads_as)
-            extra[method].update(test_acc_nf4_base=r["test_acc"],
-                                 test_acc_fp32_base=evaluate(on_fp32, images, labels)[1])
     samples = {}
     with torch.inference_mode():  # one warm-up pass of every model at every batch size, before any timing
         for kinds in models.values():
@@ -1463,19 +1496,73 @@ def rank_sweep_table(results, console=False):
 
 def lr_grid_table(results):
     """Every learning-rate grid run: validation numbers only (the test set takes no part in the choice)."""
-    chosen = {m: r["lr"] for m, r in results.get("learning_rates", {}).items()}
-    return table(["method", "lr", "val acc (%)", "val loss", "epochs (best)", "chosen"], [
-        [display(r["method"]), f"{r['lr']:g}"] + (
-            [f"{r['val_acc']:.2f}", f"{r['val_loss']:.4f}", f"{r['epochs_run']} ({r['best_epoch']})"]
-            if r["status"] == "ok" else [f"{r['status']}: {r['reason']}", "", ""])
-        + ["✓" if chosen.get(r["method"]) == r["lr"] else ""]
-        for r in results.get("lr_grid", [])])
+    chosen = {m: r["lr"] for m, r in results["learning_rates"].items()}
+    return table(["method", "lr", "val acc (%) at the kept epoch", "val loss", "epochs (kept)", "status", "chosen"], [
+        [display(r["method"]), f"{r['lr']:g}" + (" (extension)" if r["extension"] else "")]
+        + ([f"{r['val_acc']:.2f}", f"{r['val_loss']:.4f}", f"{r['epochs_run']} ({r['best_epoch']})"]
+           if r["status"] in FINISHED else ["", "", ""])
+        + [r["status"] if r["status"] == "ok" else f"{r['status']}: {r['reason']}",
+           "✓" if chosen.get(r["method"]) == r["lr"] else ""]
+        for r in results["lr_grid"]])
+
+
+def margin_cell(rate, val_size):
+    """The chosen rate's lead over the runner-up in validation images, with its standard error; within noise
+    when the lead is under two standard errors."""
+    if not rate.get("runner_up"):
+        return "-"
+    lead, se = rate["margin_images"], rate["margin_se"]
+    noise = " (within noise)" if abs(lead) < 2 * se else ""
+    return f"{lead:+d} ± {se:.1f} of {val_size:,} over {rate['runner_up']:g}{noise}"
+
+
+def rates_table(results):
+    """How each fine-tuning method's rate was chosen, and by how much."""
+    rows = [[display(m), ", ".join(f"{lr:g}" for lr in rate["grid"] if lr not in rate["extended"])
+             + (f"; extended to {', '.join(f'{lr:g}' for lr in rate['extended'])}" if rate["extended"] else ""),
+             f"{rate['lr']:g}", margin_cell(rate, results["config"]["val_size"])]
+            for m, rate in results["learning_rates"].items() if rate["chosen_by"] == "validation grid"]
+    return table(["method", "grid", "chosen", f"lead over the runner-up, validation images (± SE)"], rows)
+
+
+def finetune_budget(config):
+    """The epochs the comparison's fine-tuning runs had: --finetune-epochs, capped in a quick run."""
+    return min(config["finetune_epochs"], QUICK_MAX_EPOCHS) if config["quick"] else config["finetune_epochs"]
+
+
+def budget_points(results):
+    """{method: [(epochs, validation accuracy at the kept epoch, status, its record)]} of the budget check, the
+    comparison's own budget included (the first seed's run)."""
+    points = {}
+    first = {r["method"]: r for r in main_runs(results) if r["seed"] == results["seeds"][0] and r["method"] != "base"}
+    for r in results["budget_check"] + [r for r in first.values() if results["budget_check"]]:
+        epochs = r.get("epochs", finetune_budget(results["config"]))
+        if r["status"] in FINISHED and any(b["method"] == r["method"] for b in results["budget_check"]):
+            acc = r["val_acc"] if "val_acc" in r else r["history"]["val_acc"][r["best_epoch"] - 1]
+            points.setdefault(r["method"], []).append((epochs, acc, r["status"], r))
+    return {m: sorted(p, key=lambda point: point[0]) for m, p in points.items()}
+
+
+def budget_table(results):
+    """Validation accuracy at each budget, and the longest budget's lead over the comparison's, in images."""
+    budgets = sorted({e for points in budget_points(results).values() for e, *_ in points})
+    main_budget, n = finetune_budget(results["config"]), results["config"]["val_size"]
+    rows = []
+    for method, points in budget_points(results).items():
+        at = {e: (acc, status, r) for e, acc, status, r in points}
+        longest = max(at)
+        lead = "-"
+        if longest != main_budget and main_budget in at:
+            lead = "{:+d} ± {:.1f}".format(*paired_margin(at[longest][2]["val_right"], at[main_budget][2]["val_right"],
+                                                          n))
+        rows.append([display(method)] + [f"{at[e][0]:.2f}" + ("" if at[e][1] == "ok" else f" ({at[e][1]})")
+                                         if e in at else "" for e in budgets] + [lead])
+    return table(["method"] + [f"{e} epochs" + (" (the comparison's)" if e == main_budget else "") for e in budgets]
+                 + [f"longest minus the comparison's, images of {n:,} (± SE)"], rows)
 
 
 def chosen_rates(results):
     """One line: each method's learning rate, grouped by how it was set."""
-    if not results.get("learning_rates"):  # results written when one rate served every method
-        return f"Learning rates: {results['config']['lr']:g} for every method (one shared rate)"
     groups = {}
     for method, rate in results["learning_rates"].items():
         how = ("chosen on validation from " + ", ".join(f"{lr:g}" for lr in rate["grid"])
@@ -1507,38 +1594,55 @@ def add_summary(results):
     return results
 
 
+def in_peft_line(method, row):
+    """A method whose folder PEFT rebuilds otherwise (QLoRA: on the fp32 base): its accuracy there, every seed."""
+    stats, diff = row["in_peft"]["test_acc"], row["in_peft"]["vs_trained"]
+    return (f"{display(method)}'s adapter as PEFT loads it (as {display(adapter_class(method).peft_loads_as)} on the "
+            f"fp32 base): "
+            f"{fmt_stat(stats)} % test accuracy, against {fmt_stat(row['test_acc'])} % as trained; the difference "
+            f"seed by seed {fmt_ci(diff, signed=True)} points.")
+
+
 def save_results(results, out_dir):
     """results.json (every run, the summary, the sweep) and results.md (the tables, with their notation)."""
     add_summary(results)
     write_atomic(Path(out_dir) / "results.json", json.dumps(results, indent=2))
     env, config, seeds = results["environment"], results["config"], results["seeds"]
-    sweep = (f"Rank sweep (the adapter methods at each rank, at their main-rank learning rate; {len(seeds)} "
-             f"seed(s)):\n\n{rank_sweep_table(results)}\n\n" if results["rank_sweep"] else "")
-    if results.get("lr_grid"):
-        sweep += (f"Learning-rate grid (seed {seeds[0]}, main rank; the rate with the best validation accuracy wins, "
-                  f"ties going to the lower validation loss, then the lower rate):\n\n{lr_grid_table(results)}\n\n")
-    quick = (f"**QUICK RUN: a smoke test ({config['train_size']:,} training images, at most {QUICK_MAX_EPOCHS} "
-             f"epochs per method), not results.**\n\n" if config.get("quick") else "")
     spread = (f"Seeds: {', '.join(map(str, seeds))}: mean ± std over the seeds; 95 % CI: Student's t."
               if len(seeds) > 1 else f"One seed ({seeds[0]}): single values, so no spread and no interval.")
-    qlora = results.get("inference", {}).get("qlora", {})
-    on_fp32 = (f"\n\nQLoRA's adapter (seed {qlora['seed']}) on the fp32 base, as PEFT loads it: "
-               f"{qlora['test_acc_fp32_base']:.2f} % test accuracy, against {qlora['test_acc_nf4_base']:.2f} % on the "
-               f"NF4 base it was trained with." if "test_acc_fp32_base" in qlora else "")
-    write_atomic(Path(out_dir) / "results.md",
-                 f"# Results\n\n{quick}Device: {env['device_name']}; torch {env['torch']}, bitsandbytes "
-                 f"{env['bitsandbytes']}; {env['date']}. Fine-tuning task: {config['task']} ({TASKS[config['task']]}). "
-                 f"{spread} {chosen_rates(results)}.\n\n{comparison_table(results)}\n\n"
-                 f"After training (Base, Full FT, Head only: the whole model's file; adapters: the adapter-only "
-                 f"file; latency of seed {seeds[0]}'s models, median over interleaved rounds):\n\n"
-                 f"{inference_table(results)}{on_fp32}\n\n{sweep}"
-                 "vs Full FT = the method's test accuracy minus full fine-tuning's, seed by seed (same base, data "
+    quick = (f"**QUICK RUN: a smoke test ({config['train_size']:,} training images, at most {QUICK_MAX_EPOCHS} "
+             f"epochs per method), not results.**\n\n" if config["quick"] else "")
+    parts = [f"# Results\n\n{quick}Device: {env['device_name']}; torch {env['torch']}, bitsandbytes "
+             f"{env['bitsandbytes']}; {env['date']}. Fine-tuning task: {config['task']} ({TASKS[config['task']]}); "
+             f"{finetune_budget(config)} fine-tuning epochs, the update scaled by "
+             f"{'alpha / sqrt(r)' if config['scaling'] == 'rslora' else 'alpha / r'}. "
+             f"{spread} {chosen_rates(results)}. Training time of this study: {study_time_s(results) / 60:.1f} min "
+             f"(every run once, the grid and the checks included).", comparison_table(results)]
+    parts += [in_peft_line(m, row) for m, row in results["summary"].items() if "in_peft" in row]
+    parts += [f"After training (Base, Full FT, Head only: the whole model's file; adapters: the adapter-only file; "
+              f"latency of seed {seeds[0]}'s models, median over interleaved rounds):", inference_table(results)]
+    if results["rank_sweep"]:
+        parts += [f"Rank sweep (the adapter methods at each rank, at their main-rank learning rate; "
+                  f"{len(seeds)} seed(s)):", rank_sweep_table(results)]
+    if results["lr_grid"]:
+        parts += [f"Learning-rate grid (seed {seeds[0]}, main rank; chosen by {SELECTION}, then the lower rate; "
+                  f"a run that failed or collapsed is never chosen):", lr_grid_table(results),
+                  "The rates chosen, and their lead over the next best rate on the same validation images:",
+                  rates_table(results)]
+    if results["budget_check"]:
+        parts += [f"Budget check (seed {seeds[0]}, each method at its chosen rate, validation accuracy at the kept "
+                  f"epoch): has the comparison's budget plateaued?", budget_table(results)]
+    parts.append("vs Full FT = the method's test accuracy minus full fine-tuning's, seed by seed (same base, data "
                  "order and init within a seed), with the 95 % CI of that mean difference: an interval that "
-                 "contains 0 means the difference is within seed noise. epochs (best) = the epochs each seed ran, "
-                 "separated by /, and in brackets the epoch whose weights were kept (lowest validation loss). "
+                 "contains 0 means the difference is within seed noise. epochs (kept) = the epochs each seed ran, "
+                 f"separated by /, and in brackets the epoch whose state was kept (the best by {SELECTION}). "
+                 "stored params = what the saved folder holds (trained parameters; pruned components dropped). "
+                 "Lead over the runner-up: images the chosen run gets right and the other not, minus the reverse, "
+                 "with the standard error of that paired count (within noise: under two). "
                  "train state = weights as stored + gradients + Adam state (byte accounting). CUDA peak = "
                  "torch.cuda.max_memory_allocated during training minus the memory held before the method's model "
-                 "was built (dataset and base model), plus that model's own weights.\n")
+                 "was built (dataset and base model), plus that model's own weights.")
+    write_atomic(Path(out_dir) / "results.md", "\n\n".join(parts) + "\n")
 
 
 # =====================================================================================================
@@ -1546,15 +1650,16 @@ def save_results(results, out_dir):
 # =====================================================================================================
 PLOT_FILES = ("training_loss_comparison.png", "validation_accuracy_comparison.png",
               "base_model_loss_accuracy.png", "lora_loss_accuracy.png", "test_accuracy_memory.png")
-SWEEP_PLOT, LR_PLOT, RANK_PLOT = "rank_sweep.png", "lr_sweep.png", "rank_allocation.png"
+SWEEP_PLOT, LR_PLOT, RANK_PLOT, BUDGET_PLOT = ("rank_sweep.png", "lr_sweep.png", "rank_allocation.png",
+                                              "budget_check.png")  # drawn when what they show ran
 
 def mean_curve(runs, key):
-    """(epochs, mean, std) of history[key] over runs; epoch e averages the runs that reached it (early
-    stopping ends runs at different epochs); std is NaN where fewer than two runs got that far."""
+    """(epochs, mean, std, seeds) of history[key] over runs: epoch e averages only the runs that reached it
+    (none stops early by default; --patience may), `seeds` says how many; std is NaN where fewer than two did."""
     longest = max(len(r["history"][key]) for r in runs)
     values = [[r["history"][key][e] for r in runs if len(r["history"][key]) > e] for e in range(longest)]
     return (list(range(1, longest + 1)), [statistics.fmean(v) for v in values],
-            [statistics.stdev(v) if len(v) > 1 else math.nan for v in values])
+            [statistics.stdev(v) if len(v) > 1 else math.nan for v in values], [len(v) for v in values])
 
 
 def ci_half(stats):
@@ -1582,11 +1687,22 @@ def style_axes(ax, epochs=True):
 
 
 def draw_curve(ax, view, method, key, **style):
-    epochs, mean, std = mean_curve(ok_runs(view["runs"], method), key)
+    """A method's mean curve over its seeds; an epoch fewer seeds reached is drawn hollow, so a point averaging
+    one survivor is not read as a mean of all (plot titles say so when it happens)."""
+    epochs, mean, std, seeds = mean_curve(ok_runs(view["runs"], method), key)
     line, = ax.plot(epochs, mean, **style)
+    fewer = [i for i, n in enumerate(seeds) if n < max(seeds)]
+    if fewer:
+        ax.plot([epochs[i] for i in fewer], [mean[i] for i in fewer], ls="none", marker=style.get("marker", "o"),
+                mfc="white", color=line.get_color())
+        view["hollow"] = True
     if view["n_seeds"] > 1:
         ax.fill_between(epochs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                         color=line.get_color(), alpha=0.2, lw=0)
+
+
+def seeds_note(view):
+    return "; hollow: fewer seeds reached that epoch" if view.get("hollow") else ""
 
 
 def plot_curves(plt, view, key):
@@ -1594,13 +1710,15 @@ def plot_curves(plt, view, key):
     ylabel, title = {"train_loss": ("training loss (cross-entropy, log scale)", "Training loss per epoch"),
                      "val_acc": ("validation accuracy (%)", "Validation accuracy per epoch")}[key]
     fig, ax = plt.subplots(figsize=(8.5, 4.5))
+    view["hollow"] = False
     for method in view["trained"]:
         draw_curve(ax, view, method, key, marker="o", color=row(method).color, label=label(method, view["task"]))
     if key == "train_loss":
         ax.set_yscale("log")
     where = "on MNIST too" if view["task"] == "mnist" else f"on {view['task']}"
     ax.set(xlabel="epoch (of each method's own run)", ylabel=ylabel,
-           title=titled(view, f"{title} ({view['spread']})\nBase from scratch on MNIST; the others from it, {where}"))
+           title=titled(view, f"{title} ({view['spread']}{seeds_note(view)})\nBase from scratch on MNIST; the "
+                              f"others from it, {where}"))
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the axes: never over a curve
     style_axes(ax)
@@ -1613,10 +1731,11 @@ def plot_loss_and_accuracy(plt, view, method):
         return None
     loss_color, acc_color = "tab:red", "tab:blue"
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    view["hollow"] = False
     draw_curve(ax, view, method, "train_loss", marker="o", color=loss_color, label="training loss")
     draw_curve(ax, view, method, "val_loss", marker="s", ls="--", color=loss_color, label="validation loss")
     ax.set(xlabel="epoch", title=titled(view, f"{label(method, view['task'])}: loss and validation accuracy "
-                                              f"({view['spread']})"))
+                                              f"({view['spread']}{seeds_note(view)})"))
     ax.set_ylabel("cross-entropy loss", color=loss_color)
     ax.tick_params(axis="y", colors=loss_color)
     ax2 = ax.twinx()
@@ -1767,28 +1886,64 @@ def plot_rank_sweep(plt, view):
 
 
 def plot_lr_sweep(plt, view):
-    """Validation accuracy against the learning rate, one line per method, the chosen rate ringed."""
-    grid, chosen = view["results"].get("lr_grid", []), view["results"].get("learning_rates", {})
+    """Validation accuracy at each run's kept epoch against the learning rate, one line per method through its
+    stable runs; a run that collapsed drawn as an x, an extension of the grid hollow, the chosen rate ringed."""
+    grid, chosen = view["results"]["lr_grid"], view["results"]["learning_rates"]
     if not grid:
         return None
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    fig, ax = plt.subplots(figsize=(8, 5.2))
     for method in dict.fromkeys(r["method"] for r in grid):
-        ok = sorted(ok_runs(grid, method), key=lambda r: r["lr"])
-        failed = [f"{r['lr']:g}" for r in grid if r["method"] == method and r["status"] != "ok"]
-        name = display(method) + (f" (failed at lr {', '.join(failed)})" if failed else "")
-        line, = ax.plot([r["lr"] for r in ok], [r["val_acc"] for r in ok], marker="o", color=row(method).color,
-                        label=name)
+        mine = sorted((r for r in grid if r["method"] == method), key=lambda r: r["lr"])
+        ok = [r for r in mine if r["status"] == "ok"]
+        failed = [f"{r['lr']:g}" for r in mine if r["status"] not in FINISHED]
+        color = row(method).color
+        ax.plot([r["lr"] for r in ok], [r["val_acc"] for r in ok], color=color,
+                label=display(method) + (f" (failed at lr {', '.join(failed)})" if failed else ""))
+        for r in mine:
+            if r["status"] in FINISHED:
+                ax.plot([r["lr"]], [r["val_acc"]], color=color, ls="none", ms=9 if r["status"] == "unstable" else 6,
+                        marker="x" if r["status"] == "unstable" else "o", mfc="white" if r["extension"] else color)
         best = [r for r in ok if chosen.get(method, {}).get("lr") == r["lr"]]
         if best:
-            ax.plot([best[0]["lr"]], [best[0]["val_acc"]], marker="o", ms=14, mfc="none", mew=2, color=line.get_color())
-    ax.plot([], [], marker="o", ms=10, mfc="none", ls="none", color="black", label="chosen rate")
+            ax.plot([best[0]["lr"]], [best[0]["val_acc"]], marker="o", ms=14, mfc="none", mew=2, color=color)
+    for marker, mfc, what in (("o", "none", "chosen rate"), ("o", "white", "extension of the grid"),
+                              ("x", "black", "unstable: collapsed to chance after learning")):
+        ax.plot([], [], marker=marker, ms=10 if what == "chosen rate" else 6, mfc=mfc, ls="none", color="black",
+                label=what)
     ax.set_xscale("log")
     seed = view["results"]["seeds"][0]
-    ax.set(xlabel="learning rate (log scale)", ylabel="best validation accuracy (%), axis zoomed",
-           title=titled(view, f"Learning-rate grid on {view['task']}\n(seed {seed}, judged on the validation set "
-                              f"only)", sep=": "))
+    ax.set(xlabel="learning rate (log scale)", ylabel="validation accuracy at the kept epoch (%), axis zoomed",
+           title=titled(view, f"Learning-rate grid on {view['task']}, seed {seed}, validation only\nchosen by "
+                              f"{SELECTION}"))
     ax.grid(alpha=0.3, which="both")
-    ax.legend()
+    ax.legend(fontsize=8)
+    style_axes(ax, epochs=False)
+    return fig
+
+
+def plot_budget_check(plt, view):
+    """Validation accuracy at the kept epoch against the epoch budget, first seed, each method at its rate."""
+    points = budget_points(view["results"])
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for method, mine in points.items():
+        ax.plot([e for e, *_ in mine], [acc for _, acc, *_ in mine], marker=row(method).marker,
+                color=row(method).color, label=display(method))
+        for epochs, acc, status, _ in mine:
+            if status == "unstable":
+                ax.plot([epochs], [acc], marker="x", ms=10, color="black")
+    main_budget = finetune_budget(view["results"]["config"])
+    ax.axvline(main_budget, ls="--", color="gray", label=f"the comparison's budget ({main_budget} epochs)")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted({e for mine in points.values() for e, *_ in mine}),
+                  [str(e) for e in sorted({e for mine in points.values() for e, *_ in mine})])
+    ax.set(xlabel="fine-tuning epochs (the cosine schedule spans each budget)",
+           ylabel="validation accuracy at the kept epoch (%), axis zoomed",
+           title=titled(view, f"Budget check on {view['task']}, seed {view['results']['seeds'][0]}, validation only:"
+                              f"\nhas the comparison's budget plateaued?"))
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
     style_axes(ax, epochs=False)
     return fig
 
@@ -1856,7 +2011,8 @@ def plot_results(results, out_dir):
                PLOT_FILES[4]: lambda: plot_comparison(plt, view),
                SWEEP_PLOT: lambda: plot_rank_sweep(plt, view),
                LR_PLOT: lambda: plot_lr_sweep(plt, view),
-               RANK_PLOT: lambda: plot_rank_allocation(plt, view)}
+               RANK_PLOT: lambda: plot_rank_allocation(plt, view),
+               BUDGET_PLOT: lambda: plot_budget_check(plt, view)}
     written = []
     for name, draw in figures.items():
         fig = draw() if trained else None
@@ -1883,7 +2039,8 @@ class Run:
         self.args, self.device, self.splits, self.results, self.stage = args, device, splits, results, stage
         self.out = Path(args.out_dir)
         self.bases = {}                  # seed -> its trained base CNN, copied by every method of that seed
-        self.kept, self.kept_grid = {}, {}  # what --resume found finished: runs by key, grid runs by key + (lr,)
+        # what --resume found finished: runs by key, grid runs by key + (lr,), budget checks by key + (epochs,)
+        self.kept, self.kept_grid, self.kept_budgets = {}, {}, {}
 
     def base(self, seed):
         """The trained base of `seed`: trained in this run, or loaded from its saved file (--resume)."""
@@ -1906,7 +2063,8 @@ def new_model(ctx, method, seed, rank):
         model.requires_grad_(False).get_submodule(CNN.head).requires_grad_(True)
     else:
         cls = adapter_class(method)
-        add_adapters(model, cls, AdapterConfig(rank, args.alpha, args.dropout), args.train_head, **cls.options(args))
+        config = AdapterConfig(rank, args.alpha, args.dropout, use_rslora=args.scaling == "rslora")
+        add_adapters(model, cls, config, args.train_head, **cls.options(args))
     return model, args.finetune_epochs
 
 
@@ -1934,28 +2092,68 @@ def save_model(ctx, key, model):
     return path, path.stat().st_size
 
 
+BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+
+
+@torch.inference_mode()
+def right_images(model, images, labels, batch_size=1000):
+    """Which images the model gets right, packed 8 to a byte, in hex (625 bytes for 5,000 validation images):
+    two runs' margin on the same images is then paired, image by image (paired_margin)."""
+    model.eval()
+    right = torch.cat([model(images[i:i + batch_size]).argmax(1) == labels[i:i + batch_size]
+                       for i in range(0, len(labels), batch_size)]).cpu()
+    padded = F.pad(right.to(torch.uint8), (0, -len(right) % 8)).view(-1, 8)
+    return bytes((padded * BIT_WEIGHTS).sum(1, dtype=torch.uint8).tolist()).hex()
+
+
+def paired_margin(a_hex, b_hex, n):
+    """(images run a gets right that run b does not, minus the reverse; the standard error of that count): the
+    two runs' difference on the same n images, its spread from the images they disagree on (McNemar)."""
+    a, b = ((torch.tensor(list(bytes.fromhex(h)), dtype=torch.uint8).unsqueeze(1) & BIT_WEIGHTS).ne(0).flatten()[:n]
+            for h in (a_hex, b_hex))
+    only_a, only_b = int((a & ~b).sum()), int((b & ~a).sum())
+    return only_a - only_b, math.sqrt(max(0.0, only_a + only_b - (only_a - only_b) ** 2 / n))
+
+
+def stability(fitted):
+    """{"status": "ok"}, or "unstable" with the reason for a run that collapsed to chance after it had learned:
+    its best epoch was kept, but it is not a run to average or to choose a rate by."""
+    if not fitted["collapsed"]:
+        return {"status": "ok"}
+    epoch, before = fitted["collapsed"]
+    return {"status": "unstable", "reason": f"collapsed to {fitted['history']['val_acc'][epoch - 1]:.2f} % validation "
+                                            f"accuracy at epoch {epoch}, after {before:.2f} %"}
+
+
 def run_method(ctx, key, lr, grid=False, trained=None):
     """Train, test once and save one run: (result, model). A grid run (choosing the rate) reports validation
     numbers only, no test, no file, and returns (model, fit, CUDA peak) as its model: the run at the chosen rate
     is finished from that (`trained`), not trained again."""
     method, seed, rank = key
     model, fitted, cuda_peak = trained or fit(ctx, key, lr)
-    if grid:
-        best = fitted["best_epoch"] - 1
-        return {"lr": lr, "status": "ok", "val_acc": fitted["history"]["val_acc"][best],
-                "val_loss": fitted["history"]["val_loss"][best], "epochs_run": fitted["epochs_run"],
-                "best_epoch": fitted["best_epoch"], "train_time_s": fitted["train_time_s"],
-                "history": fitted["history"]}, (model, fitted, cuda_peak)
     data = ctx.splits["mnist" if method == "base" else ctx.args.task]
+    if grid:
+        kept, history = fitted["best_epoch"] - 1, fitted["history"]
+        return {"lr": lr, **stability(fitted), "val_acc": history["val_acc"][kept],
+                "val_loss": history["val_loss"][kept],
+                "epochs_run": fitted["epochs_run"], "best_epoch": fitted["best_epoch"],
+                "train_time_s": fitted["train_time_s"], "history": history,
+                "val_right": right_images(model, *data["val"])}, (model, fitted, cuda_peak)
     test_loss, test_acc = evaluate(model, *data["test"])  # the test set, once per run
-    result = {"lr": lr, **measure(model, fitted, test_loss, test_acc, cuda_peak)}
+    result = {"lr": lr, **measure(model, fitted, test_loss, test_acc, cuda_peak), **stability(fitted),
+              "from_grid": trained is not None, "val_right": right_images(model, *data["val"])}
     if method == "base" and ctx.args.task != "mnist":  # where the fine-tuning starts from, on the shifted task
         result["task_test_loss"], result["task_test_acc"] = evaluate(model, *ctx.splits[ctx.args.task]["test"])
-    if adapter_class(method):
-        result |= adapter_class(method).record(adapter_layers(model))
+    cls = adapter_class(method)
+    if cls:
+        result |= cls.record(adapter_layers(model))
     path, result["file_bytes"] = save_model(ctx, key, model)
     result["file_sha256"] = file_digest(path)  # --resume trusts the saved model only while this matches
-    result["full_model_file_bytes"] = saved_model_file(ctx.out, "base", seed).stat().st_size
+    base_file = saved_model_file(ctx.out, "base", seed)
+    result["full_model_file_bytes"] = base_file.stat().st_size
+    if cls and cls.peft_loads_as:  # PEFT computes something else with this folder (QLoRA: on the fp32 base)
+        in_peft = load_adapter(base_file, path, ctx.device, method=cls.peft_loads_as)
+        result["test_acc_in_peft"] = evaluate(in_peft, *data["test"])[1]
     return result, model
 
 
@@ -1981,64 +2179,136 @@ def divergence_advice(key, lr, args, too_slow=False):
         return f"raise --lr (now {lr:g}) or the epoch budget (--{'epochs' if method == 'base' else 'finetune-epochs'})"
     advice = f"lower --lr (now {lr:g})"
     if adapter_class(method) and args.alpha > SETTINGS["alpha"][0]:
-        advice += f" or --alpha (now {args.alpha:g}: every update is scaled by alpha/r = {args.alpha / rank:g})"
+        scale = args.alpha / (math.sqrt(rank) if args.scaling == "rslora" else rank)
+        advice += f" or --alpha (now {args.alpha:g}: every update is scaled by {scale:g})"
     return advice
 
 
 def attempt(ctx, key, lr, name, grid=False, trained=None):
-    """(result, model) of one run; a run that cannot finish is recorded with its reason, and the others go on."""
+    """(result, model) of one run; a run that cannot finish is recorded with its reason and the time it took,
+    and the others go on."""
+    started = time.perf_counter()
+
+    def stopped(status, reason):
+        return {"status": status, "reason": reason, "train_time_s": time.perf_counter() - started}, None
     try:
         result, model = run_method(ctx, key, lr, grid, trained)
         if grid:
             print(f"Best validation accuracy {result['val_acc']:.2f}% (epoch {result['best_epoch']})")
         else:
             report_method(result)
+        if result["status"] == "unstable":
+            print(f"{name} is unstable: {result['reason']}; its best epoch is kept but not counted"
+                  + (" and its rate not chosen." if grid else ". Going on with the other methods."))
         return result, model
     except BitsAndBytesUnavailable as e:
         print(f"{name} skipped: {e}")
-        return {"status": "skipped", "reason": str(e)}, None
+        return stopped("skipped", str(e))
     except Diverged as e:
         print(f"{name} failed: {e}; {divergence_advice(key, lr, ctx.args, e.too_slow)}. Going on with the other "
               f"methods.")
-        return {"status": "failed", "reason": str(e)}, None
+        return stopped("failed", str(e))
     except torch.cuda.OutOfMemoryError:
         print(f"{name} ran out of CUDA memory: try a smaller --batch-size.")
-        return {"status": "failed", "reason": "CUDA out of memory"}, None
+        return stopped("failed", "CUDA out of memory")
     except (MemoryError, RuntimeError) as e:
         if not (isinstance(e, MemoryError) or "can't allocate memory" in str(e) or "not enough memory" in str(e)):
             raise
         print(f"{name} ran out of memory: try a smaller --batch-size.")  # the CPU allocator's own words are a page
-        return {"status": "failed", "reason": "out of memory"}, None
+        return stopped("failed", "out of memory")
+
+
+MAX_EXTENSIONS = 3  # steps a grid may grow past either end while its best rate sits there
+
+
+def next_rate(grid, best, original):
+    """The rate one step past the end of `grid` where its best rate sits, at the original grid's mean spacing in
+    log scale (k steps from its end, rounded to one digit: a 1e-3, 3e-3, 1e-2 grid grows to 3e-4, 1e-4 or to
+    3e-2, 1e-1), or None when the best is interior or the grid has grown MAX_EXTENSIONS steps that way."""
+    step = 10 ** (math.log10(max(original) / min(original)) / (len(original) - 1)) if len(original) > 1 else 3.0
+    for end, start, factor in ((min(grid), min(original), 1 / step), (max(grid), max(original), step)):
+        grown = sum(r < start if factor < 1 else r > start for r in grid)
+        beyond = float(f"{start * factor ** (grown + 1):.0e}")
+        if best == end and grown < MAX_EXTENSIONS and beyond not in grid:
+            return beyond
+    return None
+
+
+def grid_run(ctx, key, lr, trained):
+    """One run of the rate grid (kept from an earlier run, or trained here): its record, appended to results."""
+    method, seed, rank = key
+    ctx.stage["now"] = name = f"{display(method)} at lr {lr:g} (learning-rate grid)"
+    if key + (lr,) in ctx.kept_grid:
+        print(f"{name}: finished in a previous run (results.json), kept.")
+        record = ctx.kept_grid[key + (lr,)]
+    else:
+        print(f"Learning-rate grid: {display(method)} at lr {lr:g}, seed {seed}, judged on validation...")
+        result, trained[lr] = attempt(ctx, key, lr, name, grid=True)
+        record = {"method": method, "seed": seed, "rank": rank, "lr": lr, **result,
+                  "extension": lr not in ctx.args.lrs}
+    ctx.results["lr_grid"].append(record)
+    save_results(ctx.results, ctx.out)
+    return record
 
 
 def choose_rate(ctx, method, rank):
-    """(rate, trained) for `method`: with --lrs, the rate of the grid whose run on the first seed reached the
-    best validation accuracy (ties: the lower validation loss, then the lower rate), None if every rate
-    failed, and that run's (model, fit, CUDA peak) when it trained here; otherwise --lr, or the method's
-    rate in METHODS (BASE for the base), and None. Recorded in results["learning_rates"]."""
+    """(rate, trained) for `method`: with --lrs, the rate whose run on the first seed is best by the selection
+    criterion, among the runs that neither failed nor collapsed (ties: the lower rate), None if none is left;
+    the grid grows one step past an end while its best rate sits there (the optimum may lie beyond), until the
+    best is interior or the next rate is unstable. Returns that run's (model, fit, CUDA peak) when it trained
+    here. Without --lrs: --lr, or the method's rate in METHODS (BASE for the base), and None. Recorded in
+    results["learning_rates"], with the margin over the runner-up in validation images."""
     args, results = ctx.args, ctx.results
     if not args.lrs or method == "base":  # the base trains from scratch at its own rate: no grid
         table = "BASE" if method == "base" else "METHODS"
         results["learning_rates"][method] = {"lr": args.lr or row(method).lr, "chosen_by": "--lr" if args.lr else table}
         return results["learning_rates"][method]["lr"], None
-    key, trained = (method, args.seed, rank), {}
-    for lr in args.lrs:
-        ctx.stage["now"] = name = f"{display(method)} at lr {lr:g} (learning-rate grid)"
-        if key + (lr,) in ctx.kept_grid:
-            results["lr_grid"].append(ctx.kept_grid[key + (lr,)])
-            print(f"{name}: finished in a previous run (results.json), kept.")
-            continue
-        print(f"Learning-rate grid: {display(method)} at lr {lr:g}, seed {args.seed}, judged on validation...")
-        result, trained[lr] = attempt(ctx, key, lr, name, grid=True)
-        results["lr_grid"].append({"method": method, "seed": args.seed, "rank": rank, "lr": lr, **result})
-        save_results(results, ctx.out)
-    ok = sorted((r for r in ok_runs(results["lr_grid"], method) if r["rank"] == rank), key=lambda r: r["lr"])
-    if not ok:
-        return None, None
-    best = max(ok, key=lambda r: (r["val_acc"], -r["val_loss"]))  # max keeps the first, lowest rate of a tie
-    results["learning_rates"][method] = {"lr": best["lr"], "chosen_by": "validation grid", "grid": args.lrs}
-    print(f"{display(method)}: lr {best['lr']:g} chosen ({best['val_acc']:.2f}% validation accuracy).")
+    key, grid, trained, records = (method, args.seed, rank), list(args.lrs), {}, {}
+    while True:
+        for lr in grid:
+            if lr not in records:
+                records[lr] = grid_run(ctx, key, lr, trained)
+        stable = sorted((r for r in records.values() if r["status"] == "ok"), key=lambda r: r["lr"])
+        if not stable:
+            return None, None
+        ranked = sorted(stable, key=lambda r: selection_key(r["val_acc"], r["val_loss"]), reverse=True)  # stable sort
+        beyond = next_rate(grid, ranked[0]["lr"], args.lrs)
+        if beyond is None:
+            break
+        grid.append(beyond)
+    best, runner_up = ranked[0], (ranked[1] if len(ranked) > 1 else None)
+    chosen = {"lr": best["lr"], "chosen_by": "validation grid", "grid": sorted(grid),
+              "extended": sorted(set(grid) - set(args.lrs)), "runner_up": runner_up and runner_up["lr"]}
+    if runner_up:
+        n = len(ctx.splits[args.task]["val"][1])
+        chosen["margin_images"], chosen["margin_se"] = paired_margin(best["val_right"], runner_up["val_right"], n)
+    results["learning_rates"][method] = chosen
+    print(f"{display(method)}: lr {best['lr']:g} chosen ({best['val_acc']:.2f}% validation accuracy"
+          + (f"; {chosen['margin_images']:+d} ± {chosen['margin_se']:.1f} images over lr {runner_up['lr']:g})."
+             if runner_up else ")."))
     return best["lr"], trained.get(best["lr"])
+
+
+def check_budgets(ctx):
+    """The first seed's fine-tuning runs again at their chosen rates with every other budget of --budgets, on
+    validation only (results["budget_check"]): does validation accuracy still rise past the comparison's budget?"""
+    args = ctx.args
+    for method in (m for m in args.methods if m != "base" and ctx.results["learning_rates"].get(m, {}).get("lr")):
+        key, rate = (method, args.seed, run_rank(method, args.rank)), ctx.results["learning_rates"][method]["lr"]
+        for epochs in (e for e in args.budgets if e != finetune_budget(ctx.results["config"])):  # the comparison's
+            ctx.stage["now"] = name = f"{display(method)} with {epochs} epochs (budget check)"
+            if key + (epochs,) in ctx.kept_budgets:
+                print(f"{name}: finished in a previous run (results.json), kept.")
+                record = ctx.kept_budgets[key + (epochs,)]
+            else:
+                print(f"Budget check: {display(method)} at lr {rate:g} for {epochs} epochs, seed {args.seed}, "
+                      f"judged on validation...")
+                longer = copy.copy(ctx)  # the same run with another budget, as asked even in a quick run
+                longer.args = argparse.Namespace(**vars(args) | {"finetune_epochs": epochs, "quick": False})
+                record = {"method": method, "seed": args.seed, "rank": key[2], "lr": rate, "epochs": epochs,
+                          **attempt(longer, key, rate, name, grid=True)[0]}
+            ctx.results["budget_check"].append(record)
+            save_results(ctx.results, ctx.out)
 
 
 def doing(method):
@@ -2067,7 +2337,8 @@ def run_plan(ctx, plan):
             print(f"{name}: finished in a previous run (results.json), kept.")
             continue
         if rates[method] is None:
-            result, model = {"status": "failed", "reason": "every rate of the --lrs grid failed"}, None
+            result, model = {"status": "failed", "reason": "every rate of the --lrs grid failed",
+                             "train_time_s": 0.0}, None
         else:
             print(f"{doing(method)}{which}, lr {rates[method]:g}...")
             reuse = grid_run if (seed, rank) == (args.seed, run_rank(method, args.rank)) else None  # same seed, rate
@@ -2116,37 +2387,44 @@ def optional(check):
     return lambda v: v is None or check(v)
 
 
+def hex_bits(v):
+    return isinstance(v, str) and all(c in "0123456789abcdef" for c in v)
+
+
 HISTORY_KEYS = ("train_loss", "val_loss", "val_acc", "lr", "epoch_time_s")  # train()'s per-epoch curves
 RECORD = {  # every field of results.json's run records that the code reads, with its check: one schema for all
     "every": {"method": lambda v: v == "base" or v in METHODS, "seed": count, "rank": optional(count),
-              "status": lambda v: v in ("ok", "failed", "skipped")},
-    "not ok": {"reason": lambda v: isinstance(v, str)},
+              "status": lambda v: v in ("ok", "unstable", "failed", "skipped")},
+    "not ok": {"reason": lambda v: isinstance(v, str), "train_time_s": finite},  # the time it took to stop
     "run": {"lr": rate, "test_acc": percent, "test_loss": finite, "train_time_s": finite, "epochs_run": count,
             "best_epoch": count, "trainable_params": count, "total_params": count, "weight_bytes": count,
             "grad_bytes": count, "optimizer_bytes": count, "train_state_bytes": count, "frozen_weight_bytes": count,
             "frozen_weight_fp32_bytes": count, "cuda_peak_bytes": optional(count), "file_bytes": count,
             "full_model_file_bytes": count, "file_sha256": lambda v: isinstance(v, str), "history": curves,
-            "stored_params": count},
+            "stored_params": count, "from_grid": lambda v: isinstance(v, bool), "val_right": hex_bits},
     "run on a shifted task": {"task_test_acc": percent, "task_test_loss": finite},  # the base's, on task != mnist
-    "grid": {"lr": rate},
-    "grid ok": {"val_acc": percent, "val_loss": finite, "epochs_run": count, "best_epoch": count,
-                "train_time_s": finite, "history": curves},
+    "grid": {"lr": rate, "extension": lambda v: isinstance(v, bool)},
+    "budget": {"lr": rate, "epochs": count},  # a run of the budget check
+    "validation only": {"val_acc": percent, "val_loss": finite, "epochs_run": count, "best_epoch": count,
+                        "train_time_s": finite, "history": curves, "val_right": hex_bits},
 }
+FINISHED = ("ok", "unstable")  # a run with its numbers: unstable ones are kept, shown, not averaged or chosen
 
 
 def record_checks(record, kind, task):
     """{field: check} of the schema for one record of results.json's `kind` ("runs", "other_runs", "lr_grid"):
     RECORD's parts, and for a finished run of an adapter method what its class records."""
-    parts = ["every"] + (["grid"] if kind == "lr_grid" else [])
+    parts = ["every"] + {"lr_grid": ["grid"], "budget_check": ["budget"]}.get(kind, [])
     if record.get("status") != "ok":
         parts.append("not ok")
-    elif kind == "lr_grid":
-        parts.append("grid ok")
-    else:
+    if record.get("status") in FINISHED and kind in ("lr_grid", "budget_check"):
+        parts.append("validation only")
+    elif record.get("status") in FINISHED:
         parts += ["run"] + (["run on a shifted task"] if record.get("method") == "base" and task != "mnist" else [])
     checks = {field: check for part in parts for field, check in RECORD[part].items()}
     cls = adapter_class(record.get("method")) if "run" in parts and record.get("method") in METHODS else None
-    return checks | (cls.record_checks() if cls else {})
+    in_peft = {"test_acc_in_peft": percent} if cls and cls.peft_loads_as else {}
+    return checks | (cls.record_checks() if cls else {}) | in_peft
 
 
 def check_results_file(results):
@@ -2155,7 +2433,7 @@ def check_results_file(results):
     if not isinstance(results, dict) or not isinstance(results.get("config"), dict):
         raise ValueError("no config")
     task = results["config"].get("task")
-    for kind in ("runs", "other_runs", "lr_grid"):
+    for kind in ("runs", "other_runs", "lr_grid", "budget_check"):
         records = results.get(kind, None if kind == "runs" else [])
         if not isinstance(records, list):
             raise ValueError(f"{kind} is not a list")
@@ -2188,10 +2466,11 @@ def saved_model_problem(out, run):
 
 
 def previous_results(out, config, plan, log=print):
-    """(kept, others, grid) of an earlier run into `out` with the same settings: kept = {(method, seed, rank):
-    result} of the planned runs, others = the rest (carried along: a --resume with fewer methods, seeds or ranks
-    drops none), grid = its learning-rate grid runs by (method, seed, rank, lr). A run counts only while its saved
-    model matches its recorded checksum, and its seed's base too: a base missing or trained again drops the rest."""
+    """(kept, others, grid, budgets) of an earlier run into `out` with the same settings: kept = {(method, seed,
+    rank): result} of the planned runs, others = the rest (carried along: a --resume with fewer methods, seeds or
+    ranks drops none), grid = its learning-rate grid runs by (method, seed, rank, lr), budgets = its budget-check
+    runs by (method, seed, rank, epochs). A run counts only while its saved model matches its recorded checksum,
+    and its seed's base too: a base missing or trained again drops the rest."""
     path = Path(out) / "results.json"
     if not path.exists():
         return {}, [], {}
@@ -2210,7 +2489,7 @@ def previous_results(out, config, plan, log=print):
                           f"would not be comparable: use another --out-dir, the same settings, or drop --resume")
     trusted = {}
     for run in earlier["runs"] + earlier.get("other_runs", []):
-        if run["status"] != "ok":
+        if run["status"] not in FINISHED:
             continue
         problem = saved_model_problem(out, run)
         if problem:
@@ -2218,10 +2497,11 @@ def previous_results(out, config, plan, log=print):
         else:
             trusted[run["method"], run["seed"], run["rank"]] = run
     trusted = {key: r for key, r in trusted.items() if ("base", key[1], None) in trusted}
-    grid = {(r["method"], r["seed"], r["rank"], r["lr"]): r for r in earlier.get("lr_grid", [])
-            if r["status"] in ("ok", "failed") and ("base", r["seed"], None) in trusted}  # a diverged rate stays so
+    def validation_runs(kind, last):  # a diverged rate stays so; skipped ones are tried again
+        return {(r["method"], r["seed"], r["rank"], r[last]): r for r in earlier.get(kind, [])
+                if r["status"] in ("ok", "unstable", "failed") and ("base", r["seed"], None) in trusted}
     return ({k: r for k, r in trusted.items() if k in plan}, [r for k, r in trusted.items() if k not in plan],
-            grid)
+            validation_runs("lr_grid", "lr"), validation_runs("budget_check", "epochs"))
 
 
 def check_bases(args, plan, kept, others):
@@ -2279,7 +2559,8 @@ def own_outputs(out):
     temporary files of any of them. Nothing else: a user's seed_photos/ or notes in seed0/ are not ours."""
     def with_temporary(folder, names):
         return [folder / n for name in names for n in (name, f".{name}.tmp")]
-    files = with_temporary(out, ("results.json", "results.md", SWEEP_PLOT, LR_PLOT, RANK_PLOT) + PLOT_FILES)
+    files = with_temporary(out, ("results.json", "results.md", SWEEP_PLOT, LR_PLOT, RANK_PLOT, BUDGET_PLOT)
+                           + PLOT_FILES)
     folders = []
     for seed_dir in (p for p in out.iterdir() if SEED_FOLDER.fullmatch(p.name) and real_folder(p)):
         files += with_temporary(seed_dir, MODEL_FILES.values())
@@ -2404,8 +2685,9 @@ def number_list(args, name, kind, example):
             what = "whole numbers" if kind is int else "numbers"
             raise ConfigError(f"--{name} must be {what} separated by commas, like {example} (got {text!r})") from None
         if text.strip() and not getattr(args, name):
-            raise ConfigError(f"--{name} names no {'rank' if kind is int else 'rate'} (got {text!r}): give "
-                              f"numbers separated by commas, like {example}, or leave it out")
+            noun = {"lrs": "rate", "ranks": "rank", "budgets": "budget"}[name]
+            raise ConfigError(f"--{name} names no {noun} (got {text!r}): give numbers separated by commas, like "
+                              f"{example}, or leave it out")
     return getattr(args, name)
 
 
@@ -2430,7 +2712,8 @@ def check_args(args):
                           f"{', '.join(['base', *METHODS])}, comma-separated")
     if "base" in args.methods and args.methods[0] != "base":
         raise ConfigError("base must come first in --methods: the other methods fine-tune the base it trains")
-    for flag, value, allowed in (("--task", args.task, TASKS), ("--device", args.device, ("auto", "cpu", "cuda"))):
+    for flag, value, allowed in (("--task", args.task, TASKS), ("--device", args.device, ("auto", "cpu", "cuda")),
+                                 ("--scaling", args.scaling, ("lora", "rslora"))):
         if value not in allowed:
             raise ConfigError(f"unknown {flag} {value!r}: choose from {', '.join(allowed)}")
     for name in ("out_dir", "data_dir"):
@@ -2438,9 +2721,12 @@ def check_args(args):
             raise ConfigError(f"--{name.replace('_', '-')} must name a folder (got an empty name)")
     for name, (low, high) in BOUNDS.items():
         value = getattr(args, name)
-        if value < low or (high is not None and value > high):
+        if value is not None and (value < low or (high is not None and value > high)):  # patience may be none
             raise ConfigError(f"--{name.replace('_', '-')} must be "
                               f"{f'between {low} and {high}' if high else f'at least {low}'} (got {value})")
+    for epochs in number_list(args, "budgets", int, "20,40"):
+        if not 1 <= epochs <= BOUNDS["finetune_epochs"][1]:
+            raise ConfigError(f"--budgets must be between 1 and {BOUNDS['finetune_epochs'][1]} epochs (got {epochs})")
     grid = number_list(args, "lrs", float, "1e-3,3e-3,1e-2")
     if len(grid) > MAX_GRID:
         raise ConfigError(f"--lrs holds {len(grid)} rates: at most {MAX_GRID} (each is a training run per method)")
@@ -2514,7 +2800,8 @@ def run_config(args, splits):
     """What decides the numbers (results.json's "config"; --resume needs it equal): the settings, less where
     files go, which methods, seeds and ranks run (they may differ between resumed runs), and the split sizes."""
     config = {k: v for k, v in vars(args).items()
-              if k not in ("data_dir", "out_dir", "device", "methods", "resume", "overwrite", "seeds", "ranks")}
+              if k not in ("data_dir", "out_dir", "device", "methods", "resume", "overwrite", "seeds", "ranks",
+                           "budgets")}
     return config | dict(learning_rates=default_rates(), quant_blocksize=QUANT_BLOCKSIZE,
                          val_size=len(splits["mnist"]["val"][1]), train_size=len(splits["mnist"]["train"][1]),
                          test_size=len(splits["mnist"]["test"][1]))
@@ -2562,21 +2849,23 @@ def run_experiment(args, stage):
                           else "cpu")
     splits = load_splits(args, device)
     config = run_config(args, splits)
-    kept, others, kept_grid = previous_results(out, config, plan) if args.resume else ({}, [], {})
+    kept, others, kept_grid, kept_budgets = previous_results(out, config, plan) if args.resume else ({}, [], {}, {})
     check_bases(args, plan, kept, others)
     if replacing:  # every check has passed: the run will start
         remove_own_outputs(out)
     results = {"config": config, "environment": environment(device), "methods": args.methods,
                "seeds": seeds_of(args), "ranks": args.ranks, "learning_rates": {}, "lr_grid": [], "runs": [],
-               "other_runs": others}
+               "other_runs": others, "budget_check": []}
     ctx = Run(args, device, splits, results, stage)
-    ctx.kept, ctx.kept_grid = kept, kept_grid
+    ctx.kept, ctx.kept_grid, ctx.kept_budgets = kept, kept_grid, kept_budgets
     print(f"{'QUICK RUN (a smoke test, not results). ' if args.quick else ''}Device: "
           f"{results['environment']['device_name']}\n{config['train_size']:,} training, {config['val_size']:,} "
           f"validation, {config['test_size']:,} test images; fine-tuning on {args.task}; {len(plan)} runs "
           f"({args.seeds} seed(s){f', ranks {args.ranks}' if args.ranks else ''})\nWriting to {out}/")
     try:
         ok = run_plan(ctx, plan)
+        if ok and args.budgets:
+            check_budgets(ctx)
         if ok and any(r["status"] == "ok" for r in main_runs(results)):
             stage["now"] = "the latency measurement"
             print("Measuring inference latency, as trained and merged...")
@@ -2591,7 +2880,7 @@ def run_experiment(args, stage):
         raise
     draw_finished(results, out, stage)
     print_summary(results, args)
-    return 0 if ok and all(r["status"] != "failed" for r in results["runs"]) else 1
+    return 0 if ok and all(r["status"] not in ("failed", "unstable") for r in results["runs"]) else 1
 
 
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))

@@ -162,8 +162,6 @@ def test_latency_is_measured_for_the_first_seeds_finished_runs_from_their_saved_
             for batch, ms in by_batch.items():
                 low, high = t["latency_range_ms"][kind][batch]
                 assert 0 < low <= ms <= high
-    qlora = inference["qlora"]
-    assert qlora["test_acc_nf4_base"] == 12.5 and 0 <= qlora["test_acc_fp32_base"] <= 100
     for method, t in results["inference"].items():
         for kind in t["latency_ms"]:
             assert set(t["latency_ms"][kind]) == {"1", "1000"} and min(t["latency_ms"][kind].values()) > 0

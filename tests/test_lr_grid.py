@@ -1,6 +1,7 @@
 """The learning rate per method: chosen on validation from a grid (never the test set), ties broken as the
 README says; Fashion-MNIST as a fine-tuning task, with the same data checks as MNIST; the head-only baseline."""
 import json
+import math
 import shutil
 import urllib.error
 
@@ -35,6 +36,7 @@ def context(args, splits=None, base=None):
 
 def test_the_rate_is_chosen_on_validation_and_the_test_set_is_never_read(tmp_path, monkeypatch):
     monkeypatch.setattr(main, "save_results", lambda *a: None)
+    monkeypatch.setattr(main, "MAX_EXTENSIONS", 0)  # the two rates alone (growing the grid is tested below)
     monkeypatch.setattr(main, "AT_CHANCE", 0)  # random labels: learning them is not the point
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(96, 1, 28, 28, generator=g), torch.randint(0, 10, (96,), generator=g)
@@ -45,8 +47,9 @@ def test_the_rate_is_chosen_on_validation_and_the_test_set_is_never_read(tmp_pat
     grid = results["lr_grid"]
     assert [r["lr"] for r in grid] == [1e-3, 1e-1] and all("test_acc" not in r for r in grid)
     best = max(grid, key=lambda r: (r["val_acc"], -r["val_loss"]))
-    assert lr == best["lr"] and results["learning_rates"]["lora"] == {"lr": lr, "chosen_by": "validation grid",
-                                                                      "grid": [1e-3, 1e-1]}
+    chosen = results["learning_rates"]["lora"]
+    assert lr == best["lr"] and chosen["chosen_by"] == "validation grid" and chosen["grid"] == [1e-3, 1e-1]
+    assert chosen["runner_up"] == ({1e-3, 1e-1} - {lr}).pop() and chosen["extended"] == []
     assert trained[1]["history"]["val_acc"] == best["history"]["val_acc"]  # that very run is finished later
 
 
@@ -57,10 +60,11 @@ def test_ties_go_to_the_lower_validation_loss_then_the_lower_rate(tmp_path, monk
         if scripted[lr] is None:
             raise main.Diverged("diverged at epoch 1 (training loss nan)")
         acc, loss = scripted[lr]
-        return {"lr": lr, "status": "ok", "val_acc": acc, "val_loss": loss, "best_epoch": 1}, None
+        return {"lr": lr, "status": "ok", "val_acc": acc, "val_loss": loss, "best_epoch": 1,
+                "val_right": "ff" * 5}, None
     monkeypatch.setattr(main, "run_method", run_method)
     monkeypatch.setattr(main, "save_results", lambda *a: None)
-    ctx = context(grid_args(tmp_path, "3e-2,1e-2,3e-3,1e-3,1e-1"))
+    ctx = context(grid_args(tmp_path, "3e-2,1e-2,3e-3,1e-3,1e-1"), {"mnist": {"val": (None, torch.zeros(40))}})
     lr, _ = main.choose_rate(ctx, "dora", 8)
     results = ctx.results
     assert lr == 1e-2  # 92 % thrice; of those, loss 0.20 twice; of those, the lower rate
@@ -158,7 +162,11 @@ def test_quick_fashion_run_with_a_grid_runs_every_method(fashion_dir, tmp_path, 
     results = json.loads((tmp_path / "results.json").read_text())
     main_runs = {r["method"]: r for r in results["runs"]}
     assert set(main_runs) == {"base", *main.METHODS} and all(r["status"] == "ok" for r in main_runs.values())
-    assert [(r["method"], r["lr"]) for r in results["lr_grid"]] == [(m, lr) for m in main.METHODS for lr in (1e-3, 1e-2)]
+    for method in main.METHODS:  # the grid asked for, then steps past an end while the best rate sat there
+        mine = [r for r in results["lr_grid"] if r["method"] == method]
+        assert [r["lr"] for r in mine[:2]] == [1e-3, 1e-2] and all(r["extension"] for r in mine[2:])
+    assert [r["method"] for r in results["lr_grid"]] == sorted((r["method"] for r in results["lr_grid"]),
+                                                               key=list(main.METHODS).index)
     for method in main.METHODS:
         chosen = results["learning_rates"][method]
         assert chosen["chosen_by"] == "validation grid" and main_runs[method]["lr"] == chosen["lr"]
@@ -168,5 +176,64 @@ def test_quick_fashion_run_with_a_grid_runs_every_method(fashion_dir, tmp_path, 
     assert results["summary"]["base_on_task"]["test_acc"]["mean"] < 30  # digits' features, clothes' labels
     assert (tmp_path / main.LR_PLOT).stat().st_size > 10_000
     table = (tmp_path / "results.md").read_text()
-    assert "Learning-rate grid (seed 0" in table and "(chosen on validation from 0.001, 0.01)" in table
+    assert "Learning-rate grid (seed 0" in table and "(chosen on validation from 0.001, 0.01" in table
     assert "| Head only |" in table and "Learning rates: " in stdout
+
+
+# ------------------------------------------------------------- a grid that brackets its choice
+def scripted_grid(monkeypatch, accuracy):
+    """run_method answering a grid run from accuracy(lr): a number, "unstable" (collapsed) or None (diverged)."""
+    tried = []
+
+    def run_method(ctx, key, lr, *a, **k):
+        tried.append(lr)
+        acc = accuracy(lr)
+        if acc is None:
+            raise main.Diverged("diverged at epoch 1 (training loss nan)")
+        status = {"status": "unstable", "reason": "collapsed"} if acc == "unstable" else {"status": "ok"}
+        acc = 99.0 if acc == "unstable" else acc  # an unstable run may have been the best before it collapsed
+        return {"lr": lr, **status, "val_acc": acc, "val_loss": 1 - acc / 100, "best_epoch": 1,
+                "val_right": "ff" * 5}, None
+    monkeypatch.setattr(main, "run_method", run_method)
+    monkeypatch.setattr(main, "save_results", lambda *a: None)
+    return tried
+
+
+def test_the_grid_grows_past_its_top_until_the_next_rate_is_unstable(tmp_path, monkeypatch):
+    tried = scripted_grid(monkeypatch, lambda lr: "unstable" if lr > 0.05 else 80 + 100 * lr)
+    ctx = context(grid_args(tmp_path, "1e-3,3e-3,1e-2"), {"mnist": {"val": (None, torch.zeros(40))}})
+    lr, _ = main.choose_rate(ctx, "lora", 8)
+    assert tried == [1e-3, 3e-3, 1e-2, 3e-2, 1e-1] and lr == 3e-2  # 1e-1 collapsed: not chosen, growth stops
+    chosen = ctx.results["learning_rates"]["lora"]
+    assert chosen["extended"] == [3e-2, 1e-1] and chosen["runner_up"] == 1e-2
+    assert [r["extension"] for r in ctx.results["lr_grid"]] == [False] * 3 + [True] * 2
+
+
+def test_the_grid_grows_past_its_bottom_at_most_three_steps(tmp_path, monkeypatch):
+    tried = scripted_grid(monkeypatch, lambda lr: 90 - 100 * lr)  # ever better at lower rates
+    ctx = context(grid_args(tmp_path, "1e-3,3e-3,1e-2"), {"mnist": {"val": (None, torch.zeros(40))}})
+    lr, _ = main.choose_rate(ctx, "dora", 8)
+    assert tried == [1e-3, 3e-3, 1e-2, 3e-4, 1e-4, 3e-5] and lr == 3e-5  # the limit reached, said in the record
+    assert ctx.results["learning_rates"]["dora"]["extended"] == [3e-5, 1e-4, 3e-4]
+
+
+def test_an_unstable_rate_is_never_chosen_however_high_its_kept_epoch(tmp_path, monkeypatch):
+    scripted_grid(monkeypatch, lambda lr: "unstable" if lr == 3e-3 else 90.0 + lr)
+    ctx = context(grid_args(tmp_path, "1e-3,3e-3,1e-2"), {"mnist": {"val": (None, torch.zeros(40))}})
+    monkeypatch.setattr(main, "MAX_EXTENSIONS", 0)
+    assert main.choose_rate(ctx, "lora", 8)[0] == 1e-2
+
+
+def test_the_margin_over_the_runner_up_is_paired_image_by_image():
+    class Echo(torch.nn.Module):  # predicts class 1 where the input is 1: right on those images, all labelled 1
+        def forward(self, x):
+            return torch.nn.functional.one_hot(x.long(), 2).float()
+
+    def bits(right):
+        return main.right_images(Echo(), torch.tensor(right), torch.ones(len(right), dtype=torch.long))
+    a, b = bits([1, 1, 0, 0, 1, 1, 1, 0, 1]), bits([1, 0, 1, 0, 0, 1, 1, 0, 1])
+    lead, se = main.paired_margin(a, b, 9)  # a alone right on images 1 and 4, b alone on image 2
+    assert lead == 1 and se == pytest.approx(math.sqrt(2 + 1 - 1 / 9))
+    assert main.paired_margin(a, a, 9) == (0, 0.0)
+    rate = {"runner_up": 3e-3, "margin_images": 1, "margin_se": se}
+    assert main.margin_cell(rate, 9) == "+1 ± 1.7 of 9 over 0.003 (within noise)"

@@ -201,9 +201,10 @@ def test_quick_run_writes_every_output_with_sane_numbers(quick_run):
             assert main.load_adapter(out / "seed0" / "base_model.pt", path)
     assert "| method | saved file (KiB) |" in table
     assert "**QUICK RUN: a smoke test" in table and "One seed (0): single values" in table
-    assert "mean ± std over" not in table and "epochs (best) = the epochs each seed ran" in table
-    qlora_on_fp32 = results["inference"]["qlora"]["test_acc_fp32_base"]
-    assert abs(qlora_on_fp32 - qlora["test_acc"]) < 2 and "QLoRA's adapter (seed 0) on the fp32 base" in table
+    assert "mean ± std over" not in table and "epochs (kept) = the epochs each seed ran" in table
+    assert abs(qlora["test_acc_in_peft"] - qlora["test_acc"]) < 2  # the adapter on the fp32 base, as PEFT loads it
+    assert "QLoRA's adapter as PEFT loads it (as LoRA on the fp32 base): " in table
+    assert all("test_acc_in_peft" not in r for m, r in runs.items() if m != "qlora")  # only where PEFT differs
 
 
 # ------------------------------------------------------------- seeds, a shifted task and a rank sweep
@@ -217,7 +218,8 @@ def seeds_run(tmp_path_factory, mnist_dir):
         mp.setattr(main, "epoch_order", lambda n, seed, epoch: used[-1][3].add(seed) or real_order(n, seed, epoch))
         mp.setattr(main, "measure_inference", lambda *a, **k: None)  # not what these tests look at
         code = main.main(["--quick", "--seeds", "2", "--task", "rotated", "--ranks", "2,8", "--methods", "base,full,lora",
-                          "--epochs", "1", "--finetune-epochs", "1", "--data-dir", str(mnist_dir), "--out-dir", str(out)])
+                          "--epochs", "1", "--finetune-epochs", "1", "--budgets", "2,3", "--data-dir", str(mnist_dir),
+                          "--out-dir", str(out)])
     return code, out, used
 
 
@@ -228,7 +230,8 @@ def test_every_method_runs_once_per_seed_and_shares_that_seeds_data_order(seeds_
     order = [("base", 0, None), ("full", 0, None), ("lora", 0, 8), ("base", 1, None), ("full", 1, None), ("lora", 1, 8),
              ("lora", 0, 2), ("lora", 1, 2)]  # the main comparison seed by seed, then the sweep
     assert [(r["method"], r["seed"], r["rank"]) for r in results["runs"]] == order
-    assert [(m, s, r) for m, s, r, _ in used] == order
+    checks = [("full", 0, None), ("full", 0, None), ("lora", 0, 8), ("lora", 0, 8)]  # then the budget check
+    assert [(m, s, r) for m, s, r, _ in used] == order + checks
     assert all(seeds == {seed} for _, seed, _, seeds in used)  # every run of seed k shuffles with seed k alone
     assert results["seeds"] == [0, 1] and results["ranks"] == [2, 8] and results["config"]["task"] == "rotated"
     bases = [torch.load(out / f"seed{s}" / "base_model.pt", weights_only=True)["conv1.weight"] for s in (0, 1)]
@@ -260,6 +263,11 @@ def test_the_summary_gives_mean_std_ci_the_base_on_the_target_and_paired_differe
     assert (out / main.SWEEP_PLOT).stat().st_size > 10_000
     table = (out / "results.md").read_text()
     assert "| Base, not fine-tuned (rotated) |" in table and "Rank sweep" in table and " ± " in table
+    budgets = [(r["method"], r["epochs"], r["seed"]) for r in results["budget_check"]]  # the first seed, validation only
+    assert budgets == [("full", 2, 0), ("full", 3, 0), ("lora", 2, 0), ("lora", 3, 0)]
+    assert all("test_acc" not in r and r["status"] == "ok" for r in results["budget_check"])
+    assert "| method | 1 epochs (the comparison's) | 2 epochs | 3 epochs |" in table
+    assert (out / main.BUDGET_PLOT).stat().st_size > 10_000
 
 
 def test_the_console_shows_mean_and_spread_and_resume_adds_only_new_runs(seeds_run, mnist_dir, capsys, tmp_path):
@@ -323,7 +331,7 @@ def test_divergence_fails_that_method_and_the_others_still_run(capsys, quick_run
     methods = runs_by_method(json.loads((out / "results.json").read_text()))
     assert code == 1
     assert methods["lora"] == {"method": "lora", "seed": 0, "rank": 8, "status": "failed",
-                               "reason": methods["lora"]["reason"]}
+                               "reason": methods["lora"]["reason"], "train_time_s": methods["lora"]["train_time_s"]}
     assert methods["lora"]["reason"].startswith("diverged at epoch 1") and methods["dora"]["status"] == "ok"
     assert "LoRA Model Test Accuracy: failed (diverged at epoch 1" in stdout
 
@@ -456,4 +464,5 @@ def test_a_new_method_is_one_row_and_one_class(capsys, mnist_dir, tmp_path, monk
     assert main.evaluate(loaded, *splits["test"])[1] == pytest.approx(run_["test_acc"], abs=0.015)  # the trained one
     assert "lora2x" in results["inference"]
     code, stdout, _ = run(capsys, *argv, "--resume")
-    assert code == 0 and stdout.count("kept.") == 5 and "Epoch " not in stdout  # base, 2 grid runs, ranks 8 and 2
+    assert code == 0 and "Epoch " not in stdout  # nothing trained again: the base, every grid run, ranks 8 and 2 kept
+    assert stdout.count("kept.") == 1 + len(results["lr_grid"]) + 2

@@ -1,5 +1,6 @@
 """Interop: the adapter folders load in Hugging Face PEFT (a test-only dependency) and give our numbers."""
 import copy
+import json
 import warnings
 
 import pytest
@@ -79,3 +80,32 @@ def test_our_loader_reads_a_folder_peft_wrote(tmp_path):
     x = torch.randn(16, 1, 28, 28)
     with torch.inference_mode():
         torch.testing.assert_close(reloaded(x), model(x), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["lora", "dyndora"])
+def test_rslora_scaling_is_written_for_peft_and_loads_to_our_logits(method, tmp_path):
+    """--scaling rslora: alpha / sqrt(r), PEFT's use_rslora (per layer for a dynamic rank's alpha_pattern)."""
+    torch.manual_seed(0)
+    base = main.CNN()
+    torch.save(base.state_dict(), tmp_path / "base_model.pt")
+    cls = main.adapter_class(method)
+    args = main.parse_args(["--rank", "4", "--alpha", "8", "--scaling", "rslora"])
+    model = main.add_adapters(copy.deepcopy(base), cls, main.AdapterConfig(4, 8, use_rslora=True),
+                              **cls.options(args))
+    for name, layer in main.adapter_layers(model).items():
+        assert layer.scaling == pytest.approx(8 / layer.rank ** 0.5)
+        with torch.no_grad():  # an update of a trained adapter's size: logits of a few units, not thousands
+            layer.lora_B.normal_(std=0.02)
+            if hasattr(layer, "gate"):
+                layer.gate.normal_(std=0.5)
+                layer.alive[:{"conv1": 1, "conv2": 3}.get(name, 0)] = False
+                layer.hold_pruned()
+    folder = main.save_adapter(model, method, 4, args, tmp_path / "adapters" / f"{method}_r4")
+    assert json.loads((folder / "adapter_config.json").read_text())["use_rslora"] is True
+    x = torch.randn(32, 1, 28, 28)
+    with torch.inference_mode():
+        ours = model.eval()(x)
+        assert (ours - base.eval()(x)).abs().max() > 1e-2  # the adapter changes the output
+        torch.testing.assert_close(peft_model(tmp_path, folder)(x), ours, atol=1e-5, rtol=0)
+        torch.testing.assert_close(main.load_adapter(tmp_path / "base_model.pt", folder).eval()(x), ours,
+                                   atol=1e-5, rtol=0)

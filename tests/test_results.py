@@ -1,6 +1,7 @@
 """Results over seeds: the t quantile, mean/std/95 % CI, paired differences, the summary rows, the rank sweep."""
 import math
 import statistics
+from pathlib import Path
 
 import pytest
 import torch
@@ -35,9 +36,10 @@ def test_mean_std_ci_by_hand():
 
 def run(method, seed, acc, rank=None, status="ok", **extra):
     if status != "ok":
-        return {"method": method, "seed": seed, "rank": rank, "status": status, "reason": "diverged at epoch 1"}
+        return {"method": method, "seed": seed, "rank": rank, "status": status, "reason": "diverged at epoch 1",
+                "train_time_s": 1.0}
     r = {"method": method, "seed": seed, "rank": rank, "status": "ok", "test_acc": acc, "train_time_s": 10.0 + seed,
-         "cuda_peak_bytes": None, "epochs_run": 4, "best_epoch": 3, "history": {}}
+         "cuda_peak_bytes": None, "epochs_run": 4, "best_epoch": 3, "history": {}, "lr": 1e-3, "from_grid": False}
     r.update({k: 1000 * (rank or 100) for k in main.SAME_FOR_EVERY_SEED + main.PER_SEED_SIZES})
     return {**r, **extra}
 
@@ -49,8 +51,9 @@ def fake_results(ranks=()):
             run("lora", 0, 96.0, rank=8), run("lora", 1, 96.6, rank=8), run("lora", 2, 96.0, rank=8),
             run("dora", 0, 96.5, rank=8), run("dora", 1, 0, rank=8, status="failed"), run("dora", 2, 96.1, rank=8),
             run("lora", 0, 90.0, rank=2), run("lora", 1, 91.0, rank=2)]
-    return {"config": {"rank": 8, "task": "rotated"}, "methods": ["base", "full", "lora", "dora"],
-            "seeds": [0, 1, 2], "ranks": list(ranks), "runs": runs}
+    return {"config": {"rank": 8, "task": "rotated", "quick": False, "finetune_epochs": 4},
+            "methods": ["base", "full", "lora", "dora"], "seeds": [0, 1, 2], "ranks": list(ranks), "runs": runs,
+            "other_runs": [], "lr_grid": [], "budget_check": [], "learning_rates": {}}
 
 
 def test_paired_difference_is_taken_seed_by_seed_over_the_seeds_both_finished():
@@ -77,7 +80,7 @@ def test_summary_rows_hold_means_spreads_byte_counts_and_the_base_on_the_target(
     dora = summary["dora"]
     assert dora["test_acc"]["n"] == 2 and dora["failed"] == ["seed 1: failed (diverged at epoch 1)"]
     table = main.comparison_table(main.add_summary(results))
-    assert "| Base (MNIST) | - | 99.10 ± 0.10 |" in table and "| Base, not fine-tuned (rotated) | - | 13.00 ± 1.00 |" in table
+    assert "| Base (MNIST) | 0.001 | 99.10 ± 0.10 |" in table and "| Base, not fine-tuned (rotated) | - | 13.00 ± 1.00 |" in table
     assert "DoRA (weight-decomposed) (1 run(s) seed 1: failed" in table and "| -1.03 [" in table
 
 
@@ -100,8 +103,8 @@ def test_rank_sweep_has_one_point_per_rank_that_ran_and_the_main_rank():
 
 def test_mean_curve_averages_the_runs_that_reached_each_epoch():
     runs = [{"history": {"val_acc": [90.0, 92.0, 93.0]}}, {"history": {"val_acc": [88.0, 94.0]}}]
-    epochs, mean, std = main.mean_curve(runs, "val_acc")
-    assert epochs == [1, 2, 3] and mean == [89.0, 93.0, 93.0]
+    epochs, mean, std, seeds = main.mean_curve(runs, "val_acc")
+    assert epochs == [1, 2, 3] and mean == [89.0, 93.0, 93.0] and seeds == [2, 2, 1]  # epoch 3: one run, said so
     assert std[:2] == pytest.approx([math.sqrt(2), math.sqrt(2)]) and math.isnan(std[2])
 
 
@@ -115,3 +118,31 @@ def test_plots_with_seeds_and_a_sweep_are_drawn_from_results_alone(tmp_path):
     written = main.plot_results(main.add_summary(results), tmp_path)
     assert set(written) == set(main.PLOT_FILES) | {main.SWEEP_PLOT}
     assert all((tmp_path / name).stat().st_size > 10_000 for name in written)
+
+
+def test_the_study_time_counts_every_run_once():
+    results = fake_results()
+    results["lr_grid"] = [{"method": "lora", "seed": 0, "rank": 8, "lr": 1e-3, "status": "ok", "train_time_s": 30.0},
+                          {"method": "lora", "seed": 0, "rank": 8, "lr": 1.0, "status": "failed", "train_time_s": 5.0}]
+    results["budget_check"] = [{"method": "lora", "seed": 0, "rank": 8, "epochs": 20, "status": "ok",
+                                "train_time_s": 50.0}]
+    lora0 = next(r for r in results["runs"] if (r["method"], r["seed"], r["rank"]) == ("lora", 0, 8))
+    lora0["from_grid"] = True  # seed 0's LoRA run is the grid's run at 1e-3: trained once, counted once
+    runs = sum(r["train_time_s"] for r in results["runs"]) - lora0["train_time_s"]
+    assert main.study_time_s(results) == pytest.approx(30.0 + 5.0 + 50.0 + runs)
+
+
+def test_curves_say_when_an_epoch_holds_fewer_seeds(tmp_path, monkeypatch):
+    import matplotlib.text
+    results = fake_results()
+    for r in results["runs"]:
+        if r["status"] == "ok":
+            n = 2 if (r["method"], r["seed"]) == ("full", 1) else 3  # full fine-tuning's seed 1 stopped early
+            r["history"] = {k: [1.0, 0.5, 0.4][:n] for k in ("train_loss", "val_loss")} | {"val_acc": [90.0, 95.0, 96.0][:n]}
+    results["environment"], results["config"]["test_size"] = {"device_name": "test"}, 10_000
+    titles, real_write = {}, main.write_atomic
+    monkeypatch.setattr(main, "write_atomic", lambda path, fig: titles.__setitem__(Path(path).name, " ".join(
+        t.get_text() for t in fig.findobj(matplotlib.text.Text))) or real_write(path, fig))
+    main.plot_results(main.add_summary(results), tmp_path)
+    assert "hollow: fewer seeds reached that epoch" in titles[main.PLOT_FILES[1]]  # full FT's epoch 3: 2 of 3 seeds
+    assert "hollow" not in titles[main.PLOT_FILES[3]]  # LoRA's epochs all hold 3 seeds

@@ -74,7 +74,7 @@ def test_the_advice_names_alpha_only_when_it_was_raised():
     args = main.parse_args(["--lr", "0.5"])
     assert main.divergence_advice(("lora", 0, 8), 0.5, args) == "lower --lr (now 0.5)"
     args = main.parse_args(["--alpha", "1e6"])
-    assert "--alpha (now 1e+06: every update is scaled by alpha/r = 125000)" in main.divergence_advice(
+    assert "--alpha (now 1e+06: every update is scaled by 125000)" in main.divergence_advice(
         ("dora", 0, 8), 0.01, args)
     assert "--alpha" not in main.divergence_advice(("full", 0, None), 0.01, args)
 
@@ -152,3 +152,42 @@ def test_a_layer_classs_step_hook_and_regularizer_reach_the_training_loop(monkey
         assert max(fit["history"]["train_loss"]) < 10  # the recorded loss is the task's alone, not + 1000
     assert CountingLoRA.calls == [(["conv1", "conv2", "fc1"], step, 12) for step in range(1, 13)]
     assert norms[CountingLoRA] < 0.05 * norms[main.LoRALayer]  # the term reached the loss: B held near zero
+
+
+# ------------------------------------------------------------------- one selection criterion, collapse
+def scripted(monkeypatch, epochs):
+    """evaluate() answering (validation loss, accuracy) per epoch from a script, and each epoch's state."""
+    script, states = iter(epochs), []
+
+    def evaluate(model, images, labels, batch_size=1000):
+        states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return next(script)
+    monkeypatch.setattr(main, "evaluate", evaluate)
+    return states
+
+
+def test_the_kept_epoch_is_the_best_by_accuracy_ties_going_to_the_lower_loss(monkeypatch):
+    states = scripted(monkeypatch, [(0.40, 90.0), (0.45, 93.0), (0.30, 92.0), (0.41, 93.0), (0.50, 91.0)])
+    model = main.CNN()
+    fit = main.train(model, synthetic_splits(), 1e-3, main.Budget(5, 16, None), seed=0, log=lambda s: None)
+    assert fit["epochs_run"] == 5 and fit["best_epoch"] == 4  # 93 % twice: the lower loss; not epoch 3's lowest loss
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, states[3][key])
+    assert main.SELECTION == "validation accuracy (ties: the lower validation loss)"
+
+
+def test_early_stopping_counts_epochs_without_a_better_one_by_that_criterion(monkeypatch):
+    scripted(monkeypatch, [(0.9, 90.0), (0.5, 89.0), (0.4, 89.5), (0.3, 92.0)])  # loss falls, accuracy does not
+    fit = main.train(main.CNN(), synthetic_splits(), 1e-3, main.Budget(4, 16, 2), seed=0, log=lambda s: None)
+    assert fit["epochs_run"] == 3 and fit["best_epoch"] == 1  # stopped by accuracy, though the loss kept falling
+
+
+def test_a_collapse_to_chance_after_learning_is_found_with_its_epoch():
+    history = {"val_acc": [50.0, 94.16, 60.0, 10.02, 11.0], "train_loss": [1.0, 0.3, 0.5, 2.3, 2.3]}
+    assert main.verdict(history, first_loss=2.3) == (4, 94.16)
+    assert main.verdict({"val_acc": [50.0, 94.0, 20.0], "train_loss": [1, 1, 1]}, 2.3) is None  # low, not at chance
+    with pytest.raises(main.Diverged, match="learned nothing"):
+        main.verdict({"val_acc": [9.0, 12.0, 10.0], "train_loss": [2.3, 2.3, 2.3]}, 2.3)
+    fitted = {"collapsed": (4, 94.16), "history": history}
+    assert main.stability(fitted) == {"status": "unstable", "reason": "collapsed to 10.02 % validation accuracy at "
+                                                                      "epoch 4, after 94.16 %"}
