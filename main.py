@@ -1,13 +1,14 @@
-"""MNIST: train a small CNN, then fine-tune it with LoRA, DoRA and QLoRA, and compare them.
+"""MNIST: train a small CNN, then fine-tune it with LoRA, two DoRAs (weight-decomposed; dynamic rank) and QLoRA,
+beside full fine-tuning and the head alone, and compare them.
 
     python main.py                       # the experiment with the SETTINGS below; outputs in plots/latest/
     python main.py --quick               # a smoke run on a subset, in about a minute
-    python main.py --task fashion --seeds 3 --lrs 1e-3,3e-3,1e-2,3e-2   # a real domain shift, tuned rates
+    python main.py --task fashion --seeds 3 --lrs 1e-3,3e-3,1e-2 --budgets 40   # a real domain shift, tuned rates
     python main.py --help                # every flag: one per entry of SETTINGS, defaulting to it
 
-Sections, top to bottom: settings, model, adapter layers, data, training, measurement, saved models,
-results over seeds, after training (merging, latency), results files, plots, the runs, the output folder,
-main(). `import main` has no side effects.
+Sections, top to bottom: settings (the METHODS table: a method is one row and one adapter class), model,
+adapter layers, data, training, measurement, saved models, results over seeds, after training (merging,
+latency), results files, plots, the runs, the output folder, main(). `import main` has no side effects.
 """
 import signal
 import sys
@@ -111,7 +112,7 @@ SETTINGS = {  # name: (default, type, meaning); the flag is --name with - for _ 
     "seed": (0, int, "the first seed; it also fixes the validation split"),
 }
 QUANT_BLOCKSIZE = 64               # QLoRA: NF4 block size (64 in Dettmers et al. 2023)
-VAL_SIZE = 5000                    # images held out of the 60,000 training images for early stopping
+VAL_SIZE = 5000                    # images held out of the 60,000 training images: the kept epoch, the rate
 QUICK_TRAIN_SIZE, QUICK_VAL_SIZE, QUICK_MAX_EPOCHS = 6000, 1000, 2  # --quick: a smoke run on a subset
 TASK_DATASET = {"fashion": "FashionMNIST"}  # where a task's images come from; the others are made from MNIST
 
@@ -863,7 +864,7 @@ class Budget(NamedTuple):
     """How long, and in batches of what size, a run trains."""
     epochs: int
     batch_size: int
-    patience: int  # early stopping: stop after this many epochs without a better validation loss
+    patience: int | None  # early stopping after this many epochs without a better one (None: never)
 
 
 def check_divergence(epoch, train_loss, first_loss):
@@ -1522,7 +1523,7 @@ def rates_table(results):
              + (f"; extended to {', '.join(f'{lr:g}' for lr in rate['extended'])}" if rate["extended"] else ""),
              f"{rate['lr']:g}", margin_cell(rate, results["config"]["val_size"])]
             for m, rate in results["learning_rates"].items() if rate["chosen_by"] == "validation grid"]
-    return table(["method", "grid", "chosen", f"lead over the runner-up, validation images (± SE)"], rows)
+    return table(["method", "grid", "chosen", "lead over the runner-up, validation images (± SE)"], rows)
 
 
 def finetune_budget(config):
@@ -1584,7 +1585,7 @@ def console_summary(results):
                   "latency: as trained / merged, median of the rounds; file: the full model, or the adapter only"]
     if results["rank_sweep"]:
         lines += ["", rank_sweep_table(results, console=True)]
-    return "\n".join(lines + [f"failed or skipped: {display(method)}: {reason}"
+    return "\n".join(lines + [f"not counted: {display(method)}: {reason}"
                               for method, row in results["summary"].items() for reason in row.get("failed", [])])
 
 
@@ -1857,7 +1858,8 @@ def plot_rank_sweep(plt, view):
         # LoRA and QLoRA train the same parameters, so their points share an x: told apart by marker
         ax.errorbar([p["stored_params"] for p in points], [p["test_acc"]["mean"] for p in points],
                     yerr=[ci_half(p["test_acc"]) for p in points] if n_seeds > 1 else None, marker=row(method).marker,
-                    mfc="none", capsize=3, color=row(method).color, label=display(method))
+                    mfc="none", capsize=3, color=row(method).color,
+                    label=display(method) + (f" (lr {summary[method]['lr']:g})" if method in summary else ""))
     for p in next(iter(sweep.values())):  # the ranks, once, along the bottom
         ax.annotate(f"r={p['rank']}", (p["stored_params"], 0), xycoords=("data", "axes fraction"),
                     xytext=(0, 4), textcoords="offset points", ha="center", fontsize=8, color="dimgray")
@@ -1866,7 +1868,7 @@ def plot_rank_sweep(plt, view):
         ax.errorbar([full["stored_params"]["mean"]], [full["test_acc"]["mean"]],
                     yerr=[ci_half(full["test_acc"])] if n_seeds > 1 else None,
                     marker=row("full").marker, ms=12, capsize=3, ls="none", color=row("full").color,
-                    label=display("full"))
+                    label=f"{display('full')} (lr {full['lr']:g})")
     reference = "base_on_task" if "base_on_task" in summary else "base"
     if summary.get(reference, {}).get("status") == "ok":
         before = summary[reference]["test_acc"]["mean"]
@@ -1876,11 +1878,14 @@ def plot_rank_sweep(plt, view):
         else:  # far below every point (a shifted task): a line would squash the sweep, the legend says it
             ax.plot([], [], ls="none", label=f"Base, not fine-tuned: {before:.2f} %")
     ax.set_xscale("log")
+    scale = "alpha / sqrt(r)" if view["results"]["config"]["scaling"] == "rslora" else "alpha / r"
     ax.set(xlabel="stored parameters: the saved adapter and head (log scale)", ylabel="test accuracy (%), axis zoomed",
-           title=titled(view, f"Accuracy vs trainable parameters on {view['task']} "
-                              f"({f'mean of {n_seeds} seeds, 95 % CI' if n_seeds > 1 else '1 seed'})"))
+           title=titled(view, f"Accuracy vs stored parameters on {view['task']} "
+                              f"({f'mean of {n_seeds} seeds, 95 % CI' if n_seeds > 1 else '1 seed'})\nevery rank at "
+                              f"the method's rate chosen at r = {view['results']['config']['rank']}, update scaled "
+                              f"by {scale}"))
     ax.grid(alpha=0.3, which="both")
-    ax.legend()
+    ax.legend(fontsize=8)
     style_axes(ax, epochs=False)
     return fig
 

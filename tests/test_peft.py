@@ -2,6 +2,7 @@
 import copy
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -109,3 +110,22 @@ def test_rslora_scaling_is_written_for_peft_and_loads_to_our_logits(method, tmp_
         torch.testing.assert_close(peft_model(tmp_path, folder)(x), ours, atol=1e-5, rtol=0)
         torch.testing.assert_close(main.load_adapter(tmp_path / "base_model.pt", folder).eval()(x), ours,
                                    atol=1e-5, rtol=0)
+
+
+def test_adalora_trains_through_our_loop_to_its_target_budget(monkeypatch):
+    """tests/adalora_side_by_side.py's wrapper: PEFT's AdaLoRA driven by main.train()'s hooks ends at target_r per
+    layer on average, its orthogonal regulariser in the loss, its ranks and stored count read back."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).parent))
+    from adalora_side_by_side import AdaLoRA
+    monkeypatch.setattr(main, "AT_CHANCE", 0)  # random labels: learning them is not the point
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
+    model = AdaLoRA(main.CNN(), 4, 8, total_steps=8, schedule=main.DynamicRank())  # init_r 6, target_r 4
+    assert model.regularizer({"": model}, 1, 8).item() > 0
+    main.train(model, {"train": (x, y), "val": (x[:16], y[:16])}, 1e-2, main.Budget(2, 16, None), 0,
+               log=lambda s: None)
+    ranks = model.ranks()
+    assert set(ranks) == {"conv1", "conv2", "fc1"} and sum(ranks.values()) == 3 * 4
+    assert model.stored_params() == sum(k * {"conv1": 25 + 16, "conv2": 400 + 32, "fc1": 512 + 256}[n] + k
+                                        for n, k in ranks.items()) + 2570

@@ -11,15 +11,20 @@ def synthetic_splits(n=64, seed=0):
     return {"train": (x, y), "val": (x[:16], y[:16]), "test": (x[:16], y[:16])}
 
 
-def test_early_stopping_stops_and_restores_the_best_weights(monkeypatch):
-    val_losses = iter([1.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.99])  # best at epoch 2
-    snapshots = []
+def scripted(monkeypatch, epochs):
+    """evaluate() answering (validation loss, accuracy) per epoch from a script, and each epoch's state."""
+    script, states = iter(epochs), []
 
-    def scripted_evaluate(model, images, labels, batch_size=1000):
-        snapshots.append({k: v.detach().clone() for k, v in model.state_dict().items()})
-        return next(val_losses), 50.0
-    monkeypatch.setattr(main, "evaluate", scripted_evaluate)
-    torch.manual_seed(0)
+    def evaluate(model, images, labels, batch_size=1000):
+        states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return next(script)
+    monkeypatch.setattr(main, "evaluate", evaluate)
+    return states
+
+
+def test_early_stopping_stops_and_restores_the_best_weights(monkeypatch):
+    snapshots = scripted(monkeypatch, [(loss, 50.0) for loss in (1.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.99)])
+    torch.manual_seed(0)  # 50 % every epoch: the lowest loss breaks the tie, epoch 2
     model = main.CNN()
     lines = []
     fit = main.train(model, synthetic_splits(), 1e-3, main.Budget(epochs=8, batch_size=16, patience=2), seed=0,
@@ -34,8 +39,7 @@ def test_early_stopping_stops_and_restores_the_best_weights(monkeypatch):
 
 
 def test_patience_zero_stops_at_the_first_epoch_without_improvement(monkeypatch):
-    val_losses = iter([1.0, 1.1, 0.5])
-    monkeypatch.setattr(main, "evaluate", lambda *a, **k: (next(val_losses), 50.0))
+    scripted(monkeypatch, [(1.0, 50.0), (1.1, 50.0), (0.5, 50.0)])
     fit = main.train(main.CNN(), synthetic_splits(), 1e-3, main.Budget(3, 32, 0), seed=0, log=lambda s: None)
     assert fit["epochs_run"] == 2 and fit["best_epoch"] == 1
 
@@ -107,13 +111,7 @@ class SmallBNNet(torch.nn.Module):
 
 
 def test_the_best_epochs_whole_state_is_restored_buffers_included(monkeypatch):
-    val_losses = iter([1.0, 0.5, 0.7, 0.8])  # best at epoch 2 of 4; patience 9: no early stop
-    states = []
-
-    def scripted_evaluate(model, images, labels, batch_size=1000):
-        states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
-        return next(val_losses), 50.0
-    monkeypatch.setattr(main, "evaluate", scripted_evaluate)
+    states = scripted(monkeypatch, [(1.0, 50.0), (0.5, 50.0), (0.7, 50.0), (0.8, 50.0)])  # best: epoch 2 of 4
     torch.manual_seed(0)
     model = SmallBNNet()
     fit = main.train(model, synthetic_splits(), 1e-2, main.Budget(4, 16, 9), seed=0, log=lambda s: None)
@@ -155,17 +153,6 @@ def test_a_layer_classs_step_hook_and_regularizer_reach_the_training_loop(monkey
 
 
 # ------------------------------------------------------------------- one selection criterion, collapse
-def scripted(monkeypatch, epochs):
-    """evaluate() answering (validation loss, accuracy) per epoch from a script, and each epoch's state."""
-    script, states = iter(epochs), []
-
-    def evaluate(model, images, labels, batch_size=1000):
-        states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
-        return next(script)
-    monkeypatch.setattr(main, "evaluate", evaluate)
-    return states
-
-
 def test_the_kept_epoch_is_the_best_by_accuracy_ties_going_to_the_lower_loss(monkeypatch):
     states = scripted(monkeypatch, [(0.40, 90.0), (0.45, 93.0), (0.30, 92.0), (0.41, 93.0), (0.50, 91.0)])
     model = main.CNN()
