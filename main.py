@@ -84,8 +84,9 @@ SETTINGS = {  # name: (default, type, meaning); the flag is --name with - for _ 
     "finetune_epochs": (10, int, "epoch budget of every fine-tuning method"),
     "batch_size": (128, int, "training batch size, the same for every method"),
     "lr": (None, float, "one Adam rate for every method and the base instead of their rows' rates"),
-    "lrs": ("", str, "rate grid, e.g. 1e-3,3e-3,1e-2,3e-2: each fine-tuning method takes the rate with the best "
-                     "validation accuracy on the first seed (the test set takes no part)"),
+    "lrs": ("", str, "rate grid, e.g. 1e-3,3e-3,1e-2: each fine-tuning method takes the best rate by validation "
+                     "accuracy on the first seed (the test set takes no part), the grid growing past an end while "
+                     "its best rate sits there"),
     "patience": (None, int, "early stopping: stop after this many epochs without a better epoch by the selection "
                             "criterion (none: every run trains its whole budget, its best epoch kept)"),
     "rank": (8, int, "r, the rank of the update B A"),
@@ -167,7 +168,7 @@ class CNN(nn.Module):
 
 
 # =====================================================================================================
-# Adapter layers: one base, three methods; Linear and Conv2d differ only in `layer_op`
+# Adapter layers: one base, four methods; Linear and Conv2d differ only in `layer_op`
 # =====================================================================================================
 class AdapterConfig(NamedTuple):
     """How a model's adapter layers are built, in the names of PEFT's LoraConfig (saving writes them there)."""
@@ -286,7 +287,6 @@ class AdapterLayer(nn.Module):
     def stored_weight_count(self):
         """Weights stored outside the parameters (QLoRA's 4-bit W), counted in the model's total."""
         return 0
-
 
     def extra_stored_bytes(self):
         """Bytes stored beside the parameters and buffers (QLoRA's quantization constants)."""
@@ -1532,16 +1532,17 @@ def finetune_budget(config):
 
 
 def budget_points(results):
-    """{method: [(epochs, validation accuracy at the kept epoch, status, its record)]} of the budget check, the
-    comparison's own budget included (the first seed's run)."""
+    """{method: [(epochs, validation accuracy at the kept epoch, status, record)] by budget}: the budget check's
+    runs, and the first seed's own run at the comparison's budget."""
+    checked = {r["method"] for r in results["budget_check"]}
+    first = [r for r in main_runs(results) if r["seed"] == results["seeds"][0] and r["method"] in checked]
     points = {}
-    first = {r["method"]: r for r in main_runs(results) if r["seed"] == results["seeds"][0] and r["method"] != "base"}
-    for r in results["budget_check"] + [r for r in first.values() if results["budget_check"]]:
-        epochs = r.get("epochs", finetune_budget(results["config"]))
-        if r["status"] in FINISHED and any(b["method"] == r["method"] for b in results["budget_check"]):
-            acc = r["val_acc"] if "val_acc" in r else r["history"]["val_acc"][r["best_epoch"] - 1]
-            points.setdefault(r["method"], []).append((epochs, acc, r["status"], r))
-    return {m: sorted(p, key=lambda point: point[0]) for m, p in points.items()}
+    for r in results["budget_check"] + first:
+        if r["status"] in FINISHED:
+            accuracy = r["val_acc"] if "val_acc" in r else r["history"]["val_acc"][r["best_epoch"] - 1]
+            points.setdefault(r["method"], []).append(
+                (r.get("epochs", finetune_budget(results["config"])), accuracy, r["status"], r))
+    return {method: sorted(mine, key=lambda point: point[0]) for method, mine in points.items()}
 
 
 def budget_table(results):
@@ -1878,7 +1879,8 @@ def plot_rank_sweep(plt, view):
         else:  # far below every point (a shifted task): a line would squash the sweep, the legend says it
             ax.plot([], [], ls="none", label=f"Base, not fine-tuned: {before:.2f} %")
     ax.set_xscale("log")
-    scale = "alpha / sqrt(r)" if view["results"]["config"]["scaling"] == "rslora" else "alpha / r"
+    # results written before --scaling existed used alpha / r
+    scale = "alpha / sqrt(r)" if view["results"]["config"].get("scaling") == "rslora" else "alpha / r"
     ax.set(xlabel="stored parameters: the saved adapter and head (log scale)", ylabel="test accuracy (%), axis zoomed",
            title=titled(view, f"Accuracy vs stored parameters on {view['task']} "
                               f"({f'mean of {n_seeds} seeds, 95 % CI' if n_seeds > 1 else '1 seed'})\nevery rank at "
