@@ -1770,6 +1770,8 @@ def plot_comparison(plt, view):
     timed = {m: results["inference"][m] for m in trained if m in results.get("inference", {})}
     for column, batch in ((1, "1"), (2, "1000")):
         plot_latency(plt, fig.add_subplot(grid[1, column]), timed, batch)
+    for ax in fig.axes:  # seven names side by side run into each other: slanted
+        plt.setp(ax.get_xticklabels(), rotation=30, ha="right", rotation_mode="anchor")
     fig.suptitle(titled(view, f"Test accuracy, memory, file size and latency; fine-tuned on {view['task']} "
                               f"({results['environment']['device_name']})", sep=": "))
     return fig

@@ -1,8 +1,8 @@
 """Side by side: the dynamic-rank DoRA (Mao et al. 2024; main.py's DynamicRankLayer) and PEFT's AdaLoRA (Zhang et
 al. 2023), its nearest relative in a well-kept library, on the same CNN, data, seeds, epochs and final rank budget.
 
-    python main.py --task fashion --seeds 3 --finetune-epochs 20 --lrs 1e-3,3e-3,1e-2 --out-dir runs/fashion
-    python tests/adalora_side_by_side.py runs/fashion          # writes runs/fashion/adalora.json, prints the table
+    python main.py --seeds 3 --finetune-epochs 5 --lrs 1e-3,3e-3,1e-2 --budgets 10 --out-dir runs/mnist
+    python tests/adalora_side_by_side.py runs/mnist            # writes runs/mnist/adalora.json, prints the table
 
 The dynamic-rank DoRA's rows are the study's own runs. AdaLoRA trains here through main.train(), from each seed's
 saved base of that study, with its data, data order, epochs, batch size and selection criterion; its rate comes from
@@ -165,9 +165,15 @@ def main_script(argv=None):
     out = {"study": str(study), "date": time.strftime("%Y-%m-%d"), "device": main.environment(torch.device("cpu")),
            "config": {"init_r": math.ceil(main.DynamicRank().components * config["rank"]), "target_r": config["rank"],
                       "orth_reg_weight": ORTH_REG_WEIGHT, "epochs": main.finetune_budget(config)},
-           "adalora": {"lr": rate, "grid": grid, "runs": runs}, "epoch_seconds_side_by_side": timing}
+           "adalora": {"lr": rate, "grid": grid, "runs": runs, "summary": summary(runs)},
+           "epoch_seconds_side_by_side": timing}
     (study / "adalora.json").write_text(json.dumps(out, indent=2))
     print(table(results, out))
+
+
+def summary(runs):
+    """Mean, std and 95 % CI over the seeds of what the table shows, kept in adalora.json beside the runs."""
+    return {key: main.mean_std_ci(r[key] for r in runs) for key in ("test_acc", "stored_params")}
 
 
 def table(results, out):
@@ -179,8 +185,7 @@ def table(results, out):
              [{"test_acc": r["test_acc"], "stored_params": r["stored_params"],
                "ranks": r["rank_allocation"]["ranks"]} for r in dyn], out["epoch_seconds_side_by_side"]["dyndora"]),
             ("AdaLoRA, PEFT", out["adalora"]["lr"], out["adalora"]["runs"], out["epoch_seconds_side_by_side"]["adalora"])):
-        acc = main.mean_std_ci(r["test_acc"] for r in runs)
-        stored = main.mean_std_ci(r["stored_params"] for r in runs)
+        acc, stored = summary(runs)["test_acc"], summary(runs)["stored_params"]
         ranks = "; ".join("/".join(str(r["ranks"][layer]) for layer in LAYERS) for r in runs)
         rows.append([name, f"{lr:g}", f"{main.fmt_stat(acc)} {main.fmt_ci(acc)}", main.fmt_count(stored), ranks,
                      f"{seconds:.1f}"])
