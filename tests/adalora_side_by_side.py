@@ -185,7 +185,8 @@ def table(results, out):
              [{"test_acc": r["test_acc"], "stored_params": r["stored_params"],
                "ranks": r["rank_allocation"]["ranks"]} for r in dyn], out["epoch_seconds_side_by_side"]["dyndora"]),
             ("AdaLoRA, PEFT", out["adalora"]["lr"], out["adalora"]["runs"], out["epoch_seconds_side_by_side"]["adalora"])):
-        acc, stored = summary(runs)["test_acc"], summary(runs)["stored_params"]
+        stats = summary(runs)
+        acc, stored = stats["test_acc"], stats["stored_params"]
         ranks = "; ".join("/".join(str(r["ranks"][layer]) for layer in LAYERS) for r in runs)
         rows.append([name, f"{lr:g}", f"{main.fmt_stat(acc)} {main.fmt_ci(acc)}", main.fmt_count(stored), ranks,
                      f"{seconds:.1f}"])
