@@ -2482,7 +2482,7 @@ def previous_results(out, config, plan, log=print):
     and its seed's base too: a base missing or trained again drops the rest."""
     path = Path(out) / "results.json"
     if not path.exists():
-        return {}, [], {}
+        return {}, [], {}, {}
     try:
         earlier = json.loads(path.read_text())
         check_results_file(earlier)

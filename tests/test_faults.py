@@ -592,3 +592,7 @@ def test_a_slow_run_that_learned_nothing_is_not_told_to_lower_the_rate(capsys, m
                           "--data-dir", mnist_dir, "--out-dir", tmp_path)
     assert code == 1 and "learned nothing" in stdout
     assert "lower --lr" not in stdout and "raise --lr (now 1e-07) or the epoch budget" in stdout
+
+
+def test_resume_into_a_folder_without_results_finds_nothing_to_keep(tmp_path):
+    assert main.previous_results(tmp_path, {}, []) == ({}, [], {}, {})  # kept, others, grid runs, budget checks
