@@ -170,6 +170,16 @@ class CNN(nn.Module):
 # =====================================================================================================
 # Adapter layers: one base, four methods; Linear and Conv2d differ only in `layer_op`
 # =====================================================================================================
+def update_scale(alpha, rank, rslora=False):
+    """The factor on B A: alpha / r (Hu et al. 2021), or alpha / sqrt(r) with rsLoRA (a rank-stable step size)."""
+    return alpha / (math.sqrt(rank) if rslora else rank)
+
+
+def scale_formula(config):
+    """That factor in words, for a results file's settings (results written before --scaling used alpha / r)."""
+    return "alpha / sqrt(r)" if config.get("scaling") == "rslora" else "alpha / r"
+
+
 class AdapterConfig(NamedTuple):
     """How a model's adapter layers are built, in the names of PEFT's LoraConfig (saving writes them there)."""
     r: int                      # the rank of every adapted layer ...
@@ -209,7 +219,7 @@ class AdapterLayer(nn.Module):
         weight = base.weight.detach()
         self.weight_shape = weight.shape
         self.rank, self.alpha, self.rslora = rank, alpha, rslora
-        self.scaling = alpha / (math.sqrt(rank) if rslora else rank)  # rsLoRA: a rank-stable step size
+        self.scaling = update_scale(alpha, rank, rslora)
         self.lora_A = nn.Parameter(torch.empty(rank, *weight.shape[1:], device=weight.device))
         self.lora_B = nn.Parameter(torch.zeros(weight.shape[0], rank, *((1, 1) if self.is_conv else ()),
                                                device=weight.device))
@@ -1547,10 +1557,11 @@ def budget_points(results):
 
 def budget_table(results):
     """Validation accuracy at each budget, and the longest budget's lead over the comparison's, in images."""
-    budgets = sorted({e for points in budget_points(results).values() for e, *_ in points})
+    by_method = budget_points(results)
+    budgets = sorted({e for points in by_method.values() for e, *_ in points})
     main_budget, n = finetune_budget(results["config"]), results["config"]["val_size"]
     rows = []
-    for method, points in budget_points(results).items():
+    for method, points in by_method.items():
         at = {e: (acc, status, r) for e, acc, status, r in points}
         longest = max(at)
         lead = "-"
@@ -1617,7 +1628,7 @@ def save_results(results, out_dir):
     parts = [f"# Results\n\n{quick}Device: {env['device_name']}; torch {env['torch']}, bitsandbytes "
              f"{env['bitsandbytes']}; {env['date']}. Fine-tuning task: {config['task']} ({TASKS[config['task']]}); "
              f"{finetune_budget(config)} fine-tuning epochs, the update scaled by "
-             f"{'alpha / sqrt(r)' if config['scaling'] == 'rslora' else 'alpha / r'}. "
+             f"{scale_formula(config)}. "
              f"{spread} {chosen_rates(results)}. Training time of this study: {study_time_s(results) / 60:.1f} min "
              f"(every run once, the grid and the checks included).", comparison_table(results)]
     parts += [in_peft_line(m, row) for m, row in results["summary"].items() if "in_peft" in row]
@@ -1881,13 +1892,11 @@ def plot_rank_sweep(plt, view):
         else:  # far below every point (a shifted task): a line would squash the sweep, the legend says it
             ax.plot([], [], ls="none", label=f"Base, not fine-tuned: {before:.2f} %")
     ax.set_xscale("log")
-    # results written before --scaling existed used alpha / r
-    scale = "alpha / sqrt(r)" if view["results"]["config"].get("scaling") == "rslora" else "alpha / r"
     ax.set(xlabel="stored parameters: the saved adapter and head (log scale)", ylabel="test accuracy (%), axis zoomed",
            title=titled(view, f"Accuracy vs stored parameters on {view['task']} "
                               f"({f'mean of {n_seeds} seeds, 95 % CI' if n_seeds > 1 else '1 seed'})\nevery rank at "
                               f"the method's rate chosen at r = {view['results']['config']['rank']}, update scaled "
-                              f"by {scale}"))
+                              f"by {scale_formula(view['results']['config'])}"))
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     style_axes(ax, epochs=False)
@@ -1945,8 +1954,8 @@ def plot_budget_check(plt, view):
     main_budget = finetune_budget(view["results"]["config"])
     ax.axvline(main_budget, ls="--", color="gray", label=f"the comparison's budget ({main_budget} epochs)")
     ax.set_xscale("log", base=2)
-    ax.set_xticks(sorted({e for mine in points.values() for e, *_ in mine}),
-                  [str(e) for e in sorted({e for mine in points.values() for e, *_ in mine})])
+    budgets = sorted({e for mine in points.values() for e, *_ in mine})
+    ax.set_xticks(budgets, [str(e) for e in budgets])
     ax.set(xlabel="fine-tuning epochs (the cosine schedule spans each budget)",
            ylabel="validation accuracy at the kept epoch (%), axis zoomed",
            title=titled(view, f"Budget check on {view['task']}, seed {view['results']['seeds'][0]}, validation only:"
@@ -2141,16 +2150,17 @@ def run_method(ctx, key, lr, grid=False, trained=None):
     method, seed, rank = key
     model, fitted, cuda_peak = trained or fit(ctx, key, lr)
     data = ctx.splits["mnist" if method == "base" else ctx.args.task]
+    val_right = right_images(model, *data["val"])  # pairs this run with another on the same images
     if grid:
         kept, history = fitted["best_epoch"] - 1, fitted["history"]
         return {"lr": lr, **stability(fitted), "val_acc": history["val_acc"][kept],
                 "val_loss": history["val_loss"][kept],
                 "epochs_run": fitted["epochs_run"], "best_epoch": fitted["best_epoch"],
                 "train_time_s": fitted["train_time_s"], "history": history,
-                "val_right": right_images(model, *data["val"])}, (model, fitted, cuda_peak)
+                "val_right": val_right}, (model, fitted, cuda_peak)
     test_loss, test_acc = evaluate(model, *data["test"])  # the test set, once per run
     result = {"lr": lr, **measure(model, fitted, test_loss, test_acc, cuda_peak), **stability(fitted),
-              "from_grid": trained is not None, "val_right": right_images(model, *data["val"])}
+              "from_grid": trained is not None, "val_right": val_right}
     if method == "base" and ctx.args.task != "mnist":  # where the fine-tuning starts from, on the shifted task
         result["task_test_loss"], result["task_test_acc"] = evaluate(model, *ctx.splits[ctx.args.task]["test"])
     cls = adapter_class(method)
@@ -2188,7 +2198,7 @@ def divergence_advice(key, lr, args, too_slow=False):
         return f"raise --lr (now {lr:g}) or the epoch budget (--{'epochs' if method == 'base' else 'finetune-epochs'})"
     advice = f"lower --lr (now {lr:g})"
     if adapter_class(method) and args.alpha > SETTINGS["alpha"][0]:
-        scale = args.alpha / (math.sqrt(rank) if args.scaling == "rslora" else rank)
+        scale = update_scale(args.alpha, rank, args.scaling == "rslora")
         advice += f" or --alpha (now {args.alpha:g}: every update is scaled by {scale:g})"
     return advice
 
