@@ -1910,6 +1910,11 @@ def plot_lr_sweep(plt, view):
     if not grid:
         return None
     fig, ax = plt.subplots(figsize=(8, 5.2))
+    # the axis zoomed to the stable runs: a collapse near chance would squash them into one line, so it is drawn
+    # at the bottom edge with its accuracy written beside it
+    stable = [r["val_acc"] for r in grid if r["status"] == "ok"] or [r["val_acc"] for r in grid if r["status"] in FINISHED]
+    pad = max(0.2, 0.08 * (max(stable) - min(stable))) if stable else 1.0
+    floor = min(stable, default=0.0) - pad
     for method in dict.fromkeys(r["method"] for r in grid):
         mine = sorted((r for r in grid if r["method"] == method), key=lambda r: r["lr"])
         ok = [r for r in mine if r["status"] == "ok"]
@@ -1919,8 +1924,12 @@ def plot_lr_sweep(plt, view):
                 label=display(method) + (f" (failed at lr {', '.join(failed)})" if failed else ""))
         for r in mine:
             if r["status"] in FINISHED:
-                ax.plot([r["lr"]], [r["val_acc"]], color=color, ls="none", ms=9 if r["status"] == "unstable" else 6,
+                y = max(r["val_acc"], floor + pad / 2)
+                ax.plot([r["lr"]], [y], color=color, ls="none", ms=9 if r["status"] == "unstable" else 6,
                         marker="x" if r["status"] == "unstable" else "o", mfc="white" if r["extension"] else color)
+                if y != r["val_acc"]:
+                    ax.annotate(f"{r['val_acc']:.2f} %", (r["lr"], y), xytext=(0, 7), textcoords="offset points",
+                                ha="center", fontsize=8, color=color)
         best = [r for r in ok if chosen.get(method, {}).get("lr") == r["lr"]]
         if best:
             ax.plot([best[0]["lr"]], [best[0]["val_acc"]], marker="o", ms=14, mfc="none", mew=2, color=color)
