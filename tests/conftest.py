@@ -11,10 +11,7 @@ import torch.nn as nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-# Under pytest-xdist (the README's -n auto) each worker takes its share of the cores: threads that outnumber
-# them only make the workers wait for one another
-WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // WORKERS)))
+torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 import main  # noqa: E402
 
