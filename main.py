@@ -34,6 +34,7 @@ import re
 import shutil
 import statistics
 import stat
+import struct
 import tempfile
 import textwrap
 import time
@@ -114,7 +115,9 @@ SETTINGS = {  # name: (default, type, meaning); the flag is --name with - for _ 
 }
 QUANT_BLOCKSIZE = 64               # QLoRA: NF4 block size (64 in Dettmers et al. 2023)
 VAL_SIZE = 5000                    # images held out of the 60,000 training images: the kept epoch, the rate
-QUICK_TRAIN_SIZE, QUICK_VAL_SIZE, QUICK_MAX_EPOCHS = 6000, 1000, 2  # --quick: a smoke run on a subset
+# --quick: a smoke run on subsets; its test images a fixed random 2,000 of the 10,000 (the full test set took
+# a tenth of a quick run: 10,000 images evaluated after each of its runs)
+QUICK_TRAIN_SIZE, QUICK_VAL_SIZE, QUICK_TEST_SIZE, QUICK_MAX_EPOCHS = 6000, 1000, 2000, 2
 TASK_DATASET = {"fashion": "FashionMNIST"}  # where a task's images come from; the others are made from MNIST
 
 
@@ -208,6 +211,7 @@ class AdapterLayer(nn.Module):
     peft_fields = {}     # LoraConfig fields that tell PEFT which variant this is (DoRA: use_dora)
     loads_as = None      # the class a saved folder is rebuilt as, when it is not this one
     peft_loads_as = None  # the method PEFT's loading amounts to, when it computes something else (QLoRA: LoRA)
+    uses_bitsandbytes = False  # imported (seconds) and its version reported only for a run with such a method
 
     def __init__(self, base, rank, alpha, dropout=0.0, rslora=False):
         super().__init__()
@@ -432,6 +436,7 @@ class QLoRALayer(LoRALayer):
     """
 
     peft_loads_as = "lora"  # PEFT has no 4-bit conv: it puts this adapter on the fp32 base
+    uses_bitsandbytes = True
 
     def store_base_weight(self, weight):
         # Quantized as one flat vector: blocks of 64 consecutive weights either way, but bitsandbytes' CPU
@@ -717,7 +722,8 @@ def download_dataset(data_dir, name):
 
 
 def ensure_dataset(data_dir, name="MNIST", download=True):
-    """The raw folder of dataset `name`, after downloading missing files (when allowed) and checking every MD5."""
+    """{file name: its bytes} of dataset `name`'s four raw files, after downloading missing ones (when allowed)
+    and checking every MD5."""
     raw, md5 = Path(data_dir) / name / "raw", DATASETS[name]
 
     def missing_files():
@@ -739,25 +745,35 @@ def ensure_dataset(data_dir, name="MNIST", download=True):
             f"{name} is missing from {raw}: {', '.join(missing)}.{reason} Put the four uncompressed IDX files "
             f"({', '.join(md5)}) in that folder, or run once with network access and torchvision "
             f"downloads them there; or point --data-dir at a folder that holds {name}/raw/.")
+    contents = {}
     for file, expected in md5.items():
         try:
-            digest = hashlib.md5((raw / file).read_bytes()).hexdigest()
+            contents[file] = (raw / file).read_bytes()
         except OSError as e:
             raise DataError(f"{raw / file} cannot be read ({e.strerror or e}): check its permissions") from None
+        digest = hashlib.md5(contents[file]).hexdigest()
         if digest != expected:
             raise DataError(f"{raw / file} is damaged or truncated (MD5 {digest}, expected {expected}). "
                             f"Delete it and run again with network access, or replace it with a good copy.")
-    return raw
+    return contents
+
+
+def read_idx(content):
+    """The uint8 array in an IDX file: two zero bytes, the type (8: unsigned byte), the number of dimensions,
+    each size as a big-endian int32, then the values. Read here from the bytes just checksummed, not again by
+    torchvision (a second read, and its import, ~2.5 s where nothing else needs it)."""
+    ndim = content[3]
+    shape = struct.unpack(f">{ndim}i", content[4:4 + 4 * ndim])
+    return torch.frombuffer(bytearray(content), dtype=torch.uint8, offset=4 + 4 * ndim).view(shape)
 
 
 def load_dataset(data_dir, name="MNIST", download=True):
-    """{'train': (pixels, labels), 'test': (...)} of dataset `name` as CPU tensors: pixels uint8 [N, 1, 28, 28]."""
-    ensure_dataset(data_dir, name, download)
-    import torchvision.datasets
-    cls = getattr(torchvision.datasets, name)
-    return {split: (ds.data.unsqueeze(1), ds.targets.clone())
-            for split, ds in (("train", cls(data_dir, train=True, download=False)),
-                              ("test", cls(data_dir, train=False, download=False)))}
+    """{'train': (pixels, labels), 'test': (...)} of dataset `name` as CPU tensors: pixels uint8 [N, 1, 28, 28],
+    labels int64."""
+    contents = ensure_dataset(data_dir, name, download)
+    return {split: (read_idx(contents[f"{prefix}-images-idx3-ubyte"]).unsqueeze(1),
+                    read_idx(contents[f"{prefix}-labels-idx1-ubyte"]).long())
+            for split, prefix in (("train", "train"), ("test", "t10k"))}
 
 
 def task_pixels(pixels, task):
@@ -775,21 +791,26 @@ def split_indices(n, val_size, seed):
     return order[val_size:], order[:val_size]
 
 
-def make_splits(data, device, task="mnist", val_size=VAL_SIZE, seed=0, train_size=None):
+def make_splits(data, device, task="mnist", val_size=VAL_SIZE, seed=0, train_size=None, test_size=None):
     """train/val/test (images, labels) of `task` on `device`, images normalized once with MNIST's statistics
-    (the base's preprocessing, whatever the task); train_size (for --quick) keeps a subset of training images.
-    The split depends on the seed only, so every task holds out the same images."""
+    (the base's preprocessing, whatever the task); train_size and test_size (for --quick) keep subsets. The
+    split depends on the seed only, so every task holds out the same images; a test subset is the same for
+    every seed (a fixed random draw: MNIST's first 5,000 test images are the easier half)."""
     pixels, labels = data["train"]
     train_idx, val_idx = split_indices(len(labels), val_size, seed)
     if train_size is not None:
         train_idx = train_idx[:train_size]
+    test_pixels, test_labels = data["test"]
+    if test_size is not None:
+        test_idx = split_indices(len(test_labels), test_size, 0)[1]
+        test_pixels, test_labels = test_pixels[test_idx], test_labels[test_idx]
 
     def put(x, y):  # channels-last: the convolutions' fastest layout on the CPU
         x = (task_pixels(x, task).float() / 255 - MNIST_MEAN) / MNIST_STD  # once, not per sample
         return x.to(device).contiguous(memory_format=torch.channels_last), y.to(device)
     return {"train": put(pixels[train_idx], labels[train_idx]),
             "val": put(pixels[val_idx], labels[val_idx]),
-            "test": put(*data["test"])}
+            "test": put(test_pixels, test_labels)}
 
 
 def epoch_order(n, seed, epoch):
@@ -1555,10 +1576,15 @@ def budget_points(results):
     return {method: sorted(mine, key=lambda point: point[0]) for method, mine in points.items()}
 
 
+def budgets_of(points):
+    """The epoch budgets in budget_points' output, ascending: the table's columns and the plot's ticks."""
+    return sorted({epochs for mine in points.values() for epochs, *_ in mine})
+
+
 def budget_table(results):
     """Validation accuracy at each budget, and the longest budget's lead over the comparison's, in images."""
     by_method = budget_points(results)
-    budgets = sorted({e for points in by_method.values() for e, *_ in points})
+    budgets = budgets_of(by_method)
     main_budget, n = finetune_budget(results["config"]), results["config"]["val_size"]
     rows = []
     for method, points in by_method.items():
@@ -1623,8 +1649,8 @@ def save_results(results, out_dir):
     env, config, seeds = results["environment"], results["config"], results["seeds"]
     spread = (f"Seeds: {', '.join(map(str, seeds))}: mean ± std over the seeds; 95 % CI: Student's t."
               if len(seeds) > 1 else f"One seed ({seeds[0]}): single values, so no spread and no interval.")
-    quick = (f"**QUICK RUN: a smoke test ({config['train_size']:,} training images, at most {QUICK_MAX_EPOCHS} "
-             f"epochs per method), not results.**\n\n" if config["quick"] else "")
+    quick = (f"**QUICK RUN: a smoke test ({config['train_size']:,} training and {config['test_size']:,} test "
+             f"images, at most {QUICK_MAX_EPOCHS} epochs per method), not results.**\n\n" if config["quick"] else "")
     parts = [f"# Results\n\n{quick}Device: {env['device_name']}; torch {env['torch']}, bitsandbytes "
              f"{env['bitsandbytes']}; {env['date']}. Fine-tuning task: {config['task']} ({TASKS[config['task']]}); "
              f"{finetune_budget(config)} fine-tuning epochs, the update scaled by "
@@ -1963,7 +1989,7 @@ def plot_budget_check(plt, view):
     main_budget = finetune_budget(view["results"]["config"])
     ax.axvline(main_budget, ls="--", color="gray", label=f"the comparison's budget ({main_budget} epochs)")
     ax.set_xscale("log", base=2)
-    budgets = sorted({e for mine in points.values() for e, *_ in mine})
+    budgets = budgets_of(points)
     ax.set_xticks(budgets, [str(e) for e in budgets])
     ax.set(xlabel="fine-tuning epochs (the cosine schedule spans each budget)",
            ylabel="validation accuracy at the kept epoch (%), axis zoomed",
@@ -2681,8 +2707,8 @@ def parse_args(argv=None):
     p.add_argument("--overwrite", action="store_true",
                    help="replace the results an earlier run left in out-dir (without it, such a folder is refused)")
     p.add_argument("--quick", action="store_true",
-                   help=f"smoke run: {QUICK_TRAIN_SIZE} training / {QUICK_VAL_SIZE} validation images, "
-                        f"at most {QUICK_MAX_EPOCHS} epochs per method")
+                   help=f"smoke run: {QUICK_TRAIN_SIZE} training / {QUICK_VAL_SIZE} validation / {QUICK_TEST_SIZE} "
+                        f"test images, at most {QUICK_MAX_EPOCHS} epochs per method")
     args = p.parse_args(argv)
     args.methods = list(dict.fromkeys(m.strip().lower() for m in args.methods.split(",") if m.strip()))
     args.task = args.task.strip().lower()
@@ -2800,11 +2826,13 @@ def cpu_model():
         return platform.processor() or platform.machine()
 
 
-def environment(device):
+def environment(device, methods):
+    bnb = "not used"
     try:
-        from importlib.metadata import version
-        import_bitsandbytes()
-        bnb = version("bitsandbytes")
+        if any(getattr(adapter_class(m), "uses_bitsandbytes", False) for m in methods):
+            from importlib.metadata import version
+            import_bitsandbytes()
+            bnb = version("bitsandbytes")
     except Exception as e:  # not installed, or installed but unusable: say so, not the version on disk
         bnb = "not usable" if isinstance(e, BitsAndBytesUnavailable) else "not installed"
     threads = torch.get_num_threads()
@@ -2819,9 +2847,10 @@ def load_splits(args, device):
     tasks = dict.fromkeys(("mnist", args.task))
     sources = dict.fromkeys(TASK_DATASET.get(task, "MNIST") for task in tasks)
     data = {name: load_dataset(args.data_dir, name) for name in sources}
-    sizes = dict(val_size=QUICK_VAL_SIZE if args.quick else VAL_SIZE, seed=args.seed,
-                 train_size=QUICK_TRAIN_SIZE if args.quick else None)
-    return {task: make_splits(data[TASK_DATASET.get(task, "MNIST")], device, task, **sizes) for task in tasks}
+    sizes = (dict(val_size=QUICK_VAL_SIZE, train_size=QUICK_TRAIN_SIZE, test_size=QUICK_TEST_SIZE) if args.quick
+             else dict(val_size=VAL_SIZE))
+    return {task: make_splits(data[TASK_DATASET.get(task, "MNIST")], device, task, seed=args.seed, **sizes)
+            for task in tasks}
 
 
 def run_config(args, splits):
@@ -2881,7 +2910,7 @@ def run_experiment(args, stage):
     check_bases(args, plan, kept, others)
     if replacing:  # every check has passed: the run will start
         remove_own_outputs(out)
-    results = {"config": config, "environment": environment(device), "methods": args.methods,
+    results = {"config": config, "environment": environment(device, args.methods), "methods": args.methods,
                "seeds": seeds_of(args), "ranks": args.ranks, "learning_rates": {}, "lr_grid": [], "runs": [],
                "other_runs": others, "budget_check": []}
     ctx = Run(args, device, splits, results, stage)

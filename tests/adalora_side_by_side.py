@@ -162,7 +162,7 @@ def main_script(argv=None):
                      "stored_params": model.stored_params()})
     dyn = main.ok_runs(main.main_runs(results), "dyndora")
     timing = epoch_seconds(study, config, data, {"adalora": rate, "dyndora": dyn[0]["lr"]})
-    out = {"study": str(study), "date": time.strftime("%Y-%m-%d"), "device": main.environment(torch.device("cpu")),
+    out = {"study": str(study), "date": time.strftime("%Y-%m-%d"), "device": main.environment(torch.device("cpu"), []),
            "config": {"init_r": math.ceil(main.DynamicRank().components * config["rank"]), "target_r": config["rank"],
                       "orth_reg_weight": ORTH_REG_WEIGHT, "epochs": main.finetune_budget(config)},
            "adalora": {"lr": rate, "grid": grid, "runs": runs, "summary": summary(runs)},

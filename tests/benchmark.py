@@ -93,11 +93,11 @@ def main_benchmark(argv=None):
     steps = min(args.max_steps or full_steps, full_steps)
     common = dict(device=device, batch_size=BATCH_SIZE, steps=steps, lr=main.BASE.lr, seed=SEED)
 
-    print(f"{main.environment(device)['device_name']}: {steps} steps of batch {BATCH_SIZE} + validation "
+    print(f"{main.environment(device, [])['device_name']}: {steps} steps of batch {BATCH_SIZE} + validation "
           f"on {len(val_idx):,} images, base CNN, torch {torch.__version__}")
     usual_s, usual_acc = usual_pipeline_epoch(args.data_dir, train_idx, val_idx, **common)
     project_s, project_acc = project_epoch(data, **common)
-    result = {"device": main.environment(device)["device_name"], "torch": torch.__version__, "steps": steps,
+    result = {"device": main.environment(device, [])["device_name"], "torch": torch.__version__, "steps": steps,
               "batch_size": BATCH_SIZE, "max_steps": args.max_steps,
               "seed_style_epoch_s": usual_s, "project_epoch_s": project_s, "ratio": usual_s / project_s,
               "seed_style_val_acc": usual_acc, "project_val_acc": project_acc}

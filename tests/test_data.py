@@ -61,7 +61,7 @@ def test_download_goes_through_torchvision_and_is_then_checked(tmp_path, monkeyp
 def test_no_download_attempt_when_files_are_present(tmp_path, monkeypatch, mnist_dir):
     shutil.copytree(mnist_dir / "MNIST", tmp_path / "MNIST")
     monkeypatch.setattr(main, "download_dataset", lambda d, name: pytest.fail("tried to download present files"))
-    assert main.ensure_dataset(tmp_path) == tmp_path / "MNIST" / "raw"
+    assert list(main.ensure_dataset(tmp_path)) == list(main.DATASETS["MNIST"])
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
@@ -78,14 +78,21 @@ def test_real_mnist_loads_as_normalized_resident_tensors(mnist_dir):
     data = main.load_dataset(mnist_dir, download=False)
     pixels, labels = data["train"]
     assert pixels.shape == (60_000, 1, 28, 28) and pixels.dtype == torch.uint8 and labels.shape == (60_000,)
-    assert data["test"][0].shape == (10_000, 1, 28, 28)
+    assert data["test"][0].shape == (10_000, 1, 28, 28) and labels.dtype == torch.int64
+    import torchvision.datasets  # the IDX files read as torchvision reads them
+    for split, train in (("train", True), ("test", False)):
+        theirs = torchvision.datasets.MNIST(mnist_dir, train=train, download=False)
+        assert torch.equal(data[split][0][:, 0], theirs.data) and torch.equal(data[split][1], theirs.targets)
     splits = main.make_splits(data, torch.device("cpu"), val_size=5_000, seed=0)
     images = splits["train"][0]
     assert images.dtype == torch.float32 and images.is_contiguous(memory_format=torch.channels_last)
     assert abs(images.mean().item()) < 0.01 and abs(images.std().item() - 1) < 0.01  # normalized once
     assert [len(splits[s][1]) for s in ("train", "val", "test")] == [55_000, 5_000, 10_000]
-    quick = main.make_splits(data, torch.device("cpu"), val_size=1_000, seed=0, train_size=6_000)
-    assert len(quick["train"][1]) == 6_000 and torch.equal(quick["test"][1], splits["test"][1])
+    quick, other_seed = (main.make_splits(data, torch.device("cpu"), val_size=1_000, seed=seed, train_size=6_000,
+                                          test_size=2_000) for seed in (0, 1))
+    assert len(quick["train"][1]) == 6_000 and torch.equal(quick["test"][0], other_seed["test"][0])  # whatever the seed
+    test_idx = main.split_indices(10_000, 2_000, 0)[1]  # a random draw from both halves of MNIST's test set
+    assert torch.equal(quick["test"][1], splits["test"][1][test_idx]) and 900 < int((test_idx < 5_000).sum()) < 1100
     # the validation images are training images, never test images
     train_idx, val_idx = main.split_indices(60_000, 5_000, 0)
     expected = (pixels[val_idx].float() / 255 - main.MNIST_MEAN) / main.MNIST_STD

@@ -117,7 +117,8 @@ def test_results_md_does_not_name_a_bitsandbytes_that_cannot_be_used(monkeypatch
     def unusable():
         raise main.BitsAndBytesUnavailable("bitsandbytes cannot be imported (OSError: libcudart.so)")
     monkeypatch.setattr(main, "import_bitsandbytes", unusable)
-    assert main.environment(torch.device("cpu"))["bitsandbytes"] == "not usable"
+    assert main.environment(torch.device("cpu"), ["base", "qlora"])["bitsandbytes"] == "not usable"
+    assert main.environment(torch.device("cpu"), ["base", "lora"])["bitsandbytes"] == "not used"  # nor imported
 
 
 # ------------------------------------------------------------------------------- one run per out-dir

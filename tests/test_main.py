@@ -460,8 +460,8 @@ def test_a_new_method_is_one_row_and_one_class(capsys, mnist_dir, tmp_path, monk
     assert json.loads((folder / "training_info.json").read_text())["method"] == "lora2x"
     loaded = main.load_adapter(tmp_path / "seed0" / "base_model.pt", folder)
     assert isinstance(loaded.conv1, DoubledLoRALayer)
-    splits = main.make_splits(main.load_dataset(mnist_dir, download=False), torch.device("cpu"))
-    assert main.evaluate(loaded, *splits["test"])[1] == pytest.approx(run_["test_acc"], abs=0.015)  # the trained one
+    test_split = main.load_splits(main.parse_args([str(a) for a in argv]), torch.device("cpu"))["mnist"]["test"]
+    assert main.evaluate(loaded, *test_split)[1] == pytest.approx(run_["test_acc"], abs=0.015)  # the trained one
     assert "lora2x" in results["inference"]
     code, stdout, _ = run(capsys, *argv, "--resume")
     assert code == 0 and "Epoch " not in stdout  # nothing trained again: the base, every grid run, ranks 8 and 2 kept
