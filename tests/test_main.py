@@ -116,8 +116,8 @@ def git(repo, *argv):
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory, mnist_dir):
-    """The README's first command with --quick (every method, the default out-dir), run in a fresh copy of
-    the repository as committed; shared by the tests below."""
+    """The README's first command with --quick (every method, the default out-dir; on the tests' 2,000 training
+    images, conftest.py), run in a fresh copy of the repository as committed; shared by the tests below."""
     repo = tmp_path_factory.mktemp("clone") / "repo"
     for name in git(ROOT, "ls-files").splitlines():
         if (ROOT / name).is_file():
@@ -208,17 +208,21 @@ def test_quick_run_writes_every_output_with_sane_numbers(quick_run):
 
 
 # ------------------------------------------------------------- seeds, a shifted task and a rank sweep
+SEEDS_RUN = ["--quick", "--seeds", "2", "--task", "rotated", "--methods", "base,full,lora", "--epochs", "1",
+             "--finetune-epochs", "1", "--lr", "3e-3"]  # a rate at which one epoch of the tests' subset learns
+
+
 @pytest.fixture(scope="module")
 def seeds_run(tmp_path_factory, mnist_dir):
-    """--seeds 2 --task rotated --ranks 2,8 on quick settings, recording which seed's data order each run used."""
+    """--seeds 2 --task rotated --ranks 2,8 --budgets 2,3 on quick settings, recording which seed's data order
+    each run used."""
     out, used = tmp_path_factory.mktemp("seeds"), []
     real_run, real_order = main.run_method, main.epoch_order
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(main, "run_method", lambda ctx, key, *a: used.append([*key, set()]) or real_run(ctx, key, *a))
         mp.setattr(main, "epoch_order", lambda n, seed, epoch: used[-1][3].add(seed) or real_order(n, seed, epoch))
         mp.setattr(main, "measure_inference", lambda *a, **k: None)  # not what these tests look at
-        code = main.main(["--quick", "--seeds", "2", "--task", "rotated", "--ranks", "2,8", "--methods", "base,full,lora",
-                          "--epochs", "1", "--finetune-epochs", "1", "--budgets", "2,3", "--data-dir", str(mnist_dir),
+        code = main.main([*SEEDS_RUN, "--ranks", "2,8", "--budgets", "2,3", "--data-dir", str(mnist_dir),
                           "--out-dir", str(out)])
     return code, out, used
 
@@ -270,23 +274,24 @@ def test_the_summary_gives_mean_std_ci_the_base_on_the_target_and_paired_differe
     assert (out / main.BUDGET_PLOT).stat().st_size > 10_000
 
 
+@pytest.mark.usefixtures("no_plots_or_latency")
 def test_the_console_shows_mean_and_spread_and_resume_adds_only_new_runs(seeds_run, mnist_dir, capsys, tmp_path):
     _, out, _ = seeds_run
     shutil.copytree(out, tmp_path / "out")
-    code, stdout, _ = run(capsys, "--quick", "--seeds", "2", "--task", "rotated", "--ranks", "2,4,8", "--methods",
-                          "base,full,lora", "--epochs", "1", "--finetune-epochs", "1", "--resume", "--data-dir",
-                          mnist_dir, "--out-dir", tmp_path / "out")
+    code, stdout, _ = run(capsys, *SEEDS_RUN, "--ranks", "2,4,8", "--resume", "--data-dir", mnist_dir,
+                          "--out-dir", tmp_path / "out")
     assert code == 0 and stdout.count("kept.") == 8
     assert stdout.count("Fine-tuning the base model with LoRA r=4") == 2  # only the new rank, once per seed
     assert "LoRA Model Test Accuracy: " in stdout and "% (mean ± std of 2 seeds; 95 % CI [" in stdout
     assert "Base, not fine-tuned (rotated) Model Test Accuracy: " in stdout
-    code, _, err = run(capsys, "--quick", "--seeds", "2", "--task", "inverted", "--methods", "base,full,lora",
-                       "--epochs", "1", "--finetune-epochs", "1", "--resume", "--data-dir", mnist_dir, "--out-dir", out)
+    other_task = [*SEEDS_RUN[:4], "inverted", *SEEDS_RUN[5:]]
+    code, _, err = run(capsys, *other_task, "--resume", "--data-dir", mnist_dir, "--out-dir", out)
     assert code == 2 and "other settings (task differ)" in err
 
 
-def test_quick_run_console_summary(quick_run, mnist_dir, capsys, tmp_path):
+def test_quick_run_console_summary(quick_run, mnist_dir, capsys, tmp_path, monkeypatch):
     """The closing lines (re-printed from a --resume of the same run): labelled quick, under 100 columns."""
+    monkeypatch.setattr(main, "plot_results", lambda results, out_dir: [])  # the latency is on the console: timed
     shutil.copytree(quick_run[1], tmp_path / "out")
     code, stdout, _ = run(capsys, "--quick", "--resume", "--data-dir", mnist_dir, "--out-dir", tmp_path / "out")
     assert code == 0 and "Epoch " not in stdout  # everything was kept, nothing retrained
@@ -363,6 +368,7 @@ def test_interrupt_keeps_finished_methods_and_resume_continues(capsys, mnist_dir
     assert [r["method"] for r in saved["runs"]] == ["base"] and (tmp_path / "seed0" / "base_model.pt").is_file()
     assert (tmp_path / main.PLOT_FILES[2]).is_file()  # the finished base is plotted too
 
+    monkeypatch.setattr(main, "plot_results", lambda results, out_dir: [])  # checked above
     code, _, _ = run(capsys, *argv, "--resume")
     assert code == 0 and calls == ["base", "lora", "lora"]  # the base was not trained again
     resumed = json.loads((tmp_path / "results.json").read_text())
@@ -392,8 +398,11 @@ def test_sigterm_is_handled_like_ctrl_c(capsys, quick_run, mnist_dir, tmp_path, 
     assert "Traceback" not in err
 
 
-def test_a_cuda_run_shows_its_peak_in_table_console_and_plot(quick_run, capsys, tmp_path):
+def test_a_cuda_run_shows_its_peak_in_table_console_and_plot(quick_run, capsys, tmp_path, monkeypatch):
     """What a CUDA run reports, checked here from a CPU run's results with a peak filled in."""
+    for other in ("plot_curves", "plot_loss_and_accuracy", "plot_rank_sweep", "plot_lr_sweep", "plot_rank_allocation",
+                  "plot_budget_check"):  # the comparison figure alone: the others have no memory panel
+        monkeypatch.setattr(main, other, lambda *a: None)
     results = json.loads((quick_run[1] / "results.json").read_text())
     for r in results["runs"]:
         r["cuda_peak_bytes"] = 3 * 2**20
@@ -401,7 +410,7 @@ def test_a_cuda_run_shows_its_peak_in_table_console_and_plot(quick_run, capsys, 
     assert "| 3.00 |" in main.comparison_table(results) and "n/a (CPU)" not in main.comparison_table(results)
     main.report_method(runs_by_method(results)["lora"])
     assert "Max memory allocated: 3.00 MiB (CUDA peak above the shared dataset and base model)" in capsys.readouterr().out
-    assert main.PLOT_FILES[4] in main.plot_results(results, tmp_path)
+    assert main.plot_results(results, tmp_path) == [main.PLOT_FILES[4]]
 
 
 @pytest.mark.usefixtures("no_plots_or_latency")
@@ -440,6 +449,7 @@ def test_a_new_method_is_one_row_and_one_class(capsys, mnist_dir, tmp_path, monk
     monkeypatch.setattr(main, "DoubledLoRALayer", DoubledLoRALayer, raising=False)  # the one class
     monkeypatch.setitem(main.METHODS, "lora2x", main.Method("LoRA x2", "tab:pink", "P", 1e-3, "adapters",
                                                              "DoubledLoRALayer"))  # the one row
+    monkeypatch.setattr(main, "MAX_EXTENSIONS", 0)  # the two rates asked for: a grid, not its growth (tested apart)
     drawn, real_write = {}, main.write_atomic
     monkeypatch.setattr(main, "write_atomic", lambda path, content: (
         drawn.__setitem__(Path(path).name, figure_texts(content)) if hasattr(content, "savefig") else None,
@@ -463,6 +473,7 @@ def test_a_new_method_is_one_row_and_one_class(capsys, mnist_dir, tmp_path, monk
     test_split = main.load_splits(main.parse_args([str(a) for a in argv]), torch.device("cpu"))["mnist"]["test"]
     assert main.evaluate(loaded, *test_split)[1] == pytest.approx(run_["test_acc"], abs=0.015)  # the trained one
     assert "lora2x" in results["inference"]
+    monkeypatch.setattr(main, "plot_results", lambda results, out_dir: [])  # drawn and checked above
     code, stdout, _ = run(capsys, *argv, "--resume")
     assert code == 0 and "Epoch " not in stdout  # nothing trained again: the base, every grid run, ranks 8 and 2 kept
     assert stdout.count("kept.") == 1 + len(results["lr_grid"]) + 2
