@@ -284,7 +284,7 @@ def test_the_console_shows_mean_and_spread_and_resume_adds_only_new_runs(seeds_r
     assert stdout.count("Fine-tuning the base model with LoRA r=4") == 2  # only the new rank, once per seed
     assert "LoRA Model Test Accuracy: " in stdout and "% (mean ± std of 2 seeds; 95 % CI [" in stdout
     assert "Base, not fine-tuned (rotated) Model Test Accuracy: " in stdout
-    other_task = [*SEEDS_RUN[:4], "inverted", *SEEDS_RUN[5:]]
+    other_task = ["inverted" if arg == "rotated" else arg for arg in SEEDS_RUN]
     code, _, err = run(capsys, *other_task, "--resume", "--data-dir", mnist_dir, "--out-dir", out)
     assert code == 2 and "other settings (task differ)" in err
 
