@@ -21,6 +21,7 @@ if __name__ == "__main__":  # Ctrl-C or a hang-up while torch loads (seconds): o
         signal.signal(stop_signal, stopped_during_start_up)
 
 import argparse
+import contextlib
 import copy
 import errno
 import functools
@@ -107,6 +108,11 @@ SETTINGS = {  # name: (default, type, meaning); the flag is --name with - for _ 
     "dyn_dem": (0.1, float, "dynamic-rank DoRA: weight in the loss of the variance regulariser (DEM), until "
                             "pruning ends"),
     "train_head": (True, bool, "the classifier head fully trainable instead of adapted"),
+    "width": (1, int, "the CNN's width: its channels (16, 32) and fc1's units (256) times this"),
+    "memory_batches": ("", str, "memory sweep instead of training, e.g. 1,8,32,128,512: each method's training "
+                                "memory, one measured step at each of these batch sizes and each --memory-widths "
+                                "width (nothing is trained)"),
+    "memory_widths": ("1,2,4,8", str, "the CNN widths of the memory sweep"),
     "device": ("auto", str, "auto (cuda when available), cpu or cuda"),
     "data_dir": ("data", str, "holds MNIST/raw/ and FashionMNIST/raw/ (torchvision's layout); downloaded there "
                               "if missing"),
@@ -137,7 +143,7 @@ def adapter_methods():
 
 def display(method):
     """A method's name in tables and plots ("Base" for the base stage); a name no row knows, as it is."""
-    return row(method).name if method == "base" or method in METHODS else str(method)
+    return row(method).name if isinstance(method, str) and (method == "base" or method in METHODS) else str(method)
 
 
 def default_rates():
@@ -151,16 +157,17 @@ def default_rates():
 class CNN(nn.Module):
     """Two 5x5 'valid' conv layers (16, 32 channels) and two linear layers: LeNet-like, 147k parameters.
     Chosen for accuracy per CPU-second: ~99.3 % on MNIST in a few epochs at 1.2 M multiply-adds per image,
-    under a third of the common 32/64-channel 'same'-padded MNIST CNN's 4.2 M."""
+    under a third of the common 32/64-channel 'same'-padded MNIST CNN's 4.2 M. `width` multiplies the channels
+    and fc1's units (--width; the memory sweep): 1 is this CNN exactly."""
 
     head = "fc2"  # the classifier layer, left fully trainable with --train-head
 
-    def __init__(self):
+    def __init__(self, width=1):
         super().__init__()
-        self.conv1 = nn.Conv2d(1, 16, 5)       # 28x28 -> 24x24, pooled to 12x12
-        self.conv2 = nn.Conv2d(16, 32, 5)      # 12x12 -> 8x8, pooled to 4x4
-        self.fc1 = nn.Linear(32 * 4 * 4, 256)
-        self.fc2 = nn.Linear(256, 10)
+        self.conv1 = nn.Conv2d(1, 16 * width, 5)              # 28x28 -> 24x24, pooled to 12x12
+        self.conv2 = nn.Conv2d(16 * width, 32 * width, 5)     # 12x12 -> 8x8, pooled to 4x4
+        self.fc1 = nn.Linear(32 * width * 4 * 4, 256 * width)
+        self.fc2 = nn.Linear(256 * width, 10)
         self.dropout = nn.Dropout(0.25)
 
     def forward(self, x):
@@ -425,18 +432,42 @@ def bitsandbytes_call(name, *args, **kwargs):
         raise BitsAndBytesUnavailable(f"bitsandbytes' {name} failed ({type(e).__name__}: {one_line(e)})") from None
 
 
+class FrozenQuantized(torch.autograd.Function):
+    """y = layer_op(x, W) + b for a QLoRA layer's frozen 4-bit W, keeping nothing of W's fp32 size for backward:
+    the gradient to x needs W, so backward dequantizes it again (as bitsandbytes' own 4-bit matmul does) instead
+    of autograd keeping the dequantized fp32 copy from the forward pass. W and b get no gradient."""
+
+    @staticmethod
+    def forward(ctx, x, layer):
+        ctx.layer, ctx.input_shape = layer, x.shape
+        return layer.layer_op(x, layer.base_weight(), layer.bias)  # forward runs without autograd: nothing kept
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if not ctx.needs_input_grad[0]:  # the first layer's input (the images): no dequantization at all
+            return None, None
+        layer, weight = ctx.layer, ctx.layer.base_weight()
+        if layer.is_conv:
+            return torch.nn.grad.conv2d_input(ctx.input_shape, weight, grad_out, **layer.conv_args), None
+        return grad_out @ weight, None  # y = x W^T: dL/dx = dL/dy W
+
+
 class QLoRALayer(LoRALayer):
     """QLoRA (Dettmers et al. 2023): LoRA, with W stored as 4-bit NormalFloat (NF4) and double quantization.
 
     bitsandbytes' quantize_4bit packs two 4-bit codes per byte with one absmax per block of 64 weights;
     double quantization stores those absmax values themselves as 8-bit with a second-level fp32 scale
-    per 256 blocks. No fp32 copy of W is kept; it is dequantized in each forward pass (once per layer per
-    step) and the fp32 LoRA adapter rides on top. bitsandbytes has no 4-bit conv, so the same code
-    serves Conv2d through `layer_op`.
+    per 256 blocks. No fp32 copy of W is kept, in training either: it is dequantized in the forward pass and
+    again in the backward pass (FrozenQuantized), and the fp32 LoRA adapter rides on top. bitsandbytes has no
+    4-bit conv, so the same code serves Conv2d through `layer_op`.
     """
 
     peft_loads_as = "lora"  # PEFT has no 4-bit conv: it puts this adapter on the fp32 base
     uses_bitsandbytes = True
+
+    def forward(self, x):
+        # LoRA's y = W x + b + dW dropout(x), W x + b without keeping the dequantized W for backward
+        return FrozenQuantized.apply(x, self).add_(self.lora(self.dropout(x)))
 
     def store_base_weight(self, weight):
         # Quantized as one flat vector: blocks of 64 consecutive weights either way, but bitsandbytes' CPU
@@ -687,6 +718,20 @@ def add_adapters(model, cls, config, train_head=True, **options):
     return model
 
 
+def finetuning_copy(base, method, rank, settings):
+    """A copy of `base` that trains what `method`'s row says (the base's too): every parameter, the head, or
+    adapters of its class at `rank`, built from the settings (alpha, dropout, scaling, the head, the class's own)."""
+    model, spec = copy.deepcopy(base), row(method)
+    if spec.trains == "all":
+        return model.requires_grad_(True)
+    if spec.trains == "head":
+        model.requires_grad_(False).get_submodule(CNN.head).requires_grad_(True)
+        return model
+    cls = adapter_class(method)
+    config = AdapterConfig(rank, settings.alpha, settings.dropout, use_rslora=settings.scaling == "rslora")
+    return add_adapters(model, cls, config, settings.train_head, **cls.options(settings))
+
+
 def adapter_layers(model):
     """{full name: layer} of a model's adapter layers."""
     return {name: m for name, m in model.named_modules() if isinstance(m, AdapterLayer)}
@@ -713,11 +758,19 @@ class DataError(RuntimeError):
 
 
 def download_dataset(data_dir, name):
-    """torchvision's downloader (tries its mirrors); its chatter is kept back and shown only on success."""
+    """torchvision's downloader (tries its mirrors); its chatter is kept back and shown only on success. A failed
+    download leaves no folder it made behind (a mistyped --data-dir stays absent)."""
     import torchvision.datasets
+    made = [p for p in (Path(data_dir), Path(data_dir) / name, Path(data_dir) / name / "raw") if not p.exists()]
     log = io.StringIO()
-    with redirect_stdout(log), redirect_stderr(log):
-        getattr(torchvision.datasets, name)(data_dir, train=True, download=True)
+    try:
+        with redirect_stdout(log), redirect_stderr(log):
+            getattr(torchvision.datasets, name)(data_dir, train=True, download=True)
+    except BaseException:
+        for folder in reversed(made):
+            with contextlib.suppress(OSError):  # a folder that is not empty stays
+                folder.rmdir()
+        raise
     print(log.getvalue(), end="")
 
 
@@ -922,6 +975,109 @@ def verdict(history, first_loss):
     return None
 
 
+def weight_bytes(model):
+    """Bytes of every weight as stored: fp32 parameters, and for QLoRA the packed 4-bit codes plus all of
+    their quantization constants."""
+    return (sum(p.nbytes for p in model.parameters()) + sum(b.nbytes for b in model.buffers())
+            + sum(m.extra_stored_bytes() for m in adapter_layers(model).values()))
+
+
+MEMORY_STEP = 2  # the step whose memory is measured: from the second on, Adam's state and the last step's
+                 # gradients are allocated while the forward pass keeps its activations, as in every later step
+
+
+class Kept:
+    """A tensor autograd keeps for backward, wrapped to be counted while it is held: autograd drops it once the
+    backward pass has used it (or at once, when the graph holding it is discarded), and `release` runs then.
+    It holds a detached view: holding the tensor itself would tie an output to its own graph (a cycle)."""
+    __slots__ = ("tensor", "release")
+
+    def __init__(self, tensor, release):
+        self.tensor, self.release = tensor.detach(), release
+
+    def __del__(self):
+        self.release()
+
+
+class TrainingMemory:
+    """The training memory of the steps run inside it, in parts, by accounting: the weights as stored (frozen
+    and trainable), the gradients, the optimizer's state, and the activations autograd keeps for the backward
+    pass, counted with its saved-tensor hooks: the bytes it holds when backward begins (a graph discarded in the
+    forward pass, as DoRA's detached norm, holds nothing by then), each storage once, the model's parameters and
+    buffers (its weights, counted as such) and `exclude` (the resident dataset) left out.
+    On CUDA it also reads the allocator's peak over those steps, above what was allocated before training began
+    but the model's weights (the dataset, the bases kept for copying): the same parts, plus the workspaces,
+    transient buffers and rounding that accounting leaves out."""
+
+    def __init__(self, model, optimizer, device, exclude=()):
+        self.model, self.optimizer, self.device = model, optimizer, device
+        self.skip = {(t.device, t.untyped_storage().data_ptr()) for t in (*model.parameters(), *model.buffers(),
+                                                                           *exclude)}
+        self.held, self.kept_now, self.kept_at_backward = {}, 0, None  # storage -> [holders, bytes]; bytes held
+        self.parts, self.cuda_peak = None, None
+        if self.device.type == "cuda":
+            sync(self.device)
+            self.cuda_shared = torch.cuda.memory_allocated(self.device) - weight_bytes(model)
+
+    def pack(self, tensor):
+        key = (tensor.device, tensor.untyped_storage().data_ptr())
+        if key in self.skip:
+            return Kept(tensor, lambda: None)
+        entry = self.held.setdefault(key, [0, tensor.untyped_storage().nbytes()])
+        entry[0] += 1
+        if entry[0] == 1:  # a storage not kept yet: its bytes count once, however many tensors view it
+            self.kept_now += entry[1]
+        return Kept(tensor, lambda: self.release(key))
+
+    def unpack(self, kept):
+        if self.kept_at_backward is None:  # the first use of a kept tensor: backward has begun, nothing freed yet
+            self.kept_at_backward = self.kept_now
+        return kept.tensor
+
+    def release(self, key):
+        entry = self.held[key]
+        entry[0] -= 1
+        if entry[0] == 0:
+            del self.held[key]
+            self.kept_now -= entry[1]
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            sync(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+        self.hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.hooks.__exit__(*exc)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        trained = sum(p.nbytes for p in trainable)
+        self.parts = {"frozen_weights": weight_bytes(self.model) - trained, "trainable_weights": trained,
+                      "gradients": sum(p.grad.nbytes for p in trainable if p.grad is not None),
+                      "optimizer": sum(t.nbytes for state in self.optimizer.state.values() for t in state.values()
+                                       if torch.is_tensor(t)),
+                      "activations": self.kept_at_backward or 0}
+        self.parts["total"] = sum(self.parts.values())
+        if self.device.type == "cuda":
+            sync(self.device)
+            self.cuda_peak = torch.cuda.max_memory_allocated(self.device) - self.cuda_shared
+        return False
+
+
+def training_step(model, optimizer, groups, images, labels, step, total_steps):
+    """One optimizer step on the task's loss plus the adapter classes' terms, then their after-step hooks;
+    returns the task's loss alone (what is recorded)."""
+    loss = F.cross_entropy(model(images), labels)
+    terms = [term for cls, modules in groups.items() if (term := cls.regularizer(modules, step, total_steps)) is not None]
+    optimizer.zero_grad(set_to_none=True)
+    (loss + sum(terms) if terms else loss).backward()
+    optimizer.step()
+    for cls, modules in groups.items():
+        cls.on_step(modules, step, total_steps)
+    return loss
+
+
 def train(model, splits, lr, budget, seed, log=print):
     """Adam on the trainable parameters, cosine LR per step to 0 at the end of the budget; the model ends in the
     state (parameters and buffers) of its best epoch by the selection criterion, with early stopping on it only
@@ -936,6 +1092,7 @@ def train(model, splits, lr, budget, seed, log=print):
     settled = max((cls.settled_at(modules, total) for cls, modules in groups.items()), default=0)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
     history, best = {key: [] for key in HISTORY_KEYS}, {"key": (-math.inf,), "epoch": 0, "state": snapshot(model)}
+    memory = TrainingMemory(model, optimizer, images.device, exclude=[images])  # on this run's step MEMORY_STEP
     first_loss, step = None, 0
     sync(images.device)
     start = time.perf_counter()
@@ -948,15 +1105,9 @@ def train(model, splits, lr, budget, seed, log=print):
         # a progress bar with rate and time left, shown only on a terminal (disable=None), so logs stay clean
         for i in tqdm(range(total // epochs), desc=f"epoch {epoch}/{epochs}", unit="step", leave=False, disable=None):
             step, idx = step + 1, order[i * batch_size:(i + 1) * batch_size]
-            loss = F.cross_entropy(model(images[idx]), labels[idx])  # what is recorded: the task's loss alone
-            terms = [term for cls, modules in groups.items()
-                     if (term := cls.regularizer(modules, step, total)) is not None]
-            optimizer.zero_grad(set_to_none=True)
-            (loss + sum(terms) if terms else loss).backward()
-            optimizer.step()
+            with memory if step == min(MEMORY_STEP, total) else contextlib.nullcontext():
+                loss = training_step(model, optimizer, groups, images[idx], labels[idx], step, total)
             scheduler.step()
-            for cls, modules in groups.items():
-                cls.on_step(modules, step, total)
             loss_sum += loss.detach() * len(idx)
             if first_loss is None:
                 first_loss = loss.item()  # the one sync of the run: where the loss started
@@ -979,13 +1130,13 @@ def train(model, splits, lr, budget, seed, log=print):
     train_time = time.perf_counter() - start
     restore(model, best["state"])
     collapsed = verdict(history, first_loss)
-    adam_bytes = sum(t.nbytes for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t))
     return {"history": history, "epochs_run": len(history["train_loss"]), "best_epoch": best["epoch"],
-            "train_time_s": train_time, "optimizer_bytes": adam_bytes, "collapsed": collapsed}
+            "train_time_s": train_time, "memory": memory.parts, "cuda_peak_bytes": memory.cuda_peak,
+            "collapsed": collapsed}
 
 
 # =====================================================================================================
-# Measurement: parameters, bytes as stored, CUDA peak
+# Measurement: parameters, and training memory without training
 # =====================================================================================================
 def count_parameters(model):
     """(trainable, total). A 4-bit weight counts as the number of weights it stores, not its bytes."""
@@ -994,39 +1145,60 @@ def count_parameters(model):
     return trainable, total + sum(m.stored_weight_count() for m in adapter_layers(model).values())
 
 
-def weight_bytes(model):
-    """Bytes of every weight as stored: fp32 parameters, and for QLoRA the packed 4-bit codes plus all of
-    their quantization constants."""
-    return (sum(p.nbytes for p in model.parameters()) + sum(b.nbytes for b in model.buffers())
-            + sum(m.extra_stored_bytes() for m in adapter_layers(model).values()))
+def step_memory(model, batch_size, total_steps):
+    """(TrainingMemory's parts, CUDA peak or None) of one training step of `model` as train() takes it (its
+    trainable parameters, Adam, the adapter classes' hooks at step MEMORY_STEP of a run of total_steps), on a
+    batch of random images: memory depends on shapes, not values, so nothing needs training. For the memory
+    sweep, and for runs recorded before their memory was measured (tests check it equals train()'s own)."""
+    device = next(model.parameters()).device
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(batch_size, 1, 28, 28, generator=g).to(device).contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, NUM_CLASSES, (batch_size,), generator=g).to(device)
+    model.train()
+    optimizer, groups = torch.optim.Adam(trainable_parameters(model).values(), lr=1e-3), hook_groups(model)
+    memory = TrainingMemory(model, optimizer, device)
+    for step in range(1, MEMORY_STEP + 1):
+        with memory if step == MEMORY_STEP else contextlib.nullcontext():
+            training_step(model, optimizer, groups, images, labels, step, total_steps)
+    return memory.parts, memory.cuda_peak
 
 
-def with_cuda_peak(device, model, run):
-    """(run(), peak CUDA bytes allocated during it above what every method shares: the resident dataset and the
-    base kept for copying), the peak None off CUDA. What remains: the model, gradients, Adam, activations."""
-    if device.type != "cuda":
-        return run(), None
-    sync(device)
-    torch.cuda.reset_peak_memory_stats()
-    shared = torch.cuda.memory_allocated() - weight_bytes(model)
-    result = run()
-    sync(device)
-    return result, torch.cuda.max_memory_allocated() - shared
+def full_run_steps(epochs, batch_size, train_size=60_000 - VAL_SIZE):
+    """The optimizer steps of a fine-tuning run on the whole training split: where its hooks stand at a step."""
+    return epochs * math.ceil(train_size / batch_size)
 
 
-def measure(model, fit, test_loss, test_acc, cuda_peak):
+def memory_sweep(args, device, log=print):
+    """results["memory_sweep"]: every fine-tuning method's training memory (step_memory: one measured step, no
+    training) at each CNN width of --memory-widths and batch size of --memory-batches, on fresh CNNs."""
+    records = []
+    for width in args.memory_widths:
+        torch.manual_seed(args.seed)
+        base = CNN(width).to(device)
+        for batch in args.memory_batches:
+            point = {}
+            for method in (m for m in args.methods if m != "base"):
+                model = finetuning_copy(base, method, args.rank, args).to(memory_format=torch.channels_last)
+                memory, peak = step_memory(model, batch, full_run_steps(args.finetune_epochs, batch))
+                point[method] = {"method": method, "width": width, "batch_size": batch, "memory": memory,
+                                 "cuda_peak_bytes": peak}
+            records += point.values()
+            log(f"width {width}, batch {batch}: " + ", ".join(
+                f"{display(m)} {fmt_mib(r['memory']['total'])}" for m, r in point.items()) + " MiB by accounting")
+    return records
+
+
+def measure(model, fit, test_loss, test_acc):
     trainable, total = count_parameters(model)
     adapted = adapter_layers(model).values()  # their frozen W (biases excluded)
-    stored, grad_bytes = weight_bytes(model), sum(p.nbytes for p in model.parameters() if p.requires_grad)
     return {"status": "ok", "test_acc": test_acc, "test_loss": test_loss,
             "trainable_params": trainable, "total_params": total,
             # what its saved folder holds (pruned components dropped): the trained parameters for all but those
             "stored_params": sum(t.numel() for t in peft_tensors(model).values()),
-            "weight_bytes": stored, "grad_bytes": grad_bytes, "optimizer_bytes": fit["optimizer_bytes"],
-            "train_state_bytes": stored + grad_bytes + fit["optimizer_bytes"],
+            "memory": fit["memory"], "cuda_peak_bytes": fit["cuda_peak_bytes"],
             "frozen_weight_bytes": sum(m.frozen_weight_bytes() for m in adapted),
             "frozen_weight_fp32_bytes": sum(4 * math.prod(m.weight_shape) for m in adapted),
-            "cuda_peak_bytes": cuda_peak, "train_time_s": fit["train_time_s"],
+            "train_time_s": fit["train_time_s"],
             "epochs_run": fit["epochs_run"], "best_epoch": fit["best_epoch"], "history": fit["history"]}
 
 
@@ -1123,8 +1295,9 @@ def saved_model_file(out_dir, method, seed, rank=None):
 def file_digest(path):
     """SHA-256 of a saved model: a file, or an adapter folder (every file in it, by name)."""
     digest = hashlib.sha256()
-    for file in sorted(Path(path).iterdir()) if Path(path).is_dir() else [Path(path)]:
-        digest.update(file.name.encode() + b"\0" + file.read_bytes())
+    for entry in sorted(Path(path).iterdir()) if Path(path).is_dir() else [Path(path)]:
+        # anything else in a folder (a subfolder, a pipe) changes the digest by its name, never read
+        digest.update(entry.name.encode() + b"\0" + (entry.read_bytes() if entry.is_file() else b"(not a file)"))
     return digest.hexdigest()
 
 
@@ -1177,17 +1350,22 @@ def load_adapter(base_checkpoint, folder, device="cpu", method=None):
     if (folder / ADAPTER_INFO).is_file():
         info = read_model_file(folder / ADAPTER_INFO, lambda p: json.loads(p.read_text()))
     method = method or info.get("method") or ("dora" if config.get("use_dora") else "lora")
-    if method not in METHODS or not adapter_class(method):
+    if not (isinstance(method, str) and method in METHODS and adapter_class(method)):
         raise ModelFileError(f"{folder} holds an adapter of a method this script does not know ({method!r})")
     cls = adapter_class(method).loads_as or adapter_class(method)
+    from safetensors.torch import load_file
+    tensors = read_model_file(folder / ADAPTER_WEIGHTS, lambda p: load_file(p, device=str(device)))
     model = load_plain(base_checkpoint, device)
     try:
         shape = AdapterConfig(**{k: config[k] for k in AdapterConfig._fields if k in config})
+        for *_, name, _ in adaptable_layers(model, bool(config.get("modules_to_save"))):  # before any is built
+            rank, saved = shape.for_layer(name)[0], tensors.get(f"base_model.model.{name}.lora_A.weight")
+            if type(rank) is not int or saved is None or saved.dim() < 2 or rank != saved.shape[0]:
+                raise ValueError(f"{name}'s rank {rank!r} is not the rank of its saved lora_A "
+                                 f"({'none' if saved is None else tuple(saved.shape)})")
         add_adapters(model, cls, shape, train_head=bool(config.get("modules_to_save")))
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, AttributeError) as e:
         raise ModelFileError(f"{folder / ADAPTER_CONFIG} is not a LoRA config of this CNN ({one_line(e)})") from None
-    from safetensors.torch import load_file
-    tensors = read_model_file(folder / ADAPTER_WEIGHTS, lambda p: load_file(p, device=str(device)))
     expected = peft_tensors(model)
     if set(tensors) != set(expected):
         raise ModelFileError(f"{folder} does not match a {method} adapter of this CNN (missing "
@@ -1229,8 +1407,7 @@ def mean_std_ci(values):
     return {"n": len(values), "mean": mean, "std": std, "ci95": [mean - half, mean + half], "values": values}
 
 
-SAME_FOR_EVERY_SEED = ("trainable_params", "total_params", "weight_bytes", "grad_bytes", "optimizer_bytes",
-                       "train_state_bytes", "frozen_weight_bytes", "frozen_weight_fp32_bytes",
+SAME_FOR_EVERY_SEED = ("trainable_params", "total_params", "memory", "frozen_weight_bytes", "frozen_weight_fp32_bytes",
                        "full_model_file_bytes")  # shapes and byte counts: a seed changes values, not sizes
 PER_SEED_SIZES = ("stored_params", "file_bytes")  # what is kept after pruning: each seed prunes its own way
 
@@ -1451,12 +1628,9 @@ RESULT_COLUMNS = (  # (header in results.md, header on the console or None, cell
     ("trainable params", "trainable", lambda row: f"{row['trainable_params']:,}"),
     ("stored params", None, lambda row: fmt_count(row["stored_params"])),
     ("% of total", None, lambda row: f"{100 * row['trainable_params'] / row['total_params']:.2f}"),
-    ("weights stored (MiB)", None, lambda row: fmt_mib(row["weight_bytes"])),
-    ("train state (MiB)", None, lambda row: fmt_mib(row["train_state_bytes"])),
+    ("training memory (MiB)", "memory (MiB)", lambda row: fmt_mib(row["memory"]["total"])),
     ("frozen W stored / fp32", None, lambda row: "-" if not row["frozen_weight_fp32_bytes"]
      else f"{100 * row['frozen_weight_bytes'] / row['frozen_weight_fp32_bytes']:.1f} %"),
-    ("CUDA peak (MiB)", None, lambda row: "n/a (CPU)" if row["cuda_peak_bytes"] is None
-     else fmt_stat(row["cuda_peak_bytes"], scale=2**20)),
     ("train time (s)", "train time (s)", lambda row: fmt_stat(row["train_time_s"], "{:.1f}")),
     ("epochs (best)", None, lambda row: f"{'/'.join(map(str, row['epochs_run']))} "
                                         f"({'/'.join(map(str, row['best_epoch']))})"),
@@ -1482,6 +1656,31 @@ def comparison_table(results, console=False):
         rows.append([name] + [cell(row) if method != "base_on_task" or h in BEFORE_FINE_TUNING else "-"
                               for _, h, cell in columns])
     header = ["method"] + [shown for shown, _, _ in columns]
+    return table(header, rows, console)
+
+
+MEMORY_PARTS = (  # (key in a run's "memory", header in results.md and the plot, on the console)
+    ("frozen_weights", "frozen weights", "frozen"), ("trainable_weights", "trainable weights", "trainable"),
+    ("gradients", "gradients", "grads"), ("optimizer", "optimizer (Adam)", "Adam"),
+    ("activations", "kept for backward", "backward"))
+
+
+def memory_table(results, console=False):
+    """Training memory per method in parts, by accounting (one measured step at the run's batch size), its ratio
+    to full fine-tuning's, and on CUDA the allocator's peak beside it with what accounting leaves out."""
+    summary = {m: row for m, row in results["summary"].items() if row["status"] == "ok" and "memory" in row}
+    cuda = any(row["cuda_peak_bytes"] is not None for row in summary.values())
+    full = summary.get("full", {}).get("memory", {}).get("total")
+    rows = []
+    for method, row in summary.items():
+        memory, peak = row["memory"], row["cuda_peak_bytes"]
+        rows.append([display(method)] + [fmt_mib(memory[key]) for key, *_ in MEMORY_PARTS] + [
+            fmt_mib(memory["total"]), f"{memory['total'] / full:.2f}x" if full else "-"]
+            + ([fmt_stat(peak, scale=2**20), f"{(peak['mean'] - memory['total']) / 2**20:+.2f}"] if peak else
+               ["-", "-"] if cuda else []))
+    header = ["method"] + [short if console else long for _, long, short in MEMORY_PARTS] + (
+        ["total", "vs full"] if console else ["total (accounting)", "vs Full FT"]) + (
+        (["CUDA peak", "beyond"] if console else ["CUDA peak", "CUDA peak minus accounting"]) if cuda else [])
     return table(header, rows, console)
 
 
@@ -1524,6 +1723,49 @@ def rank_sweep_table(results, console=False):
     if console:
         return table(["method", "rank", "trainable", "stored", "test acc (%)"], rows, console)
     return table(["method", "rank", "trainable params", "stored params", "test acc (%)", "95 % CI"], rows)
+
+
+def sweep_points(results):
+    """{(width, batch): {method: total training memory in bytes}} of the memory sweep, in the order it ran."""
+    points = {}
+    for r in results["memory_sweep"]:
+        points.setdefault((r["width"], r["batch_size"]), {})[r["method"]] = r["memory"]["total"]
+    return points
+
+
+def memory_sweep_table(results):
+    """Each method's training memory at every width and batch size, and its ratio to full fine-tuning's."""
+    points = sweep_points(results)
+    methods = list(dict.fromkeys(m for totals in points.values() for m in totals))
+    return table(["width", "batch"] + [display(m) for m in methods], [
+        [width, batch] + [fmt_mib(totals[m]) + (f" ({totals[m] / totals['full']:.2f}x)" if "full" in totals
+                                                and m != "full" else "") for m in methods]
+        for (width, batch), totals in points.items()])
+
+
+def crossover(results):
+    """{width: {method: the largest batch of the sweep at which it still takes less training memory than full
+    fine-tuning, or None}}, and {width: the largest batch swept}: where the adapters stop saving memory."""
+    points, below, largest = sweep_points(results), {}, {}
+    for (width, batch), totals in points.items():
+        largest[width] = max(batch, largest.get(width, 0))
+        for method, total in totals.items():
+            if method != "full" and "full" in totals:
+                mine = below.setdefault(width, {}).setdefault(method, None)
+                if total < totals["full"]:
+                    below[width][method] = max(batch, mine or 0)
+    return below, largest
+
+
+def crossover_table(results):
+    below, largest = crossover(results)
+    methods = list(dict.fromkeys(m for mine in below.values() for m in mine))
+
+    def cell(width, method):
+        batch = below[width].get(method)
+        return "none" if batch is None else f"{batch} (all swept)" if batch == largest[width] else str(batch)
+    return table(["method"] + [f"width {w} ({count_parameters(CNN(w))[1]:,} weights)" for w in below],
+                 [[display(m)] + [cell(w, m) for w in below] for m in methods])
 
 
 def lr_grid_table(results):
@@ -1617,7 +1859,10 @@ def console_summary(results):
               f"CI\n(an interval holding 0 is within seed noise)" if n_seeds > 1 else
               "one seed: single values, no spread; vs Full FT: the difference in points")
     quick = "QUICK RUN: a smoke test on a subset, not results\n" if results["config"].get("quick") else ""
-    lines = [quick + comparison_table(results, console=True), spread, textwrap.fill(chosen_rates(results), 100)]
+    lines = [quick + comparison_table(results, console=True), spread, textwrap.fill(chosen_rates(results), 100), "",
+             memory_table(results, console=True),
+             f"training memory (MiB) by accounting, one step at batch {results['config']['batch_size']}: the weights as "
+             f"stored,\ngradients, Adam's state, and the activations autograd keeps for backward"]
     if results.get("inference"):
         lines += ["", inference_table(results, console=True),
                   "latency: as trained / merged, median of the rounds; file: the full model, or the adapter only"]
@@ -1643,23 +1888,28 @@ def in_peft_line(method, row):
 
 
 def save_results(results, out_dir):
-    """results.json (every run, the summary, the sweep) and results.md (the tables, with their notation)."""
+    """results.json (every run, the summary, the sweeps) and results.md (the tables, with their notation)."""
     add_summary(results)
     write_atomic(Path(out_dir) / "results.json", json.dumps(results, indent=2))
     env, config, seeds = results["environment"], results["config"], results["seeds"]
-    spread = (f"Seeds: {', '.join(map(str, seeds))}: mean ± std over the seeds; 95 % CI: Student's t."
-              if len(seeds) > 1 else f"One seed ({seeds[0]}): single values, so no spread and no interval.")
     quick = (f"**QUICK RUN: a smoke test ({config['train_size']:,} training and {config['test_size']:,} test "
              f"images, at most {QUICK_MAX_EPOCHS} epochs per method), not results.**\n\n" if config["quick"] else "")
     parts = [f"# Results\n\n{quick}Device: {env['device_name']}; torch {env['torch']}, bitsandbytes "
-             f"{env['bitsandbytes']}; {env['date']}. Fine-tuning task: {config['task']} ({TASKS[config['task']]}); "
-             f"{finetune_budget(config)} fine-tuning epochs, the update scaled by "
-             f"{scale_formula(config)}. "
-             f"{spread} {chosen_rates(results)}. Training time of this study: {study_time_s(results) / 60:.1f} min "
-             f"(every run once, the grid and the checks included).", comparison_table(results)]
-    parts += [in_peft_line(m, row) for m, row in results["summary"].items() if "in_peft" in row]
-    parts += [f"After training (Base, Full FT, Head only: the whole model's file; adapters: the adapter-only file; "
-              f"latency of seed {seeds[0]}'s models, median over interleaved rounds):", inference_table(results)]
+             f"{env['bitsandbytes']}; {env['date']}."]
+    if results["runs"]:
+        spread = (f"Seeds: {', '.join(map(str, seeds))}: mean ± std over the seeds; 95 % CI: Student's t."
+                  if len(seeds) > 1 else f"One seed ({seeds[0]}): single values, so no spread and no interval.")
+        parts[0] += (f" Fine-tuning task: {config['task']} ({TASKS[config['task']]}); {finetune_budget(config)} "
+                     f"fine-tuning epochs, the update scaled by {scale_formula(config)}. {spread} "
+                     f"{chosen_rates(results)}. Training time of this study: {study_time_s(results) / 60:.1f} min "
+                     f"(every run once, the grid and the checks included).")
+        parts += [comparison_table(results)]
+        parts += [in_peft_line(m, row) for m, row in results["summary"].items() if "in_peft" in row]
+        parts += [f"Training memory (MiB) by accounting, one measured training step at batch {config['batch_size']}, "
+                  f"CNN width {config.get('width', 1)}:", memory_table(results)]
+        parts += [f"After training (Base, Full FT, Head only: the whole model's file; adapters: the adapter-only "
+                  f"file; latency of seed {seeds[0]}'s models, median over interleaved rounds):",
+                  inference_table(results)]
     if results["rank_sweep"]:
         parts += [f"Rank sweep (the adapter methods at each rank, at their main-rank learning rate; "
                   f"{len(seeds)} seed(s)):", rank_sweep_table(results)]
@@ -1671,16 +1921,26 @@ def save_results(results, out_dir):
     if results["budget_check"]:
         parts += [f"Budget check (seed {seeds[0]}, each method at its chosen rate, validation accuracy at the kept "
                   f"epoch): has the comparison's budget plateaued?", budget_table(results)]
-    parts.append("vs Full FT = the method's test accuracy minus full fine-tuning's, seed by seed (same base, data "
-                 "order and init within a seed), with the 95 % CI of that mean difference: an interval that "
-                 "contains 0 means the difference is within seed noise. epochs (kept) = the epochs each seed ran, "
-                 f"separated by /, and in brackets the epoch whose state was kept (the best by {SELECTION}). "
-                 "stored params = what the saved folder holds (trained parameters; pruned components dropped). "
-                 "Lead over the runner-up: images the chosen run gets right and the other not, minus the reverse, "
-                 "with the standard error of that paired count (within noise: under two). "
-                 "train state = weights as stored + gradients + Adam state (byte accounting). CUDA peak = "
-                 "torch.cuda.max_memory_allocated during training minus the memory held before the method's model "
-                 "was built (dataset and base model), plus that model's own weights.")
+    if results.get("memory_sweep"):
+        parts += ["Memory sweep (nothing trained: each method's training memory by accounting, one measured step "
+                  "on a fresh CNN of each width; in brackets, the ratio to full fine-tuning's):",
+                  memory_sweep_table(results),
+                  "The largest batch size of the sweep at which each method still takes less training memory than "
+                  "full fine-tuning, per CNN width:", crossover_table(results)]
+    parts.append(("vs Full FT = the method's test accuracy minus full fine-tuning's, seed by seed (same base, data "
+                  "order and init within a seed), with the 95 % CI of that mean difference: an interval that "
+                  "contains 0 means the difference is within seed noise. epochs (kept) = the epochs each seed ran, "
+                  f"separated by /, and in brackets the epoch whose state was kept (the best by {SELECTION}). "
+                  "stored params = what the saved folder holds (trained parameters; pruned components dropped). "
+                  "Lead over the runner-up: images the chosen run gets right and the other not, minus the reverse, "
+                  "with the standard error of that paired count (within noise: under two). " if results["runs"] else "")
+                 + f"Training memory = by accounting, on training step {MEMORY_STEP} (Adam's state and the last "
+                 "step's gradients allocated): the weights as stored (frozen: QLoRA's packed 4-bit codes and their "
+                 "constants; trainable), the gradients, the optimizer's state, and the activations autograd keeps "
+                 "for the backward pass (its saved-tensor hooks, each storage once, parameters and the resident "
+                 "dataset left out). CUDA peak (on a GPU only) = torch.cuda.max_memory_allocated over that step "
+                 "minus what was allocated before training but the model's own weights (the dataset, the bases); "
+                 "what it holds beyond the accounting is the kernels' workspace and transient buffers.")
     write_atomic(Path(out_dir) / "results.md", "\n\n".join(parts) + "\n")
 
 
@@ -1689,8 +1949,8 @@ def save_results(results, out_dir):
 # =====================================================================================================
 PLOT_FILES = ("training_loss_comparison.png", "validation_accuracy_comparison.png",
               "base_model_loss_accuracy.png", "lora_loss_accuracy.png", "test_accuracy_memory.png")
-SWEEP_PLOT, LR_PLOT, RANK_PLOT, BUDGET_PLOT = ("rank_sweep.png", "lr_sweep.png", "rank_allocation.png",
-                                              "budget_check.png")  # drawn when what they show ran
+SWEEP_PLOT, LR_PLOT, RANK_PLOT, BUDGET_PLOT, MEMORY_PLOT = (
+    "rank_sweep.png", "lr_sweep.png", "rank_allocation.png", "budget_check.png", "memory_sweep.png")  # when they ran
 
 def mean_curve(runs, key):
     """(epochs, mean, std, seeds) of history[key] over runs: epoch e averages only the runs that reached it
@@ -1790,15 +2050,12 @@ def plot_loss_and_accuracy(plt, view, method):
 
 
 def plot_comparison(plt, view):
-    """One figure, six panels: test accuracy, training state, CUDA peak (on CUDA), file size, latency x 2."""
+    """One figure, five panels: test accuracy, training memory in parts, file size, latency at two batch sizes."""
     summary, trained, results = view["summary"], view["trained"], view["results"]
-    cuda = all(summary[m]["cuda_peak_bytes"] is not None for m in trained)
     fig = plt.figure(figsize=(15, 9))
     grid = fig.add_gridspec(2, 3)
-    draw_test_accuracy(fig.add_subplot(grid[0, 0] if cuda else grid[0, :2]), view, narrow=cuda)
-    draw_bytes(fig.add_subplot(grid[0, 1] if cuda else grid[0, 2]), view)
-    if cuda:
-        draw_cuda_peak(fig.add_subplot(grid[0, 2]), view)
+    draw_test_accuracy(fig.add_subplot(grid[0, 0]), view)
+    draw_memory(plt, fig.add_subplot(grid[0, 1:]), view)
     ax_file = fig.add_subplot(grid[1, 0])
     ax_file.bar_label(ax_file.bar([display(m) for m in trained],
                                   [summary[m]["file_bytes"]["mean"] / 2**10 for m in trained],
@@ -1814,8 +2071,8 @@ def plot_comparison(plt, view):
     return fig
 
 
-def draw_test_accuracy(ax, view, narrow=False):
-    """Test accuracy as points with 95 % CIs, on a zoomed axis that says so; a narrow panel's title wrapped."""
+def draw_test_accuracy(ax, view):
+    """Test accuracy as points with 95 % CIs, on a zoomed axis that says so."""
     summary = view["summary"]
     # on a shifted task the base's own accuracy is on MNIST, another test set: named in the title, not drawn
     shown = [m for m in view["trained"] if not (m == "base" and view["task"] != "mnist")]
@@ -1832,33 +2089,41 @@ def draw_test_accuracy(ax, view, narrow=False):
     if "base_on_task" in summary:
         lines += [f"\nBase on MNIST {fmt_stat(summary['base']['test_acc'])} %",
                   f"on {view['task']} before fine-tuning {fmt_stat(summary['base_on_task']['test_acc'])} %"]
-    title = "\n".join(lines) if narrow else "; ".join(lines[:2]) + ", ".join(lines[2:])
-    ax.set(ylabel="test accuracy (%), axis zoomed", title=title.replace("\n\n", "\n"))
+    ax.set(ylabel="test accuracy (%), axis zoomed", title="\n".join(lines).replace("\n\n", "\n"))
     ax.grid(alpha=0.3, axis="y")
     style_axes(ax, epochs=False)
 
 
-def draw_bytes(ax, view):
-    """Training state by byte accounting, stacked: weights as stored, gradients, Adam state."""
-    trained, bottom = view["trained"], [0.0] * len(view["trained"])
-    for key, what, hatch in (("weight_bytes", "weights as stored", None), ("grad_bytes", "gradients", "//"),
-                             ("optimizer_bytes", "Adam state", "..")):
-        mib = [view["summary"][m][key] / 2**20 for m in trained]
-        ax.bar([display(m) for m in trained], mib, bottom=bottom, color=[row(m).color for m in trained], hatch=hatch,
-               edgecolor="black", alpha=0.8, label=what)
+MEMORY_HATCHES = {"frozen_weights": None, "trainable_weights": "xx", "gradients": "//", "optimizer": "..",
+                  "activations": None}  # a part's look in the stacked bars; the kept activations drawn pale
+
+
+def draw_memory(plt, ax, view):
+    """Training memory by accounting, stacked in its parts (activations kept for backward, often the largest,
+    pale), one bar per method; on CUDA the allocator's peak over the same step drawn as a bar beside it."""
+    trained, summary = view["trained"], view["summary"]
+    bottom = [0.0] * len(trained)
+    for key, what, _ in MEMORY_PARTS:
+        mib = [summary[m]["memory"][key] / 2**20 for m in trained]
+        ax.bar(range(len(trained)), mib, bottom=bottom, color=[row(m).color for m in trained], edgecolor="black",
+               hatch=MEMORY_HATCHES[key], alpha=0.35 if key == "activations" else 0.9, width=0.6)
         bottom = [b + v for b, v in zip(bottom, mib)]
-    ax.set(ylabel="MiB", title="Training state: weights + gradients + Adam\n(byte accounting)")
-    ax.legend()
-
-
-def draw_cuda_peak(ax, view):
-    trained = view["trained"]
-    peaks = [view["summary"][m]["cuda_peak_bytes"] for m in trained]
-    bars = ax.bar([display(m) for m in trained], [p["mean"] / 2**20 for p in peaks],
-                  color=[row(m).color for m in trained],
-                  yerr=[(p["std"] or 0) / 2**20 for p in peaks] if view["n_seeds"] > 1 else None)
-    ax.bar_label(bars, fmt="%.1f")
-    ax.set(ylabel="MiB", title="CUDA peak allocated during training\n(above the shared dataset and base model)")
+    for i, total in enumerate(bottom):
+        ax.annotate(f"{total:.1f}", (i, total), xytext=(0, 2), textcoords="offset points", ha="center", fontsize=7)
+    peaks = [summary[m]["cuda_peak_bytes"] for m in trained]
+    legend = [plt.Rectangle((0, 0), 1, 1, facecolor="white" if MEMORY_HATCHES[key] else
+                            ("whitesmoke" if key == "activations" else "gray"), edgecolor="black",
+                            hatch=MEMORY_HATCHES[key], label=what) for key, what, _ in MEMORY_PARTS]
+    if all(peaks):
+        ax.bar([i + 0.38 for i in range(len(trained))], [p["mean"] / 2**20 for p in peaks], width=0.16,
+               color="black", label="CUDA peak over that step")
+        legend.append(plt.Rectangle((0, 0), 1, 1, color="black", label="CUDA peak over that step"))
+    ax.set_xticks(range(len(trained)), [display(m) for m in trained])
+    ax.set_ylim(0, 1.45 * max(bottom + [p["mean"] / 2**20 for p in peaks if p]))  # room for the legend
+    ax.set(ylabel="MiB", title=f"Training memory by accounting, one measured step at batch "
+                               f"{view['results']['config']['batch_size']}\n(weights as stored, gradients, Adam; pale: "
+                               f"the activations autograd keeps for backward)")
+    ax.legend(handles=legend, fontsize=8, loc="upper left", ncol=3)
 
 
 def plot_latency(plt, ax, timed, batch):
@@ -2001,6 +2266,39 @@ def plot_budget_check(plt, view):
     return fig
 
 
+def plot_memory_sweep(plt, view):
+    """Training memory against the batch size, one column per CNN width, one line per method: the total by
+    accounting (top) and its ratio to full fine-tuning's (bottom, 1 marked): where an adapter stops saving."""
+    points = sweep_points(view["results"])
+    if not points:
+        return None
+    widths = list(dict.fromkeys(width for width, _ in points))
+    methods = list(dict.fromkeys(m for totals in points.values() for m in totals))
+    fig, axes = plt.subplots(2, len(widths), figsize=(4.2 * len(widths), 7.5), squeeze=False, sharex=True)
+    for (ax_mib, ax_ratio), width in zip(axes.T, widths):
+        mine = {batch: totals for (w, batch), totals in points.items() if w == width}
+        for method in methods:
+            batches = [b for b, totals in mine.items() if method in totals]
+            style = dict(marker=row(method).marker, color=row(method).color, label=display(method))
+            ax_mib.plot(batches, [mine[b][method] / 2**20 for b in batches], **style)
+            if method != "full":
+                ratio = [(b, mine[b][method] / mine[b]["full"]) for b in batches if "full" in mine[b]]
+                ax_ratio.plot([b for b, _ in ratio], [r for _, r in ratio], **style)
+        ax_ratio.axhline(1, color=row("full").color, ls="--", label=f"{display('full')} (1x)")
+        ax_mib.set(xscale="log", yscale="log", title=f"width {width} ({count_parameters(CNN(width))[1]:,} weights)",
+                   ylabel="training memory (MiB, accounting)" if width == widths[0] else None)
+        ax_ratio.set(xscale="log", yscale="log", xlabel="batch size",
+                     ylabel="ratio to full fine-tuning" if width == widths[0] else None)
+        ax_ratio.set_xticks(list(mine), [str(b) for b in mine])
+        for ax in (ax_mib, ax_ratio):
+            ax.grid(alpha=0.3, which="both")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(titled(view, "Training memory by accounting, one measured step per point (weights, gradients, "
+                              "Adam, what autograd keeps for backward): below the dashed line an adapter saves "
+                              "memory", sep=": "), fontsize=10)
+    return fig
+
+
 def plot_rank_allocation(plt, view):
     """Where a pruning method's rank went: each layer's final rank, seed by seed (left), and the components
     alive in each layer after every pruning step (right), beside the uniform rank LoRA keeps at that budget."""
@@ -2065,10 +2363,12 @@ def plot_results(results, out_dir):
                SWEEP_PLOT: lambda: plot_rank_sweep(plt, view),
                LR_PLOT: lambda: plot_lr_sweep(plt, view),
                RANK_PLOT: lambda: plot_rank_allocation(plt, view),
-               BUDGET_PLOT: lambda: plot_budget_check(plt, view)}
+               BUDGET_PLOT: lambda: plot_budget_check(plt, view)} if trained else {}
+    if results.get("memory_sweep"):  # a sweep trains nothing
+        figures[MEMORY_PLOT] = lambda: plot_memory_sweep(plt, view)
     written = []
     for name, draw in figures.items():
-        fig = draw() if trained else None
+        fig = draw()
         if fig is None:
             continue
         try:
@@ -2106,32 +2406,20 @@ def new_model(ctx, method, seed, rank):
     """(model, epoch budget) of one run: for the base a fresh CNN; for a fine-tuning method a copy of the seed's
     base, training what its row says (every parameter, the head, or adapters of its class at `rank`)."""
     torch.manual_seed(seed)  # within a seed: the same adapter A for every method
-    args = ctx.args
     if method == "base":
-        return CNN().to(ctx.device), args.epochs
-    model, spec = copy.deepcopy(ctx.base(seed)), METHODS[method]
-    if spec.trains == "all":
-        model.requires_grad_(True)
-    elif spec.trains == "head":
-        model.requires_grad_(False).get_submodule(CNN.head).requires_grad_(True)
-    else:
-        cls = adapter_class(method)
-        config = AdapterConfig(rank, args.alpha, args.dropout, use_rslora=args.scaling == "rslora")
-        add_adapters(model, cls, config, args.train_head, **cls.options(args))
-    return model, args.finetune_epochs
+        return CNN(ctx.args.width).to(ctx.device), ctx.args.epochs
+    return finetuning_copy(ctx.base(seed), method, rank, ctx.args), ctx.args.finetune_epochs
 
 
 def fit(ctx, key, lr):
-    """Build and train the run `key` = (method, seed, rank) on its data: (model, fit, CUDA peak)."""
+    """Build and train the run `key` = (method, seed, rank) on its data: (model, fit)."""
     method, seed, rank = key
     model, epochs = new_model(ctx, method, seed, rank)
     if ctx.args.quick:
         epochs = min(epochs, QUICK_MAX_EPOCHS)
     model = model.to(memory_format=torch.channels_last)
     data = ctx.splits["mnist" if method == "base" else ctx.args.task]
-    fitted, cuda_peak = with_cuda_peak(ctx.device, model, lambda: train(
-        model, data, lr, Budget(epochs, ctx.args.batch_size, ctx.args.patience), seed))
-    return model, fitted, cuda_peak
+    return model, train(model, data, lr, Budget(epochs, ctx.args.batch_size, ctx.args.patience), seed)
 
 
 def save_model(ctx, key, model):
@@ -2180,10 +2468,10 @@ def stability(fitted):
 
 def run_method(ctx, key, lr, grid=False, trained=None):
     """Train, test once and save one run: (result, model). A grid run (choosing the rate) reports validation
-    numbers only, no test, no file, and returns (model, fit, CUDA peak) as its model: the run at the chosen rate
-    is finished from that (`trained`), not trained again."""
+    numbers only, no test, no file, and returns (model, fit) as its model: the run at the chosen rate is
+    finished from that (`trained`), not trained again."""
     method, seed, rank = key
-    model, fitted, cuda_peak = trained or fit(ctx, key, lr)
+    model, fitted = trained or fit(ctx, key, lr)
     data = ctx.splits["mnist" if method == "base" else ctx.args.task]
     val_right = right_images(model, *data["val"])  # pairs this run with another on the same images
     if grid:
@@ -2192,9 +2480,9 @@ def run_method(ctx, key, lr, grid=False, trained=None):
                 "val_loss": history["val_loss"][kept],
                 "epochs_run": fitted["epochs_run"], "best_epoch": fitted["best_epoch"],
                 "train_time_s": fitted["train_time_s"], "history": history,
-                "val_right": val_right}, (model, fitted, cuda_peak)
+                "val_right": val_right}, (model, fitted)
     test_loss, test_acc = evaluate(model, *data["test"])  # the test set, once per run
-    result = {"lr": lr, **measure(model, fitted, test_loss, test_acc, cuda_peak), **stability(fitted),
+    result = {"lr": lr, **measure(model, fitted, test_loss, test_acc), **stability(fitted),
               "from_grid": trained is not None, "val_right": val_right}
     if method == "base" and ctx.args.task != "mnist":  # where the fine-tuning starts from, on the shifted task
         result["task_test_loss"], result["task_test_acc"] = evaluate(model, *ctx.splits[ctx.args.task]["test"])
@@ -2211,16 +2499,23 @@ def run_method(ctx, key, lr, grid=False, trained=None):
     return result, model
 
 
-def report_method(r):
+def memory_line(memory, batch_size, cuda_peak=None):
+    """Training memory in words: the accounting's total and parts, and the CUDA peak beside it, never for it."""
+    mib = {part: fmt_mib(b) for part, b in memory.items()}
+    line = (f"{mib['total']} MiB by accounting, one step at batch {batch_size}: weights {mib['frozen_weights']} frozen "
+            f"+ {mib['trainable_weights']} trainable, gradients {mib['gradients']}, optimizer {mib['optimizer']}, "
+            f"kept for backward {mib['activations']}")
+    if cuda_peak is not None:
+        line += f"; CUDA peak {fmt_mib(cuda_peak)} MiB ({(cuda_peak - memory['total']) / 2**20:+.2f} beyond it)"
+    return line
+
+
+def report_method(r, batch_size):
     """A finished run, in the original README's words, each figure saying what it measures."""
-    state = (f"weights {fmt_mib(r['weight_bytes'])} + gradients {fmt_mib(r['grad_bytes'])} + Adam "
-             f"{fmt_mib(r['optimizer_bytes'])} = {fmt_mib(r['train_state_bytes'])} MiB")
-    peak = ("n/a on CPU (no CUDA peak to read); training state by byte count" if r["cuda_peak_bytes"] is None else
-            f"{fmt_mib(r['cuda_peak_bytes'])} MiB (CUDA peak above the shared dataset and base model); training state")
     share = 100 * r["trainable_params"] / r["total_params"]
     print(f"Total Training Time: {r['train_time_s'] / 60:.2f} min ({r['train_time_s']:.1f} s, "
-          f"{r['epochs_run']} epochs)\nMax memory allocated: {peak}: {state}\nTrainable parameters: "
-          f"{r['trainable_params']:,} of {r['total_params']:,} ({share:.2f} %)")
+          f"{r['epochs_run']} epochs)\nMax memory allocated: {memory_line(r['memory'], batch_size, r['cuda_peak_bytes'])}"
+          f"\nTrainable parameters: {r['trainable_params']:,} of {r['total_params']:,} ({share:.2f} %)")
     if "task_test_acc" in r:
         print(f"On the fine-tuning task, before any fine-tuning: {r['task_test_acc']:.2f}% test accuracy")
 
@@ -2250,7 +2545,7 @@ def attempt(ctx, key, lr, name, grid=False, trained=None):
         if grid:
             print(f"Best validation accuracy {result['val_acc']:.2f}% (epoch {result['best_epoch']})")
         else:
-            report_method(result)
+            report_method(result, ctx.args.batch_size)
         if result["status"] == "unstable":
             print(f"{name} is unstable: {result['reason']}; its best epoch is kept but not counted"
                   + (" and its rate not chosen." if grid else ". Going on with the other methods."))
@@ -2283,7 +2578,7 @@ def next_rate(grid, best, original):
     for end, start, factor in ((min(grid), min(original), 1 / step), (max(grid), max(original), step)):
         grown = sum(r < start if factor < 1 else r > start for r in grid)
         beyond = float(f"{start * factor ** (grown + 1):.0e}")
-        if best == end and grown < MAX_EXTENSIONS and beyond not in grid:
+        if best == end and grown < MAX_EXTENSIONS and beyond not in grid and beyond <= MAX_RATE:
             return beyond
     return None
 
@@ -2309,7 +2604,7 @@ def choose_rate(ctx, method, rank):
     """(rate, trained) for `method`: with --lrs, the rate whose run on the first seed is best by the selection
     criterion, among the runs that neither failed nor collapsed (ties: the lower rate), None if none is left;
     the grid grows one step past an end while its best rate sits there (the optimum may lie beyond), until the
-    best is interior or the next rate is unstable. Returns that run's (model, fit, CUDA peak) when it trained
+    best is interior or the next rate is unstable. Returns that run's (model, fit) when it trained
     here. Without --lrs: --lr, or the method's rate in METHODS (BASE for the base), and None. Recorded in
     results["learning_rates"], with the margin over the runner-up in validation images."""
     args, results = ctx.args, ctx.results
@@ -2430,7 +2725,7 @@ def percent(v):
 
 
 def rate(v):
-    return finite(v) and 0 < v <= FLOAT32_MAX
+    return finite(v) and 0 < v <= MAX_RATE
 
 
 def curves(v):
@@ -2439,6 +2734,10 @@ def curves(v):
 
 def optional(check):
     return lambda v: v is None or check(v)
+
+
+def memory_parts(v):
+    return isinstance(v, dict) and set(v) == {key for key, *_ in MEMORY_PARTS} | {"total"} and all(map(count, v.values()))
 
 
 def hex_bits(v):
@@ -2451,9 +2750,9 @@ RECORD = {  # every field of results.json's run records that the code reads, wit
               "status": lambda v: v in ("ok", "unstable", "failed", "skipped")},
     "not ok": {"reason": lambda v: isinstance(v, str), "train_time_s": finite},  # the time it took to stop
     "run": {"lr": rate, "test_acc": percent, "test_loss": finite, "train_time_s": finite, "epochs_run": count,
-            "best_epoch": count, "trainable_params": count, "total_params": count, "weight_bytes": count,
-            "grad_bytes": count, "optimizer_bytes": count, "train_state_bytes": count, "frozen_weight_bytes": count,
-            "frozen_weight_fp32_bytes": count, "cuda_peak_bytes": optional(count), "file_bytes": count,
+            "best_epoch": count, "trainable_params": count, "total_params": count, "memory": memory_parts,
+            "frozen_weight_bytes": count, "frozen_weight_fp32_bytes": count, "cuda_peak_bytes": optional(count),
+            "file_bytes": count,
             "full_model_file_bytes": count, "file_sha256": lambda v: isinstance(v, str), "history": curves,
             "stored_params": count, "from_grid": lambda v: isinstance(v, bool), "val_right": hex_bits},
     "run on a shifted task": {"task_test_acc": percent, "task_test_loss": finite},  # the base's, on task != mnist
@@ -2613,8 +2912,8 @@ def own_outputs(out):
     temporary files of any of them. Nothing else: a user's seed_photos/ or notes in seed0/ are not ours."""
     def with_temporary(folder, names):
         return [folder / n for name in names for n in (name, f".{name}.tmp")]
-    files = with_temporary(out, ("results.json", "results.md", SWEEP_PLOT, LR_PLOT, RANK_PLOT, BUDGET_PLOT)
-                           + PLOT_FILES)
+    files = with_temporary(out, ("results.json", "results.md", SWEEP_PLOT, LR_PLOT, RANK_PLOT, BUDGET_PLOT,
+                                 MEMORY_PLOT) + PLOT_FILES)
     folders = []
     for seed_dir in (p for p in out.iterdir() if SEED_FOLDER.fullmatch(p.name) and real_folder(p)):
         files += with_temporary(seed_dir, MODEL_FILES.values())
@@ -2653,26 +2952,28 @@ def check_own_folders(out, plan):
 
 
 def replaces_earlier_results(out, args):
-    """Whether this run replaces an earlier run's results in `out`: refused (ConfigError) unless --resume
-    (continue it) or --overwrite; a quick run's results, a smoke test, are replaced without asking. Nothing
-    is removed here: remove_own_outputs does it once every check has passed."""
+    """What earlier run's results this run replaces in `out` (a few words), or None: refused (ConfigError) unless
+    --resume (continue it) or --overwrite; a quick run's results (a smoke test) and a memory sweep's (a minute,
+    nothing trained) are replaced without asking. Nothing is removed here: remove_own_outputs does it once every
+    check has passed."""
     if args.resume:
-        return False
+        return None
     try:
         earlier = sorted(str(f.relative_to(out)) for f in own_outputs(out)[0] if not f.name.endswith(".tmp"))
     except OSError as e:
         raise ConfigError(f"cannot read {e.filename} ({e.strerror or e}): check its permissions") from None
     if not earlier:
-        return False
+        return None
     try:
-        quick = json.loads((out / "results.json").read_text())["config"]["quick"] is True
+        config = json.loads((out / "results.json").read_text())["config"]
+        cheap = ("quick run (a smoke test)" if config["quick"] is True else
+                 "memory sweep" if config.get("memory_batches") else "")
     except (OSError, ValueError, KeyError, TypeError, RecursionError):
-        quick = False
-    if not (args.overwrite or quick):
+        cheap = ""
+    if not (args.overwrite or cheap):
         raise ConfigError(f"{out} already holds an earlier run's results ({', '.join(earlier[:3])}): add --resume "
                           f"to continue it, --overwrite to replace it, or choose another --out-dir")
-    print(f"Replacing the {'quick run (a smoke test)' if quick else 'earlier run'} in {out}/")
-    return True
+    return cheap or "earlier run"
 
 
 def remove_own_outputs(out):
@@ -2706,6 +3007,9 @@ def parse_args(argv=None):
                         "are there and intact; run the rest")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the results an earlier run left in out-dir (without it, such a folder is refused)")
+    p.add_argument("--replot", metavar="DIR",
+                   help="train nothing: redraw every figure and rewrite results.md from DIR/results.json, into "
+                        "out-dir (runs recorded before training memory was measured get it measured now)")
     p.add_argument("--quick", action="store_true",
                    help=f"smoke run: {QUICK_TRAIN_SIZE} training / {QUICK_VAL_SIZE} validation / {QUICK_TEST_SIZE} "
                         f"test images, at most {QUICK_MAX_EPOCHS} epochs per method")
@@ -2724,25 +3028,40 @@ def seeds_of(args):
 
 BOUNDS = {  # the whole numbers that size the plan, each between its bounds: (lowest, highest or None)
     "epochs": (1, 10_000), "finetune_epochs": (1, 10_000), "batch_size": (1, None), "patience": (0, None),
-    "seeds": (1, 1000)}  # --seeds 10**8 would build a plan of 10**9 runs in memory before any message
-MAX_GRID = 20  # rates in --lrs: every fine-tuning method trains once at each on the first seed
-FLOAT32_MAX = torch.finfo(torch.float32).max  # Adam keeps its rate as a float32 scalar
+    "seeds": (1, 1000),  # --seeds 10**8 would build a plan of 10**9 runs in memory before any message
+    "width": (1, 16)}    # width 16: fc1 alone holds 33.6 M weights
+LISTS = {  # the comma lists: (kind, example, lowest, highest or None, most values); every value sizes work
+    "lrs": (float, "1e-3,3e-3,1e-2", None, None, 20),  # every fine-tuning method trains once at each rate
+    "ranks": (int, "1,2,4,8,16", None, None, 16),       # bounded by the layers, checked with --rank
+    "budgets": (int, "20,40", 1, 10_000, 10),
+    "memory_batches": (int, "1,8,32,128,512", 1, 4096, 20),
+    "memory_widths": (int, "1,2,4,8", 1, 16, 8)}
+# Adam's first step divides the rate by 1 - beta1 (0.1) and must hold the result as a float32
+MAX_RATE = torch.finfo(torch.float32).max * (1 - 0.9)
 
 
-def number_list(args, name, kind, example):
-    """--lrs/--ranks "a,b,c" as a sorted list of distinct numbers (kept when already one)."""
-    text = getattr(args, name)
+def number_list(args, name):
+    """A comma list of LISTS ("a,b,c") as a sorted list of distinct numbers within its bounds (kept when it
+    is one already); ConfigError otherwise."""
+    kind, example, low, high, most = LISTS[name]
+    text, flag = getattr(args, name), "--" + name.replace("_", "-")
     if isinstance(text, str):
         try:
             setattr(args, name, sorted({kind(v) for v in text.split(",") if v.strip()}))
         except ValueError:
             what = "whole numbers" if kind is int else "numbers"
-            raise ConfigError(f"--{name} must be {what} separated by commas, like {example} (got {text!r})") from None
+            raise ConfigError(f"{flag} must be {what} separated by commas, like {example} (got {text!r})") from None
         if text.strip() and not getattr(args, name):
-            noun = {"lrs": "rate", "ranks": "rank", "budgets": "budget"}[name]
-            raise ConfigError(f"--{name} names no {noun} (got {text!r}): give numbers separated by commas, like "
+            raise ConfigError(f"{flag} names no value (got {text!r}): give numbers separated by commas, like "
                               f"{example}, or leave it out")
-    return getattr(args, name)
+    values = getattr(args, name)
+    if len(values) > most:
+        raise ConfigError(f"{flag} holds {len(values)} values: at most {most} (each one is work for every method)")
+    for value in values:
+        if low is not None and not low <= value <= (high or value):
+            bounds = f"between {low} and {high}" if high else f"at least {low}"
+            raise ConfigError(f"{flag} must hold values {bounds} (got {value})")
+    return values
 
 
 def check_writable(out):
@@ -2778,19 +3097,17 @@ def check_args(args):
         if value is not None and (value < low or (high is not None and value > high)):  # patience may be none
             raise ConfigError(f"--{name.replace('_', '-')} must be "
                               f"{f'between {low} and {high}' if high else f'at least {low}'} (got {value})")
-    for epochs in number_list(args, "budgets", int, "20,40"):
-        if not 1 <= epochs <= BOUNDS["finetune_epochs"][1]:
-            raise ConfigError(f"--budgets must be between 1 and {BOUNDS['finetune_epochs'][1]} epochs (got {epochs})")
-    grid = number_list(args, "lrs", float, "1e-3,3e-3,1e-2")
-    if len(grid) > MAX_GRID:
-        raise ConfigError(f"--lrs holds {len(grid)} rates: at most {MAX_GRID} (each is a training run per method)")
-    rates = ([("--lr", args.lr)] * (args.lr is not None) + [("--lrs", r) for r in grid]
-             + [("BASE.lr" if m == "base" else f"METHODS[{m!r}].lr", r) for m, r in default_rates().items()]
-             + [("--alpha", args.alpha)])
+    for name in LISTS:
+        number_list(args, name)
+    rates = ([("--lr", args.lr)] * (args.lr is not None) + [("--lrs", r) for r in args.lrs]
+             + [("BASE.lr" if m == "base" else f"METHODS[{m!r}].lr", r) for m, r in default_rates().items()])
     for name, value in rates:
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 < value <= FLOAT32_MAX):
-            raise ConfigError(f"{name} must be a positive number no larger than {FLOAT32_MAX:.2g} (float32's "
-                              f"largest; got {value})")
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 < value <= MAX_RATE):
+            raise ConfigError(f"{name} must be a positive number no larger than {MAX_RATE:.2g} (Adam's first step "
+                              f"divides it by 0.1 and holds the result as a float32; got {value})")
+    if not (math.isfinite(args.alpha) and 0 < args.alpha <= torch.finfo(torch.float32).max):
+        raise ConfigError(f"--alpha must be a positive number no larger than float32's largest, 3.4e+38 "
+                          f"(got {args.alpha})")
     if not 0 <= args.seed <= MAX_SEED - args.seeds + 1:
         raise ConfigError(f"--seed must be between 0 and {MAX_SEED - args.seeds + 1} with --seeds {args.seeds} "
                           f"(got {args.seed})")
@@ -2798,11 +3115,13 @@ def check_args(args):
         raise ConfigError("--resume keeps an earlier run's results and --overwrite replaces them: choose one")
     if not 0 <= args.dropout < 1:
         raise ConfigError(f"--dropout must be in [0, 1) (got {args.dropout})")
-    for method in args.methods:  # a method's own settings, checked by its class
-        if adapter_class(method):
-            adapter_class(method).options(args)
-    limit = max_rank(CNN(), args.train_head)
-    for flag, rank in [("--rank", args.rank)] + [("--ranks", r) for r in number_list(args, "ranks", int, "1,2,4,8,16")]:
+    for method in adapter_methods():  # every method's own settings, checked by its class (results.json keeps them)
+        adapter_class(method).options(args)
+    if args.resume and args.memory_batches:
+        raise ConfigError("--memory-batches runs the memory sweep, which trains nothing and takes about a minute: "
+                          "drop --resume")
+    limit = max_rank(CNN(args.width), args.train_head)
+    for flag, rank in [("--rank", args.rank)] + [("--ranks", r) for r in args.ranks]:
         if not 1 <= rank <= limit:
             raise ConfigError(f"{flag} must be between 1 and {limit}, the smallest min(in, out) of the adapted "
                               f"layers (got {rank})")
@@ -2853,15 +3172,15 @@ def load_splits(args, device):
             for task in tasks}
 
 
-def run_config(args, splits):
+def run_config(args, splits=None):
     """What decides the numbers (results.json's "config"; --resume needs it equal): the settings, less where
-    files go, which methods, seeds and ranks run (they may differ between resumed runs), and the split sizes."""
+    files go, which methods, seeds and ranks run (they may differ between resumed runs), and the split sizes
+    (none for a memory sweep, which reads no data)."""
     config = {k: v for k, v in vars(args).items()
               if k not in ("data_dir", "out_dir", "device", "methods", "resume", "overwrite", "seeds", "ranks",
-                           "budgets")}
-    return config | dict(learning_rates=default_rates(), quant_blocksize=QUANT_BLOCKSIZE,
-                         val_size=len(splits["mnist"]["val"][1]), train_size=len(splits["mnist"]["train"][1]),
-                         test_size=len(splits["mnist"]["test"][1]))
+                           "budgets", "replot") + (() if args.memory_batches else ("memory_batches", "memory_widths"))}
+    sizes = {f"{split}_size": len(splits["mnist"][split][1]) for split in ("val", "train", "test")} if splits else {}
+    return config | dict(learning_rates=default_rates(), quant_blocksize=QUANT_BLOCKSIZE) | sizes
 
 
 def print_summary(results, args):
@@ -2894,6 +3213,84 @@ def draw_finished(results, out, stage, failing=False):
     stage["now"] = during
 
 
+def training_device(args):
+    return torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                        else "cpu")
+
+
+def new_results(args, config, device):
+    """results.json's content before any run has finished."""
+    return {"config": config, "environment": environment(device, args.methods), "methods": args.methods,
+            "seeds": seeds_of(args), "ranks": args.ranks, "learning_rates": {}, "lr_grid": [], "runs": [],
+            "other_runs": [], "budget_check": [], "memory_sweep": []}
+
+
+def run_memory_sweep(args):
+    """The memory sweep alone (--memory-batches): every method's training memory at each width and batch size,
+    measured on one step each; nothing is trained and no data is read. Writes results.json, results.md and
+    memory_sweep.png."""
+    out, device = Path(args.out_dir), training_device(args)
+    replacing = replaces_earlier_results(out, args)
+    if replacing:
+        print(f"Replacing the {replacing} in {out}/")
+        remove_own_outputs(out)
+    print(f"Memory sweep on {device.type}: widths {args.memory_widths}, batch sizes {args.memory_batches}; one "
+          f"measured training step per point, nothing trained. Writing to {out}/")
+    results = new_results(args, run_config(args), device)
+    results["memory_sweep"] = memory_sweep(args, device)
+    save_results(results, out)
+    plot_results(results, out)
+    print(f"\n{crossover_table(results)}\n(the largest batch size at which each method still takes less training "
+          f"memory than full fine-tuning, by CNN width)\n\nresults.md (every point), results.json and "
+          f"{MEMORY_PLOT} are in\n  {out}/")
+    return 0
+
+
+def add_missing_memory(results):
+    """Runs recorded before their training memory was measured get it now (step_memory, on a fresh model of the
+    same method, rank, width and settings: memory depends on shapes, not on trained values); fields it replaces
+    go. The settings of that time hold the CNN's width as 1, all it had then."""
+    config = results["config"]
+    config.setdefault("width", 1)
+    settings, measured = argparse.Namespace(**config), {}
+    for r in results["runs"] + results.get("other_runs", []):
+        if r.get("status") in FINISHED and "memory" not in r:
+            key = (r["method"], r["rank"])
+            if key not in measured:
+                torch.manual_seed(0)
+                epochs = config["epochs"] if r["method"] == "base" else config["finetune_epochs"]
+                model = finetuning_copy(CNN(config["width"]), r["method"], r["rank"], settings)
+                measured[key] = step_memory(model.to(memory_format=torch.channels_last), config["batch_size"],
+                                            full_run_steps(epochs, config["batch_size"], config["train_size"]))[0]
+            r["memory"] = measured[key]
+            for legacy in ("weight_bytes", "grad_bytes", "optimizer_bytes", "train_state_bytes"):
+                r.pop(legacy, None)
+    results.setdefault("memory_sweep", [])
+    return results
+
+
+def replot(args):
+    """--replot DIR: every figure and results.md (and results.json, with any memory measured now) redrawn from
+    DIR/results.json into --out-dir, nothing trained; a changed plot is an edit and this command."""
+    source, out = Path(args.replot), Path(args.out_dir)
+    path = source / "results.json"
+    try:
+        results = add_missing_memory(json.loads(path.read_text()))
+        check_results_file(results)
+    except OSError as e:
+        raise ConfigError(f"cannot read {path} ({e.strerror or e}): --replot needs a folder holding a results.json "
+                          f"this script wrote") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ConfigError(f"{path} is not a results file of this script ({one_line(e)})") from None
+    replacing = None if out.resolve() == source.resolve() else replaces_earlier_results(out, args)
+    if replacing:
+        print(f"Replacing the {replacing} in {out}/")
+        remove_own_outputs(out)
+    save_results(results, out)
+    print(f"Redrawn from {path}: {', '.join(plot_results(results, out))} and results.md, in {out}/")
+    return 0
+
+
 def run_experiment(args, stage):
     """Check everything that can stop the run (settings, folders, data, an earlier run's results), only then
     remove what a replaced run wrote; run the plan, measure, write and report."""
@@ -2902,17 +3299,15 @@ def run_experiment(args, stage):
         check_bases(args, plan, {}, [])  # before loading anything; with --resume, once results.json is read
     check_own_folders(out, plan)
     replacing = replaces_earlier_results(out, args)  # refused here, before the data is read; removed below
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
+    device = training_device(args)
     splits = load_splits(args, device)
     config = run_config(args, splits)
     kept, others, kept_grid, kept_budgets = previous_results(out, config, plan) if args.resume else ({}, [], {}, {})
     check_bases(args, plan, kept, others)
     if replacing:  # every check has passed: the run will start
+        print(f"Replacing the {replacing} in {out}/")
         remove_own_outputs(out)
-    results = {"config": config, "environment": environment(device, args.methods), "methods": args.methods,
-               "seeds": seeds_of(args), "ranks": args.ranks, "learning_rates": {}, "lr_grid": [], "runs": [],
-               "other_runs": others, "budget_check": []}
+    results = new_results(args, config, device) | {"other_runs": others}
     ctx = Run(args, device, splits, results, stage)
     ctx.kept, ctx.kept_grid, ctx.kept_budgets = kept, kept_grid, kept_budgets
     print(f"{'QUICK RUN (a smoke test, not results). ' if args.quick else ''}Device: "
@@ -2954,7 +3349,9 @@ def main(argv=None):
     try:
         check_args(args)
         lock = lock_out_dir(Path(args.out_dir))
-        return run_experiment(args, stage)
+        if args.replot:
+            return replot(args)
+        return run_memory_sweep(args) if args.memory_batches else run_experiment(args, stage)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -8,7 +8,11 @@
 (b) project: main.py's loop -- normalized tensors resident on the device, batches by index, channels-last;
 (c) the whole default experiment (python main.py), its training time summed over methods.
 Both (a) and (b) run one epoch of the base CNN (or --max-steps steps) with Adam and then one validation
-pass over the same 5,000 held-out images. Not collected by pytest (no test_ prefix).
+pass over the same 5,000 held-out images. Then, always:
+(d) a QLoRA training step as main.py takes it (W dequantized again in backward, nothing of its fp32 size kept) and
+    as autograd would take it (the forward's dequantized W kept for backward), interleaved, at two CNN widths;
+(e) what one point of the memory sweep costs (main.step_memory: a model's two steps, the second measured).
+Not collected by pytest (no test_ prefix).
 """
 import argparse
 import json
@@ -78,6 +82,45 @@ def full_experiment_train_s(data_dir, device):
     return sum(r["train_time_s"] for r in runs), {r["method"]: r["train_time_s"] for r in runs}
 
 
+def fresh(method, width, device):
+    torch.manual_seed(SEED)
+    model = main.finetuning_copy(main.CNN(width).to(device), method, main.SETTINGS["rank"][0], main.parse_args([]))
+    return model.to(memory_format=torch.channels_last)
+
+
+def qlora_step_ms(device, width, batch_size, rounds=5, steps=10):
+    """Median ms of a QLoRA training step, dequantizing W again in backward (QLoRALayer.forward) and keeping the
+    forward's fp32 W for backward (LoRALayer.forward on the same layers), in interleaved rounds."""
+    model = fresh("qlora", width, device)
+    optimizer = torch.optim.Adam(main.trainable_parameters(model).values(), lr=1e-3)
+    x = torch.randn(batch_size, 1, 28, 28, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch_size,), device=device)
+    ours = main.QLoRALayer.forward
+    variants, times = {"dequantize again": ours, "keep fp32 W": main.LoRALayer.forward}, {}
+    try:
+        for _ in range(rounds):
+            for name, forward in variants.items():
+                main.QLoRALayer.forward = forward
+                main.training_step(model, optimizer, {}, x, y, 1, 10)  # warm-up
+                main.sync(device)
+                start = time.perf_counter()
+                for _ in range(steps):
+                    main.training_step(model, optimizer, {}, x, y, 1, 10)
+                main.sync(device)
+                times.setdefault(name, []).append(1000 * (time.perf_counter() - start) / steps)
+    finally:
+        main.QLoRALayer.forward = ours
+    return {name: sorted(ms)[len(ms) // 2] for name, ms in times.items()}
+
+
+def memory_point_s(device, width, batch_size):
+    """Seconds one point of the memory sweep takes for every method (model built, two steps, the second measured)."""
+    start = time.perf_counter()
+    for method in main.METHODS:
+        main.step_memory(fresh(method, width, device), batch_size, 1000)
+    return (time.perf_counter() - start) / len(main.METHODS)
+
+
 def main_benchmark(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -109,6 +152,16 @@ def main_benchmark(argv=None):
         result.update(full_experiment_train_s=total, full_experiment_train_s_per_method=per_method)
         rows.append(("(c) full default experiment, training time", f"{total:.1f} s",
                      ", ".join(f"{main.display(m)} {s:.1f} s" for m, s in per_method.items())))
+    for width in (1, 8):
+        ms = qlora_step_ms(device, width, BATCH_SIZE)
+        result[f"qlora_step_ms_width{width}"] = ms
+        rows.append((f"(d) QLoRA step, width {width}, batch {BATCH_SIZE}: dequantize again / keep fp32 W",
+                     f"{ms['dequantize again']:.1f} / {ms['keep fp32 W']:.1f} ms",
+                     f"{ms['dequantize again'] / ms['keep fp32 W']:.2f}x"))
+    for width, batch in ((1, BATCH_SIZE), (8, 512)):
+        seconds = memory_point_s(device, width, batch)
+        result[f"memory_point_s_width{width}_batch{batch}"] = seconds
+        rows.append((f"(e) one memory-sweep point per method, width {width}, batch {batch}", f"{seconds:.2f} s", ""))
     print("\n| pipeline | time | |\n|---|---:|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")

@@ -43,6 +43,22 @@ def mnist_dir():
     return Path(path).resolve()
 
 
+@pytest.fixture(scope="session")
+def fashion_dir(mnist_dir):
+    """$MNIST_DIR with Fashion-MNIST in it too, fetched the way a user's run fetches it (torchvision's download,
+    through main.ensure_dataset) when it is not there yet. Offline: skipped, saying how to get it; in CI, where
+    .ci/run unpacks it, its absence is a failure."""
+    try:
+        main.ensure_dataset(mnist_dir, "FashionMNIST")
+    except main.DataError as e:
+        if os.environ.get("CI"):
+            pytest.fail(f"Fashion-MNIST must be in $MNIST_DIR/FashionMNIST/raw/ in CI (.ci/run unpacks it): {e}")
+        pytest.skip(f"Fashion-MNIST is not in {mnist_dir / 'FashionMNIST' / 'raw'} and could not be downloaded: run "
+                    f"`python main.py --quick --task fashion --data-dir {mnist_dir}` once with network access, or put "
+                    f"its four IDX files there (../shared/tools/unpack-fashion-mnist does)")
+    return mnist_dir
+
+
 def run(capsys, *argv):
     """main.main(argv) as the command line would run it: (exit code, stdout, stderr)."""
     code = main.main([str(a) for a in argv])

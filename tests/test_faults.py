@@ -1,4 +1,5 @@
 """Faults and hostile files: each case the README's "When things go wrong" promises, reproduced."""
+import copy
 import json
 import os
 import shutil
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 import main
-from conftest import ROOT, run
+from conftest import ROOT, adapt, run
 
 SMALL = ["--quick", "--methods", "base,lora", "--epochs", "1", "--finetune-epochs", "1"]
 
@@ -341,8 +342,10 @@ def test_overwrite_removes_nothing_when_the_data_stops_the_run(capsys, mnist_dir
     as_real_run(copy_of)
     before = {p: p.read_bytes() for p in copy_of.rglob("*") if p.is_file()}
     data_dir = tmp_path / "no_data" if data == "missing" else damaged_data(tmp_path, mnist_dir)
-    code, _, err = run(capsys, "--quick", "--methods", "base", "--overwrite", "--data-dir", data_dir, "--out-dir", copy_of)
+    code, stdout, err = run(capsys, "--quick", "--methods", "base", "--overwrite", "--data-dir", data_dir,
+                            "--out-dir", copy_of)
     assert code == 2 and ("is missing from" in err or "is damaged" in err)
+    assert "Replacing" not in stdout and (data == "damaged" or not data_dir.exists())  # no mistyped folder made
     assert {p: p.read_bytes() for p in copy_of.rglob("*") if p.is_file() and p.name != ".lock"} == {
         p: b for p, b in before.items() if p.name != ".lock"}
 
@@ -392,15 +395,20 @@ def test_a_lock_that_cannot_be_opened_is_one_sentence(capsys, tmp_path, monkeypa
 
 @pytest.mark.parametrize("argv, message", [
     (["--seeds", "100000000"], "--seeds must be between 1 and 1000"),
-    (["--lrs", ",".join(f"{k}e-4" for k in range(1, 40))], "--lrs holds 39 rates: at most 20"),
+    (["--lrs", ",".join(f"{k}e-4" for k in range(1, 40))], "--lrs holds 39 values: at most 20"),
     (["--epochs", "100000000"], "--epochs must be between 1 and 10000"),
-    (["--lr", "1e39"], "--lr must be a positive number no larger than 3.4e+38"),
-    (["--lrs", "1e-3,1e39"], "--lrs must be a positive number no larger than 3.4e+38"),
-    (["--alpha", "1e39"], "--alpha must be a positive number no larger than 3.4e+38"),
+    (["--lr", "1e39"], "--lr must be a positive number no larger than 3.4e+37"),
+    (["--lrs", "1e-3,1e39"], "--lrs must be a positive number no larger than 3.4e+37"),
+    (["--alpha", "1e39"], "--alpha must be a positive number no larger than float32's largest, 3.4e+38"),
     (["--out-dir", ""], "--out-dir must name a folder"),
     (["--data-dir", ""], "--data-dir must name a folder"),
-    (["--lrs", " , "], "--lrs names no rate"),
-    (["--ranks", " ,"], "--ranks names no rank"),
+    (["--lrs", " , "], "--lrs names no value"),
+    (["--ranks", " ,"], "--ranks names no value"),
+    (["--budgets", ",".join(map(str, range(1, 5001)))], "--budgets holds 5000 values: at most 10"),
+    (["--memory-batches", "1,100000"], "--memory-batches must hold values between 1 and 4096 (got 100000)"),
+    (["--width", "64"], "--width must be between 1 and 16 (got 64)"),
+    (["--methods", "base,lora", "--dyn-beta", "2"], "--dyn-beta is out of range (got 2.0)"),  # not run, still kept
+    (["--memory-batches", "8", "--resume"], "--memory-batches runs the memory sweep, which trains nothing"),
 ])
 def test_bounds_and_empty_values_are_one_sentence_before_any_work(capsys, tmp_path, monkeypatch, argv, message):
     monkeypatch.setattr(main, "load_dataset", lambda *a, **k: pytest.fail("data was loaded despite bad input"))
@@ -412,7 +420,7 @@ def test_bounds_and_empty_values_are_one_sentence_before_any_work(capsys, tmp_pa
 def test_a_rate_beyond_float32_in_the_table_is_caught(capsys, tmp_path, monkeypatch):
     monkeypatch.setitem(main.METHODS, "dora", main.METHODS["dora"]._replace(lr=1e39))
     code, _, err = run(capsys, "--out-dir", tmp_path)
-    assert code == 2 and "METHODS['dora'].lr must be a positive number no larger than 3.4e+38" in err
+    assert code == 2 and "METHODS['dora'].lr must be a positive number no larger than 3.4e+37" in err
 
 
 def without(record, key):
@@ -595,3 +603,55 @@ def test_a_slow_run_that_learned_nothing_is_not_told_to_lower_the_rate(capsys, m
 
 def test_resume_into_a_folder_without_results_finds_nothing_to_keep(tmp_path):
     assert main.previous_results(tmp_path, {}, []) == ({}, [], {}, {})  # kept, others, grid runs, budget checks
+
+
+# ------------------------------------------------------------------ this round's hostile cases (issue 32)
+@pytest.mark.parametrize("argv", [["--methods", "base", "--lr", "1e38"], ["--methods", "base", "--lr", "5e37"],
+                                  ["--methods", "base,head,lora", "--lrs", "1e-3,5e37"],
+                                  ["--methods", "base,head,lora", "--lrs", "1e-3,5e37", "--resume"]])
+def test_a_rate_adams_first_step_cannot_hold_is_one_sentence_before_any_training(capsys, tmp_path, monkeypatch, argv):
+    monkeypatch.setattr(main, "load_dataset", lambda *a, **k: pytest.fail("data was loaded despite bad input"))
+    code, _, err = run(capsys, *argv, "--out-dir", tmp_path)
+    assert code == 2 and err.count("\n") == 1 and "no larger than 3.4e+37 (Adam's first step divides it by 0.1" in err
+
+
+@pytest.mark.usefixtures("no_plots_or_latency")
+def test_the_largest_rate_allowed_diverges_as_a_recorded_failure_not_a_traceback(capsys, mnist_dir, tmp_path):
+    code, stdout, err = run(capsys, "--quick", "--methods", "base", "--epochs", "1", "--lr", "3e37",
+                            "--data-dir", mnist_dir, "--out-dir", tmp_path)
+    assert code == 1 and "Traceback" not in err and "Base failed: diverged at epoch 1" in stdout
+    assert json.loads((tmp_path / "results.json").read_text())["runs"][0]["status"] == "failed"
+
+
+@pytest.mark.parametrize("edit", [{"conv1": -3}, {"fc1": 10**9}, {"conv2": "4"}])
+def test_an_edited_rank_pattern_is_one_sentence_not_a_crash_or_a_huge_allocation(tmp_path, edit):
+    torch.manual_seed(0)
+    base = main.CNN()
+    torch.save(base.state_dict(), tmp_path / "base_model.pt")
+    model = adapt(copy.deepcopy(base), "dyndora", rank=4)
+    folder = main.save_adapter(model, "dyndora", 4, main.parse_args([]), tmp_path / "dyndora_r4")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["rank_pattern"] |= edit
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(main.ModelFileError, match="is not a LoRA config of this CNN .* is not the rank of its saved"):
+        main.load_adapter(tmp_path / "base_model.pt", folder)
+
+
+@pytest.mark.usefixtures("no_plots_or_latency")
+@pytest.mark.parametrize("case", ["method a list", "a folder inside"])
+def test_a_tampered_adapter_folder_is_trained_again_on_every_resume_not_a_crash(capsys, mnist_dir, copy_of, case):
+    folder = copy_of / "seed0" / "adapters" / "lora_r8"
+    if case == "method a list":
+        info = json.loads((folder / "training_info.json").read_text())
+        (folder / "training_info.json").write_text(json.dumps({**info, "method": ["lora"]}))
+        results = json.loads((copy_of / "results.json").read_text())
+        results["runs"][1]["file_sha256"] = main.file_digest(folder)  # the checksum made to match
+        (copy_of / "results.json").write_text(json.dumps(results))
+    else:  # not the folder that was saved: trained again (the subfolder, maybe a user's, is left where it is)
+        (folder / "notes").mkdir()
+    code, stdout, err = run(capsys, *SMALL, "--resume", "--data-dir", mnist_dir, "--out-dir", copy_of)
+    assert code == 0 and "Traceback" not in err and "not kept, it is trained again" in stdout
+    assert len(methods_run(capsys, stdout)) == 1
+    code, stdout, _ = run(capsys, *SMALL, "--resume", "--data-dir", mnist_dir, "--out-dir", copy_of)
+    assert code == 0 and stdout.count("kept.") == 2  # healed: trusted from then on
+    assert case == "method a list" or (folder / "notes").is_dir()

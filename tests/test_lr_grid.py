@@ -82,8 +82,8 @@ def test_without_a_grid_the_table_or_lr_sets_the_rate(tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["--lrs", "1e-3,x"], "--lrs must be numbers separated by commas"),
-    (["--lrs", "1e-3,0"], "--lrs must be a positive number no larger than 3.4e+38 (float32's largest; got 0.0)"),
-    (["--lrs", "inf"], "--lrs must be a positive number no larger than 3.4e+38 (float32's largest; got inf)")])
+    (["--lrs", "1e-3,0"], "--lrs must be a positive number no larger than 3.4e+37 (Adam's first step divides it by 0.1 and holds the result as a float32; got 0.0)"),
+    (["--lrs", "inf"], "--lrs must be a positive number no larger than 3.4e+37 (Adam's first step divides it by 0.1 and holds the result as a float32; got inf)")])
 def test_bad_grids_fail_before_any_work(capsys, tmp_path, monkeypatch, argv, message):
     monkeypatch.setattr(main, "load_dataset", lambda *a, **k: pytest.fail("data was loaded despite bad input"))
     code, _, err = run(capsys, *argv, "--out-dir", tmp_path)
@@ -93,17 +93,10 @@ def test_bad_grids_fail_before_any_work(capsys, tmp_path, monkeypatch, argv, mes
 def test_a_bad_rate_in_the_table_is_caught(capsys, tmp_path, monkeypatch):
     monkeypatch.setitem(main.METHODS, "dora", main.METHODS["dora"]._replace(lr=-1.0))
     code, _, err = run(capsys, "--out-dir", tmp_path)
-    assert code == 2 and "METHODS['dora'].lr must be a positive number no larger than 3.4e+38" in err and "got -1.0" in err
+    assert code == 2 and "METHODS['dora'].lr must be a positive number no larger than 3.4e+37" in err and "got -1.0" in err
 
 
 # ------------------------------------------------------------------------------------- Fashion-MNIST
-@pytest.fixture
-def fashion_dir(mnist_dir):
-    if not (mnist_dir / "FashionMNIST" / "raw").is_dir():
-        pytest.fail(f"{mnist_dir} needs FashionMNIST/raw/ too (.ci/run unpacks it)")
-    return mnist_dir
-
-
 def data_dir_with(tmp_path, mnist_dir, fashion=True):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "MNIST").symlink_to(mnist_dir / "MNIST")
@@ -112,11 +105,11 @@ def data_dir_with(tmp_path, mnist_dir, fashion=True):
     return tmp_path / "data"
 
 
-def test_missing_fashion_mnist_offline_is_one_clear_error(capsys, fashion_dir, tmp_path, monkeypatch):
+def test_missing_fashion_mnist_offline_is_one_clear_error(capsys, mnist_dir, tmp_path, monkeypatch):
     def offline(data_dir, name):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
     monkeypatch.setattr(main, "download_dataset", offline)
-    data = data_dir_with(tmp_path, fashion_dir, fashion=False)
+    data = data_dir_with(tmp_path, mnist_dir, fashion=False)
     code, _, err = run(capsys, "--quick", "--task", "fashion", "--data-dir", data, "--out-dir", tmp_path / "out")
     assert code == 2 and err.count("\n") == 1
     assert f"FashionMNIST is missing from {data / 'FashionMNIST' / 'raw'}" in err and "download failed" in err
@@ -150,6 +143,11 @@ def test_real_fashion_mnist_loads_with_the_split_of_mnist(fashion_dir):
     splits = main.make_splits(data, torch.device("cpu"), "fashion", val_size=1000, seed=0, train_size=2000)
     train_idx, val_idx = main.split_indices(60_000, 1000, 0)
     assert torch.equal(splits["val"][1], data["train"][1][val_idx])  # the same held-out indices as MNIST's
+
+
+def test_the_grid_never_grows_past_the_largest_rate_adam_can_take():
+    assert main.next_rate([1e36, 3e36], 3e36, [1e36, 3e36]) == 9e36  # room below the bound: grows
+    assert main.next_rate([1e37, 3e37], 3e37, [1e37, 3e37]) is None  # 9e37 is beyond 3.4e37
 
 
 # ------------------------------------------------------------------------ the issue's end-to-end command

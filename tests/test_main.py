@@ -20,10 +20,10 @@ BAD = [
     (["--rank", "17"], "--rank must be between 1 and 16"),
     (["--rank", "11", "--no-train-head"], "--rank must be between 1 and 10"),
     (["--alpha", "0"], "--alpha must be a positive number"),
-    (["--alpha", "inf"], "--alpha must be a positive number no larger than 3.4e+38 (float32's largest; got inf)"),
+    (["--alpha", "inf"], "--alpha must be a positive number no larger than float32's largest, 3.4e+38 (got inf)"),
     (["--lr=-0.001"], "--lr must be a positive number"),
-    (["--lr", "inf"], "--lr must be a positive number no larger than 3.4e+38 (float32's largest; got inf)"),
-    (["--lr", "nan"], "--lr must be a positive number no larger than 3.4e+38 (float32's largest; got nan)"),
+    (["--lr", "inf"], "--lr must be a positive number no larger than 3.4e+37 (Adam's first step divides it by 0.1 and holds the result as a float32; got inf)"),
+    (["--lr", "nan"], "--lr must be a positive number no larger than 3.4e+37 (Adam's first step divides it by 0.1 and holds the result as a float32; got nan)"),
     (["--seed", "92233720368547"], "--seed must be between 0 and 4294967295 with --seeds 1"),
     (["--seed", "4294967295", "--seeds", "2"], "--seed must be between 0 and 4294967294 with --seeds 2"),
     (["--seed=-1"], "--seed must be between 0 and"),
@@ -169,7 +169,8 @@ def test_quick_run_writes_every_output_with_sane_numbers(quick_run):
         assert r["status"] == "ok", method
         assert 85 < r["test_acc"] <= 100 and r["train_time_s"] > 0 and 1 <= r["epochs_run"] <= 2
         assert r["cuda_peak_bytes"] is None  # CPU: not measured, never a fake 0
-        assert r["train_state_bytes"] == r["weight_bytes"] + r["grad_bytes"] + r["optimizer_bytes"]
+        memory = r["memory"]  # by accounting, in parts, measured on the run's own step: activations included
+        assert memory["total"] == sum(v for k, v in memory.items() if k != "total") and memory["activations"] > 0
         if main.adapter_class(method):
             assert r["stored_params"] <= r["trainable_params"] <= 0.12 * base["total_params"]
         row = results["summary"][method]  # one seed: the value itself, and no made-up spread
@@ -182,9 +183,13 @@ def test_quick_run_writes_every_output_with_sane_numbers(quick_run):
     assert (out / main.RANK_PLOT).stat().st_size > 10_000
     qlora = runs["qlora"]
     assert qlora["frozen_weight_bytes"] <= 0.20 * qlora["frozen_weight_fp32_bytes"]
-    assert qlora["weight_bytes"] < 0.5 * runs["lora"]["weight_bytes"]
+    assert qlora["memory"]["frozen_weights"] < 0.2 * runs["lora"]["memory"]["frozen_weights"]
+    assert qlora["memory"]["activations"] == runs["lora"]["memory"]["activations"]  # no fp32 W kept for backward
     table = (out / "results.md").read_text()
     assert all(f"| {main.display(m)} |" in table for m in ["base", *main.METHODS])
+    memory_table = table[table.index("| method | frozen weights | trainable weights | gradients | optimizer (Adam) | "
+                                     "kept for backward | total (accounting) | vs Full FT |"):]
+    assert all(f"| {main.display(m)} | " in memory_table for m in main.METHODS)
     assert "- (1 seed)" in table and " ± " not in main.comparison_table(results)  # no spread from one seed
     full = runs["full"]
     assert full["trainable_params"] == full["total_params"] == base["total_params"]
@@ -299,6 +304,7 @@ def test_quick_run_console_summary(quick_run, mnist_dir, capsys, tmp_path, monke
         assert f"{name} Model Test Accuracy: " in stdout
     summary = stdout[stdout.index("QUICK RUN: a smoke test"):]
     assert "one seed: single values, no spread" in summary and "as trained / merged" in summary
+    assert "frozen  trainable  grads  Adam  backward  total  vs full" in summary  # the memory, in parts
     assert max(len(line) for line in summary.splitlines()) <= 100
 
 
@@ -403,14 +409,37 @@ def test_a_cuda_run_shows_its_peak_in_table_console_and_plot(quick_run, capsys, 
     for other in ("plot_curves", "plot_loss_and_accuracy", "plot_rank_sweep", "plot_lr_sweep", "plot_rank_allocation",
                   "plot_budget_check"):  # the comparison figure alone: the others have no memory panel
         monkeypatch.setattr(main, other, lambda *a: None)
-    results = json.loads((quick_run[1] / "results.json").read_text())
+    results = main.add_summary(json.loads((quick_run[1] / "results.json").read_text()))
+    assert "CUDA peak" not in main.memory_table(results)  # the CPU run itself: no peak to show, no column
     for r in results["runs"]:
-        r["cuda_peak_bytes"] = 3 * 2**20
+        r["cuda_peak_bytes"] = r["memory"]["total"] + 2**20  # a MiB beyond the accounting
     main.add_summary(results)
-    assert "| 3.00 |" in main.comparison_table(results) and "n/a (CPU)" not in main.comparison_table(results)
-    main.report_method(runs_by_method(results)["lora"])
-    assert "Max memory allocated: 3.00 MiB (CUDA peak above the shared dataset and base model)" in capsys.readouterr().out
+    lora = runs_by_method(results)["lora"]
+    total, peak = main.fmt_mib(lora["memory"]["total"]), main.fmt_mib(lora["cuda_peak_bytes"])
+    assert f"| {total} | 1.08x | {peak} | +1.00 |" in main.memory_table(results)  # beside it, with the difference
+    main.report_method(lora, 128)
+    shown = capsys.readouterr().out
+    assert f"Max memory allocated: {total} MiB by accounting, one step at batch 128: weights " in shown
+    assert f"; CUDA peak {peak} MiB (+1.00 beyond it)" in shown
     assert main.plot_results(results, tmp_path) == [main.PLOT_FILES[4]]
+
+
+def test_the_memory_sweep_measures_every_method_at_each_width_and_batch_and_trains_nothing(capsys, tmp_path,
+                                                                                            monkeypatch):
+    monkeypatch.setattr(main, "load_dataset", lambda *a, **k: pytest.fail("the memory sweep read data"))
+    monkeypatch.setattr(main, "train", lambda *a, **k: pytest.fail("the memory sweep trained"))
+    code, stdout, _ = run(capsys, "--memory-batches", "1,8", "--memory-widths", "1,2", "--out-dir", tmp_path)
+    assert code == 0 and "the largest batch size at which each method still takes less training memory" in stdout
+    results = json.loads((tmp_path / "results.json").read_text())
+    points = {(r["width"], r["batch_size"], r["method"]): r["memory"] for r in results["memory_sweep"]}
+    assert set(points) == {(w, b, m) for w in (1, 2) for b in (1, 8) for m in main.METHODS}
+    assert points[1, 8, "full"]["total"] < points[2, 8, "full"]["total"] and results["runs"] == []
+    assert points[2, 1, "qlora"]["activations"] == points[2, 1, "lora"]["activations"]
+    table = (tmp_path / "results.md").read_text()
+    assert "| width | batch | Full FT | Head only | LoRA |" in table and "| method | width 1 (147,146 weights) |" in table
+    assert (tmp_path / main.MEMORY_PLOT).stat().st_size > 10_000 and not (tmp_path / main.PLOT_FILES[4]).exists()
+    code, stdout, _ = run(capsys, "--memory-batches", "1", "--memory-widths", "1", "--out-dir", tmp_path)
+    assert code == 0 and f"Replacing the memory sweep in {tmp_path}/" in stdout  # a minute's work: not asked
 
 
 @pytest.mark.usefixtures("no_plots_or_latency")

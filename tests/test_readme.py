@@ -3,13 +3,16 @@ that a committed results file holds, and each committed results.md is what main.
 import json
 import re
 import shutil
+import subprocess
 
 import pytest
 
 import main
 from conftest import ROOT
 
-STUDIES = sorted(p.parent for p in (ROOT / "plots").glob("*/results.json"))
+# the committed studies the README reports, by name: a run's own folders (plots/latest/, where a quick run writes, or
+# any other out-dir under plots/) are not studies
+STUDIES = [ROOT / "plots" / name for name in ("mnist", "rotated", "fashion", "memory")]
 NUMBER = re.compile(r"(?<![\d.,])[+\-−]?(?:\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+\.\d+)(?![\d.]*\d)")  # 1.23, 12,498, −0.5
 
 
@@ -45,8 +48,9 @@ def results_sections():
 
 
 def test_the_committed_studies_are_the_readmes():
-    assert {s.name for s in STUDIES} == {"fashion", "mnist", "rotated"}
+    tracked = subprocess.run(["git", "-C", str(ROOT), "ls-files", "plots"], capture_output=True, text=True).stdout
     for study in STUDIES:
+        assert f"plots/{study.name}/results.json" in tracked.split()  # committed, not a run's own output
         assert f"(plots/{study.name}/results.md)" in results_sections()
 
 
@@ -62,3 +66,28 @@ def test_each_results_md_is_what_main_writes_from_its_results_json(study, tmp_pa
     main.check_results_file(results)  # a results file of this script, every field it reads there
     main.save_results(results, tmp_path)
     assert (tmp_path / "results.md").read_text() == (study / "results.md").read_text()
+
+
+@pytest.mark.parametrize("study", ["mnist", "memory"])
+def test_replot_redraws_a_committed_study_from_its_results_json(study, tmp_path, capsys):
+    code = main.main(["--replot", str(ROOT / "plots" / study), "--out-dir", str(tmp_path)])
+    assert code == 0 and (tmp_path / "results.md").read_text() == (ROOT / "plots" / study / "results.md").read_text()
+    committed = {p.name for p in (ROOT / "plots" / study).glob("*.png")}
+    assert committed and committed == {p.name for p in tmp_path.glob("*.png")}
+
+
+def test_replot_measures_the_memory_of_runs_recorded_before_it_was_measured(tmp_path, capsys, monkeypatch):
+    """Results written before training memory was measured (no memory, no width, the old byte fields) get it
+    measured now: what the committed study holds, measured the same way. (Its figures are the test above's.)"""
+    monkeypatch.setattr(main, "plot_results", lambda results, out_dir: [])
+    results = json.loads((ROOT / "plots" / "rotated" / "results.json").read_text())
+    del results["config"]["width"], results["memory_sweep"]
+    for r in results["runs"] + results["other_runs"]:
+        if "memory" in r:
+            r["weight_bytes"] = r.pop("memory")["frozen_weights"]
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "results.json").write_text(json.dumps(results))
+    assert main.main(["--replot", str(tmp_path / "old"), "--out-dir", str(tmp_path / "new")]) == 0
+    assert (tmp_path / "new" / "results.md").read_text() == (ROOT / "plots" / "rotated" / "results.md").read_text()
+    redone = json.loads((tmp_path / "new" / "results.json").read_text())
+    assert all("weight_bytes" not in r for r in redone["runs"]) and redone["config"]["width"] == 1

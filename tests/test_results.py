@@ -41,6 +41,8 @@ def run(method, seed, acc, rank=None, status="ok", **extra):
     r = {"method": method, "seed": seed, "rank": rank, "status": "ok", "test_acc": acc, "train_time_s": 10.0 + seed,
          "cuda_peak_bytes": None, "epochs_run": 4, "best_epoch": 3, "history": {}, "lr": 1e-3, "from_grid": False}
     r.update({k: 1000 * (rank or 100) for k in main.SAME_FOR_EVERY_SEED + main.PER_SEED_SIZES})
+    r["memory"] = {key: 100 * (rank or 100) for key, *_ in main.MEMORY_PARTS}
+    r["memory"]["total"] = sum(r["memory"].values())
     return {**r, **extra}
 
 
@@ -51,7 +53,7 @@ def fake_results(ranks=()):
             run("lora", 0, 96.0, rank=8), run("lora", 1, 96.6, rank=8), run("lora", 2, 96.0, rank=8),
             run("dora", 0, 96.5, rank=8), run("dora", 1, 0, rank=8, status="failed"), run("dora", 2, 96.1, rank=8),
             run("lora", 0, 90.0, rank=2), run("lora", 1, 91.0, rank=2)]
-    return {"config": {"rank": 8, "task": "rotated", "quick": False, "finetune_epochs": 4},
+    return {"config": {"rank": 8, "task": "rotated", "quick": False, "finetune_epochs": 4, "batch_size": 128},
             "methods": ["base", "full", "lora", "dora"], "seeds": [0, 1, 2], "ranks": list(ranks), "runs": runs,
             "other_runs": [], "lr_grid": [], "budget_check": [], "learning_rates": {}}
 
@@ -120,6 +122,25 @@ def test_plots_with_seeds_and_a_sweep_are_drawn_from_results_alone(tmp_path):
     assert all((tmp_path / name).stat().st_size > 10_000 for name in written)
 
 
+def test_the_comparison_figure_stacks_training_memory_in_its_parts(tmp_path, monkeypatch):
+    results = fake_results()
+    for r in results["runs"]:
+        if r["status"] == "ok":
+            r["history"] = {k: [1.0, 0.5] for k in ("train_loss", "val_loss")} | {"val_acc": [90.0, r["test_acc"]]}
+    results["environment"], results["config"]["test_size"] = {"device_name": "test"}, 10_000
+    figures, real_write = {}, main.write_atomic
+    monkeypatch.setattr(main, "write_atomic", lambda path, fig: figures.__setitem__(Path(path).name, fig)
+                        or real_write(path, fig))
+    main.plot_results(main.add_summary(results), tmp_path)
+    ax = next(a for a in figures[main.PLOT_FILES[4]].axes if a.get_title().startswith("Training memory by accounting"))
+    bars = [b for b in ax.patches if b.get_width() == 0.6]  # the stacked parts, one bar per method and part
+    trained = [m for m in results["summary"] if m != "base_on_task" and results["summary"][m]["status"] == "ok"]
+    assert len(bars) == len(trained) * len(main.MEMORY_PARTS)
+    for i, method in enumerate(trained):  # each stack adds up to the method's total, in MiB
+        top = max(b.get_y() + b.get_height() for b in bars if abs(b.get_x() + 0.3 - i) < 1e-9)
+        assert top == pytest.approx(results["summary"][method]["memory"]["total"] / 2**20)
+
+
 def test_the_study_time_counts_every_run_once():
     results = fake_results()
     results["lr_grid"] = [{"method": "lora", "seed": 0, "rank": 8, "lr": 1e-3, "status": "ok", "train_time_s": 30.0},
@@ -146,3 +167,22 @@ def test_curves_say_when_an_epoch_holds_fewer_seeds(tmp_path, monkeypatch):
     main.plot_results(main.add_summary(results), tmp_path)
     assert "hollow: fewer seeds reached that epoch" in titles[main.PLOT_FILES[1]]  # full FT's epoch 3: 2 of 3 seeds
     assert "hollow" not in titles[main.PLOT_FILES[3]]  # LoRA's epochs all hold 3 seeds
+
+
+# ------------------------------------------------------------------------------------ the memory sweep
+def sweep(points):
+    """Memory-sweep records from {(width, batch): {method: total MiB}}."""
+    return {"memory_sweep": [{"method": m, "width": w, "batch_size": b, "memory": {"total": mib * 2**20}}
+                             for (w, b), totals in points.items() for m, mib in totals.items()]}
+
+
+def test_the_crossover_is_the_largest_batch_still_under_full_fine_tuning():
+    results = sweep({(1, 1): {"full": 2.0, "lora": 1.0, "dora": 3.0}, (1, 8): {"full": 3.0, "lora": 2.9, "dora": 4.0},
+                     (1, 32): {"full": 5.0, "lora": 6.0, "dora": 6.0},
+                     (4, 1): {"full": 40.0, "lora": 10.0, "dora": 12.0}, (4, 32): {"full": 50.0, "lora": 30.0,
+                                                                                  "dora": 55.0}})
+    below, largest = main.crossover(results)
+    assert below == {1: {"lora": 8, "dora": None}, 4: {"lora": 32, "dora": 1}} and largest == {1: 32, 4: 32}
+    table = main.crossover_table(results)
+    assert "| LoRA | 8 | 32 (all swept) |" in table and "| DoRA (weight-decomposed) | none | 1 |" in table
+    assert "| 1 | 8 | 3.00 | 2.90 (0.97x) | 4.00 (1.33x) |" in main.memory_sweep_table(results)

@@ -1,8 +1,13 @@
-"""The training loop: early stopping restores the best weights; divergence is caught."""
+"""The training loop: early stopping restores the best weights; divergence is caught; training memory by accounting,
+checked against counts by hand."""
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 import main
+from conftest import ADAPTER_METHODS, LAYERS, make, perturb
 
 
 def synthetic_splits(n=64, seed=0):
@@ -35,7 +40,7 @@ def test_early_stopping_stops_and_restores_the_best_weights(monkeypatch):
     for key, value in model.state_dict().items():
         torch.testing.assert_close(value, snapshots[1][key])
     assert not torch.equal(snapshots[1]["fc1.weight"], snapshots[3]["fc1.weight"])  # it did move on after
-    assert len(fit["history"]["val_loss"]) == 4 and fit["optimizer_bytes"] > 0
+    assert len(fit["history"]["val_loss"]) == 4 and fit["memory"]["optimizer"] > 0
 
 
 def test_patience_zero_stops_at_the_first_epoch_without_improvement(monkeypatch):
@@ -83,18 +88,161 @@ def test_the_advice_names_alpha_only_when_it_was_raised():
     assert "--alpha" not in main.divergence_advice(("full", 0, None), 0.01, args)
 
 
-def test_cuda_peak_is_measured_above_what_every_method_shares(monkeypatch):
+# ------------------------------------------------------------------- training memory, by accounting
+def kept_for_backward(module, x, forward=None):
+    """The activation bytes TrainingMemory counts for one forward and backward pass of `module` on `x`."""
+    trainable = [p for p in module.parameters() if p.requires_grad] or [torch.zeros(1, requires_grad=True)]
+    memory = main.TrainingMemory(module, torch.optim.Adam(trainable), torch.device("cpu"))
+    with memory:
+        (forward or module)(x).sum().backward()
+    return memory.parts["activations"]
+
+
+F32, I64 = 4, 8  # bytes per value
+LINEAR_X, CONV_X = 5 * 12 * F32, 2 * 4 * 9 * 9 * F32  # conftest.LAYERS' inputs: [5, 12] and [2, 4, 9, 9]
+CONV_OUT = 2 * 5 * 5  # that conv's output, per channel: 9x9, kernel 3, stride 2, padding 2, dilation 2 -> 5x5
+# What each layer keeps for backward, worked out from its gradients with rank r = 2 (the dynamic rank: r' = 3
+# components). A gradient to a frozen weight is never needed, and a parameter or buffer is weight, not activation.
+BY_HAND = {
+    # dA needs x; dB needs h = A x; dh needs (alpha/r) B, a new tensor [out, r]
+    ("lora", "linear"): LINEAR_X + 5 * 2 * F32 + 8 * 2 * F32,
+    ("lora", "conv"): CONV_X + 2 * CONV_OUT * F32 + 6 * 2 * F32,
+    # LoRA's, plus for the magnitude's gradient the unscaled output (W + dW) x [batch, out] and for the output's the
+    # scale s = m / ||W + dW|| [out], and for m's gradient the (detached) norm [out]
+    ("dora", "linear"): LINEAR_X + 5 * 2 * F32 + 8 * 2 * F32 + 5 * 8 * F32 + 8 * F32 + 8 * F32,
+    ("dora", "conv"): CONV_X + 2 * CONV_OUT * F32 + 6 * 2 * F32 + 6 * CONV_OUT * F32 + 6 * F32 + 6 * F32,
+    # LoRA's at r' = 3, plus the scaled gates (alpha/r') c [r'] that B is multiplied by (dB needs them)
+    ("dyndora", "linear"): LINEAR_X + 5 * 3 * F32 + 8 * 3 * F32 + 3 * F32,
+    ("dyndora", "conv"): CONV_X + 2 * 3 * 25 * F32 + 6 * 3 * F32 + 3 * F32,
+    # LoRA's exactly: W x + b through FrozenQuantized keeps nothing, not the dequantized W
+    ("qlora", "linear"): LINEAR_X + 5 * 2 * F32 + 8 * 2 * F32,
+    ("qlora", "conv"): CONV_X + 2 * CONV_OUT * F32 + 6 * 2 * F32,
+}
+
+
+def test_plain_layers_keep_what_their_gradients_need():
+    layer_fn, x_fn = LAYERS["linear"]
+    assert kept_for_backward(layer_fn(), x_fn()) == LINEAR_X  # dW needs x
+    frozen = layer_fn().requires_grad_(False)  # dx needs W alone: a parameter
+    assert kept_for_backward(frozen, x_fn().requires_grad_(True)) == 0
+    layer_fn, x_fn = LAYERS["conv"]
+    assert kept_for_backward(layer_fn(), x_fn()) == CONV_X
+    x = torch.randn(2, 6, 8, 8, requires_grad=True)  # ReLU keeps its output; max-pool that same tensor + indices
+    relu_pool = lambda x: F.max_pool2d(F.relu(x), 2)  # noqa: E731
+    assert kept_for_backward(torch.nn.Linear(1, 1), x, relu_pool) == 2 * 6 * 8 * 8 * F32 + 2 * 6 * 4 * 4 * I64
+
+
+@pytest.mark.parametrize("kind", LAYERS)
+@pytest.mark.parametrize("method", ADAPTER_METHODS)
+def test_each_adapter_keeps_what_its_gradients_need(method, kind):
+    if (method, kind) not in BY_HAND:
+        pytest.skip(f"{method} has no count by hand here: add one to BY_HAND")
+    _, layer, x = make(method, kind)
+    assert kept_for_backward(layer, x) == BY_HAND[method, kind]
+    assert kept_for_backward(layer, x.requires_grad_(True)) == BY_HAND[method, kind]  # x is kept once, for both
+
+
+def default_cnn_by_hand(batch, method):
+    """What the default CNN keeps for backward in one training step (channels-last, dropout 0.25 on CPU, whose
+    mask is a float32 tensor), full fine-tuning or LoRA at r = 8, worked out layer by layer."""
+    b = batch
+    full = (b * 1 * 28 * 28 * F32            # conv1's input: its weight's gradient needs it
+            + b * 16 * 24 * 24 * F32         # ReLU's output, which max-pool keeps too (one storage)
+            + b * 16 * 12 * 12 * I64         # max-pool's indices
+            + b * 16 * 12 * 12 * F32         # conv2's input
+            + b * 32 * 8 * 8 * F32 + b * 32 * 4 * 4 * I64  # ReLU and max-pool again
+            + b * 512 * F32                  # fc1's input (the flattened channels-last tensor, a copy)
+            + b * 256 * F32                  # ReLU's output
+            + 2 * b * 256 * F32              # dropout's mask, and its output (fc2's input)
+            + b * 10 * F32 + b * I64 + F32)  # log-softmax's output, the labels, the loss's weight sum
+    if method == "full":
+        return full
+    # LoRA: the same inputs (now for the A's), plus h = A x of every layer and each (alpha/r) B
+    return full + b * (8 * 24 * 24 + 8 * 8 * 8 + 8) * F32 + (16 * 8 + 32 * 8 + 256 * 8) * F32
+
+
+def fresh(method, width=1, rank=8):
+    torch.manual_seed(0)
+    return main.finetuning_copy(main.CNN(width), method, rank, main.parse_args([])).to(
+        memory_format=torch.channels_last)
+
+
+def test_the_default_cnn_at_batch_128_keeps_what_a_count_by_hand_says():
+    parts = {m: main.step_memory(fresh(m), 128, 100)[0] for m in ("full", "lora")}
+    for method, memory in parts.items():
+        assert memory["activations"] == default_cnn_by_hand(128, method), method
+    assert 10 * 2**20 < parts["full"]["activations"] < 10.5 * 2**20  # about 10 MiB; LoRA about 1.25x that
+    assert parts["lora"]["activations"] / parts["full"]["activations"] == pytest.approx(1.24, abs=0.01)
+
+
+@pytest.mark.parametrize("method", ["full", "head", *ADAPTER_METHODS])
+def test_the_parts_add_up_and_weights_count_as_stored(method):
+    model = fresh(method)
+    memory, peak = main.step_memory(model, 16, 100)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert memory["total"] == sum(v for k, v in memory.items() if k != "total") and peak is None  # CPU: no peak
+    assert memory["trainable_weights"] == memory["gradients"] == F32 * trainable
+    assert memory["frozen_weights"] + memory["trainable_weights"] == main.weight_bytes(model)
+    n_tensors = sum(p.requires_grad for p in model.parameters())
+    assert memory["optimizer"] == 2 * F32 * trainable + F32 * n_tensors  # Adam: two moments and a step count each
+    if method == "qlora":  # the adapted layers' W as packed 4-bit codes and their constants: 13.5 % of fp32
+        frozen_w = sum(m.frozen_weight_bytes() for m in main.adapter_layers(model).values())
+        fp32_w = sum(F32 * math.prod(m.weight_shape) for m in main.adapter_layers(model).values())
+        assert frozen_w < 0.14 * fp32_w
+        assert memory["frozen_weights"] == frozen_w + sum(b.nbytes for n, b in model.named_parameters()
+                                                          if not b.requires_grad)  # + the frozen biases
+
+
+@pytest.mark.parametrize("width", [1, 2])
+def test_qlora_keeps_for_backward_what_lora_keeps_and_saves_the_frozen_weights(width):
+    lora, qlora = (main.step_memory(fresh(m, width), 32, 100)[0] for m in ("lora", "qlora"))
+    assert qlora["activations"] == lora["activations"]  # nothing of W's fp32 size
+    assert lora["total"] - qlora["total"] == lora["frozen_weights"] - qlora["frozen_weights"] > 0
+
+
+def test_qlora_outputs_and_gradients_equal_dequantizing_once_and_keeping_w():
+    for kind in LAYERS:
+        _, layer, x = make("qlora", kind)
+        perturb(layer)
+        results = []
+        for forward in (main.QLoRALayer.forward, main.LoRALayer.forward):  # LoRA's: autograd keeps the fp32 W
+            x_in = x.clone().requires_grad_(True)
+            layer.zero_grad()
+            y = forward(layer, x_in)
+            (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+            results.append([y.detach(), x_in.grad, layer.lora_A.grad.clone(), layer.lora_B.grad.clone()])
+        for ours, kept_w in zip(*results):
+            torch.testing.assert_close(ours, kept_w, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ["full", "head", *ADAPTER_METHODS])
+def test_a_run_measures_its_own_step_as_step_memory_does_and_trains_the_same(method, monkeypatch):
+    """train() measures step MEMORY_STEP of the run itself; step_memory (the sweep, older results) a fresh model of
+    the same shapes: the same bytes. And measuring changes nothing of the training."""
+    monkeypatch.setattr(main, "AT_CHANCE", 0)  # random labels: nothing to learn, and that is not the point here
+    splits, fits = synthetic_splits(), []
+    for step in (0, main.MEMORY_STEP):  # step 0 never comes: not measured; then as every run is
+        monkeypatch.setattr(main, "MEMORY_STEP", step)
+        fits.append(main.train(fresh(method), splits, 1e-3, main.Budget(1, 16, None), seed=0, log=lambda s: None))
+    assert fits[0]["history"]["train_loss"] == fits[1]["history"]["train_loss"]
+    assert main.step_memory(fresh(method), 16, total_steps=4)[0] == fits[1]["memory"]  # 64 images: 4 steps
+
+
+def test_cuda_peak_is_read_over_the_measured_step_above_what_was_there_before(monkeypatch):
     """The CUDA-only arithmetic, on the CPU with torch.cuda's counters faked."""
-    model = main.CNN()
-    weights = main.weight_bytes(model)
-    calls = []
+    model = fresh("lora")
+    weights, calls = main.weight_bytes(model), []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append("sync"))
-    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: calls.append("reset"))
-    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: 10_000_000 + weights)  # dataset + this model
-    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 13_000_000)
-    result, peak = main.with_cuda_peak(torch.device("cuda"), model, lambda: "trained")
-    assert result == "trained" and peak == 3_000_000 and calls == ["sync", "reset", "sync"]
-    assert main.with_cuda_peak(torch.device("cpu"), model, lambda: "trained") == ("trained", None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: calls.append("reset"))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 10_000_000 + weights)  # dataset + model
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 25_000_000)
+    optimizer = torch.optim.Adam(main.trainable_parameters(model).values())
+    memory = main.TrainingMemory(model, optimizer, torch.device("cuda"))
+    x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
+    with memory:
+        main.training_step(model, optimizer, {}, x, y, 1, 10)
+    assert memory.cuda_peak == 15_000_000 and calls == ["sync", "sync", "reset", "sync"]
+    assert memory.parts["activations"] > 0  # the accounting beside it, never replaced by it
 
 
 class SmallBNNet(torch.nn.Module):
