@@ -2,28 +2,18 @@
 beside full fine-tuning and the head alone, and compare them.
 
     python main.py                       # the experiment with the SETTINGS below; outputs in plots/latest/
-    python main.py --quick               # a smoke run on a subset, in about a minute
+    python main.py --quick               # a smoke run on a subset, in under a minute
     python main.py --task fashion --seeds 3 --lrs 1e-3,3e-3,1e-2 --budgets 40   # a real domain shift, tuned rates
+    python main.py --memory-batches 1,8,32,128,512   # training memory per method, width and batch: no training
     python main.py --help                # every flag: one per entry of SETTINGS, defaulting to it
 
-Sections, top to bottom: settings (the METHODS table: a method is one row and one adapter class), model,
-adapter layers, data, training, measurement, saved models, results over seeds, after training (merging,
-latency), results files, plots, the runs, the output folder, main(). `import main` has no side effects.
+Sections, top to bottom: settings (the METHODS table: a method is one row and one adapter class), errors, model,
+adapter layers, data, training, measurement, results over seeds, results files, plots, saved models, the runs, the
+output folder, main(). Every name is defined above its first use; `import main` has no side effects.
 """
-import signal
-import sys
-
-if __name__ == "__main__":  # Ctrl-C or a hang-up while torch loads (seconds): one sentence, not a traceback
-    def stopped_during_start_up(signum, frame):
-        print("\nInterrupted during start-up: nothing had been trained yet.", file=sys.stderr)
-        sys.exit(130)
-    for stop_signal in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM)):
-        signal.signal(stop_signal, stopped_during_start_up)
-
 import argparse
 import contextlib
 import copy
-import errno
 import functools
 import hashlib
 import io
@@ -31,11 +21,10 @@ import json
 import math
 import os
 import platform
-import re
-import shutil
+import signal
 import statistics
-import stat
 import struct
+import sys
 import tempfile
 import textwrap
 import time
@@ -43,6 +32,7 @@ from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -63,14 +53,16 @@ class Method(NamedTuple):
 
 
 METHODS = {  # every fine-tuning method, one row each: everything else about a method is derived from here
-    "full": Method("Full FT", "tab:purple", "*", 1e-3, "all"),        # the reference every PEFT paper uses
-    "head": Method("Head only", "tab:brown", "v", 1e-3, "head"),      # the transfer baseline an adapter must beat
-    "lora": Method("LoRA", "tab:blue", "o", 1e-3, "adapters", "LoRALayer"),
-    "dora": Method("DoRA (weight-decomposed)", "tab:orange", "s", 1e-3, "adapters", "DoRALayer"),
-    "dyndora": Method("DoRA (dynamic rank)", "tab:red", "d", 1e-3, "adapters", "DynamicRankLayer"),
-    "qlora": Method("QLoRA", "tab:green", "^", 1e-3, "adapters", "QLoRALayer"),
+    "full": Method(name="Full FT", color="tab:purple", marker="*", lr=1e-3, trains="all"),  # every PEFT paper's yardstick
+    "head": Method(name="Head only", color="tab:brown", marker="v", lr=1e-3, trains="head"),  # what an adapter must beat
+    "lora": Method(name="LoRA", color="tab:blue", marker="o", lr=1e-3, trains="adapters", layer="LoRALayer"),
+    "dora": Method(name="DoRA (weight-decomposed)", color="tab:orange", marker="s", lr=1e-3, trains="adapters",
+                   layer="DoRALayer"),
+    "dyndora": Method(name="DoRA (dynamic rank)", color="tab:red", marker="d", lr=1e-3, trains="adapters",
+                      layer="DynamicRankLayer"),
+    "qlora": Method(name="QLoRA", color="tab:green", marker="^", lr=1e-3, trains="adapters", layer="QLoRALayer"),
 }  # the rates: what the validation grid (--lrs) chose on MNIST, the default task (README: the rates per task)
-BASE = Method("Base", "tab:gray", "o", 2e-3, "all")  # the stage every method starts from: a CNN trained on MNIST
+BASE = Method(name="Base", color="tab:gray", marker="o", lr=2e-3, trains="all")  # every method's start: the MNIST CNN
 TASKS = {  # what the methods fine-tune on, the same split sizes; the base always trains on MNIST
     "mnist": "MNIST itself, the data the base was trained on",
     "rotated": "MNIST digits rotated by 90 degrees (counter-clockwise)",
@@ -125,6 +117,8 @@ VAL_SIZE = 5000                    # images held out of the 60,000 training imag
 # each of its runs, took a sixth of a quick run: 48 s -> 40 s on this 2-core machine)
 QUICK_TRAIN_SIZE, QUICK_VAL_SIZE, QUICK_TEST_SIZE, QUICK_MAX_EPOCHS = 6000, 1000, 2000, 2
 TASK_DATASET = {"fashion": "FashionMNIST"}  # where a task's images come from; the others are made from MNIST
+MAX_RATE = torch.finfo(torch.float32).max * (1 - 0.9)  # Adam's first step divides the rate by 1 - beta1 (0.1)
+                                                       # and must hold the result as a float32
 
 
 def row(method):
@@ -149,6 +143,52 @@ def display(method):
 def default_rates():
     """{method: its row's rate}, the base's first: what runs use without --lr or --lrs."""
     return {m: row(m).lr for m in ["base", *METHODS]}
+
+
+def epoch_budget(config, method=None, epochs=None):
+    """The epochs a run of `method` trains (None: any fine-tuning method), the one place that says it: `epochs`
+    when asked for (the budget check, even in a quick run), else the settings' budget for the base or the
+    fine-tuning methods, at most QUICK_MAX_EPOCHS in a quick run."""
+    budget = epochs or (config["epochs"] if method == "base" else config["finetune_epochs"])
+    return min(budget, QUICK_MAX_EPOCHS) if config["quick"] and not epochs else budget
+
+
+# =====================================================================================================
+# Errors: each one sentence for the user; main() maps them to exit codes
+# =====================================================================================================
+class ConfigError(ValueError):
+    """Bad input (a setting, the out-dir, an earlier results file), found before any training: exit code 2."""
+
+
+class DataError(ConfigError):
+    """MNIST or Fashion-MNIST missing or damaged."""
+
+
+class WriteError(RuntimeError):
+    """An output that cannot be written: exit code 1, every run finished before it kept (--resume continues)."""
+
+
+class ModelFileError(RuntimeError):
+    """A saved model or adapter folder that cannot be loaded as this CNN's."""
+
+
+class BitsAndBytesUnavailable(RuntimeError):
+    """bitsandbytes missing, or not working here: QLoRA is skipped, the other methods run."""
+
+
+class Diverged(RuntimeError):
+    """A run that failed to learn: its loss exploded (too_slow False), or it ended at chance with a training loss
+    that never rose above where it started (too_slow True: too low a rate, or too short a budget)."""
+
+    def __init__(self, message, too_slow=False):
+        super().__init__(message)
+        self.too_slow = too_slow
+
+
+def one_line(error, limit=150):
+    """An exception's message on one line, cut at `limit` characters: library messages can span a screen."""
+    text = " ".join(str(error).split())
+    return text[:limit] + ("…" if len(text) > limit else "")
 
 
 # =====================================================================================================
@@ -334,10 +374,6 @@ class AdapterLayer(nn.Module):
         """What results.json records of a finished run of this method, beside the common numbers."""
         return {}
 
-    @classmethod
-    def record_checks(cls):
-        """{field: its check} of what record() writes: --resume checks these fields like every other."""
-        return {}
 
 
 class LoRALayer(AdapterLayer):
@@ -397,16 +433,6 @@ class DoRALayer(AdapterLayer):
     def merged_weight(self):
         direction = self.base_weight() + self.delta_weight()  # W + dW
         return (self.magnitude / self.weight_norm(direction)).view(-1, *[1] * (direction.dim() - 1)) * direction
-
-
-def one_line(error, limit=150):
-    """An exception's message on one line, cut at `limit` characters: library messages can span a screen."""
-    text = " ".join(str(error).split())
-    return text[:limit] + ("…" if len(text) > limit else "")
-
-
-class BitsAndBytesUnavailable(RuntimeError):
-    pass
 
 
 @functools.cache
@@ -666,17 +692,6 @@ class DynamicRankLayer(LoRALayer):
             "schedule": next(iter(layers.values())).schedule._asdict()}}
 
     @classmethod
-    def record_checks(cls):
-        def counts(v):
-            return isinstance(v, list) and all(map(count, v))
-        return {"rank_allocation": lambda v: (
-            isinstance(v, dict) and count(v.get("components")) and count(v.get("target_rank"))
-            and isinstance(v.get("ranks"), dict) and all(map(count, v["ranks"].values()))
-            and counts(v.get("pruning_steps")) and counts(v.get("window")) and count(v.get("total_steps"))
-            and isinstance(v.get("alive"), dict)
-            and all(map(counts, v["alive"].values())))}
-
-    @classmethod
     def record(cls, layers):
         """Where the rank went: each layer's final rank, and the components alive after every pruning step."""
         first = next(iter(layers.values()))
@@ -737,6 +752,35 @@ def adapter_layers(model):
     return {name: m for name, m in model.named_modules() if isinstance(m, AdapterLayer)}
 
 
+def trainable_parameters(model):
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def peft_tensors(model):
+    """{PEFT's key: the tensor as PEFT stores it} of everything the model trained: each adapter layer's tensors,
+    named and shaped as the layer says (conv1.lora_A is base_model.model.conv1.lora_A.weight there), and any
+    trainable plain parameter (the head) under its own name."""
+    adapters = adapter_layers(model)
+    tensors = {f"base_model.model.{name}.{leaf}": t for name, layer in adapters.items()
+               for leaf, t in layer.peft_tensors().items()}
+    return tensors | {f"base_model.model.{name}": p for name, p in trainable_parameters(model).items()
+                      if name.rpartition(".")[0] not in adapters}
+
+
+def count_parameters(model):
+    """(trainable, total). A 4-bit weight counts as the number of weights it stores, not its bytes."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total + sum(m.stored_weight_count() for m in adapter_layers(model).values())
+
+
+def weight_bytes(model):
+    """Bytes of every weight as stored: fp32 parameters, and for QLoRA the packed 4-bit codes plus all of
+    their quantization constants."""
+    return (sum(p.nbytes for p in model.parameters()) + sum(b.nbytes for b in model.buffers())
+            + sum(m.extra_stored_bytes() for m in adapter_layers(model).values()))
+
+
 # =====================================================================================================
 # Data: MNIST (and Fashion-MNIST) as normalized tensors resident on the training device
 # =====================================================================================================
@@ -751,10 +795,6 @@ DATASETS = {  # torchvision's class (and folder) name -> MD5 of its four uncompr
                      "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965"},
 }
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
-
-
-class DataError(RuntimeError):
-    pass
 
 
 def download_dataset(data_dir, name):
@@ -778,34 +818,22 @@ def ensure_dataset(data_dir, name="MNIST", download=True):
     """{file name: its bytes} of dataset `name`'s four raw files, after downloading missing ones (when allowed)
     and checking every MD5."""
     raw, md5 = Path(data_dir) / name / "raw", DATASETS[name]
-
-    def missing_files():
-        try:
-            return [f for f in md5 if not (raw / f).is_file()]
-        except OSError as e:  # a folder on the way without search permission
-            raise DataError(f"{raw} cannot be searched ({e.strerror or e}): check its permissions") from None
-    missing = missing_files()
-    reason = ""
+    missing, reason = [f for f in md5 if not (raw / f).is_file()], ""
     if missing and download:
         print(f"{name} not found in {raw}: downloading it with torchvision...")
         try:
             download_dataset(data_dir, name)
         except Exception as e:  # no network, a mirror down, a full disk...
             reason = f" The download failed ({type(e).__name__}: {one_line(e)})."
-        missing = missing_files()
+        missing = [f for f in md5 if not (raw / f).is_file()]
     if missing:
         raise DataError(
             f"{name} is missing from {raw}: {', '.join(missing)}.{reason} Put the four uncompressed IDX files "
             f"({', '.join(md5)}) in that folder, or run once with network access and torchvision "
             f"downloads them there; or point --data-dir at a folder that holds {name}/raw/.")
-    contents = {}
+    contents = {file: (raw / file).read_bytes() for file in md5}
     for file, expected in md5.items():
-        try:
-            contents[file] = (raw / file).read_bytes()
-        except OSError as e:
-            raise DataError(f"{raw / file} cannot be read ({e.strerror or e}): check its permissions") from None
-        digest = hashlib.md5(contents[file]).hexdigest()
-        if digest != expected:
+        if (digest := hashlib.md5(contents[file]).hexdigest()) != expected:
             raise DataError(f"{raw / file} is damaged or truncated (MD5 {digest}, expected {expected}). "
                             f"Delete it and run again with network access, or replace it with a good copy.")
     return contents
@@ -874,20 +902,13 @@ def epoch_order(n, seed, epoch):
 # =====================================================================================================
 # Training: one loop for every method
 # =====================================================================================================
-class Diverged(RuntimeError):
-    """A run that failed to learn: its loss exploded (too_slow False), or it ended at chance with a training loss
-    that never rose above where it started (too_slow True: too low a rate, or too short a budget)."""
-
-    def __init__(self, message, too_slow=False):
-        super().__init__(message)
-        self.too_slow = too_slow
-
-
 NUM_CLASSES = 10
 EXPLODED = 10    # a training loss this many times above max(its first value, ln(classes)) has diverged
 AT_CHANCE = 1.5  # a validation accuracy at most this many times chance after training learned nothing
 LEARNED = 2 * AT_CHANCE  # ... and one that had reached this many times chance before falling there collapsed
 SELECTION = "validation accuracy (ties: the lower validation loss)"  # chooses the kept epoch, early stop, rate
+HISTORY_KEYS = ("train_loss", "val_loss", "val_acc", "lr", "epoch_time_s")  # train()'s per-epoch curves
+FINISHED = ("ok", "unstable")  # a run with its numbers: unstable ones are kept, shown, not averaged or chosen
 
 
 def selection_key(val_acc, val_loss):
@@ -911,10 +932,6 @@ def evaluate(model, images, labels, batch_size=1000):
         loss += F.cross_entropy(logits, labels[i:i + batch_size], reduction="sum")
         correct += (logits.argmax(1) == labels[i:i + batch_size]).sum()
     return loss.item() / len(labels), 100.0 * correct.item() / len(labels)
-
-
-def trainable_parameters(model):
-    return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
 def snapshot(model):
@@ -973,13 +990,6 @@ def verdict(history, first_loss):
         if acc <= AT_CHANCE * chance and max(history["val_acc"][:epoch]) > LEARNED * chance:
             return epoch, max(history["val_acc"][:epoch])
     return None
-
-
-def weight_bytes(model):
-    """Bytes of every weight as stored: fp32 parameters, and for QLoRA the packed 4-bit codes plus all of
-    their quantization constants."""
-    return (sum(p.nbytes for p in model.parameters()) + sum(b.nbytes for b in model.buffers())
-            + sum(m.extra_stored_bytes() for m in adapter_layers(model).values()))
 
 
 MEMORY_STEP = 2  # the step whose memory is measured: from the second on, Adam's state and the last step's
@@ -1138,13 +1148,6 @@ def train(model, splits, lr, budget, seed, log=print):
 # =====================================================================================================
 # Measurement: parameters, and training memory without training
 # =====================================================================================================
-def count_parameters(model):
-    """(trainable, total). A 4-bit weight counts as the number of weights it stores, not its bytes."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return trainable, total + sum(m.stored_weight_count() for m in adapter_layers(model).values())
-
-
 def step_memory(model, batch_size, total_steps):
     """(TrainingMemory's parts, CUDA peak or None) of one training step of `model` as train() takes it (its
     trainable parameters, Adam, the adapter classes' hooks at step MEMORY_STEP of a run of total_steps), on a
@@ -1161,6 +1164,10 @@ def step_memory(model, batch_size, total_steps):
         with memory if step == MEMORY_STEP else contextlib.nullcontext():
             training_step(model, optimizer, groups, images, labels, step, total_steps)
     return memory.parts, memory.cuda_peak
+
+
+def fmt_mib(b):
+    return f"{b / 2**20:.2f}"
 
 
 def full_run_steps(epochs, batch_size, train_size=60_000 - VAL_SIZE):
@@ -1188,6 +1195,16 @@ def memory_sweep(args, device, log=print):
     return records
 
 
+@torch.inference_mode()
+def right_images(model, images, labels, batch_size=1000):
+    """Which images the model gets right, its bits packed 8 to a byte, in hex (625 bytes for 5,000 validation
+    images): two runs on the same images are then compared image by image (paired_margin)."""
+    model.eval()
+    right = torch.cat([model(images[i:i + batch_size]).argmax(1) == labels[i:i + batch_size]
+                       for i in range(0, len(labels), batch_size)])
+    return np.packbits(right.cpu().numpy()).tobytes().hex()
+
+
 def measure(model, fit, test_loss, test_acc):
     trainable, total = count_parameters(model)
     adapted = adapter_layers(model).values()  # their frozen W (biases excluded)
@@ -1205,45 +1222,36 @@ def measure(model, fit, test_loss, test_acc):
 # =====================================================================================================
 # Saved models: whole CNNs, and adapter folders that PEFT loads as they are
 # =====================================================================================================
-class WriteError(RuntimeError):
-    pass
-
-
 def write_atomic(path, content):
-    """Text, a matplotlib figure (PNG) or tensors (safetensors, or torch.save) written to a temporary file, then
-    renamed to `path`: no reader, and no run stopped mid-write, sees half a file. The temporary file is created
-    new and exclusively (a stale one, or a link planted under its name, is removed first, never followed), and
-    the rename replaces a link at `path` rather than writing through it. A failed write leaves no temporary
-    file and raises WriteError, one sentence naming the file, its folder and the cause."""
+    """Text, a matplotlib figure (PNG) or tensors (safetensors, or torch.save) written whole or not at all: into a
+    new file of a random name beside `path` (mkstemp creates it exclusively, so no link planted there is
+    followed), then renamed over `path` (which replaces a link there rather than writing through it). A failed
+    write leaves the old file as it was and no temporary file, and is WriteError, naming the file and the cause."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        tmp.unlink(missing_ok=True)
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644), "wb") as f:
-            if isinstance(content, str):
-                f.write(content.encode())
-            elif hasattr(content, "savefig"):
-                content.savefig(f, dpi=120, format="png")
-            elif path.suffix == ".safetensors":
-                from safetensors.torch import save
-                f.write(save(content))
+        if isinstance(content, str):
+            data = content.encode()
+        elif path.suffix == ".safetensors":
+            from safetensors.torch import save
+            data = save(content)
+        else:
+            buffer = io.BytesIO()
+            if hasattr(content, "savefig"):
+                content.savefig(buffer, dpi=120, format="png")
             else:
-                torch.save(content, f)
-        os.replace(tmp, path)
-    except BaseException as e:
+                torch.save(content, buffer)
+            data = buffer.getvalue()
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-        if not isinstance(e, Exception):  # Ctrl-C: the half-written temporary file is gone, the old file intact
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the results from the user's group
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
             raise
-        cause = getattr(e, "strerror", None) or one_line(e, 120)
-        try:
-            if shutil.disk_usage(path.parent).free < 2**20:  # torch.save says "iostream error" when the disk is full
-                cause = "no space left on the device"
-        except OSError:
-            pass
-        raise WriteError(f"cannot write {path.name} in {path.parent} ({cause})") from None
+    except OSError as e:
+        raise WriteError(f"cannot write {path.name} in {path.parent} ({e.strerror or one_line(e, 120)})") from None
 
 
 def make_folder(folder):
@@ -1252,10 +1260,6 @@ def make_folder(folder):
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise WriteError(f"cannot make the folder {folder} ({e.strerror or e})") from None
-
-
-class ModelFileError(RuntimeError):
-    pass
 
 
 def read_model_file(path, read):
@@ -1270,10 +1274,10 @@ def read_model_file(path, read):
 
 
 def load_plain(path, device):
-    """A method saved as a whole CNN state dict (the base, full fine-tuning), loaded back."""
-    model = CNN().to(device)
+    """A method saved as a whole CNN state dict (the base, full fine-tuning), loaded back at its width."""
     state = read_model_file(path, lambda p: torch.load(p, map_location=device, weights_only=True))
     try:
+        model = CNN(state["conv1.weight"].shape[0] // 16).to(device)
         model.load_state_dict(state)
     except Exception as e:
         raise ModelFileError(f"{path} does not hold this CNN's weights ({type(e).__name__})") from None
@@ -1299,17 +1303,6 @@ def file_digest(path):
         # anything else in a folder (a subfolder, a pipe) changes the digest by its name, never read
         digest.update(entry.name.encode() + b"\0" + (entry.read_bytes() if entry.is_file() else b"(not a file)"))
     return digest.hexdigest()
-
-
-def peft_tensors(model):
-    """{PEFT's key: the tensor as PEFT stores it} of everything the model trained: each adapter layer's tensors,
-    named and shaped as the layer says (conv1.lora_A is base_model.model.conv1.lora_A.weight there), and any
-    trainable plain parameter (the head) under its own name."""
-    adapters = adapter_layers(model)
-    tensors = {f"base_model.model.{name}.{leaf}": t for name, layer in adapters.items()
-               for leaf, t in layer.peft_tensors().items()}
-    return tensors | {f"base_model.model.{name}": p for name, p in trainable_parameters(model).items()
-                      if name.rpartition(".")[0] not in adapters}
 
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"  # what PEFT reads
@@ -1342,9 +1335,6 @@ def load_adapter(base_checkpoint, folder, device="cpu", method=None):
     """Rebuild an adapted model from the base checkpoint and an adapter folder (save_adapter's, or PEFT's own
     for a LoRA/DoRA of this CNN). `method` overrides the saved one: "lora" puts a QLoRA adapter on the fp32 base."""
     folder = Path(folder)
-    if folder.suffix == ".pt" and folder.is_file():
-        raise ModelFileError(f"{folder} is an adapter file of this project's earlier layout (<method>_r<rank>.pt); "
-                             f"adapters are now folders that PEFT reads: rerun that method with --resume")
     config = read_model_file(folder / ADAPTER_CONFIG, lambda p: json.loads(p.read_text()))
     info = {}
     if (folder / ADAPTER_INFO).is_file():
@@ -1433,6 +1423,14 @@ def paired_difference(results, method, ref):
     acc = {m: {r["seed"]: r["test_acc"] for r in ok_runs(main_runs(results), m)} for m in (method, ref)}
     seeds = sorted(set(acc[method]) & set(acc[ref]))
     return mean_std_ci([acc[method][s] - acc[ref][s] for s in seeds]) if seeds else None
+
+
+def paired_margin(a_hex, b_hex, n):
+    """(images run a gets right that run b does not, minus the reverse; the standard error of that count): the
+    two runs' difference on the same n images, its spread from the images they disagree on (McNemar)."""
+    a, b = (np.unpackbits(np.frombuffer(bytes.fromhex(h), dtype=np.uint8))[:n].astype(bool) for h in (a_hex, b_hex))
+    only_a, only_b = int((a & ~b).sum()), int((b & ~a).sum())
+    return only_a - only_b, math.sqrt(max(0.0, only_a + only_b - (only_a - only_b) ** 2 / n))
 
 
 def summarize(results):
@@ -1576,10 +1574,6 @@ def measure_inference(results, out_dir, test, device, rounds=LATENCY_ROUNDS, rep
 # =====================================================================================================
 # Results files: results.json, results.md and the console summary
 # =====================================================================================================
-def fmt_mib(b):
-    return f"{b / 2**20:.2f}"
-
-
 def fmt_stat(stats, fmt="{:.2f}", scale=1.0):
     """'mean ± std' (several seeds) or the one value; never a made-up spread."""
     mean = fmt.format(stats["mean"] / scale)
@@ -1799,11 +1793,6 @@ def rates_table(results):
     return table(["method", "grid", "chosen", "lead over the runner-up, validation images (± SE)"], rows)
 
 
-def finetune_budget(config):
-    """The epochs the comparison's fine-tuning runs had: --finetune-epochs, capped in a quick run."""
-    return min(config["finetune_epochs"], QUICK_MAX_EPOCHS) if config["quick"] else config["finetune_epochs"]
-
-
 def budget_points(results):
     """{method: [(epochs, validation accuracy at the kept epoch, status, record)] by budget}: the budget check's
     runs, and the first seed's own run at the comparison's budget."""
@@ -1814,7 +1803,7 @@ def budget_points(results):
         if r["status"] in FINISHED:
             accuracy = r["val_acc"] if "val_acc" in r else r["history"]["val_acc"][r["best_epoch"] - 1]
             points.setdefault(r["method"], []).append(
-                (r.get("epochs", finetune_budget(results["config"])), accuracy, r["status"], r))
+                (epoch_budget(results["config"], r["method"], r.get("epochs")), accuracy, r["status"], r))
     return {method: sorted(mine, key=lambda point: point[0]) for method, mine in points.items()}
 
 
@@ -1827,7 +1816,7 @@ def budget_table(results):
     """Validation accuracy at each budget, and the longest budget's lead over the comparison's, in images."""
     by_method = budget_points(results)
     budgets = budgets_of(by_method)
-    main_budget, n = finetune_budget(results["config"]), results["config"]["val_size"]
+    main_budget, n = epoch_budget(results["config"]), results["config"]["val_size"]
     rows = []
     for method, points in by_method.items():
         at = {e: (acc, status, r) for e, acc, status, r in points}
@@ -1887,10 +1876,8 @@ def in_peft_line(method, row):
             f"seed by seed {fmt_ci(diff, signed=True)} points.")
 
 
-def save_results(results, out_dir):
-    """results.json (every run, the summary, the sweeps) and results.md (the tables, with their notation)."""
-    add_summary(results)
-    write_atomic(Path(out_dir) / "results.json", json.dumps(results, indent=2))
+def results_markdown(results):
+    """results.md: every table of the results (summarized), with what its notation means."""
     env, config, seeds = results["environment"], results["config"], results["seeds"]
     quick = (f"**QUICK RUN: a smoke test ({config['train_size']:,} training and {config['test_size']:,} test "
              f"images, at most {QUICK_MAX_EPOCHS} epochs per method), not results.**\n\n" if config["quick"] else "")
@@ -1899,7 +1886,7 @@ def save_results(results, out_dir):
     if results["runs"]:
         spread = (f"Seeds: {', '.join(map(str, seeds))}: mean ± std over the seeds; 95 % CI: Student's t."
                   if len(seeds) > 1 else f"One seed ({seeds[0]}): single values, so no spread and no interval.")
-        parts[0] += (f" Fine-tuning task: {config['task']} ({TASKS[config['task']]}); {finetune_budget(config)} "
+        parts[0] += (f" Fine-tuning task: {config['task']} ({TASKS[config['task']]}); {epoch_budget(config)} "
                      f"fine-tuning epochs, the update scaled by {scale_formula(config)}. {spread} "
                      f"{chosen_rates(results)}. Training time of this study: {study_time_s(results) / 60:.1f} min "
                      f"(every run once, the grid and the checks included).")
@@ -1941,7 +1928,14 @@ def save_results(results, out_dir):
                  "dataset left out). CUDA peak (on a GPU only) = torch.cuda.max_memory_allocated over that step "
                  "minus what was allocated before training but the model's own weights (the dataset, the bases); "
                  "what it holds beyond the accounting is the kernels' workspace and transient buffers.")
-    write_atomic(Path(out_dir) / "results.md", "\n\n".join(parts) + "\n")
+    return "\n\n".join(parts) + "\n"
+
+
+def save_results(results, out_dir):
+    """results.json (every run, the summary, the sweeps) and results.md (the tables, with their notation)."""
+    add_summary(results)
+    write_atomic(Path(out_dir) / "results.json", json.dumps(results, indent=2))
+    write_atomic(Path(out_dir) / "results.md", results_markdown(results))
 
 
 # =====================================================================================================
@@ -1987,21 +1981,21 @@ def style_axes(ax, epochs=True):
 
 def draw_curve(ax, view, method, key, **style):
     """A method's mean curve over its seeds; an epoch fewer seeds reached is drawn hollow, so a point averaging
-    one survivor is not read as a mean of all (plot titles say so when it happens)."""
+    one survivor is not read as a mean of all. True when there is such a point (the title then says so)."""
     epochs, mean, std, seeds = mean_curve(ok_runs(view["runs"], method), key)
     line, = ax.plot(epochs, mean, **style)
     fewer = [i for i, n in enumerate(seeds) if n < max(seeds)]
     if fewer:
         ax.plot([epochs[i] for i in fewer], [mean[i] for i in fewer], ls="none", marker=style.get("marker", "o"),
                 mfc="white", color=line.get_color())
-        view["hollow"] = True
     if view["n_seeds"] > 1:
         ax.fill_between(epochs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                         color=line.get_color(), alpha=0.2, lw=0)
+    return bool(fewer)
 
 
-def seeds_note(view):
-    return "; hollow: fewer seeds reached that epoch" if view.get("hollow") else ""
+def seeds_note(hollow):
+    return "; hollow: fewer seeds reached that epoch" if hollow else ""
 
 
 def plot_curves(plt, view, key):
@@ -2009,14 +2003,13 @@ def plot_curves(plt, view, key):
     ylabel, title = {"train_loss": ("training loss (cross-entropy, log scale)", "Training loss per epoch"),
                      "val_acc": ("validation accuracy (%)", "Validation accuracy per epoch")}[key]
     fig, ax = plt.subplots(figsize=(8.5, 4.5))
-    view["hollow"] = False
-    for method in view["trained"]:
-        draw_curve(ax, view, method, key, marker="o", color=row(method).color, label=label(method, view["task"]))
+    hollow = [draw_curve(ax, view, method, key, marker="o", color=row(method).color, label=label(method, view["task"]))
+              for method in view["trained"]]
     if key == "train_loss":
         ax.set_yscale("log")
     where = "on MNIST too" if view["task"] == "mnist" else f"on {view['task']}"
     ax.set(xlabel="epoch (of each method's own run)", ylabel=ylabel,
-           title=titled(view, f"{title} ({view['spread']}{seeds_note(view)})\nBase from scratch on MNIST; the "
+           title=titled(view, f"{title} ({view['spread']}{seeds_note(any(hollow))})\nBase from scratch on MNIST; the "
                               f"others from it, {where}"))
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the axes: never over a curve
@@ -2030,15 +2023,14 @@ def plot_loss_and_accuracy(plt, view, method):
         return None
     loss_color, acc_color = "tab:red", "tab:blue"
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    view["hollow"] = False
-    draw_curve(ax, view, method, "train_loss", marker="o", color=loss_color, label="training loss")
-    draw_curve(ax, view, method, "val_loss", marker="s", ls="--", color=loss_color, label="validation loss")
+    ax2 = ax.twinx()
+    hollow = [draw_curve(ax, view, method, "train_loss", marker="o", color=loss_color, label="training loss"),
+              draw_curve(ax, view, method, "val_loss", marker="s", ls="--", color=loss_color, label="validation loss"),
+              draw_curve(ax2, view, method, "val_acc", marker="^", color=acc_color, label="validation accuracy")]
     ax.set(xlabel="epoch", title=titled(view, f"{label(method, view['task'])}: loss and validation accuracy "
-                                              f"({view['spread']}{seeds_note(view)})"))
+                                              f"({view['spread']}{seeds_note(any(hollow))})"))
     ax.set_ylabel("cross-entropy loss", color=loss_color)
     ax.tick_params(axis="y", colors=loss_color)
-    ax2 = ax.twinx()
-    draw_curve(ax2, view, method, "val_acc", marker="^", color=acc_color, label="validation accuracy")
     ax2.set_ylabel("validation accuracy (%)", color=acc_color)
     ax2.tick_params(axis="y", colors=acc_color)
     handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
@@ -2046,28 +2038,6 @@ def plot_loss_and_accuracy(plt, view, method):
     ax.grid(alpha=0.3)
     style_axes(ax)
     style_axes(ax2)
-    return fig
-
-
-def plot_comparison(plt, view):
-    """One figure, five panels: test accuracy, training memory in parts, file size, latency at two batch sizes."""
-    summary, trained, results = view["summary"], view["trained"], view["results"]
-    fig = plt.figure(figsize=(15, 9))
-    grid = fig.add_gridspec(2, 3)
-    draw_test_accuracy(fig.add_subplot(grid[0, 0]), view)
-    draw_memory(plt, fig.add_subplot(grid[0, 1:]), view)
-    ax_file = fig.add_subplot(grid[1, 0])
-    ax_file.bar_label(ax_file.bar([display(m) for m in trained],
-                                  [summary[m]["file_bytes"]["mean"] / 2**10 for m in trained],
-                                  color=[row(m).color for m in trained]), fmt="%.0f")
-    ax_file.set(ylabel="KiB", title="Saved file: the whole model (no adapter) or the adapter only")
-    timed = {m: results["inference"][m] for m in trained if m in results.get("inference", {})}
-    for column, batch in ((1, "1"), (2, "1000")):
-        plot_latency(plt, fig.add_subplot(grid[1, column]), timed, batch)
-    for ax in fig.axes:  # seven names side by side run into each other: slanted
-        plt.setp(ax.get_xticklabels(), rotation=30, ha="right", rotation_mode="anchor")
-    fig.suptitle(titled(view, f"Test accuracy, memory, file size and latency; fine-tuned on {view['task']} "
-                              f"({results['environment']['device_name']})", sep=": "))
     return fig
 
 
@@ -2150,6 +2120,28 @@ def plot_latency(plt, ax, timed, batch):
     ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, facecolor="white", edgecolor="black", hatch=h)
                        for h in (None, "//")],
               labels=["as trained (one bar: no adapter to merge)", "merged"], fontsize=8)
+
+
+def plot_comparison(plt, view):
+    """One figure, five panels: test accuracy, training memory in parts, file size, latency at two batch sizes."""
+    summary, trained, results = view["summary"], view["trained"], view["results"]
+    fig = plt.figure(figsize=(15, 9))
+    grid = fig.add_gridspec(2, 3)
+    draw_test_accuracy(fig.add_subplot(grid[0, 0]), view)
+    draw_memory(plt, fig.add_subplot(grid[0, 1:]), view)
+    ax_file = fig.add_subplot(grid[1, 0])
+    ax_file.bar_label(ax_file.bar([display(m) for m in trained],
+                                  [summary[m]["file_bytes"]["mean"] / 2**10 for m in trained],
+                                  color=[row(m).color for m in trained]), fmt="%.0f")
+    ax_file.set(ylabel="KiB", title="Saved file: the whole model (no adapter) or the adapter only")
+    timed = {m: results["inference"][m] for m in trained if m in results.get("inference", {})}
+    for column, batch in ((1, "1"), (2, "1000")):
+        plot_latency(plt, fig.add_subplot(grid[1, column]), timed, batch)
+    for ax in fig.axes:  # seven names side by side run into each other: slanted
+        plt.setp(ax.get_xticklabels(), rotation=30, ha="right", rotation_mode="anchor")
+    fig.suptitle(titled(view, f"Test accuracy, memory, file size and latency; fine-tuned on {view['task']} "
+                              f"({results['environment']['device_name']})", sep=": "))
+    return fig
 
 
 def plot_rank_sweep(plt, view):
@@ -2251,7 +2243,7 @@ def plot_budget_check(plt, view):
         for epochs, acc, status, _ in mine:
             if status == "unstable":
                 ax.plot([epochs], [acc], marker="x", ms=10, color="black")
-    main_budget = finetune_budget(view["results"]["config"])
+    main_budget = epoch_budget(view["results"]["config"])
     ax.axvline(main_budget, ls="--", color="gray", label=f"the comparison's budget ({main_budget} epochs)")
     ax.set_xscale("log", base=2)
     budgets = budgets_of(points)
@@ -2336,18 +2328,13 @@ def plot_rank_allocation(plt, view):
     return fig
 
 
-def plot_results(results, out_dir):
-    """Every figure, drawn from results alone (so they can be redrawn later) and written atomically; returns
-    the file names. With several seeds: means, with bands of +-1 std (curves) or 95 % CIs (points)."""
-    user_backend = os.environ.pop("MPLBACKEND", None)  # we draw to files with Agg; an invalid name there would
-    try:                                                 # fail matplotlib's import, after all the training
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    finally:
-        if user_backend is not None:
-            os.environ["MPLBACKEND"] = user_backend
-
+def draw_figures(results):
+    """(file name, figure) of every figure that what ran calls for, drawn from results alone (so --replot redraws
+    them), each closed once the caller is done with it. With several seeds: means, with bands of +-1 std (curves)
+    or 95 % CIs (points)."""
+    import matplotlib
+    matplotlib.use("Agg")  # to files, never to a window
+    import matplotlib.pyplot as plt
     summary = results["summary"]
     trained = [m for m, row in summary.items() if row["status"] == "ok" and m != "base_on_task"]
     n_seeds = seeds_finished(summary)
@@ -2366,34 +2353,54 @@ def plot_results(results, out_dir):
                BUDGET_PLOT: lambda: plot_budget_check(plt, view)} if trained else {}
     if results.get("memory_sweep"):  # a sweep trains nothing
         figures[MEMORY_PLOT] = lambda: plot_memory_sweep(plt, view)
-    written = []
     for name, draw in figures.items():
-        fig = draw()
-        if fig is None:
-            continue
-        try:
-            fig.tight_layout()
-            write_atomic(Path(out_dir) / name, fig)
-        finally:
-            plt.close(fig)
+        if (fig := draw()) is not None:
+            try:
+                yield name, fig
+            finally:
+                plt.close(fig)
+
+
+def plot_results(results, out_dir):
+    """Every figure, written atomically into out_dir; returns the file names."""
+    written = []
+    for name, fig in draw_figures(results):
+        fig.tight_layout()
+        write_atomic(Path(out_dir) / name, fig)
         written.append(name)
     return written
 
 
 # =====================================================================================================
-# The runs: each method built, trained, tested once and saved; the learning-rate grid
+# The runs: each method built, trained, tested once and saved; the learning-rate grid and the budget check
 # =====================================================================================================
+RESULTS_FORMAT = 2  # results.json's layout: --resume reads only its own (2: training memory in parts)
+RECORD_KINDS = ("runs", "other_runs", "lr_grid", "budget_check")
+
+
+def record_key(kind, record):
+    """The one key of a record, whatever its list: what ran (method, seed, rank), and its rate in the grid or its
+    budget in the budget check."""
+    extra = record["lr"] if kind == "lr_grid" else record["epochs"] if kind == "budget_check" else None
+    return "runs" if kind == "other_runs" else kind, record["method"], record["seed"], record["rank"], extra
+
+
+def run_label(args, record):
+    """What tells a run from its method's others: " r=4" in the rank sweep, " (seed 1)" with several seeds, the
+    rate in the grid, the budget in the budget check."""
+    return ((f" r={record['rank']}" if record["rank"] not in (None, args.rank) else "")
+            + (f" (seed {record['seed']})" if args.seeds > 1 else "")
+            + (f" at lr {record['lr']:g} (learning-rate grid)" if "extension" in record else "")
+            + (f" with {record['epochs']} epochs (budget check)" if "epochs" in record else ""))
+
+
 class Run:
     """What every run of one experiment shares: the settings, the device, the data, the results being written,
-    each seed's trained base, what --resume kept, and the name of the run in progress (`stage`, read by the
-    message after an interruption)."""
+    each seed's trained base, and the records an earlier run left that --resume trusts (by record_key)."""
 
-    def __init__(self, args, device, splits, results, stage):
-        self.args, self.device, self.splits, self.results, self.stage = args, device, splits, results, stage
-        self.out = Path(args.out_dir)
-        self.bases = {}                  # seed -> its trained base CNN, copied by every method of that seed
-        # what --resume found finished: runs by key, grid runs by key + (lr,), budget checks by key + (epochs,)
-        self.kept, self.kept_grid, self.kept_budgets = {}, {}, {}
+    def __init__(self, args, device, splits, results, earlier):
+        self.args, self.device, self.splits, self.results, self.earlier = args, device, splits, results, earlier
+        self.out, self.bases = Path(args.out_dir), {}  # seed -> its trained base CNN, copied by every method
 
     def base(self, seed):
         """The trained base of `seed`: trained in this run, or loaded from its saved file (--resume)."""
@@ -2401,59 +2408,22 @@ class Run:
             self.bases[seed] = load_plain(saved_model_file(self.out, "base", seed), self.device)
         return self.bases[seed]
 
-
-def new_model(ctx, method, seed, rank):
-    """(model, epoch budget) of one run: for the base a fresh CNN; for a fine-tuning method a copy of the seed's
-    base, training what its row says (every parameter, the head, or adapters of its class at `rank`)."""
-    torch.manual_seed(seed)  # within a seed: the same adapter A for every method
-    if method == "base":
-        return CNN(ctx.args.width).to(ctx.device), ctx.args.epochs
-    return finetuning_copy(ctx.base(seed), method, rank, ctx.args), ctx.args.finetune_epochs
-
-
-def fit(ctx, key, lr):
-    """Build and train the run `key` = (method, seed, rank) on its data: (model, fit)."""
-    method, seed, rank = key
-    model, epochs = new_model(ctx, method, seed, rank)
-    if ctx.args.quick:
-        epochs = min(epochs, QUICK_MAX_EPOCHS)
-    model = model.to(memory_format=torch.channels_last)
-    data = ctx.splits["mnist" if method == "base" else ctx.args.task]
-    return model, train(model, data, lr, Budget(epochs, ctx.args.batch_size, ctx.args.patience), seed)
+    def kept(self, kind, record):
+        """The earlier run's record of what `record` (method, seed, rank, rate or budget) names, or None."""
+        found = self.earlier.get(record_key(kind, record))
+        if found:
+            print(f"{display(record['method'])}{run_label(self.args, record)}: finished in a previous run "
+                  f"(results.json), kept.")
+        return found
 
 
-def save_model(ctx, key, model):
-    """Save a finished run's model where --resume and the latency measurement look for it: (path, file bytes)."""
-    method, seed, rank = key
-    path = saved_model_file(ctx.out, method, seed, rank)
-    if adapter_class(method):
-        return path, (save_adapter(model, method, rank, ctx.args, path) / ADAPTER_WEIGHTS).stat().st_size
-    make_folder(path.parent)  # saved at once: the base is what adapter-only runs and --resume start from
-    write_atomic(path, model.state_dict())
-    return path, path.stat().st_size
-
-
-BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
-
-
-@torch.inference_mode()
-def right_images(model, images, labels, batch_size=1000):
-    """Which images the model gets right, packed 8 to a byte, in hex (625 bytes for 5,000 validation images):
-    two runs' margin on the same images is then paired, image by image (paired_margin)."""
-    model.eval()
-    right = torch.cat([model(images[i:i + batch_size]).argmax(1) == labels[i:i + batch_size]
-                       for i in range(0, len(labels), batch_size)]).cpu()
-    padded = F.pad(right.to(torch.uint8), (0, -len(right) % 8)).view(-1, 8)
-    return bytes((padded * BIT_WEIGHTS).sum(1, dtype=torch.uint8).tolist()).hex()
-
-
-def paired_margin(a_hex, b_hex, n):
-    """(images run a gets right that run b does not, minus the reverse; the standard error of that count): the
-    two runs' difference on the same n images, its spread from the images they disagree on (McNemar)."""
-    a, b = ((torch.tensor(list(bytes.fromhex(h)), dtype=torch.uint8).unsqueeze(1) & BIT_WEIGHTS).ne(0).flatten()[:n]
-            for h in (a_hex, b_hex))
-    only_a, only_b = int((a & ~b).sum()), int((b & ~a).sum())
-    return only_a - only_b, math.sqrt(max(0.0, only_a + only_b - (only_a - only_b) ** 2 / n))
+@contextlib.contextmanager
+def during(what):
+    """Ctrl-C (or SIGTERM, SIGHUP) inside says what it interrupted: main()'s message names it."""
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        raise e if e.args else KeyboardInterrupt(what) from None
 
 
 def stability(fitted):
@@ -2464,39 +2434,6 @@ def stability(fitted):
     epoch, before = fitted["collapsed"]
     return {"status": "unstable", "reason": f"collapsed to {fitted['history']['val_acc'][epoch - 1]:.2f} % validation "
                                             f"accuracy at epoch {epoch}, after {before:.2f} %"}
-
-
-def run_method(ctx, key, lr, grid=False, trained=None):
-    """Train, test once and save one run: (result, model). A grid run (choosing the rate) reports validation
-    numbers only, no test, no file, and returns (model, fit) as its model: the run at the chosen rate is
-    finished from that (`trained`), not trained again."""
-    method, seed, rank = key
-    model, fitted = trained or fit(ctx, key, lr)
-    data = ctx.splits["mnist" if method == "base" else ctx.args.task]
-    val_right = right_images(model, *data["val"])  # pairs this run with another on the same images
-    if grid:
-        kept, history = fitted["best_epoch"] - 1, fitted["history"]
-        return {"lr": lr, **stability(fitted), "val_acc": history["val_acc"][kept],
-                "val_loss": history["val_loss"][kept],
-                "epochs_run": fitted["epochs_run"], "best_epoch": fitted["best_epoch"],
-                "train_time_s": fitted["train_time_s"], "history": history,
-                "val_right": val_right}, (model, fitted)
-    test_loss, test_acc = evaluate(model, *data["test"])  # the test set, once per run
-    result = {"lr": lr, **measure(model, fitted, test_loss, test_acc), **stability(fitted),
-              "from_grid": trained is not None, "val_right": val_right}
-    if method == "base" and ctx.args.task != "mnist":  # where the fine-tuning starts from, on the shifted task
-        result["task_test_loss"], result["task_test_acc"] = evaluate(model, *ctx.splits[ctx.args.task]["test"])
-    cls = adapter_class(method)
-    if cls:
-        result |= cls.record(adapter_layers(model))
-    path, result["file_bytes"] = save_model(ctx, key, model)
-    result["file_sha256"] = file_digest(path)  # --resume trusts the saved model only while this matches
-    base_file = saved_model_file(ctx.out, "base", seed)
-    result["full_model_file_bytes"] = base_file.stat().st_size
-    if cls and cls.peft_loads_as:  # PEFT computes something else with this folder (QLoRA: on the fp32 base)
-        in_peft = load_adapter(base_file, path, ctx.device, method=cls.peft_loads_as)
-        result["test_acc_in_peft"] = evaluate(in_peft, *data["test"])[1]
-    return result, model
 
 
 def memory_line(memory, batch_size, cuda_peak=None):
@@ -2533,38 +2470,72 @@ def divergence_advice(key, lr, args, too_slow=False):
     return advice
 
 
-def attempt(ctx, key, lr, name, grid=False, trained=None):
-    """(result, model) of one run; a run that cannot finish is recorded with its reason and the time it took,
-    and the others go on."""
-    started = time.perf_counter()
+def finish_run(ctx, record, model):
+    """What a tested run adds: the base's accuracy on a shifted task, its class's record (the rank allocation), its
+    saved model (a whole CNN, or an adapter folder PEFT loads) with its checksum, and, for a method PEFT rebuilds
+    otherwise (QLoRA: on the fp32 base), its accuracy there."""
+    method, seed, rank, args = record["method"], record["seed"], record["rank"], ctx.args
+    if method == "base" and args.task != "mnist":  # where the fine-tuning starts from, on the shifted task
+        record["task_test_loss"], record["task_test_acc"] = evaluate(model, *ctx.splits[args.task]["test"])
+    cls, path = adapter_class(method), saved_model_file(ctx.out, method, seed, rank)
+    if cls:
+        record |= cls.record(adapter_layers(model))
+        record["file_bytes"] = (save_adapter(model, method, rank, args, path) / ADAPTER_WEIGHTS).stat().st_size
+    else:
+        make_folder(path.parent)  # saved at once: the base is what adapter-only runs and --resume start from
+        write_atomic(path, model.state_dict())
+        record["file_bytes"] = path.stat().st_size
+    record["file_sha256"] = file_digest(path)  # --resume trusts the saved model only while this matches
+    base_file = saved_model_file(ctx.out, "base", seed)
+    record["full_model_file_bytes"] = base_file.stat().st_size
+    if cls and cls.peft_loads_as:
+        in_peft = load_adapter(base_file, path, ctx.device, method=cls.peft_loads_as)
+        record["test_acc_in_peft"] = evaluate(in_peft, *ctx.splits[args.task]["test"])[1]
 
-    def stopped(status, reason):
-        return {"status": status, "reason": reason, "train_time_s": time.perf_counter() - started}, None
+
+def run_method(ctx, record, trained=None):
+    """One method's run, as `record` names it (method, seed, rank, lr; "epochs" for the budget check): its model
+    built (a fresh CNN for the base, a copy of the seed's base for the others) and trained, then either judged on
+    validation only (the rate grid, the budget check: `epochs` set or "extension" in the record) or tested once
+    and saved. `trained` = a grid run's (model, fit), finished here instead of trained again. Returns (the
+    record completed, (model, fit)); a run that cannot finish is recorded with its reason, and the others go on."""
+    args, (method, seed, rank, lr) = ctx.args, (record[k] for k in ("method", "seed", "rank", "lr"))
+    name, data = display(method) + run_label(args, record), ctx.splits["mnist" if method == "base" else args.task]
+    validation_only, started = "extension" in record or "epochs" in record, time.perf_counter()
     try:
-        result, model = run_method(ctx, key, lr, grid, trained)
-        if grid:
-            print(f"Best validation accuracy {result['val_acc']:.2f}% (epoch {result['best_epoch']})")
+        with during(name):
+            if trained is None:
+                torch.manual_seed(seed)  # within a seed: the same adapter A for every method
+                model = (CNN(args.width).to(ctx.device) if method == "base"
+                         else finetuning_copy(ctx.base(seed), method, rank, args)).to(memory_format=torch.channels_last)
+                budget = Budget(epoch_budget(vars(args), method, record.get("epochs")), args.batch_size, args.patience)
+                trained = model, train(model, data, lr, budget, seed)
+            model, fitted = trained
+            record |= {**stability(fitted), "val_right": right_images(model, *data["val"])}  # pairs runs image by image
+            if validation_only:
+                kept = fitted["best_epoch"] - 1
+                record |= {"val_acc": fitted["history"]["val_acc"][kept], "val_loss": fitted["history"]["val_loss"][kept],
+                           **{k: fitted[k] for k in ("epochs_run", "best_epoch", "train_time_s", "history")}}
+                print(f"Best validation accuracy {record['val_acc']:.2f}% (epoch {record['best_epoch']})")
+            else:
+                record |= measure(model, fitted, *evaluate(model, *data["test"]))  # the test set, once per run
+                finish_run(ctx, record, model)
+                report_method(record, args.batch_size)
+        if record["status"] == "unstable":
+            print(f"{name} is unstable: {record['reason']}; its best epoch is kept but not counted"
+                  + (" and its rate not chosen." if validation_only else ". Going on with the other methods."))
+        return record, trained
+    except (BitsAndBytesUnavailable, Diverged, torch.cuda.OutOfMemoryError) as e:
+        if isinstance(e, BitsAndBytesUnavailable):
+            print(f"{name} skipped: {e}")
+        elif isinstance(e, Diverged):
+            print(f"{name} failed: {e}; {divergence_advice((method, seed, rank), lr, args, e.too_slow)}. Going on "
+                  f"with the other methods.")
         else:
-            report_method(result, ctx.args.batch_size)
-        if result["status"] == "unstable":
-            print(f"{name} is unstable: {result['reason']}; its best epoch is kept but not counted"
-                  + (" and its rate not chosen." if grid else ". Going on with the other methods."))
-        return result, model
-    except BitsAndBytesUnavailable as e:
-        print(f"{name} skipped: {e}")
-        return stopped("skipped", str(e))
-    except Diverged as e:
-        print(f"{name} failed: {e}; {divergence_advice(key, lr, ctx.args, e.too_slow)}. Going on with the other "
-              f"methods.")
-        return stopped("failed", str(e))
-    except torch.cuda.OutOfMemoryError:
-        print(f"{name} ran out of CUDA memory: try a smaller --batch-size.")
-        return stopped("failed", "CUDA out of memory")
-    except (MemoryError, RuntimeError) as e:
-        if not (isinstance(e, MemoryError) or "can't allocate memory" in str(e) or "not enough memory" in str(e)):
-            raise
-        print(f"{name} ran out of memory: try a smaller --batch-size.")  # the CPU allocator's own words are a page
-        return stopped("failed", "out of memory")
+            print(f"{name} ran out of CUDA memory: try a smaller --batch-size.")
+        reason = "CUDA out of memory" if isinstance(e, torch.cuda.OutOfMemoryError) else str(e)
+        return record | {"status": "skipped" if isinstance(e, BitsAndBytesUnavailable) else "failed",
+                         "reason": reason, "train_time_s": time.perf_counter() - started}, None
 
 
 MAX_EXTENSIONS = 3  # steps a grid may grow past either end while its best rate sits there
@@ -2573,7 +2544,8 @@ MAX_EXTENSIONS = 3  # steps a grid may grow past either end while its best rate 
 def next_rate(grid, best, original):
     """The rate one step past the end of `grid` where its best rate sits, at the original grid's mean spacing in
     log scale (k steps from its end, rounded to one digit: a 1e-3, 3e-3, 1e-2 grid grows to 3e-4, 1e-4 or to
-    3e-2, 1e-1), or None when the best is interior or the grid has grown MAX_EXTENSIONS steps that way."""
+    3e-2, 1e-1), or None when the best is interior, the grid has grown MAX_EXTENSIONS steps that way, or the next
+    rate is past MAX_RATE."""
     step = 10 ** (math.log10(max(original) / min(original)) / (len(original) - 1)) if len(original) > 1 else 3.0
     for end, start, factor in ((min(grid), min(original), 1 / step), (max(grid), max(original), step)):
         grown = sum(r < start if factor < 1 else r > start for r in grid)
@@ -2583,40 +2555,39 @@ def next_rate(grid, best, original):
     return None
 
 
-def grid_run(ctx, key, lr, trained):
-    """One run of the rate grid (kept from an earlier run, or trained here): its record, appended to results."""
-    method, seed, rank = key
-    ctx.stage["now"] = name = f"{display(method)} at lr {lr:g} (learning-rate grid)"
-    if key + (lr,) in ctx.kept_grid:
-        print(f"{name}: finished in a previous run (results.json), kept.")
-        record = ctx.kept_grid[key + (lr,)]
-    else:
-        print(f"Learning-rate grid: {display(method)} at lr {lr:g}, seed {seed}, judged on validation...")
-        result, trained[lr] = attempt(ctx, key, lr, name, grid=True)
-        record = {"method": method, "seed": seed, "rank": rank, "lr": lr, **result,
-                  "extension": lr not in ctx.args.lrs}
-    ctx.results["lr_grid"].append(record)
+def validation_run(ctx, kind, record):
+    """A run of the rate grid or the budget check (kind "lr_grid" or "budget_check"): kept from the earlier run, or
+    run here; appended to its list in the results, which are saved. Returns it (and its (model, fit), if run)."""
+    kept, trained = ctx.kept(kind, record), None
+    if not kept:
+        what = (f"at lr {record['lr']:g}" if kind == "lr_grid" else
+                f"at lr {record['lr']:g} for {record['epochs']} epochs")
+        print(f"{'Learning-rate grid' if kind == 'lr_grid' else 'Budget check'}: {display(record['method'])} {what}, "
+              f"seed {record['seed']}, judged on validation...")
+        kept, trained = run_method(ctx, record)
+    ctx.results[kind].append(kept)
     save_results(ctx.results, ctx.out)
-    return record
+    return kept, trained
 
 
 def choose_rate(ctx, method, rank):
     """(rate, trained) for `method`: with --lrs, the rate whose run on the first seed is best by the selection
     criterion, among the runs that neither failed nor collapsed (ties: the lower rate), None if none is left;
     the grid grows one step past an end while its best rate sits there (the optimum may lie beyond), until the
-    best is interior or the next rate is unstable. Returns that run's (model, fit) when it trained
-    here. Without --lrs: --lr, or the method's rate in METHODS (BASE for the base), and None. Recorded in
+    best is interior or the next rate is unstable. Returns that run's (model, fit) when it trained here. Without
+    --lrs: --lr, or the method's rate in METHODS (BASE for the base), and None. Recorded in
     results["learning_rates"], with the margin over the runner-up in validation images."""
     args, results = ctx.args, ctx.results
     if not args.lrs or method == "base":  # the base trains from scratch at its own rate: no grid
         table = "BASE" if method == "base" else "METHODS"
         results["learning_rates"][method] = {"lr": args.lr or row(method).lr, "chosen_by": "--lr" if args.lr else table}
         return results["learning_rates"][method]["lr"], None
-    key, grid, trained, records = (method, args.seed, rank), list(args.lrs), {}, {}
+    grid, trained, records = list(args.lrs), {}, {}
     while True:
         for lr in grid:
             if lr not in records:
-                records[lr] = grid_run(ctx, key, lr, trained)
+                records[lr], trained[lr] = validation_run(ctx, "lr_grid", {
+                    "method": method, "seed": args.seed, "rank": rank, "lr": lr, "extension": lr not in args.lrs})
         stable = sorted((r for r in records.values() if r["status"] == "ok"), key=lambda r: r["lr"])
         if not stable:
             return None, None
@@ -2639,25 +2610,13 @@ def choose_rate(ctx, method, rank):
 
 
 def check_budgets(ctx):
-    """The first seed's fine-tuning runs again at their chosen rates with every other budget of --budgets, on
-    validation only (results["budget_check"]): does validation accuracy still rise past the comparison's budget?"""
-    args = ctx.args
-    for method in (m for m in args.methods if m != "base" and ctx.results["learning_rates"].get(m, {}).get("lr")):
-        key, rate = (method, args.seed, run_rank(method, args.rank)), ctx.results["learning_rates"][method]["lr"]
-        for epochs in (e for e in args.budgets if e != finetune_budget(ctx.results["config"])):  # the comparison's
-            ctx.stage["now"] = name = f"{display(method)} with {epochs} epochs (budget check)"
-            if key + (epochs,) in ctx.kept_budgets:
-                print(f"{name}: finished in a previous run (results.json), kept.")
-                record = ctx.kept_budgets[key + (epochs,)]
-            else:
-                print(f"Budget check: {display(method)} at lr {rate:g} for {epochs} epochs, seed {args.seed}, "
-                      f"judged on validation...")
-                longer = copy.copy(ctx)  # the same run with another budget, as asked even in a quick run
-                longer.args = argparse.Namespace(**vars(args) | {"finetune_epochs": epochs, "quick": False})
-                record = {"method": method, "seed": args.seed, "rank": key[2], "lr": rate, "epochs": epochs,
-                          **attempt(longer, key, rate, name, grid=True)[0]}
-            ctx.results["budget_check"].append(record)
-            save_results(ctx.results, ctx.out)
+    """The first seed's fine-tuning runs again at their chosen rates with every other budget of --budgets (as asked,
+    even in a quick run), on validation only: does validation accuracy still rise past the comparison's budget?"""
+    args, rates = ctx.args, ctx.results["learning_rates"]
+    for method in (m for m in args.methods if m != "base" and rates.get(m, {}).get("lr")):
+        for epochs in (e for e in args.budgets if e != epoch_budget(vars(args))):
+            validation_run(ctx, "budget_check", {"method": method, "seed": args.seed, "rank": run_rank(method, args.rank),
+                                                 "lr": rates[method]["lr"], "epochs": epochs})
 
 
 def doing(method):
@@ -2670,330 +2629,161 @@ def doing(method):
     return f"Fine-tuning the base model with {display(method)}"
 
 
-def run_plan(ctx, plan):
-    """Every planned run in order, results.json rewritten after each. False when a base failed (nothing to
-    fine-tune)."""
-    args, results, rates = ctx.args, ctx.results, {}
-    for key in plan:
-        method, seed, rank = key
-        # what tells this run from its method's others: " r=4" in the rank sweep, " (seed 1)" with several seeds
-        which = (f" r={rank}" if rank not in (None, args.rank) else "") + (f" (seed {seed})" if args.seeds > 1 else "")
-        if method not in rates:  # the first seed's base is there: a grid can run on it
-            rates[method], grid_run = choose_rate(ctx, method, run_rank(method, args.rank))
-        ctx.stage["now"] = name = display(method) + which
-        if key in ctx.kept:
-            results["runs"].append(ctx.kept[key])
-            print(f"{name}: finished in a previous run (results.json), kept.")
-            continue
-        if rates[method] is None:
-            result, model = {"status": "failed", "reason": "every rate of the --lrs grid failed",
-                             "train_time_s": 0.0}, None
-        else:
-            print(f"{doing(method)}{which}, lr {rates[method]:g}...")
-            reuse = grid_run if (seed, rank) == (args.seed, run_rank(method, args.rank)) else None  # same seed, rate
-            if reuse:
-                print("(the grid's run at this rate and seed, not trained again: tested once now, and saved)")
-            result, model = attempt(ctx, key, rates[method], name, trained=reuse)
-        results["runs"].append({"method": method, "seed": seed, "rank": rank, **result})
-        save_results(results, ctx.out)  # after every run: nothing finished is lost
-        if method == "base" and model is None:
-            print(f"error: the base model of seed {seed} failed, so there is nothing to fine-tune.", file=sys.stderr)
-            return False
-        if method == "base":
-            ctx.bases[seed] = model
-        print("-------------------------------------")
-    return True
-
-
 # =====================================================================================================
-# The output folder: one run at a time, earlier results kept or resumed
+# The output folder: one run at a time; an earlier run continued (--resume) or moved aside, never deleted
 # =====================================================================================================
-class ConfigError(ValueError):
-    pass
+def upgrade(results):
+    """A results.json of the format before this one (1: no training memory in parts) brought to this format: its
+    runs' memory measured now (step_memory, on a fresh model of the same method, rank and settings: memory depends
+    on shapes, not on trained values), the fields that replaces dropped, the CNN's width recorded as 1, all it had."""
+    if not isinstance(results, dict) or results.get("format", 1) != 1:
+        return results
+    config, measured = results["config"], {}
+    config.setdefault("width", 1)
+    for r in results["runs"] + results["other_runs"]:
+        if r["status"] in FINISHED and (r["method"], r["rank"]) not in measured:
+            torch.manual_seed(0)
+            model = finetuning_copy(CNN(config["width"]), r["method"], r["rank"], argparse.Namespace(**config))
+            epochs = epoch_budget(config, r["method"])
+            measured[r["method"], r["rank"]] = step_memory(model.to(memory_format=torch.channels_last),
+                                                           config["batch_size"],
+                                                           full_run_steps(epochs, config["batch_size"],
+                                                                          config["train_size"]))[0]
+        if r["status"] in FINISHED:
+            r["memory"] = measured[r["method"], r["rank"]]
+            for replaced in ("weight_bytes", "grad_bytes", "optimizer_bytes", "train_state_bytes"):
+                r.pop(replaced, None)
+    return results | {"format": RESULTS_FORMAT, "memory_sweep": results.get("memory_sweep", [])}
 
 
-def finite(v):
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+def not_a_number(constant):
+    raise ValueError(f"{constant} is not a number")
 
 
-def count(v):
-    return type(v) is int and v >= 0
-
-
-def percent(v):
-    return finite(v) and 0 <= v <= 100
-
-
-def rate(v):
-    return finite(v) and 0 < v <= MAX_RATE
-
-
-def curves(v):
-    return isinstance(v, dict) and all(isinstance(v.get(k), list) and all(map(finite, v[k])) for k in HISTORY_KEYS)
-
-
-def optional(check):
-    return lambda v: v is None or check(v)
-
-
-def memory_parts(v):
-    return isinstance(v, dict) and set(v) == {key for key, *_ in MEMORY_PARTS} | {"total"} and all(map(count, v.values()))
-
-
-def hex_bits(v):
-    return isinstance(v, str) and all(c in "0123456789abcdef" for c in v)
-
-
-HISTORY_KEYS = ("train_loss", "val_loss", "val_acc", "lr", "epoch_time_s")  # train()'s per-epoch curves
-RECORD = {  # every field of results.json's run records that the code reads, with its check: one schema for all
-    "every": {"method": lambda v: v == "base" or v in METHODS, "seed": count, "rank": optional(count),
-              "status": lambda v: v in ("ok", "unstable", "failed", "skipped")},
-    "not ok": {"reason": lambda v: isinstance(v, str), "train_time_s": finite},  # the time it took to stop
-    "run": {"lr": rate, "test_acc": percent, "test_loss": finite, "train_time_s": finite, "epochs_run": count,
-            "best_epoch": count, "trainable_params": count, "total_params": count, "memory": memory_parts,
-            "frozen_weight_bytes": count, "frozen_weight_fp32_bytes": count, "cuda_peak_bytes": optional(count),
-            "file_bytes": count,
-            "full_model_file_bytes": count, "file_sha256": lambda v: isinstance(v, str), "history": curves,
-            "stored_params": count, "from_grid": lambda v: isinstance(v, bool), "val_right": hex_bits},
-    "run on a shifted task": {"task_test_acc": percent, "task_test_loss": finite},  # the base's, on task != mnist
-    "grid": {"lr": rate, "extension": lambda v: isinstance(v, bool)},
-    "budget": {"lr": rate, "epochs": count},  # a run of the budget check
-    "validation only": {"val_acc": percent, "val_loss": finite, "epochs_run": count, "best_epoch": count,
-                        "train_time_s": finite, "history": curves, "val_right": hex_bits},
-}
-FINISHED = ("ok", "unstable")  # a run with its numbers: unstable ones are kept, shown, not averaged or chosen
-
-
-def record_checks(record, kind, task):
-    """{field: check} of the schema for one record of results.json's `kind` ("runs", "other_runs", "lr_grid"):
-    RECORD's parts, and for a finished run of an adapter method what its class records."""
-    parts = ["every"] + {"lr_grid": ["grid"], "budget_check": ["budget"]}.get(kind, [])
-    if record.get("status") != "ok":
-        parts.append("not ok")
-    if record.get("status") in FINISHED and kind in ("lr_grid", "budget_check"):
-        parts.append("validation only")
-    elif record.get("status") in FINISHED:
-        parts += ["run"] + (["run on a shifted task"] if record.get("method") == "base" and task != "mnist" else [])
-    checks = {field: check for part in parts for field, check in RECORD[part].items()}
-    cls = adapter_class(record.get("method")) if "run" in parts and record.get("method") in METHODS else None
-    in_peft = {"test_acc_in_peft": percent} if cls and cls.peft_loads_as else {}
-    return checks | (cls.record_checks() if cls else {}) | in_peft
-
-
-def check_results_file(results):
-    """ValueError unless every record of `results` holds every field the code reads from it, each of its kind
-    (RECORD): --resume carries those records into the new results unseen."""
-    if not isinstance(results, dict) or not isinstance(results.get("config"), dict):
-        raise ValueError("no config")
-    task = results["config"].get("task")
-    for kind in ("runs", "other_runs", "lr_grid", "budget_check"):
-        records = results.get(kind, None if kind == "runs" else [])
-        if not isinstance(records, list):
-            raise ValueError(f"{kind} is not a list")
-        for record in records:
-            checks = record_checks(record, kind, task) if isinstance(record, dict) else RECORD["every"]
-            bad = [field for field, check in checks.items()
-                   if not (isinstance(record, dict) and field in record and check(record[field]))]
-            if bad:
-                raise ValueError(f"a record in {kind} has no valid {', '.join(bad)}: {str(record)[:60]}")
+def read_results(path, why, upgrading=False):
+    """An earlier results.json of this script (brought to this format first when `upgrading`), checked by use: its
+    format, then the code that reads its records (the summary, every table of results.md, every figure, drawn but
+    not written) runs on it, so whatever it lacks or cannot use is one sentence now, not a traceback after the
+    training. `why`: what to do instead."""
+    try:
+        results = json.loads(path.read_text(), parse_constant=not_a_number)  # NaN and Infinity: never written here
+        if upgrading:
+            results = upgrade(results)
+        if results.get("format") != RESULTS_FORMAT:
+            raise ValueError(f"results format {results.get('format')!r}; this version reads {RESULTS_FORMAT}")
+        for kind in RECORD_KINDS:
+            [(record_key(kind, r), r["status"]) for r in results[kind]]
+        results_markdown(add_summary(results))
+        for _ in draw_figures(results):  # drawn, not written
+            pass
+    except Exception as e:  # what the readers raise: KeyError, TypeError, ValueError, OSError (a folder there)...
+        raise ConfigError(f"{path} is not a results file of this script ({type(e).__name__}: {one_line(e, 100)}): "
+                          f"{why}") from None
+    return results
 
 
 def saved_model_problem(out, run):
-    """Why a finished run's saved model cannot be trusted (missing, damaged, another run's), or None."""
+    """Why a finished run's saved model cannot be trusted (missing, damaged, another method's), or None."""
     path = saved_model_file(out, run["method"], run["seed"], run["rank"])
-    try:
-        if not path.exists():
-            return f"its saved model {path} is missing"
-        if run["file_sha256"] != file_digest(path):
-            return f"{path} is damaged or was written by another run (its checksum is not the one recorded)"
-        if adapter_class(run["method"]):  # a folder of another method (its files copied here) would pass the checksum
+    if not path.exists():
+        return f"its saved model {path} is missing"
+    if run["file_sha256"] != file_digest(path):
+        return f"{path} is damaged or was written by another run (its checksum is not the one recorded)"
+    if adapter_class(run["method"]):  # a folder of another method (its files copied here) would pass the checksum
+        try:
             saved = json.loads((path / ADAPTER_INFO).read_text()).get("method")
-            if saved != run["method"]:
-                return (f"{path} was written for {display(saved)}, not {display(run['method'])}")
-    except OSError as e:
-        raise ConfigError(f"{e.filename or path} cannot be read ({e.strerror or e}): check its permissions, or "
-                          f"drop --resume") from None
-    except (ValueError, AttributeError):
-        return f"{path / ADAPTER_INFO} is damaged"
+        except (OSError, ValueError, AttributeError):
+            return f"{path / ADAPTER_INFO} is damaged"
+        if saved != run["method"]:
+            return f"{path} was written for {display(saved)}, not {display(run['method'])}"
     return None
 
 
-def previous_results(out, config, plan, log=print):
-    """(kept, others, grid, budgets) of an earlier run into `out` with the same settings: kept = {(method, seed,
-    rank): result} of the planned runs, others = the rest (carried along: a --resume with fewer methods, seeds or
-    ranks drops none), grid = its learning-rate grid runs by (method, seed, rank, lr), budgets = its budget-check
-    runs by (method, seed, rank, epochs). A run counts only while its saved model matches its recorded checksum,
-    and its seed's base too: a base missing or trained again drops the rest."""
-    path = Path(out) / "results.json"
+def earlier_records(out, config, plan):
+    """({record_key: record} an earlier run into `out` with the same settings left and --resume can trust, the
+    finished runs not in this plan): a run counts only while its saved model matches its recorded checksum and its
+    seed's base is trusted too (a base missing or trained again takes its runs along); the grid's and the budget
+    check's runs count while their base does (a diverged rate stays so; skipped ones are tried again)."""
+    path = out / "results.json"
     if not path.exists():
-        return {}, [], {}, {}
-    try:
-        earlier = json.loads(path.read_text())
-        check_results_file(earlier)
-    except RecursionError:  # nested thousands deep: json gives up
-        raise ConfigError(f"{path} is not a results file of this script (nested too deep): move it away, or drop "
-                          f"--resume") from None
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{path} is not a results file of this script ({getattr(e, 'strerror', None) or e}): "
-                          f"move it away, or drop --resume") from None
+        return {}, []
+    earlier = read_results(path, "move it away, or drop --resume")
     if earlier["config"] != config:
         changed = sorted(k for k in set(config) | set(earlier["config"]) if config.get(k) != earlier["config"].get(k))
         raise ConfigError(f"{path} was written with other settings ({', '.join(changed)} differ), so its results "
                           f"would not be comparable: use another --out-dir, the same settings, or drop --resume")
-    trusted = {}
-    for run in earlier["runs"] + earlier.get("other_runs", []):
-        if run["status"] not in FINISHED:
-            continue
-        problem = saved_model_problem(out, run)
-        if problem:
-            log(f"{display(run['method'])} (seed {run['seed']}): {problem}; not kept, it is trained again if planned.")
-        else:
-            trusted[run["method"], run["seed"], run["rank"]] = run
-    trusted = {key: r for key, r in trusted.items() if ("base", key[1], None) in trusted}
-    def validation_runs(kind, last):  # a diverged rate stays so; skipped ones are tried again
-        return {(r["method"], r["seed"], r["rank"], r[last]): r for r in earlier.get(kind, [])
-                if r["status"] in ("ok", "unstable", "failed") and ("base", r["seed"], None) in trusted}
-    return ({k: r for k, r in trusted.items() if k in plan}, [r for k, r in trusted.items() if k not in plan],
-            validation_runs("lr_grid", "lr"), validation_runs("budget_check", "epochs"))
-
-
-def check_bases(args, plan, kept, others):
-    """Every seed fine-tuned here has a base: trained in this run, or kept from the earlier one (--resume)."""
-    have = {seed for method, seed, _ in plan if method == "base"} | {seed for (m, seed, _) in kept if m == "base"}
-    have |= {r["seed"] for r in others if r["method"] == "base"}
-    missing = sorted({seed for method, seed, _ in plan if method != "base"} - have)
-    if missing:
-        adapters = ", ".join(m for m in args.methods if m != "base")
-        raise ConfigError(f"{adapters} fine-tune a trained base model: add base to --methods, or --resume in an "
-                          f"out-dir whose results.json holds an intact base of seed(s) {', '.join(map(str, missing))}")
+    runs = {}
+    for run in earlier["runs"] + earlier["other_runs"]:
+        if run["status"] in FINISHED:
+            if problem := saved_model_problem(out, run):
+                print(f"{display(run['method'])} (seed {run['seed']}): {problem}; not kept, it is trained again if "
+                      f"planned.")
+            else:
+                runs[record_key("runs", run)] = run
+    bases = {seed for kind, method, seed, *_ in runs if method == "base"}
+    trusted = {key: r for key, r in runs.items() if key[2] in bases}
+    trusted |= {record_key(kind, r): r for kind in ("lr_grid", "budget_check") for r in earlier[kind]
+                if r["status"] in ("ok", "unstable", "failed") and r["seed"] in bases}
+    others = [r for key, r in trusted.items() if key[0] == "runs" and key[1:4] not in plan]
+    return trusted, others
 
 
 def lock_out_dir(out):
-    """Hold an exclusive lock on out/.lock while this run writes there (the system drops it when the process
-    ends, even by kill -9), so two runs never mix their files; ConfigError naming the other run otherwise. The
-    lock file is opened without following a link, and anything but a regular file there is refused."""
+    """An exclusive lock on out/.lock while this run writes there (filelock: released when the process ends, even
+    by kill -9; its file opened without following a link), so two runs never mix their files."""
+    import filelock
+    lock = filelock.FileLock(out / ".lock", timeout=0)
     try:
-        import fcntl
-    except ImportError:  # not on Windows: no lock there
-        return None
-    path = out / ".lock"
-    not_regular = ConfigError(f"{path} is not a regular file (a symbolic link, folder or device): this script "
-                              f"locks the out-dir with it; remove it, or use another --out-dir")
-    try:  # O_NONBLOCK: a FIFO planted there would otherwise block the open
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
-    except OSError as e:
-        if e.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
-            raise not_regular from None
-        raise ConfigError(f"cannot open {path} ({e.strerror or e}): this script locks the out-dir with it") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise not_regular
-    handle = os.fdopen(fd, "r+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        other = handle.read().strip() or "unknown"
-        handle.close()
-        raise ConfigError(f"another run (process {other}) is writing to {out}: wait for it to finish, or use "
-                          f"another --out-dir") from None
-    handle.truncate(0)
-    handle.seek(0)
-    handle.write(f"{os.getpid()}\n")
-    handle.flush()
-    return handle
+        lock.acquire()
+    except filelock.Timeout:
+        raise ConfigError(f"another run is writing to {out}: wait for it to finish, or use another --out-dir") from None
+    return lock
 
 
-SEED_FOLDER = re.compile(r"seed\d+")                   # seed<k>/, where a seed's models are saved
-
-
-def own_outputs(out):
-    """(files, folders) this script writes in `out`, found by name: results, plots, and in each seed<k>/
-    folder the saved models (a file of each name, and the three files of each adapter folder), with the
-    temporary files of any of them. Nothing else: a user's seed_photos/ or notes in seed0/ are not ours."""
-    def with_temporary(folder, names):
-        return [folder / n for name in names for n in (name, f".{name}.tmp")]
-    files = with_temporary(out, ("results.json", "results.md", SWEEP_PLOT, LR_PLOT, RANK_PLOT, BUDGET_PLOT,
-                                 MEMORY_PLOT) + PLOT_FILES)
-    folders = []
-    for seed_dir in (p for p in out.iterdir() if SEED_FOLDER.fullmatch(p.name) and real_folder(p)):
-        files += with_temporary(seed_dir, MODEL_FILES.values())
-        adapters = seed_dir / "adapters"
-        if real_folder(adapters):
-            named = re.compile(rf"({'|'.join(map(re.escape, adapter_methods()))})_r\d+")  # <method>_r<rank>
-            for folder in (p for p in adapters.iterdir() if named.fullmatch(p.name) and real_folder(p)):
-                files += with_temporary(folder, (ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_INFO))
-                folders.append(folder)
-            folders.append(adapters)
-        folders.append(seed_dir)
-    return [f for f in files if f.is_file() or f.is_symlink()], folders
-
-
-def real_folder(path):
-    """A folder, not a link to one (its contents may be anyone's)."""
-    try:
-        return stat.S_ISDIR(os.lstat(path).st_mode)
-    except FileNotFoundError:
-        return False
-
-
-def check_own_folders(out, plan):
-    """Every folder a planned run saves into is absent or a real folder: a file or a link in its place is
-    refused before anything is read, trained or removed (a link would send the models, and a clean-up, into
-    someone else's folder)."""
-    try:
-        for method, seed, rank in plan:
-            path = saved_model_file(out, method, seed, rank)
-            for folder in [path] * bool(adapter_class(method)) + [p for p in path.parents if out in p.parents]:
-                if os.path.lexists(folder) and not real_folder(folder):
-                    raise ConfigError(f"{folder} is not a folder (a file or a symbolic link): this script saves "
-                                      f"models there; move it away, or use another --out-dir")
-    except OSError as e:
-        raise ConfigError(f"cannot read {e.filename} ({e.strerror or e}): check its permissions") from None
-
-
-def replaces_earlier_results(out, args):
-    """What earlier run's results this run replaces in `out` (a few words), or None: refused (ConfigError) unless
-    --resume (continue it) or --overwrite; a quick run's results (a smoke test) and a memory sweep's (a minute,
-    nothing trained) are replaced without asking. Nothing is removed here: remove_own_outputs does it once every
-    check has passed."""
-    if args.resume:
-        return None
-    try:
-        earlier = sorted(str(f.relative_to(out)) for f in own_outputs(out)[0] if not f.name.endswith(".tmp"))
-    except OSError as e:
-        raise ConfigError(f"cannot read {e.filename} ({e.strerror or e}): check its permissions") from None
-    if not earlier:
+def earlier_run(out, args):
+    """What earlier run this one replaces in `out`, in a few words, or None (none there, or --resume continues it).
+    Refused (ConfigError) without --overwrite, unless it was a quick run or a memory sweep: cheap to redo."""
+    if args.resume or not (out / "results.json").exists():
         return None
     try:
         config = json.loads((out / "results.json").read_text())["config"]
         cheap = ("quick run (a smoke test)" if config["quick"] is True else
                  "memory sweep" if config.get("memory_batches") else "")
-    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+    except Exception:  # not ours, or damaged: not replaced without asking
         cheap = ""
     if not (args.overwrite or cheap):
-        raise ConfigError(f"{out} already holds an earlier run's results ({', '.join(earlier[:3])}): add --resume "
-                          f"to continue it, --overwrite to replace it, or choose another --out-dir")
+        raise ConfigError(f"{out} already holds an earlier run's results: add --resume to continue it, --overwrite to "
+                          f"replace it (it is moved aside, not deleted), or choose another --out-dir")
     return cheap or "earlier run"
 
 
-def remove_own_outputs(out):
-    """Remove what own_outputs finds, then each of its folders that is left empty; a user's file keeps its folder."""
-    files, folders = own_outputs(out)
-    try:
-        for file in files:
-            file.unlink()
-        for folder in folders:  # innermost first: adapter folders, adapters/, seed<k>/
-            if not any(folder.iterdir()):
-                folder.rmdir()
-    except OSError as e:
-        raise WriteError(f"cannot remove the earlier run's {e.filename} ({e.strerror or e})") from None
+def move_aside(out, what):
+    """Everything in `out` but its lock (the earlier run's files, and any of the user's) moved into a new folder
+    beside it, named after the time: nothing is deleted. Called once every check that can stop the run passed."""
+    aside = out.with_name(f"{out.name}.before-{time.strftime('%Y-%m-%d-%H%M%S')}")
+    aside.mkdir()
+    for entry in out.iterdir():
+        if entry.name != ".lock":
+            entry.rename(aside / entry.name)  # the same file system: renamed, not copied
+    print(f"Moved the {what} in {out}/ aside, to {aside}/")
+
+
+def check_save_folders(out, plan):
+    """Every folder a planned run saves into is absent or a real folder: a file or a link in its place is refused
+    before anything is read or trained (a link would send the models into someone else's folder)."""
+    for method, seed, rank in plan:
+        path = saved_model_file(out, method, seed, rank)
+        for folder in ([path] if adapter_class(method) else []) + [p for p in path.parents if out in p.parents]:
+            if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+                raise ConfigError(f"{folder} is not a folder (a file or a symbolic link): this script saves models "
+                                  f"there; move it away, or use another --out-dir")
 
 
 # =====================================================================================================
 # main(): flags, checks, the experiment
 # =====================================================================================================
 def parse_args(argv=None):
-    """One flag per entry of SETTINGS, its default read from there; then the three that steer a run."""
+    """One flag per entry of SETTINGS, its default read from there; then the ones that steer a run."""
     p = argparse.ArgumentParser(description="MNIST CNN fine-tuned with hand-written LoRA, DoRA and QLoRA.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for name, (default, kind, meaning) in SETTINGS.items():
@@ -3006,7 +2796,8 @@ def parse_args(argv=None):
                    help="keep the runs already finished in out-dir/results.json (same settings) whose saved models "
                         "are there and intact; run the rest")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace the results an earlier run left in out-dir (without it, such a folder is refused)")
+                   help="replace the results an earlier run left in out-dir: moved aside, not deleted (without it, "
+                        "such a folder is refused)")
     p.add_argument("--replot", metavar="DIR",
                    help="train nothing: redraw every figure and rewrite results.md from DIR/results.json, into "
                         "out-dir (runs recorded before training memory was measured get it measured now)")
@@ -3019,13 +2810,11 @@ def parse_args(argv=None):
     return args
 
 
-MAX_SEED = 2**32 - 1  # seeds feed torch generators and epoch_order's arithmetic: kept well inside int64
-
-
 def seeds_of(args):
     return [args.seed + k for k in range(args.seeds)]
 
 
+MAX_SEED = 2**32 - 1  # seeds feed torch generators and epoch_order's arithmetic: kept well inside int64
 BOUNDS = {  # the whole numbers that size the plan, each between its bounds: (lowest, highest or None)
     "epochs": (1, 10_000), "finetune_epochs": (1, 10_000), "batch_size": (1, None), "patience": (0, None),
     "seeds": (1, 1000),  # --seeds 10**8 would build a plan of 10**9 runs in memory before any message
@@ -3036,13 +2825,11 @@ LISTS = {  # the comma lists: (kind, example, lowest, highest or None, most valu
     "budgets": (int, "20,40", 1, 10_000, 10),
     "memory_batches": (int, "1,8,32,128,512", 1, 4096, 20),
     "memory_widths": (int, "1,2,4,8", 1, 16, 8)}
-# Adam's first step divides the rate by 1 - beta1 (0.1) and must hold the result as a float32
-MAX_RATE = torch.finfo(torch.float32).max * (1 - 0.9)
 
 
 def number_list(args, name):
-    """A comma list of LISTS ("a,b,c") as a sorted list of distinct numbers within its bounds (kept when it
-    is one already); ConfigError otherwise."""
+    """A comma list of LISTS ("a,b,c") as a sorted list of distinct numbers within its bounds (kept when it is one
+    already); ConfigError otherwise."""
     kind, example, low, high, most = LISTS[name]
     text, flag = getattr(args, name), "--" + name.replace("_", "-")
     if isinstance(text, str):
@@ -3064,21 +2851,10 @@ def number_list(args, name):
     return values
 
 
-def check_writable(out):
-    """The out-dir can take files: made if missing, probed with a temporary file that no planted link can
-    redirect (mkstemp creates a new file, exclusively, under a random name)."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write_test.", dir=out)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise ConfigError(f"cannot write to --out-dir {out} ({e.strerror or e})") from None
-
-
 def check_args(args):
-    """Every bad setting, flag or edited default, as one ConfigError sentence before anything runs.
-    Turns args.lrs and args.ranks into sorted lists of numbers."""
+    """Every bad setting, flag or edited default, as one ConfigError sentence before anything runs (an edited
+    default is checked as its flag is, so the checks are here, not in argparse). Turns the comma lists into
+    sorted lists of numbers."""
     unknown = [m for m in args.methods if m != "base" and m not in METHODS]
     if unknown or not args.methods:
         raise ConfigError(f"unknown method(s) {', '.join(unknown) or '(none given)'}: choose from "
@@ -3111,15 +2887,16 @@ def check_args(args):
     if not 0 <= args.seed <= MAX_SEED - args.seeds + 1:
         raise ConfigError(f"--seed must be between 0 and {MAX_SEED - args.seeds + 1} with --seeds {args.seeds} "
                           f"(got {args.seed})")
-    if args.resume and args.overwrite:
-        raise ConfigError("--resume keeps an earlier run's results and --overwrite replaces them: choose one")
+    for clash, why in ((args.resume and args.overwrite, "--resume keeps an earlier run's results and --overwrite "
+                                                        "replaces them: choose one"),
+                       (args.resume and args.memory_batches, "--memory-batches runs the memory sweep, which trains "
+                                                             "nothing and takes about a minute: drop --resume")):
+        if clash:
+            raise ConfigError(why)
     if not 0 <= args.dropout < 1:
         raise ConfigError(f"--dropout must be in [0, 1) (got {args.dropout})")
     for method in adapter_methods():  # every method's own settings, checked by its class (results.json keeps them)
         adapter_class(method).options(args)
-    if args.resume and args.memory_batches:
-        raise ConfigError("--memory-batches runs the memory sweep, which trains nothing and takes about a minute: "
-                          "drop --resume")
     limit = max_rank(CNN(args.width), args.train_head)
     for flag, rank in [("--rank", args.rank)] + [("--ranks", r) for r in args.ranks]:
         if not 1 <= rank <= limit:
@@ -3127,7 +2904,13 @@ def check_args(args):
                               f"layers (got {rank})")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for but no CUDA device is available; use --device cpu or auto")
-    check_writable(Path(args.out_dir))
+    try:  # the out-dir can take files (mkstemp: a new file of a random name, so no planted link redirects it)
+        Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write_test.", dir=args.out_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(f"cannot write to --out-dir {args.out_dir} ({e.strerror or e})") from None
 
 
 def plan_runs(args):
@@ -3135,14 +2918,6 @@ def plan_runs(args):
     plan = [(m, s, run_rank(m, args.rank)) for s in seeds_of(args) for m in args.methods]
     return plan + [(m, s, r) for s in seeds_of(args) for m in args.methods if adapter_class(m)
                    for r in args.ranks if r != args.rank]
-
-
-def cpu_model():
-    try:
-        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def environment(device, methods):
@@ -3155,10 +2930,20 @@ def environment(device, methods):
     except Exception as e:  # not installed, or installed but unusable: say so, not the version on disk
         bnb = "not usable" if isinstance(e, BitsAndBytesUnavailable) else "not installed"
     threads = torch.get_num_threads()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor() or platform.machine()
     name = (torch.cuda.get_device_name(device) if device.type == "cuda"
-            else f"CPU: {cpu_model()}, {threads} thread{'s' if threads > 1 else ''}")
+            else f"CPU: {cpu}, {threads} thread{'s' if threads > 1 else ''}")
     return {"device": device.type, "device_name": name, "torch": torch.__version__, "bitsandbytes": bnb,
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
+
+
+def training_device(args):
+    return torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                        else "cpu")
 
 
 def load_splits(args, device):
@@ -3183,6 +2968,13 @@ def run_config(args, splits=None):
     return config | dict(learning_rates=default_rates(), quant_blocksize=QUANT_BLOCKSIZE) | sizes
 
 
+def new_results(args, config, device):
+    """results.json's content before any run has finished."""
+    return {"format": RESULTS_FORMAT, "config": config, "environment": environment(device, args.methods),
+            "methods": args.methods, "seeds": seeds_of(args), "ranks": args.ranks, "learning_rates": {},
+            "lr_grid": [], "runs": [], "other_runs": [], "budget_check": [], "memory_sweep": []}
+
+
 def print_summary(results, args):
     for method, row in results["summary"].items():
         if row["status"] != "ok":
@@ -3197,32 +2989,113 @@ def print_summary(results, args):
     print(f"\nPlots, results.json and results.md (every column) are in\n  {args.out_dir}/")
 
 
-def draw_finished(results, out, stage, failing=False):
+def draw_finished(results, out, failing=False):
     """The plots of whatever finished. While another error is on its way out (failing), a failure to draw is
     mentioned, not put in its place: the message names the first thing that went wrong."""
     add_summary(results)  # runs kept by --resume may have come in since the last save
-    if not any(r["status"] == "ok" for r in results["runs"]):
-        return
-    during, stage["now"] = stage["now"], "plotting (the results themselves are saved)"
+    if any(r["status"] == "ok" for r in results["runs"]):
+        try:
+            with during("plotting (the results themselves are saved)"):
+                plot_results(results, out)
+        except WriteError as e:
+            if not failing:
+                raise
+            print(f"The plots were not written either: {e}.", file=sys.stderr)
+
+
+def check_bases(args, plan, earlier):
+    """Every seed fine-tuned here has a base: trained in this run, or kept from the earlier one (--resume)."""
+    have = {seed for method, seed, _ in plan if method == "base"} | {key[2] for key in earlier if key[:2] == ("runs", "base")}
+    missing = sorted({seed for method, seed, _ in plan if method != "base"} - have)
+    if missing:
+        adapters = ", ".join(m for m in args.methods if m != "base")
+        raise ConfigError(f"{adapters} fine-tune a trained base model: add base to --methods, or --resume in an "
+                          f"out-dir whose results.json holds an intact base of seed(s) {', '.join(map(str, missing))}")
+
+
+def prepare(args):
+    """(the runs' context, the plan), once everything that can stop the run has been checked (the settings, the
+    folders it saves into, the data, an earlier run's results); only then is a replaced run moved aside."""
+    out, plan = Path(args.out_dir), plan_runs(args)
+    check_save_folders(out, plan)
+    replacing = earlier_run(out, args)  # refused here, before the data is read; moved aside below
+    if not args.resume:  # before loading anything; with --resume, once the earlier results are read
+        check_bases(args, plan, {})
+    device = training_device(args)
+    splits = load_splits(args, device)
+    config = run_config(args, splits)
+    earlier, others = earlier_records(out, config, plan) if args.resume else ({}, [])
+    check_bases(args, plan, earlier)
+    if replacing:
+        move_aside(out, replacing)
+    results = new_results(args, config, device) | {"other_runs": others}
+    print(f"{'QUICK RUN (a smoke test, not results). ' if args.quick else ''}Device: "
+          f"{results['environment']['device_name']}\n{config['train_size']:,} training, {config['val_size']:,} "
+          f"validation, {config['test_size']:,} test images; fine-tuning on {args.task}; {len(plan)} runs "
+          f"({args.seeds} seed(s){f', ranks {args.ranks}' if args.ranks else ''})\nWriting to {out}/")
+    return Run(args, device, splits, results, earlier), plan
+
+
+def comparison_run(ctx, key, rates):
+    """One run of the plan, key = (method, seed, rank): kept from the earlier run, or run here at its method's rate
+    (chosen where the method first runs; the grid's own run at that rate finished, not trained again); appended to
+    the results, which are saved (after every run: nothing finished is lost). Returns its record."""
+    (method, seed, rank), args = key, ctx.args
+    if method not in rates:  # the first seed's base is there: a grid can run on it
+        rates[method] = choose_rate(ctx, method, run_rank(method, args.rank))
+    (lr, grid_trained), record = rates[method], {"method": method, "seed": seed, "rank": rank}
+    if not (kept := ctx.kept("runs", record)):
+        if lr is None:
+            kept = record | {"status": "failed", "reason": "every rate of the --lrs grid failed", "train_time_s": 0.0}
+        else:
+            print(f"{doing(method)}{run_label(args, record)}, lr {lr:g}...")
+            reuse = grid_trained if (seed, rank) == (args.seed, run_rank(method, args.rank)) else None
+            if reuse:
+                print("(the grid's run at this rate and seed, not trained again: tested once now, and saved)")
+            kept, trained = run_method(ctx, record | {"lr": lr, "from_grid": reuse is not None}, trained=reuse)
+            if method == "base" and trained:
+                ctx.bases[seed] = trained[0]
+        print("-------------------------------------")
+    ctx.results["runs"].append(kept)
+    save_results(ctx.results, ctx.out)
+    return kept
+
+
+def after_the_runs(ctx):
+    """The budget check, then the latency of the first seed's models, rebuilt from their saved files."""
+    if ctx.args.budgets:
+        check_budgets(ctx)
+    if any(r["status"] == "ok" for r in main_runs(ctx.results)):
+        print("Measuring inference latency, as trained and merged...")
+        try:
+            with during("the latency measurement"):
+                measure_inference(ctx.results, ctx.out, ctx.splits[ctx.args.task]["test"], ctx.device,
+                                  *((QUICK_LATENCY_ROUNDS, QUICK_LATENCY_REPEATS) if ctx.args.quick else ()))
+        except ModelFileError as e:
+            print(f"Latency not measured: {e}")
+        save_results(ctx.results, ctx.out)
+
+
+def run_experiment(args):
+    """The experiment: every planned run in order, then the budget check and the latency; the plots of whatever
+    finished, and the summary. Exit status 0, or 1 when a run failed or collapsed."""
+    ctx, plan, rates = *prepare(args), {}
     try:
-        plot_results(results, out)
-    except WriteError as e:
-        if not failing:
-            raise
-        print(f"The plots were not written either: {e}.", file=sys.stderr)
-    stage["now"] = during
-
-
-def training_device(args):
-    return torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-                        else "cpu")
-
-
-def new_results(args, config, device):
-    """results.json's content before any run has finished."""
-    return {"config": config, "environment": environment(device, args.methods), "methods": args.methods,
-            "seeds": seeds_of(args), "ranks": args.ranks, "learning_rates": {}, "lr_grid": [], "runs": [],
-            "other_runs": [], "budget_check": [], "memory_sweep": []}
+        with during("the experiment"):  # a Ctrl-C between runs: the finished ones are saved
+            for key in plan:
+                record = comparison_run(ctx, key, rates)
+                if record["method"] == "base" and record["status"] not in FINISHED:
+                    print(f"error: the base model of seed {record['seed']} failed, so there is nothing to fine-tune.",
+                          file=sys.stderr)
+                    break
+            else:
+                after_the_runs(ctx)
+    except BaseException:  # interrupted or failed: whatever finished is drawn all the same
+        draw_finished(ctx.results, ctx.out, failing=True)
+        raise
+    draw_finished(ctx.results, ctx.out)
+    print_summary(ctx.results, args)
+    return 0 if all(r["status"] not in ("failed", "unstable") for r in ctx.results["runs"]) else 1
 
 
 def run_memory_sweep(args):
@@ -3230,10 +3103,8 @@ def run_memory_sweep(args):
     measured on one step each; nothing is trained and no data is read. Writes results.json, results.md and
     memory_sweep.png."""
     out, device = Path(args.out_dir), training_device(args)
-    replacing = replaces_earlier_results(out, args)
-    if replacing:
-        print(f"Replacing the {replacing} in {out}/")
-        remove_own_outputs(out)
+    if replacing := earlier_run(out, args):
+        move_aside(out, replacing)
     print(f"Memory sweep on {device.type}: widths {args.memory_widths}, batch sizes {args.memory_batches}; one "
           f"measured training step per point, nothing trained. Writing to {out}/")
     results = new_results(args, run_config(args), device)
@@ -3246,93 +3117,16 @@ def run_memory_sweep(args):
     return 0
 
 
-def add_missing_memory(results):
-    """Runs recorded before their training memory was measured get it now (step_memory, on a fresh model of the
-    same method, rank, width and settings: memory depends on shapes, not on trained values); fields it replaces
-    go. The settings of that time hold the CNN's width as 1, all it had then."""
-    config = results["config"]
-    config.setdefault("width", 1)
-    settings, measured = argparse.Namespace(**config), {}
-    for r in results["runs"] + results.get("other_runs", []):
-        if r.get("status") in FINISHED and "memory" not in r:
-            key = (r["method"], r["rank"])
-            if key not in measured:
-                torch.manual_seed(0)
-                epochs = config["epochs"] if r["method"] == "base" else config["finetune_epochs"]
-                model = finetuning_copy(CNN(config["width"]), r["method"], r["rank"], settings)
-                measured[key] = step_memory(model.to(memory_format=torch.channels_last), config["batch_size"],
-                                            full_run_steps(epochs, config["batch_size"], config["train_size"]))[0]
-            r["memory"] = measured[key]
-            for legacy in ("weight_bytes", "grad_bytes", "optimizer_bytes", "train_state_bytes"):
-                r.pop(legacy, None)
-    results.setdefault("memory_sweep", [])
-    return results
-
-
 def replot(args):
-    """--replot DIR: every figure and results.md (and results.json, with any memory measured now) redrawn from
-    DIR/results.json into --out-dir, nothing trained; a changed plot is an edit and this command."""
+    """--replot DIR: every figure and results.md (and results.json, brought to this format) redrawn from
+    DIR/results.json into the out-dir, nothing trained: a changed plot is an edit and this command."""
     source, out = Path(args.replot), Path(args.out_dir)
-    path = source / "results.json"
-    try:
-        results = add_missing_memory(json.loads(path.read_text()))
-        check_results_file(results)
-    except OSError as e:
-        raise ConfigError(f"cannot read {path} ({e.strerror or e}): --replot needs a folder holding a results.json "
-                          f"this script wrote") from None
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise ConfigError(f"{path} is not a results file of this script ({one_line(e)})") from None
-    replacing = None if out.resolve() == source.resolve() else replaces_earlier_results(out, args)
-    if replacing:
-        print(f"Replacing the {replacing} in {out}/")
-        remove_own_outputs(out)
+    results = read_results(source / "results.json", "--replot DIR needs a folder holding one", upgrading=True)
+    if out.resolve() != source.resolve() and (replacing := earlier_run(out, args)):
+        move_aside(out, replacing)
     save_results(results, out)
-    print(f"Redrawn from {path}: {', '.join(plot_results(results, out))} and results.md, in {out}/")
+    print(f"Redrawn from {source / 'results.json'}: {', '.join(plot_results(results, out))} and results.md, in {out}/")
     return 0
-
-
-def run_experiment(args, stage):
-    """Check everything that can stop the run (settings, folders, data, an earlier run's results), only then
-    remove what a replaced run wrote; run the plan, measure, write and report."""
-    out, plan = Path(args.out_dir), plan_runs(args)
-    if not args.resume:
-        check_bases(args, plan, {}, [])  # before loading anything; with --resume, once results.json is read
-    check_own_folders(out, plan)
-    replacing = replaces_earlier_results(out, args)  # refused here, before the data is read; removed below
-    device = training_device(args)
-    splits = load_splits(args, device)
-    config = run_config(args, splits)
-    kept, others, kept_grid, kept_budgets = previous_results(out, config, plan) if args.resume else ({}, [], {}, {})
-    check_bases(args, plan, kept, others)
-    if replacing:  # every check has passed: the run will start
-        print(f"Replacing the {replacing} in {out}/")
-        remove_own_outputs(out)
-    results = new_results(args, config, device) | {"other_runs": others}
-    ctx = Run(args, device, splits, results, stage)
-    ctx.kept, ctx.kept_grid, ctx.kept_budgets = kept, kept_grid, kept_budgets
-    print(f"{'QUICK RUN (a smoke test, not results). ' if args.quick else ''}Device: "
-          f"{results['environment']['device_name']}\n{config['train_size']:,} training, {config['val_size']:,} "
-          f"validation, {config['test_size']:,} test images; fine-tuning on {args.task}; {len(plan)} runs "
-          f"({args.seeds} seed(s){f', ranks {args.ranks}' if args.ranks else ''})\nWriting to {out}/")
-    try:
-        ok = run_plan(ctx, plan)
-        if ok and args.budgets:
-            check_budgets(ctx)
-        if ok and any(r["status"] == "ok" for r in main_runs(results)):
-            stage["now"] = "the latency measurement"
-            print("Measuring inference latency, as trained and merged...")
-            try:
-                measure_inference(results, out, splits[args.task]["test"], device,
-                                  *((QUICK_LATENCY_ROUNDS, QUICK_LATENCY_REPEATS) if args.quick else ()))
-            except ModelFileError as e:
-                print(f"Latency not measured: {e}")
-            save_results(results, out)
-    except BaseException:  # interrupted or failed: whatever finished is drawn all the same
-        draw_finished(results, out, stage, failing=True)
-        raise
-    draw_finished(results, out, stage)
-    print_summary(results, args)
-    return 0 if ok and all(r["status"] not in ("failed", "unstable") for r in results["runs"]) else 1
 
 
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
@@ -3342,8 +3136,7 @@ def main(argv=None):
     """Exit status: 0 done; 1 a run failed, or an output could not be written; 2 bad input, found before any
     training; 130 interrupted (Ctrl-C, SIGTERM or SIGHUP), with every finished run saved."""
     args = parse_args(argv)
-    stage = {"now": "start-up"}
-    # SIGTERM and a closed terminal (SIGHUP) stop the run like Ctrl-C: the finished runs are kept and said so
+    # SIGTERM (a scheduler's kill) and SIGHUP (a closed terminal) stop the run as Ctrl-C does: said, finished runs kept
     handlers = {s: signal.signal(s, signal.default_int_handler) for s in STOP_SIGNALS}
     lock = None
     try:
@@ -3351,23 +3144,26 @@ def main(argv=None):
         lock = lock_out_dir(Path(args.out_dir))
         if args.replot:
             return replot(args)
-        return run_memory_sweep(args) if args.memory_batches else run_experiment(args, stage)
-    except (ConfigError, DataError) as e:
+        return run_memory_sweep(args) if args.memory_batches else run_experiment(args)
+    except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (WriteError, ModelFileError) as e:
         print(f"error: {e}. Every run finished before it is kept in {Path(args.out_dir) / 'results.json'}: "
               f"fix the cause and run the same command with --resume.", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        saved = ("nothing had been trained yet" if stage["now"] == "start-up" else
-                 f"the runs finished before it are saved in {Path(args.out_dir) / 'results.json'}; run the same "
-                 f"command with --resume to continue")
-        print(f"\nInterrupted during {stage['now']}: {saved}.", file=sys.stderr)
+    except OSError as e:  # a file or folder the system will not let this run read or make, named by the system
+        print(f"error: cannot use {e.filename or 'a file'} ({e.strerror or e}); every run finished before it is kept "
+              f"in {Path(args.out_dir) / 'results.json'}.", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
+        saved = (f"the runs finished before it are saved in {Path(args.out_dir) / 'results.json'}; run the same "
+                 f"command with --resume to continue" if e.args else "nothing had been trained yet")
+        print(f"\nInterrupted during {e.args[0] if e.args else 'start-up'}: {saved}.", file=sys.stderr)
         return 130
     finally:
         if lock:
-            lock.close()
+            lock.release()
         for stop_signal, handler in handlers.items():
             signal.signal(stop_signal, handler)
 

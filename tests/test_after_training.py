@@ -127,13 +127,6 @@ def test_loading_an_adapter_into_the_wrong_model_is_an_error(tmp_path):
         main.load_adapter(tmp_path / "base_model.pt", folder)
 
 
-def test_an_adapter_file_of_the_earlier_layout_gets_a_clear_message(tmp_path):
-    torch.save(main.CNN().state_dict(), tmp_path / "base_model.pt")
-    torch.save({}, tmp_path / "lora_r8.pt")
-    with pytest.raises(main.ModelFileError, match="earlier layout .* rerun that method with --resume"):
-        main.load_adapter(tmp_path / "base_model.pt", tmp_path / "lora_r8.pt")
-
-
 def test_latency_is_measured_for_the_first_seeds_finished_runs_from_their_saved_files(tmp_path):
     torch.manual_seed(0)
     args = main.parse_args(["--rank", "4", "--alpha", "8", "--seed", "3"])

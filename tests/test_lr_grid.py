@@ -29,7 +29,7 @@ def grid_args(tmp_path, lrs):
 
 def context(args, splits=None, base=None):
     """A Run holding only what choosing a rate needs: settings, data, the first seed's base, empty results."""
-    ctx = main.Run(args, torch.device("cpu"), splits or {}, {"learning_rates": {}, "lr_grid": []}, {"now": ""})
+    ctx = main.Run(args, torch.device("cpu"), splits or {}, {"learning_rates": {}, "lr_grid": []}, earlier={})
     ctx.bases[args.seed] = base
     return ctx
 
@@ -56,12 +56,11 @@ def test_the_rate_is_chosen_on_validation_and_the_test_set_is_never_read(tmp_pat
 def test_ties_go_to_the_lower_validation_loss_then_the_lower_rate(tmp_path, monkeypatch):
     scripted = {1e-3: (90.0, 0.30), 3e-3: (92.0, 0.25), 1e-2: (92.0, 0.20), 3e-2: (92.0, 0.20), 1e-1: None}
 
-    def run_method(ctx, key, lr, *a, **k):
-        if scripted[lr] is None:
-            raise main.Diverged("diverged at epoch 1 (training loss nan)")
-        acc, loss = scripted[lr]
-        return {"lr": lr, "status": "ok", "val_acc": acc, "val_loss": loss, "best_epoch": 1,
-                "val_right": "ff" * 5}, None
+    def run_method(ctx, record, trained=None):
+        if scripted[record["lr"]] is None:
+            return record | {"status": "failed", "reason": "diverged at epoch 1 (training loss nan)"}, None
+        acc, loss = scripted[record["lr"]]
+        return record | {"status": "ok", "val_acc": acc, "val_loss": loss, "best_epoch": 1, "val_right": "ff" * 5}, None
     monkeypatch.setattr(main, "run_method", run_method)
     monkeypatch.setattr(main, "save_results", lambda *a: None)
     ctx = context(grid_args(tmp_path, "3e-2,1e-2,3e-3,1e-3,1e-1"), {"mnist": {"val": (None, torch.zeros(40))}})
@@ -183,15 +182,15 @@ def scripted_grid(monkeypatch, accuracy):
     """run_method answering a grid run from accuracy(lr): a number, "unstable" (collapsed) or None (diverged)."""
     tried = []
 
-    def run_method(ctx, key, lr, *a, **k):
-        tried.append(lr)
-        acc = accuracy(lr)
+    def run_method(ctx, record, trained=None):
+        tried.append(record["lr"])
+        acc = accuracy(record["lr"])
         if acc is None:
-            raise main.Diverged("diverged at epoch 1 (training loss nan)")
+            return record | {"status": "failed", "reason": "diverged at epoch 1 (training loss nan)"}, None
         status = {"status": "unstable", "reason": "collapsed"} if acc == "unstable" else {"status": "ok"}
         acc = 99.0 if acc == "unstable" else acc  # an unstable run may have been the best before it collapsed
-        return {"lr": lr, **status, "val_acc": acc, "val_loss": 1 - acc / 100, "best_epoch": 1,
-                "val_right": "ff" * 5}, None
+        return record | {**status, "val_acc": acc, "val_loss": 1 - acc / 100, "best_epoch": 1,
+                         "val_right": "ff" * 5}, None
     monkeypatch.setattr(main, "run_method", run_method)
     monkeypatch.setattr(main, "save_results", lambda *a: None)
     return tried

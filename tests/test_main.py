@@ -1,5 +1,6 @@
 """main(): bad input fails fast and clearly; the quick run writes every output; faults and interruptions
 lose nothing that finished."""
+import ast
 import json
 import os
 import shutil
@@ -224,7 +225,8 @@ def seeds_run(tmp_path_factory, mnist_dir):
     out, used = tmp_path_factory.mktemp("seeds"), []
     real_run, real_order = main.run_method, main.epoch_order
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(main, "run_method", lambda ctx, key, *a: used.append([*key, set()]) or real_run(ctx, key, *a))
+        mp.setattr(main, "run_method", lambda ctx, record, trained=None: used.append(
+            [record["method"], record["seed"], record["rank"], set()]) or real_run(ctx, record, trained))
         mp.setattr(main, "epoch_order", lambda n, seed, epoch: used[-1][3].add(seed) or real_order(n, seed, epoch))
         mp.setattr(main, "measure_inference", lambda *a, **k: None)  # not what these tests look at
         code = main.main([*SEEDS_RUN, "--ranks", "2,8", "--budgets", "2,3", "--data-dir", str(mnist_dir),
@@ -334,38 +336,39 @@ def test_missing_bitsandbytes_skips_qlora_only(capsys, quick_run, mnist_dir, tmp
 def test_divergence_fails_that_method_and_the_others_still_run(capsys, quick_run, mnist_dir, tmp_path, monkeypatch):
     real_run = main.run_method
 
-    def lora_diverges(ctx, key, lr, *args, **kwargs):
-        return real_run(ctx, key, 1e30 if key[0] == "lora" else lr, *args, **kwargs)  # LoRA alone
+    def lora_diverges(ctx, record, trained=None):
+        return real_run(ctx, record | {"lr": 1e30} if record["method"] == "lora" else record, trained)  # LoRA alone
     monkeypatch.setattr(main, "run_method", lora_diverges)
     out = copy_base(quick_run, tmp_path)
     code, stdout, _ = run(capsys, "--quick", "--resume", "--methods", "lora,dora", "--data-dir", mnist_dir, "--out-dir", out)
     methods = runs_by_method(json.loads((out / "results.json").read_text()))
     assert code == 1
-    assert methods["lora"] == {"method": "lora", "seed": 0, "rank": 8, "status": "failed",
-                               "reason": methods["lora"]["reason"], "train_time_s": methods["lora"]["train_time_s"]}
+    assert methods["lora"] == {"method": "lora", "seed": 0, "rank": 8, "lr": 1e30, "from_grid": False,
+                               "status": "failed", "reason": methods["lora"]["reason"],
+                               "train_time_s": methods["lora"]["train_time_s"]}
     assert methods["lora"]["reason"].startswith("diverged at epoch 1") and methods["dora"]["status"] == "ok"
     assert "LoRA Model Test Accuracy: failed (diverged at epoch 1" in stdout
 
 
 @pytest.mark.usefixtures("no_plots_or_latency")
 def test_cuda_out_of_memory_names_the_method_and_a_remedy(capsys, quick_run, mnist_dir, tmp_path, monkeypatch):
-    def oom(ctx, key, *args):
+    def oom(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-    monkeypatch.setattr(main, "run_method", oom)
+    monkeypatch.setattr(main, "train", oom)
     out = copy_base(quick_run, tmp_path)
     code, stdout, _ = run(capsys, "--quick", "--resume", "--methods", "dora", "--data-dir", mnist_dir, "--out-dir", out)
     assert code == 1 and "DoRA (weight-decomposed) ran out of CUDA memory: try a smaller --batch-size" in stdout
 
 
 def test_interrupt_keeps_finished_methods_and_resume_continues(capsys, mnist_dir, tmp_path, monkeypatch):
-    real_run, calls = main.run_method, []
+    real_train, calls = main.train, []
 
-    def interrupted_at_lora(ctx, key, *args):
-        calls.append(key[0])
-        if key[0] == "lora" and calls.count("lora") == 1:
+    def interrupted_at_lora(model, *args, **kwargs):  # Ctrl-C in the middle of LoRA's training, the first time
+        calls.append("lora" if main.adapter_layers(model) else "base")
+        if calls[-1] == "lora" and calls.count("lora") == 1:
             raise KeyboardInterrupt
-        return real_run(ctx, key, *args)
-    monkeypatch.setattr(main, "run_method", interrupted_at_lora)
+        return real_train(model, *args, **kwargs)
+    monkeypatch.setattr(main, "train", interrupted_at_lora)
     argv = ["--quick", "--methods", "base,lora", "--epochs", "1", "--finetune-epochs", "1",
             "--data-dir", mnist_dir, "--out-dir", tmp_path]
     code, _, err = run(capsys, *argv)
@@ -388,13 +391,13 @@ def test_interrupt_keeps_finished_methods_and_resume_continues(capsys, mnist_dir
 @pytest.mark.usefixtures("no_plots_or_latency")
 def test_sigterm_is_handled_like_ctrl_c(capsys, quick_run, mnist_dir, tmp_path, monkeypatch):
     import signal
-    real_run = main.run_method
+    real_train = main.train
 
-    def terminated_at_dora(ctx, key, *args):
-        if key[0] == "dora":
+    def terminated_at_dora(model, *args, **kwargs):  # a SIGTERM while DoRA trains
+        if any(isinstance(layer, main.DoRALayer) for layer in main.adapter_layers(model).values()):
             os.kill(os.getpid(), signal.SIGTERM)
-        return real_run(ctx, key, *args)
-    monkeypatch.setattr(main, "run_method", terminated_at_dora)
+        return real_train(model, *args, **kwargs)
+    monkeypatch.setattr(main, "train", terminated_at_dora)
     previous = signal.getsignal(signal.SIGTERM)
     out = copy_base(quick_run, tmp_path)
     code, _, err = run(capsys, "--quick", "--resume", "--methods", "lora,dora", "--data-dir", mnist_dir, "--out-dir", out)
@@ -439,7 +442,7 @@ def test_the_memory_sweep_measures_every_method_at_each_width_and_batch_and_trai
     assert "| width | batch | Full FT | Head only | LoRA |" in table and "| method | width 1 (147,146 weights) |" in table
     assert (tmp_path / main.MEMORY_PLOT).stat().st_size > 10_000 and not (tmp_path / main.PLOT_FILES[4]).exists()
     code, stdout, _ = run(capsys, "--memory-batches", "1", "--memory-widths", "1", "--out-dir", tmp_path)
-    assert code == 0 and f"Replacing the memory sweep in {tmp_path}/" in stdout  # a minute's work: not asked
+    assert code == 0 and f"Moved the memory sweep in {tmp_path}/ aside, to {tmp_path}.before-" in stdout  # not asked
 
 
 @pytest.mark.usefixtures("no_plots_or_latency")
@@ -506,3 +509,38 @@ def test_a_new_method_is_one_row_and_one_class(capsys, mnist_dir, tmp_path, monk
     code, stdout, _ = run(capsys, *argv, "--resume")
     assert code == 0 and "Epoch " not in stdout  # nothing trained again: the base, every grid run, ranks 8 and 2 kept
     assert stdout.count("kept.") == 1 + len(results["lr_grid"]) + 2
+
+
+# --------------------------------------------------------------------------- main.py reads top to bottom
+def names_used_above_their_definition(source):
+    """{module-level name: (line of a use above its definition, line of the definition)}: every load of a module
+    name, in module code or in a function that does not bind that name itself, comes after its definition."""
+    tree = ast.parse(source)
+    defined = {}
+    for node in tree.body:
+        targets = ([node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else
+                   [n.id for t in getattr(node, "targets", [getattr(node, "target", None)]) if t is not None
+                    for n in ast.walk(t) if isinstance(n, ast.Name)])
+        for name in targets:
+            defined.setdefault(name, node.lineno)
+    early = {}
+
+    def visit(node, bound):
+        if isinstance(node, (ast.FunctionDef, ast.Lambda)):
+            args = node.args
+            bound = bound | {a.arg for a in args.posonlyargs + args.args + args.kwonlyargs} | {
+                a.arg for a in (args.vararg, args.kwarg) if a} | {
+                n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+        if (isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load) and node.id in defined
+                and node.id not in bound and node.lineno < defined[node.id]):
+            early.setdefault(node.id, (node.lineno, defined[node.id]))
+        for child in ast.iter_child_nodes(node):
+            visit(child, bound)
+    visit(tree, frozenset())
+    return early
+
+
+def test_every_module_name_is_defined_above_its_first_use():
+    assert names_used_above_their_definition("x = 1\ndef f():\n    return y\ny = 2\n") == {"y": (3, 4)}  # it finds one
+    assert names_used_above_their_definition("def f(y):\n    return y\ny = 2\n") == {}  # a parameter is not it
+    assert names_used_above_their_definition((ROOT / "main.py").read_text()) == {}
