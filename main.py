@@ -53,8 +53,8 @@ class Method(NamedTuple):
 
 
 METHODS = {  # every fine-tuning method, one row each: everything else about a method is derived from here
-    "full": Method(name="Full FT", color="tab:purple", marker="*", lr=1e-3, trains="all"),  # every PEFT paper's yardstick
-    "head": Method(name="Head only", color="tab:brown", marker="v", lr=1e-3, trains="head"),  # what an adapter must beat
+    "full": Method(name="Full FT", color="tab:purple", marker="*", lr=1e-3, trains="all"),  # every PEFT paper's
+    "head": Method(name="Head only", color="tab:brown", marker="v", lr=1e-3, trains="head"),  # what adapters must beat
     "lora": Method(name="LoRA", color="tab:blue", marker="o", lr=1e-3, trains="adapters", layer="LoRALayer"),
     "dora": Method(name="DoRA (weight-decomposed)", color="tab:orange", marker="s", lr=1e-3, trains="adapters",
                    layer="DoRALayer"),
@@ -324,56 +324,46 @@ class AdapterLayer(nn.Module):
             layer.bias.copy_(self.bias)
         return layer
 
-    # ---- asked by saving, loading and measuring -------------------------------------------------------
-    def peft_tensors(self):
-        """{PEFT's name within this layer: the tensor as PEFT stores it} of what the layer trained; loading copies
-        into these same tensors (they are the parameters, or views of them)."""
+    # ---- what the rest of the experiment asks of a method, overridden where it differs ------------------
+    def peft_tensors(self):  # {PEFT's name in this layer: the tensor as PEFT stores it}; loading copies into these
         return {"lora_A.weight": self.lora_A, "lora_B.weight": self.lora_B}
 
+    def stored_weight_count(self):  # weights stored outside the parameters (QLoRA's 4-bit W), in the model's total
+        return 0
+
+    def extra_stored_bytes(self):  # bytes stored beside the parameters and buffers (QLoRA's quantization constants)
+        return 0
+
+    # class methods, given all of a model's layers of this class at once ({full name: layer})
     @classmethod
-    def peft_config(cls, layers):
-        """The LoraConfig fields this method sets for a model's layers of it ({full name: layer})."""
+    def peft_config(cls, layers):  # the LoraConfig fields this method sets
         return dict(cls.peft_fields)
 
     @classmethod
-    def info(cls, layers):
-        """What training_info.json records of this method, beside its name and task."""
+    def info(cls, layers):  # what training_info.json records of this method, beside its name and task
         return {}
 
     @classmethod
-    def options(cls, args):
-        """Keyword arguments of this class's constructor taken from the settings (its own hyperparameters)."""
+    def record(cls, layers):  # what results.json records of a finished run, beside the common numbers
         return {}
 
-    def stored_weight_count(self):
-        """Weights stored outside the parameters (QLoRA's 4-bit W), counted in the model's total."""
-        return 0
-
-    def extra_stored_bytes(self):
-        """Bytes stored beside the parameters and buffers (QLoRA's quantization constants)."""
-        return 0
-
-    # ---- asked by train(), for all of a model's layers of one class at once ({full name: layer}) ---------
     @classmethod
-    def regularizer(cls, layers, step, total_steps):
-        """A term added to the training loss at this step, or None."""
+    def options(cls, args):  # its constructor's own keyword arguments, from the settings (and checked there)
+        return {}
+
+    @classmethod
+    def regularizer(cls, layers, step, total_steps):  # train(): a term added to the loss at this step, or None
         return None
 
     @classmethod
-    def on_step(cls, layers, step, total_steps):
-        """Called after each optimizer step; step counts from 1 to total_steps."""
+    def on_step(cls, layers, step, total_steps):  # train(): after each optimizer step, 1 .. total_steps
+        pass
 
     @classmethod
     def settled_at(cls, layers, total_steps):
-        """The step from which the layers' structure is final: an epoch ending before it is never the one kept
+        """train(): the step from which the structure is final: an epoch ending before it is never the one kept
         (it would hold components a pruning schedule removes later), and early stopping waits for it."""
         return 0
-
-    @classmethod
-    def record(cls, layers):
-        """What results.json records of a finished run of this method, beside the common numbers."""
-        return {}
-
 
 
 class LoRALayer(AdapterLayer):
@@ -1079,7 +1069,8 @@ def training_step(model, optimizer, groups, images, labels, step, total_steps):
     """One optimizer step on the task's loss plus the adapter classes' terms, then their after-step hooks;
     returns the task's loss alone (what is recorded)."""
     loss = F.cross_entropy(model(images), labels)
-    terms = [term for cls, modules in groups.items() if (term := cls.regularizer(modules, step, total_steps)) is not None]
+    terms = [term for cls, modules in groups.items()
+             if (term := cls.regularizer(modules, step, total_steps)) is not None]
     optimizer.zero_grad(set_to_none=True)
     (loss + sum(terms) if terms else loss).backward()
     optimizer.step()
@@ -1850,8 +1841,8 @@ def console_summary(results):
     quick = "QUICK RUN: a smoke test on a subset, not results\n" if results["config"].get("quick") else ""
     lines = [quick + comparison_table(results, console=True), spread, textwrap.fill(chosen_rates(results), 100), "",
              memory_table(results, console=True),
-             f"training memory (MiB) by accounting, one step at batch {results['config']['batch_size']}: the weights as "
-             f"stored,\ngradients, Adam's state, and the activations autograd keeps for backward"]
+             f"training memory (MiB) by accounting, one step at batch {results['config']['batch_size']}: the weights "
+             f"as stored,\ngradients, Adam's state, and the activations autograd keeps for backward"]
     if results.get("inference"):
         lines += ["", inference_table(results, console=True),
                   "latency: as trained / merged, median of the rounds; file: the full model, or the adapter only"]
@@ -2195,7 +2186,8 @@ def plot_lr_sweep(plt, view):
     fig, ax = plt.subplots(figsize=(8, 5.2))
     # the axis zoomed to the stable runs: a collapse near chance would squash them into one line, so it is drawn
     # at the bottom edge with its accuracy written beside it
-    stable = [r["val_acc"] for r in grid if r["status"] == "ok"] or [r["val_acc"] for r in grid if r["status"] in FINISHED]
+    stable = ([r["val_acc"] for r in grid if r["status"] == "ok"]
+              or [r["val_acc"] for r in grid if r["status"] in FINISHED])
     pad = max(0.2, 0.08 * (max(stable) - min(stable))) if stable else 1.0
     floor = min(stable, default=0.0) - pad
     for method in dict.fromkeys(r["method"] for r in grid):
@@ -2450,9 +2442,10 @@ def memory_line(memory, batch_size, cuda_peak=None):
 def report_method(r, batch_size):
     """A finished run, in the original README's words, each figure saying what it measures."""
     share = 100 * r["trainable_params"] / r["total_params"]
-    print(f"Total Training Time: {r['train_time_s'] / 60:.2f} min ({r['train_time_s']:.1f} s, "
-          f"{r['epochs_run']} epochs)\nMax memory allocated: {memory_line(r['memory'], batch_size, r['cuda_peak_bytes'])}"
-          f"\nTrainable parameters: {r['trainable_params']:,} of {r['total_params']:,} ({share:.2f} %)")
+    memory = memory_line(r["memory"], batch_size, r["cuda_peak_bytes"])
+    print(f"Total Training Time: {r['train_time_s'] / 60:.2f} min ({r['train_time_s']:.1f} s, {r['epochs_run']} "
+          f"epochs)\nMax memory allocated: {memory}\nTrainable parameters: {r['trainable_params']:,} of "
+          f"{r['total_params']:,} ({share:.2f} %)")
     if "task_test_acc" in r:
         print(f"On the fine-tuning task, before any fine-tuning: {r['task_test_acc']:.2f}% test accuracy")
 
@@ -2514,7 +2507,8 @@ def run_method(ctx, record, trained=None):
             record |= {**stability(fitted), "val_right": right_images(model, *data["val"])}  # pairs runs image by image
             if validation_only:
                 kept = fitted["best_epoch"] - 1
-                record |= {"val_acc": fitted["history"]["val_acc"][kept], "val_loss": fitted["history"]["val_loss"][kept],
+                record |= {"val_acc": fitted["history"]["val_acc"][kept],
+                           "val_loss": fitted["history"]["val_loss"][kept],
                            **{k: fitted[k] for k in ("epochs_run", "best_epoch", "train_time_s", "history")}}
                 print(f"Best validation accuracy {record['val_acc']:.2f}% (epoch {record['best_epoch']})")
             else:
@@ -2615,8 +2609,9 @@ def check_budgets(ctx):
     args, rates = ctx.args, ctx.results["learning_rates"]
     for method in (m for m in args.methods if m != "base" and rates.get(m, {}).get("lr")):
         for epochs in (e for e in args.budgets if e != epoch_budget(vars(args))):
-            validation_run(ctx, "budget_check", {"method": method, "seed": args.seed, "rank": run_rank(method, args.rank),
-                                                 "lr": rates[method]["lr"], "epochs": epochs})
+            validation_run(ctx, "budget_check", {"method": method, "seed": args.seed,
+                                                 "rank": run_rank(method, args.rank), "lr": rates[method]["lr"],
+                                                 "epochs": epochs})
 
 
 def doing(method):
@@ -2627,6 +2622,46 @@ def doing(method):
     if trains:
         return f"Fine-tuning {trains} the base model ({display(method)})"
     return f"Fine-tuning the base model with {display(method)}"
+
+
+def comparison_run(ctx, key, rates):
+    """One run of the plan, key = (method, seed, rank): kept from the earlier run, or run here at its method's rate
+    (chosen where the method first runs; the grid's own run at that rate finished, not trained again); appended to
+    the results, which are saved (after every run: nothing finished is lost). Returns its record."""
+    (method, seed, rank), args = key, ctx.args
+    if method not in rates:  # the first seed's base is there: a grid can run on it
+        rates[method] = choose_rate(ctx, method, run_rank(method, args.rank))
+    (lr, grid_trained), record = rates[method], {"method": method, "seed": seed, "rank": rank}
+    if not (kept := ctx.kept("runs", record)):
+        if lr is None:
+            kept = record | {"status": "failed", "reason": "every rate of the --lrs grid failed", "train_time_s": 0.0}
+        else:
+            print(f"{doing(method)}{run_label(args, record)}, lr {lr:g}...")
+            reuse = grid_trained if (seed, rank) == (args.seed, run_rank(method, args.rank)) else None
+            if reuse:
+                print("(the grid's run at this rate and seed, not trained again: tested once now, and saved)")
+            kept, trained = run_method(ctx, record | {"lr": lr, "from_grid": reuse is not None}, trained=reuse)
+            if method == "base" and trained:
+                ctx.bases[seed] = trained[0]
+        print("-------------------------------------")
+    ctx.results["runs"].append(kept)
+    save_results(ctx.results, ctx.out)
+    return kept
+
+
+def after_the_runs(ctx):
+    """The budget check, then the latency of the first seed's models, rebuilt from their saved files."""
+    if ctx.args.budgets:
+        check_budgets(ctx)
+    if any(r["status"] == "ok" for r in main_runs(ctx.results)):
+        print("Measuring inference latency, as trained and merged...")
+        try:
+            with during("the latency measurement"):
+                measure_inference(ctx.results, ctx.out, ctx.splits[ctx.args.task]["test"], ctx.device,
+                                  *((QUICK_LATENCY_ROUNDS, QUICK_LATENCY_REPEATS) if ctx.args.quick else ()))
+        except ModelFileError as e:
+            print(f"Latency not measured: {e}")
+        save_results(ctx.results, ctx.out)
 
 
 # =====================================================================================================
@@ -3005,7 +3040,8 @@ def draw_finished(results, out, failing=False):
 
 def check_bases(args, plan, earlier):
     """Every seed fine-tuned here has a base: trained in this run, or kept from the earlier one (--resume)."""
-    have = {seed for method, seed, _ in plan if method == "base"} | {key[2] for key in earlier if key[:2] == ("runs", "base")}
+    have = ({seed for method, seed, _ in plan if method == "base"}
+            | {key[2] for key in earlier if key[:2] == ("runs", "base")})
     missing = sorted({seed for method, seed, _ in plan if method != "base"} - have)
     if missing:
         adapters = ", ".join(m for m in args.methods if m != "base")
@@ -3034,46 +3070,6 @@ def prepare(args):
           f"validation, {config['test_size']:,} test images; fine-tuning on {args.task}; {len(plan)} runs "
           f"({args.seeds} seed(s){f', ranks {args.ranks}' if args.ranks else ''})\nWriting to {out}/")
     return Run(args, device, splits, results, earlier), plan
-
-
-def comparison_run(ctx, key, rates):
-    """One run of the plan, key = (method, seed, rank): kept from the earlier run, or run here at its method's rate
-    (chosen where the method first runs; the grid's own run at that rate finished, not trained again); appended to
-    the results, which are saved (after every run: nothing finished is lost). Returns its record."""
-    (method, seed, rank), args = key, ctx.args
-    if method not in rates:  # the first seed's base is there: a grid can run on it
-        rates[method] = choose_rate(ctx, method, run_rank(method, args.rank))
-    (lr, grid_trained), record = rates[method], {"method": method, "seed": seed, "rank": rank}
-    if not (kept := ctx.kept("runs", record)):
-        if lr is None:
-            kept = record | {"status": "failed", "reason": "every rate of the --lrs grid failed", "train_time_s": 0.0}
-        else:
-            print(f"{doing(method)}{run_label(args, record)}, lr {lr:g}...")
-            reuse = grid_trained if (seed, rank) == (args.seed, run_rank(method, args.rank)) else None
-            if reuse:
-                print("(the grid's run at this rate and seed, not trained again: tested once now, and saved)")
-            kept, trained = run_method(ctx, record | {"lr": lr, "from_grid": reuse is not None}, trained=reuse)
-            if method == "base" and trained:
-                ctx.bases[seed] = trained[0]
-        print("-------------------------------------")
-    ctx.results["runs"].append(kept)
-    save_results(ctx.results, ctx.out)
-    return kept
-
-
-def after_the_runs(ctx):
-    """The budget check, then the latency of the first seed's models, rebuilt from their saved files."""
-    if ctx.args.budgets:
-        check_budgets(ctx)
-    if any(r["status"] == "ok" for r in main_runs(ctx.results)):
-        print("Measuring inference latency, as trained and merged...")
-        try:
-            with during("the latency measurement"):
-                measure_inference(ctx.results, ctx.out, ctx.splits[ctx.args.task]["test"], ctx.device,
-                                  *((QUICK_LATENCY_ROUNDS, QUICK_LATENCY_REPEATS) if ctx.args.quick else ()))
-        except ModelFileError as e:
-            print(f"Latency not measured: {e}")
-        save_results(ctx.results, ctx.out)
 
 
 def run_experiment(args):
