@@ -1115,6 +1115,8 @@ def train(model, splits, lr, budget, seed, log=print):
         train_loss = loss_sum.item() / n
         check_divergence(epoch, train_loss, first_loss)
         val_loss, val_acc = evaluate(model, *splits["val"])
+        if not math.isfinite(val_loss):  # the last steps broke the weights: a run to fail, not a NaN to record
+            raise Diverged(f"diverged at epoch {epoch} (validation loss {val_loss})")
         for key, value in (("train_loss", train_loss), ("val_loss", val_loss), ("val_acc", val_acc),
                            ("epoch_time_s", time.perf_counter() - epoch_start)):
             history[key].append(value)
@@ -2701,7 +2703,7 @@ def read_results(path, why, upgrading=False):
     not written) runs on it, so whatever it lacks or cannot use is one sentence now, not a traceback after the
     training. `why`: what to do instead."""
     try:
-        results = json.loads(path.read_text(), parse_constant=not_a_number)  # NaN and Infinity: never written here
+        results = json.loads(path.read_text(), parse_constant=not_a_number)  # NaN, Infinity: never written
         if upgrading:
             results = upgrade(results)
         if results.get("format") != RESULTS_FORMAT:

@@ -73,6 +73,12 @@ def test_a_finite_blow_up_is_divergence_too():
         main.check_divergence(2, float("nan"), first_loss=0.5)
 
 
+def test_a_validation_loss_that_is_not_finite_is_divergence_never_a_number_recorded(monkeypatch):
+    scripted(monkeypatch, [(0.5, 60.0), (float("nan"), 10.0)])
+    with pytest.raises(main.Diverged, match=r"diverged at epoch 2 \(validation loss nan\)"):
+        main.train(main.CNN(), synthetic_splits(), 1e-3, main.Budget(3, 32, None), seed=0, log=lambda s: None)
+
+
 def test_a_run_that_ends_at_chance_learned_nothing(monkeypatch):
     monkeypatch.setattr(main, "evaluate", lambda *a, **k: (2.3, 11.0))
     with pytest.raises(main.Diverged, match=r"learned nothing: 11.00 % validation accuracy .* chance \(10 %\)"):
