@@ -8,9 +8,9 @@ beside full fine-tuning and the head alone, and compare them.
     python main.py --help                # every flag: one per entry of SETTINGS, defaulting to it
 
 Sections, top to bottom: settings (the METHODS table: a method is one row and one adapter class), errors, model,
-adapter layers, data, training, measurement, results over seeds, results files, plots, saved models, the runs, the
-output folder, main(). Every name is defined above its first use; `import main` has no side effects.
-"""
+adapter layers, data, training, measurement, saved models, results over seeds, after training (merging, latency),
+results files, plots, the runs, the output folder, main(). Every name is defined above its first use; `import main`
+has no side effects."""
 import argparse
 import contextlib
 import copy
