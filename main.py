@@ -32,6 +32,7 @@ from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import NamedTuple
 
+import filelock
 import numpy as np
 import torch
 import torch.nn as nn
@@ -1051,7 +1052,7 @@ class TrainingMemory:
 
     def __exit__(self, *exc):
         self.hooks.__exit__(*exc)
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        trainable = trainable_parameters(self.model).values()
         trained = sum(p.nbytes for p in trainable)
         self.parts = {"frozen_weights": weight_bytes(self.model) - trained, "trainable_weights": trained,
                       "gradients": sum(p.grad.nbytes for p in trainable if p.grad is not None),
@@ -2497,6 +2498,9 @@ def run_method(ctx, record, trained=None):
     args, (method, seed, rank, lr) = ctx.args, (record[k] for k in ("method", "seed", "rank", "lr"))
     name, data = display(method) + run_label(args, record), ctx.splits["mnist" if method == "base" else args.task]
     validation_only, started = "extension" in record or "epochs" in record, time.perf_counter()
+
+    def stopped(status, reason):  # recorded with the time it took to stop
+        return record | {"status": status, "reason": reason, "train_time_s": time.perf_counter() - started}, None
     try:
         with during(name):
             if trained is None:
@@ -2521,17 +2525,16 @@ def run_method(ctx, record, trained=None):
             print(f"{name} is unstable: {record['reason']}; its best epoch is kept but not counted"
                   + (" and its rate not chosen." if validation_only else ". Going on with the other methods."))
         return record, trained
-    except (BitsAndBytesUnavailable, Diverged, torch.cuda.OutOfMemoryError) as e:
-        if isinstance(e, BitsAndBytesUnavailable):
-            print(f"{name} skipped: {e}")
-        elif isinstance(e, Diverged):
-            print(f"{name} failed: {e}; {divergence_advice((method, seed, rank), lr, args, e.too_slow)}. Going on "
-                  f"with the other methods.")
-        else:
-            print(f"{name} ran out of CUDA memory: try a smaller --batch-size.")
-        reason = "CUDA out of memory" if isinstance(e, torch.cuda.OutOfMemoryError) else str(e)
-        return record | {"status": "skipped" if isinstance(e, BitsAndBytesUnavailable) else "failed",
-                         "reason": reason, "train_time_s": time.perf_counter() - started}, None
+    except BitsAndBytesUnavailable as e:
+        print(f"{name} skipped: {e}")
+        return stopped("skipped", str(e))
+    except Diverged as e:
+        print(f"{name} failed: {e}; {divergence_advice((method, seed, rank), lr, args, e.too_slow)}. Going on with "
+              f"the other methods.")
+        return stopped("failed", str(e))
+    except torch.cuda.OutOfMemoryError:
+        print(f"{name} ran out of CUDA memory: try a smaller --batch-size.")
+        return stopped("failed", "CUDA out of memory")
 
 
 MAX_EXTENSIONS = 3  # steps a grid may grow past either end while its best rate sits there
@@ -2672,24 +2675,21 @@ def after_the_runs(ctx):
 def upgrade(results):
     """A results.json of the format before this one (1: no training memory in parts) brought to this format: its
     runs' memory measured now (step_memory, on a fresh model of the same method, rank and settings: memory depends
-    on shapes, not on trained values), the fields that replaces dropped, the CNN's width recorded as 1, all it had."""
+    on shapes, not on trained values), the fields it replaces dropped, the CNN's width recorded as 1, all it had."""
     if not isinstance(results, dict) or results.get("format", 1) != 1:
         return results
     config, measured = results["config"], {}
     config.setdefault("width", 1)
-    for r in results["runs"] + results["other_runs"]:
-        if r["status"] in FINISHED and (r["method"], r["rank"]) not in measured:
+    for r in (r for r in results["runs"] + results["other_runs"] if r["status"] in FINISHED):
+        if (r["method"], r["rank"]) not in measured:
             torch.manual_seed(0)
             model = finetuning_copy(CNN(config["width"]), r["method"], r["rank"], argparse.Namespace(**config))
-            epochs = epoch_budget(config, r["method"])
+            steps = full_run_steps(epoch_budget(config, r["method"]), config["batch_size"], config["train_size"])
             measured[r["method"], r["rank"]] = step_memory(model.to(memory_format=torch.channels_last),
-                                                           config["batch_size"],
-                                                           full_run_steps(epochs, config["batch_size"],
-                                                                          config["train_size"]))[0]
-        if r["status"] in FINISHED:
-            r["memory"] = measured[r["method"], r["rank"]]
-            for replaced in ("weight_bytes", "grad_bytes", "optimizer_bytes", "train_state_bytes"):
-                r.pop(replaced, None)
+                                                           config["batch_size"], steps)[0]
+        r["memory"] = measured[r["method"], r["rank"]]
+        for replaced in ("weight_bytes", "grad_bytes", "optimizer_bytes", "train_state_bytes"):
+            r.pop(replaced, None)
     return results | {"format": RESULTS_FORMAT, "memory_sweep": results.get("memory_sweep", [])}
 
 
@@ -2708,8 +2708,9 @@ def read_results(path, why, upgrading=False):
             results = upgrade(results)
         if results.get("format") != RESULTS_FORMAT:
             raise ValueError(f"results format {results.get('format')!r}; this version reads {RESULTS_FORMAT}")
-        for kind in RECORD_KINDS:
-            [(record_key(kind, r), r["status"]) for r in results[kind]]
+        for kind in RECORD_KINDS:  # what --resume looks its records up by
+            for r in results[kind]:
+                record_key(kind, r), r["status"]
         results_markdown(add_summary(results))
         for _ in draw_figures(results):  # drawn, not written
             pass
@@ -2768,7 +2769,6 @@ def earlier_records(out, config, plan):
 def lock_out_dir(out):
     """An exclusive lock on out/.lock while this run writes there (filelock: released when the process ends, even
     by kill -9; its file opened without following a link), so two runs never mix their files."""
-    import filelock
     lock = filelock.FileLock(out / ".lock", timeout=0)
     try:
         lock.acquire()
