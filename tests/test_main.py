@@ -137,6 +137,10 @@ def test_a_run_with_the_default_out_dir_changes_no_committed_file(quick_run):
     code, out, repo = quick_run
     assert code == 0 and (out / "results.json").is_file() and (out / main.PLOT_FILES[4]).is_file()
     assert git(repo, "status", "--porcelain", "--untracked-files=all") == ""  # nothing changed, nothing unignored
+    aside = repo / "plots" / "latest.before-2026-12-02-120000"  # where the next quick run moves this one
+    aside.mkdir()
+    (aside / "results.json").write_text("{}")
+    assert git(repo, "status", "--porcelain", "--untracked-files=all") == ""  # ignored too
 
 
 def test_no_readme_command_writes_into_a_committed_folder():
