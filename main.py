@@ -132,10 +132,6 @@ def adapter_class(method):
     return globals()[METHODS[method].layer] if method in METHODS and METHODS[method].trains == "adapters" else None
 
 
-def adapter_methods():
-    return [m for m in METHODS if adapter_class(m)]
-
-
 def display(method):
     """A method's name in tables and plots ("Base" for the base stage); a name no row knows, as it is."""
     return row(method).name if isinstance(method, str) and (method == "base" or method in METHODS) else str(method)
@@ -1145,8 +1141,7 @@ def train(model, splits, lr, budget, seed, log=print):
 def step_memory(model, batch_size, total_steps):
     """(TrainingMemory's parts, CUDA peak or None) of one training step of `model` as train() takes it (its
     trainable parameters, Adam, the adapter classes' hooks at step MEMORY_STEP of a run of total_steps), on a
-    batch of random images: memory depends on shapes, not values, so nothing needs training. For the memory
-    sweep, and for runs recorded before their memory was measured (tests check it equals train()'s own)."""
+    batch of random images: memory depends on shapes, not values (a test checks it equals train()'s own)."""
     device = next(model.parameters()).device
     g = torch.Generator().manual_seed(0)
     images = torch.randn(batch_size, 1, 28, 28, generator=g).to(device).contiguous(memory_format=torch.channels_last)
@@ -1164,11 +1159,6 @@ def fmt_mib(b):
     return f"{b / 2**20:.2f}"
 
 
-def full_run_steps(epochs, batch_size, train_size=60_000 - VAL_SIZE):
-    """The optimizer steps of a fine-tuning run on the whole training split: where its hooks stand at a step."""
-    return epochs * math.ceil(train_size / batch_size)
-
-
 def memory_sweep(args, device, log=print):
     """results["memory_sweep"]: every fine-tuning method's training memory (step_memory: one measured step, no
     training) at each CNN width of --memory-widths and batch size of --memory-batches, on fresh CNNs."""
@@ -1180,7 +1170,8 @@ def memory_sweep(args, device, log=print):
             point = {}
             for method in (m for m in args.methods if m != "base"):
                 model = finetuning_copy(base, method, args.rank, args).to(memory_format=torch.channels_last)
-                memory, peak = step_memory(model, batch, full_run_steps(args.finetune_epochs, batch))
+                steps = args.finetune_epochs * math.ceil((60_000 - VAL_SIZE) / batch)  # a whole run's: the hooks'
+                memory, peak = step_memory(model, batch, steps)
                 point[method] = {"method": method, "width": width, "batch_size": batch, "memory": memory,
                                  "cuda_peak_bytes": peak}
             records += point.values()
@@ -1732,8 +1723,8 @@ def memory_sweep_table(results):
 
 
 def crossover(results):
-    """{width: {method: the largest batch of the sweep at which it still takes less training memory than full
-    fine-tuning, or None}}, and {width: the largest batch swept}: where the adapters stop saving memory."""
+    """{width: {method: the largest batch swept at which it takes less training memory than full fine-tuning,
+    or None}}, and {width: the largest batch swept}: where the adapters stop saving memory."""
     points, below, largest = sweep_points(results), {}, {}
     for (width, batch), totals in points.items():
         largest[width] = max(batch, largest.get(width, 0))
@@ -1861,15 +1852,6 @@ def add_summary(results):
     return results
 
 
-def in_peft_line(method, row):
-    """A method whose folder PEFT rebuilds otherwise (QLoRA: on the fp32 base): its accuracy there, every seed."""
-    stats, diff = row["in_peft"]["test_acc"], row["in_peft"]["vs_trained"]
-    return (f"{display(method)}'s adapter as PEFT loads it (as {display(adapter_class(method).peft_loads_as)} on the "
-            f"fp32 base): "
-            f"{fmt_stat(stats)} % test accuracy, against {fmt_stat(row['test_acc'])} % as trained; the difference "
-            f"seed by seed {fmt_ci(diff, signed=True)} points.")
-
-
 def results_markdown(results):
     """results.md: every table of the results (summarized), with what its notation means."""
     env, config, seeds = results["environment"], results["config"], results["seeds"]
@@ -1885,7 +1867,10 @@ def results_markdown(results):
                      f"{chosen_rates(results)}. Training time of this study: {study_time_s(results) / 60:.1f} min "
                      f"(every run once, the grid and the checks included).")
         parts += [comparison_table(results)]
-        parts += [in_peft_line(m, row) for m, row in results["summary"].items() if "in_peft" in row]
+        parts += [f"{display(m)}'s adapter as PEFT loads it (as {display(adapter_class(m).peft_loads_as)} on the fp32 "
+                  f"base): {fmt_stat(row['in_peft']['test_acc'])} % test accuracy, against {fmt_stat(row['test_acc'])} "
+                  f"% as trained; the difference seed by seed {fmt_ci(row['in_peft']['vs_trained'], signed=True)} "
+                  f"points." for m, row in results["summary"].items() if "in_peft" in row]  # QLoRA: on fp32
         parts += [f"Training memory (MiB) by accounting, one measured training step at batch {config['batch_size']}, "
                   f"CNN width {config.get('width', 1)}:", memory_table(results)]
         parts += [f"After training (Base, Full FT, Head only: the whole model's file; adapters: the adapter-only "
@@ -2093,23 +2078,16 @@ def draw_memory(plt, ax, view):
 def plot_latency(plt, ax, timed, batch):
     """Median forward time per method, as trained and merged (one bar where there is no adapter), with the
     range over the measurement rounds as whiskers, so noise is seen as noise."""
-    ranged = all("latency_range_ms" in t for t in timed.values())
     for i, (method, t) in enumerate(timed.items()):
-        kinds = [k for k in ("plain", "unmerged", "merged") if k in t["latency_ms"]]
-        if not adapter_class(method):  # some results files time these as unmerged and merged: one network
-            kinds = kinds[-1:]
-        for kind in kinds:
-            look = kind if adapter_class(method) else "plain"
-            offset, width = {"plain": (0, 0.5), "unmerged": (-0.2, 0.4), "merged": (0.2, 0.4)}[look]
-            ms = t["latency_ms"][kind][batch]
-            low, high = t["latency_range_ms"][kind][batch] if ranged else (ms, ms)
-            ax.bar(i + offset, ms, width=width, color=row(method).color, hatch="//" if look == "merged" else None,
-                   edgecolor="black", yerr=[[ms - low], [high - ms]] if ranged else None, capsize=3)
+        for kind, ms in t["latency_ms"].items():
+            offset, width = {"plain": (0, 0.5), "unmerged": (-0.2, 0.4), "merged": (0.2, 0.4)}[kind]
+            ms, (low, high) = ms[batch], t["latency_range_ms"][kind][batch]
+            ax.bar(i + offset, ms, width=width, color=row(method).color, hatch="//" if kind == "merged" else None,
+                   edgecolor="black", yerr=[[ms - low], [high - ms]], capsize=3)
             ax.annotate(f"{ms:.2f}" if batch == "1" else f"{ms:.0f}", (i + offset, high), xytext=(0, 3),
                         textcoords="offset points", ha="center", va="bottom", fontsize=7)
     ax.set_xticks(range(len(timed)), [display(m) for m in timed])
-    spread = "whiskers: range over rounds" if ranged else "spread not recorded in this run"
-    ax.set(ylabel="ms", title=f"Inference latency, batch {int(batch):,}\n(median; {spread})")
+    ax.set(ylabel="ms", title=f"Inference latency, batch {int(batch):,}\n(median; whiskers: range over rounds)")
     ax.set_ylim(0, 1.35 * ax.get_ylim()[1])  # headroom: the legend above the tallest bar
     ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, facecolor="white", edgecolor="black", hatch=h)
                        for h in (None, "//")],
@@ -2431,24 +2409,18 @@ def stability(fitted):
                                             f"accuracy at epoch {epoch}, after {before:.2f} %"}
 
 
-def memory_line(memory, batch_size, cuda_peak=None):
-    """Training memory in words: the accounting's total and parts, and the CUDA peak beside it, never for it."""
-    mib = {part: fmt_mib(b) for part, b in memory.items()}
-    line = (f"{mib['total']} MiB by accounting, one step at batch {batch_size}: weights {mib['frozen_weights']} frozen "
-            f"+ {mib['trainable_weights']} trainable, gradients {mib['gradients']}, optimizer {mib['optimizer']}, "
-            f"kept for backward {mib['activations']}")
-    if cuda_peak is not None:
-        line += f"; CUDA peak {fmt_mib(cuda_peak)} MiB ({(cuda_peak - memory['total']) / 2**20:+.2f} beyond it)"
-    return line
-
-
 def report_method(r, batch_size):
-    """A finished run, in the original README's words, each figure saying what it measures."""
-    share = 100 * r["trainable_params"] / r["total_params"]
-    memory = memory_line(r["memory"], batch_size, r["cuda_peak_bytes"])
+    """A finished run, in the original README's words, each figure saying what it measures: memory by accounting,
+    in parts, and the CUDA peak beside it, never for it."""
+    mib, peak = {part: fmt_mib(b) for part, b in r["memory"].items()}, r["cuda_peak_bytes"]
+    memory = (f"{mib['total']} MiB by accounting, one step at batch {batch_size}: weights {mib['frozen_weights']} "
+              f"frozen + {mib['trainable_weights']} trainable, gradients {mib['gradients']}, optimizer "
+              f"{mib['optimizer']}, kept for backward {mib['activations']}" + (
+                  "" if peak is None else f"; CUDA peak {fmt_mib(peak)} MiB "
+                                          f"({(peak - r['memory']['total']) / 2**20:+.2f} beyond it)"))
     print(f"Total Training Time: {r['train_time_s'] / 60:.2f} min ({r['train_time_s']:.1f} s, {r['epochs_run']} "
           f"epochs)\nMax memory allocated: {memory}\nTrainable parameters: {r['trainable_params']:,} of "
-          f"{r['total_params']:,} ({share:.2f} %)")
+          f"{r['total_params']:,} ({100 * r['trainable_params'] / r['total_params']:.2f} %)")
     if "task_test_acc" in r:
         print(f"On the fine-tuning task, before any fine-tuning: {r['task_test_acc']:.2f}% test accuracy")
 
@@ -2624,9 +2596,8 @@ def doing(method):
     trains = {"all": "every parameter of", "head": "only the classifier head of"}.get(row(method).trains)
     if method == "base":
         return "Training the base model"
-    if trains:
-        return f"Fine-tuning {trains} the base model ({display(method)})"
-    return f"Fine-tuning the base model with {display(method)}"
+    return f"Fine-tuning {trains} the base model ({display(method)})" if trains else \
+        f"Fine-tuning the base model with {display(method)}"
 
 
 def comparison_run(ctx, key, rates):
@@ -2672,40 +2643,16 @@ def after_the_runs(ctx):
 # =====================================================================================================
 # The output folder: one run at a time; an earlier run continued (--resume) or moved aside, never deleted
 # =====================================================================================================
-def upgrade(results):
-    """A results.json of the format before this one (1: no training memory in parts) brought to this format: its
-    runs' memory measured now (step_memory, on a fresh model of the same method, rank and settings: memory depends
-    on shapes, not on trained values), the fields it replaces dropped, the CNN's width recorded as 1, all it had."""
-    if not isinstance(results, dict) or results.get("format", 1) != 1:
-        return results
-    config, measured = results["config"], {}
-    config.setdefault("width", 1)
-    for r in (r for r in results["runs"] + results["other_runs"] if r["status"] in FINISHED):
-        if (r["method"], r["rank"]) not in measured:
-            torch.manual_seed(0)
-            model = finetuning_copy(CNN(config["width"]), r["method"], r["rank"], argparse.Namespace(**config))
-            steps = full_run_steps(epoch_budget(config, r["method"]), config["batch_size"], config["train_size"])
-            measured[r["method"], r["rank"]] = step_memory(model.to(memory_format=torch.channels_last),
-                                                           config["batch_size"], steps)[0]
-        r["memory"] = measured[r["method"], r["rank"]]
-        for replaced in ("weight_bytes", "grad_bytes", "optimizer_bytes", "train_state_bytes"):
-            r.pop(replaced, None)
-    return results | {"format": RESULTS_FORMAT, "memory_sweep": results.get("memory_sweep", [])}
-
-
 def not_a_number(constant):
     raise ValueError(f"{constant} is not a number")
 
 
-def read_results(path, why, upgrading=False):
-    """An earlier results.json of this script (brought to this format first when `upgrading`), checked by use: its
-    format, then the code that reads its records (the summary, every table of results.md, every figure, drawn but
-    not written) runs on it, so whatever it lacks or cannot use is one sentence now, not a traceback after the
-    training. `why`: what to do instead."""
+def read_results(path, why):
+    """An earlier results.json of this script, checked by use: its format, then the code that reads its records
+    (the summary, results.md, every figure, drawn but not written) runs on it, so whatever it lacks is one sentence
+    now, not a traceback after the training. `why`: what to do instead."""
     try:
         results = json.loads(path.read_text(), parse_constant=not_a_number)  # NaN, Infinity: never written
-        if upgrading:
-            results = upgrade(results)
         if results.get("format") != RESULTS_FORMAT:
             raise ValueError(f"results format {results.get('format')!r}; this version reads {RESULTS_FORMAT}")
         for kind in RECORD_KINDS:  # what --resume looks its records up by
@@ -2768,7 +2715,12 @@ def earlier_records(out, config, plan):
 
 def lock_out_dir(out):
     """An exclusive lock on out/.lock while this run writes there (filelock: released when the process ends, even
-    by kill -9; its file opened without following a link), so two runs never mix their files."""
+    by kill -9; its file opened without following a link), so two runs never mix their files. Its file is the
+    run's first write there: a folder that cannot take files is said here, before anything is read."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot write to --out-dir {out} ({e.strerror or e})") from None
     lock = filelock.FileLock(out / ".lock", timeout=0)
     try:
         lock.acquire()
@@ -2837,7 +2789,7 @@ def parse_args(argv=None):
                         "such a folder is refused)")
     p.add_argument("--replot", metavar="DIR",
                    help="train nothing: redraw every figure and rewrite results.md from DIR/results.json, into "
-                        "out-dir (runs recorded before training memory was measured get it measured now)")
+                        "out-dir")
     p.add_argument("--quick", action="store_true",
                    help=f"smoke run: {QUICK_TRAIN_SIZE} training / {QUICK_VAL_SIZE} validation / {QUICK_TEST_SIZE} "
                         f"test images, at most {QUICK_MAX_EPOCHS} epochs per method")
@@ -2932,7 +2884,7 @@ def check_args(args):
             raise ConfigError(why)
     if not 0 <= args.dropout < 1:
         raise ConfigError(f"--dropout must be in [0, 1) (got {args.dropout})")
-    for method in adapter_methods():  # every method's own settings, checked by its class (results.json keeps them)
+    for method in filter(adapter_class, METHODS):  # each method's own settings, checked by its class
         adapter_class(method).options(args)
     limit = max_rank(CNN(args.width), args.train_head)
     for flag, rank in [("--rank", args.rank)] + [("--ranks", r) for r in args.ranks]:
@@ -2941,13 +2893,6 @@ def check_args(args):
                               f"layers (got {rank})")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for but no CUDA device is available; use --device cpu or auto")
-    try:  # the out-dir can take files (mkstemp: a new file of a random name, so no planted link redirects it)
-        Path(args.out_dir).mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write_test.", dir=args.out_dir)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise ConfigError(f"cannot write to --out-dir {args.out_dir} ({e.strerror or e})") from None
 
 
 def plan_runs(args):
@@ -2959,13 +2904,13 @@ def plan_runs(args):
 
 def environment(device, methods):
     bnb = "not used"
-    try:
-        if any(getattr(adapter_class(m), "uses_bitsandbytes", False) for m in methods):
-            from importlib.metadata import version
+    if any(getattr(adapter_class(m), "uses_bitsandbytes", False) for m in methods):
+        try:  # installed but unusable says so, not the version on disk
             import_bitsandbytes()
+            from importlib.metadata import version
             bnb = version("bitsandbytes")
-    except Exception as e:  # not installed, or installed but unusable: say so, not the version on disk
-        bnb = "not usable" if isinstance(e, BitsAndBytesUnavailable) else "not installed"
+        except BitsAndBytesUnavailable:
+            bnb = "not usable"
     threads = torch.get_num_threads()
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -3116,10 +3061,10 @@ def run_memory_sweep(args):
 
 
 def replot(args):
-    """--replot DIR: every figure and results.md (and results.json, brought to this format) redrawn from
-    DIR/results.json into the out-dir, nothing trained: a changed plot is an edit and this command."""
+    """--replot DIR: every figure, results.md and results.json redrawn from DIR/results.json into the out-dir,
+    nothing trained: a changed plot is an edit and this command."""
     source, out = Path(args.replot), Path(args.out_dir)
-    results = read_results(source / "results.json", "--replot DIR needs a folder holding one", upgrading=True)
+    results = read_results(source / "results.json", "--replot DIR needs a folder holding one")
     if out.resolve() != source.resolve() and (replacing := earlier_run(out, args)):
         move_aside(out, replacing)
     save_results(results, out)

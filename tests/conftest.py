@@ -16,7 +16,7 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 import main  # noqa: E402
 
 QUICK_TRAIN_SIZE = 2000  # training images of the tests' --quick runs (see quick_runs_on_fewer_images)
-ADAPTER_METHODS = main.adapter_methods()  # every registered adapter method: the math tests run for each
+ADAPTER_METHODS = [m for m in main.METHODS if main.adapter_class(m)]  # every registered adapter method: the math tests run for each
 LAYERS = {
     "linear": (lambda: nn.Linear(12, 8), lambda: torch.randn(5, 12)),
     # stride, padding and dilation all differ from the defaults, so lora_A must inherit them

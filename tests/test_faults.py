@@ -362,7 +362,7 @@ def victim_of(tmp_path):
 def test_no_write_follows_a_symlink_planted_in_the_out_dir(capsys, mnist_dir, tmp_path):
     victim, out = victim_of(tmp_path), tmp_path / "out"
     (out / "seed0").mkdir(parents=True)
-    for name in (".write_test", ".results.json.tmp", ".results.md.tmp", f".{main.PLOT_FILES[0]}.tmp",
+    for name in (".results.json.tmp", ".results.md.tmp", f".{main.PLOT_FILES[0]}.tmp",
                  "seed0/.base_model.pt.tmp"):
         (out / name).symlink_to(victim)
     code, _, _ = run(capsys, "--quick", "--methods", "base", "--epochs", "1", "--data-dir", mnist_dir, "--out-dir", out)

@@ -70,20 +70,3 @@ def test_replot_redraws_a_committed_study_from_its_results_json(study, tmp_path,
     assert code == 0 and (tmp_path / "results.md").read_text() == (ROOT / "plots" / study / "results.md").read_text()
     committed = {p.name for p in (ROOT / "plots" / study).glob("*.png")}
     assert committed and committed == {p.name for p in tmp_path.glob("*.png")}
-
-
-def test_replot_measures_the_memory_of_runs_recorded_before_it_was_measured(tmp_path, capsys, monkeypatch):
-    """Results written before training memory was measured (no memory, no width, the old byte fields) get it
-    measured now: what the committed study holds, measured the same way. (Its figures are the test above's.)"""
-    monkeypatch.setattr(main, "plot_results", lambda results, out_dir: [])
-    results = json.loads((ROOT / "plots" / "rotated" / "results.json").read_text())
-    del results["config"]["width"], results["memory_sweep"], results["format"]
-    for r in results["runs"] + results["other_runs"]:
-        if "memory" in r:
-            r["weight_bytes"] = r.pop("memory")["frozen_weights"]
-    (tmp_path / "old").mkdir()
-    (tmp_path / "old" / "results.json").write_text(json.dumps(results))
-    assert main.main(["--replot", str(tmp_path / "old"), "--out-dir", str(tmp_path / "new")]) == 0
-    assert (tmp_path / "new" / "results.md").read_text() == (ROOT / "plots" / "rotated" / "results.md").read_text()
-    redone = json.loads((tmp_path / "new" / "results.json").read_text())
-    assert all("weight_bytes" not in r for r in redone["runs"]) and redone["config"]["width"] == 1
