@@ -1410,12 +1410,38 @@ def paired_difference(results, method, ref):
     return mean_std_ci([acc[method][s] - acc[ref][s] for s in seeds]) if seeds else None
 
 
+def right_bits(right_hex, n):
+    """right_images' hex back to n booleans: which of the n images a run got right."""
+    return np.unpackbits(np.frombuffer(bytes.fromhex(right_hex), dtype=np.uint8))[:n].astype(bool)
+
+
 def paired_margin(a_hex, b_hex, n):
     """(images run a gets right that run b does not, minus the reverse; the standard error of that count): the
     two runs' difference on the same n images, its spread from the images they disagree on (McNemar)."""
-    a, b = (np.unpackbits(np.frombuffer(bytes.fromhex(h), dtype=np.uint8))[:n].astype(bool) for h in (a_hex, b_hex))
+    a, b = right_bits(a_hex, n), right_bits(b_hex, n)
     only_a, only_b = int((a & ~b).sum()), int((b & ~a).sum())
     return only_a - only_b, math.sqrt(max(0.0, only_a + only_b - (only_a - only_b) ** 2 / n))
+
+
+def paired_interval(pairs, n):
+    """Two methods' test-accuracy difference (points) over seeds, each seed's pair of runs (their right_images)
+    on the same n test images, with a 95 % interval that holds both noises. The mean difference is the mean over
+    images of D_i, image i's difference averaged over the seeds; its variance is the seeds' (training: s_d^2 / S,
+    s_d the spread of the per-seed differences) plus the test set's (the n images are one sample of the task:
+    Var(D_i) / n), the interval Student's t at the Welch-Satterthwaite degrees of freedom. The seed-by-seed
+    interval alone leaves out the second: every seed is tested on the same images."""
+    right = [(right_bits(a, n), right_bits(b, n)) for a, b in pairs]
+    per_image = 100 * np.mean([a.astype(float) - b for a, b in right], axis=0)  # D_i
+    per_seed = [100 * (a.mean() - b.mean()) for a, b in right]
+    seeds, mean = len(right), float(per_image.mean())
+    var_seed = statistics.variance(per_seed) / seeds if seeds > 1 else 0.0
+    var_test = float(per_image.var(ddof=1)) / n
+    spread = {"mean": mean, "var_seed": var_seed, "var_test": var_test, "ci95": [mean, mean]}
+    if var_seed + var_test > 0:
+        df = (var_seed + var_test) ** 2 / ((var_seed ** 2 / (seeds - 1) if seeds > 1 else 0) + var_test ** 2 / (n - 1))
+        half = t_975(max(1, math.floor(df))) * math.sqrt(var_seed + var_test)
+        spread |= {"df": df, "ci95": [mean - half, mean + half]}
+    return spread
 
 
 def summarize(results):
@@ -2491,6 +2517,7 @@ def run_method(ctx, record, trained=None):
                 print(f"Best validation accuracy {record['val_acc']:.2f}% (epoch {record['best_epoch']})")
             else:
                 record |= measure(model, fitted, *evaluate(model, *data["test"]))  # the test set, once per run
+                record["test_right"] = right_images(model, *data["test"])  # test noise in the paired intervals
                 finish_run(ctx, record, model)
                 report_method(record, args.batch_size)
         if record["status"] == "unstable":

@@ -2,6 +2,7 @@
 lose nothing that finished."""
 import ast
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -173,6 +174,9 @@ def test_quick_run_writes_every_output_with_sane_numbers(quick_run):
     for method, r in runs.items():
         assert r["status"] == "ok", method
         assert 85 < r["test_acc"] <= 100 and r["train_time_s"] > 0 and 1 <= r["epochs_run"] <= 2
+        right = main.right_bits(r["test_right"], results["config"]["test_size"])  # which test images it got right
+        assert len(r["test_right"]) == 2 * math.ceil(results["config"]["test_size"] / 8)
+        assert 100 * right.mean() == pytest.approx(r["test_acc"]), method
         assert r["cuda_peak_bytes"] is None  # CPU: not measured, never a fake 0
         memory = r["memory"]  # by accounting, in parts, measured on the run's own step: activations included
         assert memory["total"] == sum(v for k, v in memory.items() if k != "total") and memory["activations"] > 0

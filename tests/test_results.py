@@ -68,6 +68,52 @@ def test_paired_difference_is_taken_seed_by_seed_over_the_seeds_both_finished():
     assert main.paired_difference(results, "dora", "qlora") is None
 
 
+def right_hex(right):
+    """A list of 0/1 (one per image) as right_images writes it: bits packed 8 to a byte, in hex."""
+    right = list(right) + [0] * (-len(right) % 8)
+    return bytes(int("".join(map(str, right[i:i + 8])), 2) for i in range(0, len(right), 8)).hex()
+
+
+def test_the_paired_interval_of_one_seed_is_the_test_sets_noise_alone():
+    """Two runs on n = 1,000 images, a right on 30 that b misses and b on 10 that a misses: the difference is
+    2 points, its variance the test set's alone, Var(D_i) / n with D_i = +100, -100 or 0 (one seed: no seed noise)."""
+    n, only_a, only_b = 1000, 30, 10
+    a = [1] * only_a + [0] * only_b + [1] * 900 + [0] * 60
+    b = [0] * only_a + [1] * only_b + [1] * 900 + [0] * 60
+    got = main.paired_interval([(right_hex(a), right_hex(b))], n)
+    mean = 100 * (only_a - only_b) / n
+    var_d = (100**2 * (only_a + only_b) - n * mean**2) / (n - 1)  # sample variance of D_i, by its sums
+    half = main.t_975(n - 1) * math.sqrt(var_d / n)
+    assert got["mean"] == pytest.approx(2.0) and got["var_seed"] == 0
+    assert got["ci95"] == pytest.approx([mean - half, mean + half])
+    assert got["ci95"][0] > 0 and half == pytest.approx(1.96 * 0.632, abs=0.01)  # sqrt(40 - 20**2/1000) / 10 = 0.632
+
+
+def test_the_paired_interval_of_several_seeds_adds_the_seeds_noise_to_the_test_sets():
+    """Three seeds where a beats b on 10, 20 and 60 of 1,000 images: the seed term is the per-seed differences'
+    variance over 3, the test term Var(D_i) / n of the seed-averaged D_i; df by Welch-Satterthwaite."""
+    n, leads = 1000, (10, 20, 60)
+    pairs = [(right_hex([1] * k + [0] * (n - k)), right_hex([0] * n)) for k in leads]
+    got = main.paired_interval(pairs, n)
+    per_seed = [100 * k / n for k in leads]  # 1, 2, 6 points
+    d = [100 * sum(k > i for k in leads) / len(leads) for i in range(n)]  # D_i: the seeds where a has image i
+    d_mean = sum(d) / n
+    var_seed = statistics.variance(per_seed) / 3
+    var_test = sum((x - d_mean) ** 2 for x in d) / (n - 1) / n
+    df = (var_seed + var_test) ** 2 / (var_seed**2 / 2 + var_test**2 / (n - 1))
+    half = main.t_975(math.floor(df)) * math.sqrt(var_seed + var_test)
+    assert got["mean"] == pytest.approx(3.0) and got["var_seed"] == pytest.approx(7 / 3)  # variance of 1, 2, 6 is 7
+    assert got["var_test"] == pytest.approx(var_test) and got["df"] == pytest.approx(df)
+    assert got["ci95"] == pytest.approx([3.0 - half, 3.0 + half])
+    seeds_only = main.mean_std_ci(per_seed)["ci95"]  # the interval the seeds alone give is narrower
+    assert got["ci95"][1] - got["ci95"][0] > seeds_only[1] - seeds_only[0]
+
+
+def test_two_identical_runs_differ_by_zero_with_no_spread():
+    same = right_hex([1, 0, 1, 1] * 5)
+    assert main.paired_interval([(same, same)] * 2, 20)["ci95"] == [0.0, 0.0]
+
+
 def test_summary_rows_hold_means_spreads_byte_counts_and_the_base_on_the_target():
     results = fake_results()
     summary = main.summarize(results)
