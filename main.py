@@ -2039,7 +2039,8 @@ def plot_loss_and_accuracy(plt, view, method):
     ax2.set_ylabel("validation accuracy (%)", color=acc_color)
     ax2.tick_params(axis="y", colors=acc_color)
     handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
-    ax.legend(handles, [h.get_label() for h in handles], loc="center right")
+    ax.legend(handles, [h.get_label() for h in handles], loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3,
+              fontsize=8)  # below the axes: never over a curve
     ax.grid(alpha=0.3)
     style_axes(ax)
     style_axes(ax2)
@@ -2120,23 +2121,47 @@ def plot_latency(plt, ax, timed, batch):
               labels=["as trained (one bar: no adapter to merge)", "merged"], fontsize=8)
 
 
+def draw_paired(ax, view, ref, names=True):
+    """Each method's test accuracy minus `ref`'s, seed by seed (the paired difference every claim rests on), its
+    mean and 95 % CI as a forest: a row per method (the same rows for every ref), 0 marked."""
+    shown = [m for m in view["trained"] if m != "base"]
+    for y, method in enumerate(shown):
+        if not (stats := view["summary"][method]["vs"].get(ref)):
+            continue
+        ax.errorbar([stats["mean"]], [y], xerr=None if stats["ci95"] is None else [ci_half(stats)],
+                    fmt=row(method).marker, ms=7, capsize=4, color=row(method).color)
+        ax.annotate(f"{stats['mean']:+.2f}", (stats["mean"], y), xytext=(0, 7), textcoords="offset points",
+                    ha="center", fontsize=7)
+    ax.axvline(0, color=row(ref).color, ls="--")
+    ax.set_yticks(range(len(shown)), [display(m).replace(" (", "\n(") for m in shown] if names else [])
+    ax.set_ylim(len(shown) - 0.5, -0.5)
+    interval = "95 % CI over seeds, seed noise only" if view["n_seeds"] > 1 else "1 seed, no interval"
+    ax.set(xlabel="points", title=f"Test accuracy minus {display(ref)}'s, seed by seed\n(paired; {interval})")
+    ax.grid(alpha=0.3, axis="x")
+
+
 def plot_comparison(plt, view):
-    """One figure, five panels: test accuracy, training memory in parts, file size, latency at two batch sizes."""
+    """One figure, seven panels: test accuracy and the paired differences to full fine-tuning and to head only;
+    training memory in parts and file size; latency at two batch sizes."""
     summary, trained, results = view["summary"], view["trained"], view["results"]
-    fig = plt.figure(figsize=(15, 9))
-    grid = fig.add_gridspec(2, 3)
-    draw_test_accuracy(fig.add_subplot(grid[0, 0]), view)
-    draw_memory(plt, fig.add_subplot(grid[0, 1:]), view)
-    ax_file = fig.add_subplot(grid[1, 0])
+    fig = plt.figure(figsize=(18, 15), layout="constrained")  # tight_layout cannot fit seven panels' labels
+    top, middle, bottom = fig.subfigures(3, 1)
+    draw_test_accuracy(top.add_subplot(1, 3, 1), view)
+    for column, ref in ((2, "full"), (3, "head")):
+        if ref in trained:
+            draw_paired(top.add_subplot(1, 3, column), view, ref, names=ref == "full" or "full" not in trained)
+    draw_memory(plt, middle.add_subplot(1, 3, (1, 2)), view)
+    ax_file = middle.add_subplot(1, 3, 3)
     ax_file.bar_label(ax_file.bar([display(m) for m in trained],
                                   [summary[m]["file_bytes"]["mean"] / 2**10 for m in trained],
                                   color=[row(m).color for m in trained]), fmt="%.0f")
-    ax_file.set(ylabel="KiB", title="Saved file: the whole model (no adapter) or the adapter only")
+    ax_file.set(ylabel="KiB", title="Saved file:\nthe whole model (no adapter) or the adapter only")
     timed = {m: results["inference"][m] for m in trained if m in results.get("inference", {})}
     for column, batch in ((1, "1"), (2, "1000")):
-        plot_latency(plt, fig.add_subplot(grid[1, column]), timed, batch)
-    for ax in fig.axes:  # seven names side by side run into each other: slanted
-        plt.setp(ax.get_xticklabels(), rotation=30, ha="right", rotation_mode="anchor")
+        plot_latency(plt, bottom.add_subplot(1, 2, column), timed, batch)
+    for ax in top.axes + middle.axes + bottom.axes:  # seven names side by side run into each other: slanted
+        if ax.get_xlabel() != "points":
+            plt.setp(ax.get_xticklabels(), rotation=30, ha="right", rotation_mode="anchor")
     fig.suptitle(titled(view, f"Test accuracy, memory, file size and latency; fine-tuned on {view['task']} "
                               f"({results['environment']['device_name']})", sep=": "))
     return fig
@@ -2149,9 +2174,10 @@ def plot_rank_sweep(plt, view):
     if not sweep:
         return None
     fig, ax = plt.subplots(figsize=(7.5, 5))
-    for method, points in sweep.items():
-        # LoRA and QLoRA train the same parameters, so their points share an x: told apart by marker
-        ax.errorbar([p["stored_params"] for p in points], [p["test_acc"]["mean"] for p in points],
+    for k, (method, points) in enumerate(sweep.items()):
+        # LoRA and QLoRA store the same parameters, so their points would share an x: each method's drawn 3 % aside
+        dodge = 1.03 ** (k - (len(sweep) - 1) / 2)
+        ax.errorbar([p["stored_params"] * dodge for p in points], [p["test_acc"]["mean"] for p in points],
                     yerr=[ci_half(p["test_acc"]) for p in points] if n_seeds > 1 else None, marker=row(method).marker,
                     mfc="none", capsize=3, color=row(method).color,
                     label=display(method) + (f" (lr {summary[method]['lr']:g})" if method in summary else ""))
@@ -2173,7 +2199,7 @@ def plot_rank_sweep(plt, view):
         else:  # far below every point (a shifted task): a line would squash the sweep, the legend says it
             ax.plot([], [], ls="none", label=f"Base, not fine-tuned: {before:.2f} %")
     ax.set_xscale("log")
-    ax.set(xlabel="stored parameters: the saved adapter and head (log scale)", ylabel="test accuracy (%), axis zoomed",
+    ax.set(xlabel="stored parameters: the saved adapter and head (log scale; methods drawn a few % apart)", ylabel="test accuracy (%), axis zoomed",
            title=titled(view, f"Accuracy vs stored parameters on {view['task']} "
                               f"({f'mean of {n_seeds} seeds, 95 % CI' if n_seeds > 1 else '1 seed'})\nevery rank at "
                               f"the method's rate chosen at r = {view['results']['config']['rank']}, update scaled "
@@ -2186,42 +2212,48 @@ def plot_rank_sweep(plt, view):
 
 def plot_lr_sweep(plt, view):
     """Validation accuracy at each run's kept epoch against the learning rate, one line per method through its
-    stable runs; a run that collapsed drawn as an x, an extension of the grid hollow, the chosen rate ringed."""
+    stable runs; an extension of the grid hollow, the chosen rate a large mark of the method's own shape. A run
+    that collapsed (x) is drawn at its value on a lower axis, the y axis visibly broken between the two, so the
+    stable runs keep a zoomed axis and no point sits at a height that is not its value."""
     grid, chosen = view["results"]["lr_grid"], view["results"]["learning_rates"]
     if not grid:
         return None
-    fig, ax = plt.subplots(figsize=(8, 5.2))
-    # the axis zoomed to the stable runs: a collapse near chance would squash them into one line, so it is drawn
-    # at the bottom edge with its accuracy written beside it
-    stable = ([r["val_acc"] for r in grid if r["status"] == "ok"]
-              or [r["val_acc"] for r in grid if r["status"] in FINISHED])
-    pad = max(0.2, 0.08 * (max(stable) - min(stable))) if stable else 1.0
-    floor = min(stable, default=0.0) - pad
+    collapsed = [r for r in grid if r["status"] == "unstable"]
+    fig, axes = plt.subplots(2 if collapsed else 1, 1, figsize=(8, 5.8), sharex=True, squeeze=False,
+                             gridspec_kw={"height_ratios": [4, 1]} if collapsed else None)
+    ax, low = axes[0][0], axes[-1][0] if collapsed else None
     for method in dict.fromkeys(r["method"] for r in grid):
         mine = sorted((r for r in grid if r["method"] == method), key=lambda r: r["lr"])
         ok = [r for r in mine if r["status"] == "ok"]
         failed = [f"{r['lr']:g}" for r in mine if r["status"] not in FINISHED]
-        color = row(method).color
-        ax.plot([r["lr"] for r in ok], [r["val_acc"] for r in ok], color=color,
+        color, marker = row(method).color, row(method).marker
+        ax.plot([r["lr"] for r in ok], [r["val_acc"] for r in ok], color=color, marker=marker, ms=5,
                 label=display(method) + (f" (failed at lr {', '.join(failed)})" if failed else ""))
-        for r in mine:
-            if r["status"] in FINISHED:
-                y = max(r["val_acc"], floor + pad / 2)
-                ax.plot([r["lr"]], [y], color=color, ls="none", ms=9 if r["status"] == "unstable" else 6,
-                        marker="x" if r["status"] == "unstable" else "o", mfc="white" if r["extension"] else color)
-                if y != r["val_acc"]:
-                    ax.annotate(f"{r['val_acc']:.2f} %", (r["lr"], y), xytext=(0, 7), textcoords="offset points",
-                                ha="center", fontsize=8, color=color)
+        for r in (r for r in ok if r["extension"]):
+            ax.plot([r["lr"]], [r["val_acc"]], ls="none", marker=marker, ms=5, mfc="white", color=color)
+        for r in (r for r in mine if r["status"] == "unstable"):
+            low.plot([r["lr"]], [r["val_acc"]], ls="none", marker="x", ms=9, color=color)
         best = [r for r in ok if chosen.get(method, {}).get("lr") == r["lr"]]
         if best:
-            ax.plot([best[0]["lr"]], [best[0]["val_acc"]], marker="o", ms=14, mfc="none", mew=2, color=color)
-    for marker, mfc, what in (("o", "none", "chosen rate"), ("o", "white", "extension of the grid"),
-                              ("x", "black", "unstable: collapsed to chance after learning")):
-        ax.plot([], [], marker=marker, ms=10 if what == "chosen rate" else 6, mfc=mfc, ls="none", color="black",
-                label=what)
+            ax.plot([best[0]["lr"]], [best[0]["val_acc"]], marker=marker, ms=15, mfc="none", mew=1.5, color=color)
+    for marker, ms, mfc, what in (("o", 15, "none", "chosen rate (the method's own mark, large)"),
+                                  ("o", 5, "white", "extension of the grid")):
+        ax.plot([], [], marker=marker, ms=ms, mfc=mfc, ls="none", color="black", label=what)
+    if collapsed:
+        low.plot([], [], marker="x", ls="none", color="black", label="unstable: collapsed to chance after learning")
+        low.set_ylim(min(r["val_acc"] for r in collapsed) - 5, max(r["val_acc"] for r in collapsed) + 5)
+        ax.spines["bottom"].set_visible(False)
+        low.spines["top"].set_visible(False)
+        for a, y in ((ax, 0), (low, 1)):  # the break: two short slashes where the axes part
+            a.plot([0, 1], [y, y], transform=a.transAxes, ls="none", marker=[(-1, -1), (1, 1)], ms=10, mew=1,
+                   color="black", clip_on=False)
+        low.legend(fontsize=8, loc="lower right")
+        low.set_ylabel("collapsed (%)")
+        low.grid(alpha=0.3, which="both")
     ax.set_xscale("log")
     seed = view["results"]["seeds"][0]
-    ax.set(xlabel="learning rate (log scale)", ylabel="validation accuracy at the kept epoch (%), axis zoomed",
+    axes[-1][0].set(xlabel="learning rate (log scale)")
+    ax.set(ylabel="validation accuracy at the kept epoch (%), axis zoomed",
            title=titled(view, f"Learning-rate grid on {view['task']}, seed {seed}, validation only\nchosen by "
                               f"{SELECTION}"))
     ax.grid(alpha=0.3, which="both")
@@ -2231,29 +2263,36 @@ def plot_lr_sweep(plt, view):
 
 
 def plot_budget_check(plt, view):
-    """Validation accuracy at the kept epoch against the epoch budget, first seed, each method at its rate."""
-    points = budget_points(view["results"])
+    """Each budget's validation result against the comparison's, first seed, each method at its rate: images
+    the longer (or shorter) run gets right and the comparison's run not, minus the reverse, with +-2 standard
+    errors of that paired count (paired_margin): a bar clear of 0 is a change beyond validation noise."""
+    points, config = budget_points(view["results"]), view["results"]["config"]
     if not points:
         return None
+    main_budget, n = epoch_budget(config), config["val_size"]
     fig, ax = plt.subplots(figsize=(8, 5))
-    for method, mine in points.items():
-        ax.plot([e for e, *_ in mine], [acc for _, acc, *_ in mine], marker=row(method).marker,
-                color=row(method).color, label=display(method))
-        for epochs, acc, status, _ in mine:
+    for k, (method, mine) in enumerate(points.items()):
+        at_main = next((r for e, _, _, r in mine if e == main_budget), None)
+        if at_main is None:
+            continue
+        dodge = 1.02 ** (k - (len(points) - 1) / 2)  # methods side by side, not on top of each other
+        lead = [(e, *paired_margin(r["val_right"], at_main["val_right"], n), status) for e, _, status, r in mine]
+        ax.errorbar([e * dodge for e, *_ in lead], [d for _, d, _, _ in lead], yerr=[2 * se for _, _, se, _ in lead],
+                    marker=row(method).marker, capsize=3, color=row(method).color, label=display(method))
+        for e, d, _, status in lead:
             if status == "unstable":
-                ax.plot([epochs], [acc], marker="x", ms=10, color="black")
-    main_budget = epoch_budget(view["results"]["config"])
+                ax.plot([e * dodge], [d], marker="x", ms=10, color="black")
+    ax.axhline(0, color="gray", lw=1)
     ax.axvline(main_budget, ls="--", color="gray", label=f"the comparison's budget ({main_budget} epochs)")
     ax.set_xscale("log", base=2)
     budgets = budgets_of(points)
     ax.set_xticks(budgets, [str(e) for e in budgets])
     ax.set(xlabel="fine-tuning epochs (the cosine schedule spans each budget)",
-           ylabel="validation accuracy at the kept epoch (%), axis zoomed",
-           title=titled(view, f"Budget check on {view['task']}, seed {view['results']['seeds'][0]}, validation only:"
-                              f"\nhas the comparison's budget plateaued?"))
+           ylabel=f"validation images (of {n:,}) right minus the comparison's run",
+           title=titled(view, f"Budget check on {view['task']}, seed {view['results']['seeds'][0]}, validation only: "
+                              f"has the comparison's\nbudget plateaued? (paired image counts, whiskers +-2 SE)"))
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    style_axes(ax, epochs=False)
     return fig
 
 
@@ -2364,7 +2403,8 @@ def plot_results(results, out_dir):
     """Every figure, written atomically into out_dir; returns the file names."""
     written = []
     for name, fig in draw_figures(results):
-        fig.tight_layout()
+        if fig.get_layout_engine() is None:
+            fig.tight_layout()
         write_atomic(Path(out_dir) / name, fig)
         written.append(name)
     return written

@@ -161,10 +161,17 @@ def test_plots_with_seeds_and_a_sweep_are_drawn_from_results_alone(tmp_path):
     for r in results["runs"]:
         if r["status"] == "ok":
             r["history"] = {k: [1.0, 0.5] for k in ("train_loss", "val_loss")} | {"val_acc": [90.0, r["test_acc"]]}
+        r["val_right"], r["best_epoch"] = "ff00", 2  # 16 validation images
     results["environment"] = {"device_name": "test"}
-    results["config"]["test_size"] = 10_000
+    results["config"] |= {"test_size": 10_000, "val_size": 16}
+    grid = {"method": "lora", "seed": 0, "rank": 8, "val_loss": 0.1, "epochs_run": 4, "best_epoch": 3}
+    results["lr_grid"] = [grid | {"lr": 1e-3, "status": "ok", "val_acc": 96.0, "extension": False},
+                          grid | {"lr": 1e-2, "status": "unstable", "val_acc": 10.5, "extension": False}]
+    results["learning_rates"] = {"lora": {"lr": 1e-3, "chosen_by": "validation grid"}}
+    results["budget_check"] = [{"method": "lora", "seed": 0, "rank": 8, "lr": 1e-3, "epochs": 8, "status": "ok",
+                                "val_acc": 96.5, "val_right": "ff80"}]
     written = main.plot_results(main.add_summary(results), tmp_path)
-    assert set(written) == set(main.PLOT_FILES) | {main.SWEEP_PLOT}
+    assert set(written) == set(main.PLOT_FILES) | {main.SWEEP_PLOT, main.LR_PLOT, main.BUDGET_PLOT}
     assert all((tmp_path / name).stat().st_size > 10_000 for name in written)
 
 
