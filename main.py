@@ -1467,7 +1467,7 @@ def summarize(results):
             "lr": ok[0]["lr"], **{k: ok[0][k] for k in SAME_FOR_EVERY_SEED},
             **{k: mean_std_ci(r[k] for r in ok) for k in PER_SEED_SIZES},
             "vs": {} if method == "base" else {ref: paired_difference(results, method, ref)
-                                                for ref in ("full", "head", "lora")
+                                                for ref in ("full", "head", "lora", "dora")
                                                 if ref != method and ref in results["methods"]}}
         if "test_acc_in_peft" in ok[0]:  # as PEFT loads its folder (QLoRA: on the fp32 base), seed by seed
             summary[method]["in_peft"] = {"test_acc": mean_std_ci(r["test_acc_in_peft"] for r in ok),
