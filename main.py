@@ -2175,7 +2175,7 @@ def plot_rank_sweep(plt, view):
         return None
     fig, ax = plt.subplots(figsize=(7.5, 5))
     for k, (method, points) in enumerate(sweep.items()):
-        # LoRA and QLoRA store the same parameters, so their points would share an x: each method's drawn 3 % aside
+        # LoRA and QLoRA store the same parameters, so their points would share an x: each method drawn 3 % aside
         dodge = 1.03 ** (k - (len(sweep) - 1) / 2)
         ax.errorbar([p["stored_params"] * dodge for p in points], [p["test_acc"]["mean"] for p in points],
                     yerr=[ci_half(p["test_acc"]) for p in points] if n_seeds > 1 else None, marker=row(method).marker,
@@ -2199,7 +2199,8 @@ def plot_rank_sweep(plt, view):
         else:  # far below every point (a shifted task): a line would squash the sweep, the legend says it
             ax.plot([], [], ls="none", label=f"Base, not fine-tuned: {before:.2f} %")
     ax.set_xscale("log")
-    ax.set(xlabel="stored parameters: the saved adapter and head (log scale; methods drawn a few % apart)", ylabel="test accuracy (%), axis zoomed",
+    ax.set(xlabel="stored parameters: the saved adapter and head (log scale; methods drawn a few % apart)",
+           ylabel="test accuracy (%), axis zoomed",
            title=titled(view, f"Accuracy vs stored parameters on {view['task']} "
                               f"({f'mean of {n_seeds} seeds, 95 % CI' if n_seeds > 1 else '1 seed'})\nevery rank at "
                               f"the method's rate chosen at r = {view['results']['config']['rank']}, update scaled "
@@ -2265,7 +2266,7 @@ def plot_lr_sweep(plt, view):
 def plot_budget_check(plt, view):
     """Each budget's validation result against the comparison's, first seed, each method at its rate: images
     the longer (or shorter) run gets right and the comparison's run not, minus the reverse, with +-2 standard
-    errors of that paired count (paired_margin): a bar clear of 0 is a change beyond validation noise."""
+    errors of that paired count (paired_margin): a whisker clear of 0 is a change beyond validation noise."""
     points, config = budget_points(view["results"]), view["results"]["config"]
     if not points:
         return None
