@@ -1444,6 +1444,73 @@ def paired_interval(pairs, n):
     return spread
 
 
+def t_p_value(t, df):
+    """Two-sided P(|T| >= |t|) for Student's t with df degrees of freedom: the regularized incomplete beta
+    I_x(df/2, 1/2) at x = df / (df + t^2), by its continued fraction (Lentz's method, as Numerical Recipes'
+    betacf), evaluated where it converges fast (I_x(a, b) = 1 - I_(1-x)(b, a) beyond that)."""
+    x, a, b = df / (df + t * t), df / 2, 0.5
+    if x <= 0 or x >= 1:
+        return float(x >= 1)
+    flip = x > (a + 1) / (a + b + 2)
+    if flip:
+        x, a, b = 1 - x, b, a
+    tiny, c, d = 1e-300, 1.0, 1 - (a + b) * x / (a + 1)
+    d = 1 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 1000):
+        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d, c = 1 + numerator * d, 1 + numerator / c
+            d, c = 1 / (d if abs(d) > tiny else tiny), (c if abs(c) > tiny else tiny)
+            h *= d * c
+        if abs(d * c - 1) < 1e-14:
+            break
+    value = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    value *= h / a
+    return 1 - value if flip else value
+
+
+def holm(p_values):
+    """Holm's step-down adjustment: the i-th smallest p times (m - i + 1), never below an earlier one's, at most 1;
+    rejecting where the adjusted p is under 5 % keeps the chance of any false "beyond noise" in the family at 5 %."""
+    order, adjusted, running = sorted(range(len(p_values)), key=lambda i: p_values[i]), [0.0] * len(p_values), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def primary_contrasts(results):
+    """The comparisons a study is about, named before looking: every adapter against full fine-tuning and against
+    head only, and the two DoRAs and QLoRA against LoRA. Each the paired difference over seeds with its 95 %
+    interval and two-sided p, Holm-adjusted over them all; every other difference reported is exploratory. The
+    interval holds seed and test-set noise (paired_interval) where every pair of runs recorded its test images,
+    seed noise only (the paired t over seeds) where they did not (runs before test_right was recorded)."""
+    adapters = [m for m in results["methods"] if adapter_class(m)]
+    named = [(m, ref) for ref in ("full", "head") for m in adapters] + [(m, "lora") for m in adapters if m != "lora"]
+    rows = []
+    for method, ref in (pair for pair in named if pair[1] in results["methods"]):
+        runs = {m: {r["seed"]: r for r in ok_runs(main_runs(results), m)} for m in (method, ref)}
+        seeds = sorted(set(runs[method]) & set(runs[ref]))
+        if seeds and all("test_right" in runs[m][s] for m in (method, ref) for s in seeds):
+            both = paired_interval([(runs[method][s]["test_right"], runs[ref][s]["test_right"]) for s in seeds],
+                                   results["config"]["test_size"])
+            mean, se, df, noise = both["mean"], math.sqrt(both["var_seed"] + both["var_test"]), both.get("df", 1), \
+                "seed and test-set"
+            ci = both["ci95"]
+        else:
+            if len(seeds) < 2:  # one seed, no test images recorded: no spread to test against
+                continue
+            seed_only = mean_std_ci([runs[method][s]["test_acc"] - runs[ref][s]["test_acc"] for s in seeds])
+            mean, se, df, noise = seed_only["mean"], seed_only["std"] / math.sqrt(len(seeds)), len(seeds) - 1, "seed"
+            ci = seed_only["ci95"]
+        p = t_p_value(mean / se, math.floor(df)) if se > 0 else float(mean == 0)
+        rows.append({"method": method, "ref": ref, "mean": mean, "ci95": ci, "p": p, "noise": noise})
+    for r, adjusted in zip(rows, holm([r["p"] for r in rows])):
+        r["p_holm"] = adjusted
+    return rows
+
+
 def summarize(results):
     """One row per method of the main comparison, plus "base_on_task" (the trained base on a shifted task's
     test set, before any fine-tuning): mean/std/95 % CI over seeds of accuracy, time and CUDA peak, the byte
@@ -1773,6 +1840,14 @@ def crossover_table(results):
                  [[display(m)] + [cell(w, m) for w in below] for m in methods])
 
 
+def contrasts_table(results):
+    """The primary contrasts, each with its interval, which noise the interval holds, its p and Holm's p."""
+    return table(["contrast", "difference (points, 95 % CI)", "interval holds", "p", "p, Holm", "verdict"], [
+        [f"{display(c['method'])} − {display(c['ref'])}", fmt_ci(c, signed=True), f"{c['noise']} noise",
+         f"{c['p']:.3f}", f"{c['p_holm']:.3f}", "beyond noise" if c["p_holm"] < 0.05 else "cannot tell"]
+        for c in results["contrasts"]])
+
+
 def lr_grid_table(results):
     """Every learning-rate grid run: validation numbers only (the test set takes no part in the choice)."""
     chosen = {m: r["lr"] for m, r in results["learning_rates"].items()}
@@ -1873,8 +1948,9 @@ def console_summary(results):
 
 
 def add_summary(results):
-    """Derive results["summary"] and results["rank_sweep"] from the runs, once, for every table and plot."""
+    """Derive results["summary"], ["rank_sweep"] and ["contrasts"] from the runs, once, for every table and plot."""
     results["summary"], results["rank_sweep"] = summarize(results), rank_sweep(results)
+    results["contrasts"] = primary_contrasts(results)
     return results
 
 
@@ -1897,6 +1973,11 @@ def results_markdown(results):
                   f"base): {fmt_stat(row['in_peft']['test_acc'])} % test accuracy, against {fmt_stat(row['test_acc'])} "
                   f"% as trained; the difference seed by seed {fmt_ci(row['in_peft']['vs_trained'], signed=True)} "
                   f"points." for m, row in results["summary"].items() if "in_peft" in row]  # QLoRA: on fp32
+        if results["contrasts"]:
+            parts += [f"Primary contrasts, named before the runs (each adapter against full fine-tuning and head only, "
+                      f"the two DoRAs and QLoRA against LoRA), Holm-adjusted over these {len(results['contrasts'])}: "
+                      f"the family-wise chance of any false \"beyond noise\" is 5 %. Every other difference is "
+                      f"exploratory.", contrasts_table(results)]
         parts += [f"Training memory (MiB) by accounting, one measured training step at batch {config['batch_size']}, "
                   f"CNN width {config.get('width', 1)}:", memory_table(results)]
         parts += [f"After training (Base, Full FT, Head only: the whole model's file; adapters: the adapter-only "

@@ -114,6 +114,43 @@ def test_two_identical_runs_differ_by_zero_with_no_spread():
     assert main.paired_interval([(same, same)] * 2, 20)["ci95"] == [0.0, 0.0]
 
 
+@pytest.mark.parametrize("df", [1, 2, 3, 9, 30, 200])
+def test_the_p_value_is_5_percent_at_the_t_quantile_and_matches_closed_forms(df):
+    assert main.t_p_value(main.t_975(df), df) == pytest.approx(0.05, abs=2e-4)
+    assert main.t_p_value(0.0, df) == 1.0
+    assert 1 - main.t_p_value(1.7, df) == pytest.approx(2 * (t_cdf(1.7, df) - 0.5), abs=1e-6)  # Simpson, above
+    assert main.t_p_value(50.0, 1) == pytest.approx(2 / math.pi * math.atan(1 / 50))  # Cauchy: closed form
+    assert main.t_p_value(0.5, 2) == pytest.approx(1 - 0.5 / math.sqrt(2.25))  # df 2: 1 - t / sqrt(2 + t^2)
+
+
+def test_holm_multiplies_the_ith_smallest_p_by_m_minus_i_plus_1_and_keeps_the_order():
+    assert main.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert main.holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
+
+
+def test_primary_contrasts_are_the_named_pairs_paired_over_seeds_and_holm_adjusted():
+    results = fake_results()  # methods base, full, lora, dora; dora failed on seed 1
+    contrasts = main.primary_contrasts(results)
+    assert [(c["method"], c["ref"]) for c in contrasts] == [("lora", "full"), ("dora", "full"), ("dora", "lora")]
+    lora = contrasts[0]  # lora - full on seeds 0, 1, 2: -1.0, -0.8, -1.3
+    d = [-1.0, -0.8, -1.3]
+    se = statistics.stdev(d) / math.sqrt(3)
+    assert lora["mean"] == pytest.approx(statistics.fmean(d)) and lora["noise"] == "seed"
+    assert lora["p"] == pytest.approx(main.t_p_value(statistics.fmean(d) / se, 2))
+    assert [c["p_holm"] for c in contrasts] == pytest.approx(main.holm([c["p"] for c in contrasts]))
+
+
+def test_primary_contrasts_hold_test_set_noise_once_runs_record_their_test_images():
+    results = fake_results()
+    results["config"]["test_size"] = 1000
+    for r in results["runs"]:  # lora right on the first 30 images that full misses, every seed alike
+        r["test_right"] = right_hex([1] * 30 + [0] * 970) if r["method"] == "lora" else right_hex([0] * 1000)
+    lora = main.primary_contrasts(results)[0]
+    expected = main.paired_interval([(right_hex([1] * 30 + [0] * 970), right_hex([0] * 1000))] * 3, 1000)
+    assert lora["noise"] == "seed and test-set" and lora["mean"] == pytest.approx(3.0)
+    assert lora["ci95"] == pytest.approx(expected["ci95"]) and lora["ci95"][0] > 0
+
+
 def test_summary_rows_hold_means_spreads_byte_counts_and_the_base_on_the_target():
     results = fake_results()
     summary = main.summarize(results)
