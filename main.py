@@ -1495,8 +1495,8 @@ def primary_contrasts(results):
         if seeds and all("test_right" in runs[m][s] for m in (method, ref) for s in seeds):
             both = paired_interval([(runs[method][s]["test_right"], runs[ref][s]["test_right"]) for s in seeds],
                                    results["config"]["test_size"])
-            mean, se, df, noise = both["mean"], math.sqrt(both["var_seed"] + both["var_test"]), both.get("df", 1), \
-                "seed and test-set"
+            mean, se, df = both["mean"], math.sqrt(both["var_seed"] + both["var_test"]), both.get("df", 1)
+            noise = "seed and test-set" if len(seeds) > 1 else "test-set (one seed: no seed spread to add)"
             ci = both["ci95"]
         else:
             if len(seeds) < 2:  # one seed, no test images recorded: no spread to test against
