@@ -1498,12 +1498,12 @@ def primary_contrasts(results):
             mean, se, df = both["mean"], math.sqrt(both["var_seed"] + both["var_test"]), both.get("df", 1)
             noise = "seed and test-set" if len(seeds) > 1 else "test-set (one seed: no seed spread to add)"
             ci = both["ci95"]
-        else:
-            if len(seeds) < 2:  # one seed, no test images recorded: no spread to test against
-                continue
-            seed_only = mean_std_ci([runs[method][s]["test_acc"] - runs[ref][s]["test_acc"] for s in seeds])
-            mean, se, df, noise = seed_only["mean"], seed_only["std"] / math.sqrt(len(seeds)), len(seeds) - 1, "seed"
+        elif (seed_only := paired_difference(results, method, ref)) and seed_only["std"] is not None:
+            mean, se, df, noise = seed_only["mean"], seed_only["std"] / math.sqrt(seed_only["n"]), seed_only["n"] - 1, \
+                "seed"
             ci = seed_only["ci95"]
+        else:  # one seed and no test images recorded: no spread to test against
+            continue
         p = t_p_value(mean / se, math.floor(df)) if se > 0 else float(mean == 0)
         rows.append({"method": method, "ref": ref, "mean": mean, "ci95": ci, "p": p, "noise": noise})
     for r, adjusted in zip(rows, holm([r["p"] for r in rows])):
@@ -2227,22 +2227,23 @@ def plot_comparison(plt, view):
     summary, trained, results = view["summary"], view["trained"], view["results"]
     fig = plt.figure(figsize=(18, 15), layout="constrained")  # tight_layout cannot fit seven panels' labels
     top, middle, bottom = fig.subfigures(3, 1)
-    draw_test_accuracy(top.add_subplot(1, 3, 1), view)
+    by_name = [top.add_subplot(1, 3, 1), middle.add_subplot(1, 3, (1, 2)), middle.add_subplot(1, 3, 3),
+               bottom.add_subplot(1, 2, 1), bottom.add_subplot(1, 2, 2)]  # the panels with a method per x tick
+    ax_accuracy, ax_memory, ax_file, *ax_latency = by_name
+    draw_test_accuracy(ax_accuracy, view)
     for column, ref in ((2, "full"), (3, "head")):
         if ref in trained:
             draw_paired(top.add_subplot(1, 3, column), view, ref, names=ref == "full" or "full" not in trained)
-    draw_memory(plt, middle.add_subplot(1, 3, (1, 2)), view)
-    ax_file = middle.add_subplot(1, 3, 3)
+    draw_memory(plt, ax_memory, view)
     ax_file.bar_label(ax_file.bar([display(m) for m in trained],
                                   [summary[m]["file_bytes"]["mean"] / 2**10 for m in trained],
                                   color=[row(m).color for m in trained]), fmt="%.0f")
     ax_file.set(ylabel="KiB", title="Saved file:\nthe whole model (no adapter) or the adapter only")
     timed = {m: results["inference"][m] for m in trained if m in results.get("inference", {})}
-    for column, batch in ((1, "1"), (2, "1000")):
-        plot_latency(plt, bottom.add_subplot(1, 2, column), timed, batch)
-    for ax in top.axes + middle.axes + bottom.axes:  # seven names side by side run into each other: slanted
-        if ax.get_xlabel() != "points":
-            plt.setp(ax.get_xticklabels(), rotation=30, ha="right", rotation_mode="anchor")
+    for ax, batch in zip(ax_latency, ("1", "1000")):
+        plot_latency(plt, ax, timed, batch)
+    for ax in by_name:  # seven names side by side run into each other: slanted
+        plt.setp(ax.get_xticklabels(), rotation=30, ha="right", rotation_mode="anchor")
     fig.suptitle(titled(view, f"Test accuracy, memory, file size and latency; fine-tuned on {view['task']} "
                               f"({results['environment']['device_name']})", sep=": "))
     return fig
