@@ -1401,15 +1401,6 @@ def ok_runs(runs, method):
     return [r for r in runs if r["method"] == method and r["status"] == "ok"]
 
 
-def paired_difference(results, method, ref):
-    """Test accuracy of `method` minus `ref` (points, main comparison) seed by seed, over the seeds where both
-    finished. Within a seed both start from the same base, see the same data order and adapter init: the
-    difference is what the method changes, free of the seed-to-seed spread both share."""
-    acc = {m: {r["seed"]: r["test_acc"] for r in ok_runs(main_runs(results), m)} for m in (method, ref)}
-    seeds = sorted(set(acc[method]) & set(acc[ref]))
-    return mean_std_ci([acc[method][s] - acc[ref][s] for s in seeds]) if seeds else None
-
-
 def right_bits(right_hex, n):
     """right_images' hex back to n booleans: which of the n images a run got right."""
     return np.unpackbits(np.frombuffer(bytes.fromhex(right_hex), dtype=np.uint8))[:n].astype(bool)
@@ -1442,6 +1433,26 @@ def paired_interval(pairs, n):
         half = t_975(max(1, math.floor(df))) * math.sqrt(var_seed + var_test)
         spread |= {"df": df, "ci95": [mean - half, mean + half]}
     return spread
+
+
+def paired_difference(results, method, ref):
+    """Test accuracy of `method` minus `ref` (points, main comparison) over the seeds where both finished: within a
+    seed both start from the same base, see the same data order and adapter init, so the difference is what the
+    method changes. Its 95 % interval holds seed and test-set noise (paired_interval) where every one of these runs
+    recorded its test images, seed noise alone (Student's t over the seeds' differences) where they did not;
+    "noise" says which, "se" and "df" give its p (primary_contrasts). None where no seed has both."""
+    runs = {m: {r["seed"]: r for r in ok_runs(main_runs(results), m)} for m in (method, ref)}
+    seeds = sorted(set(runs[method]) & set(runs[ref]))
+    if not seeds:
+        return None
+    stats = mean_std_ci(runs[method][s]["test_acc"] - runs[ref][s]["test_acc"] for s in seeds)
+    if all("test_right" in runs[m][s] for m in (method, ref) for s in seeds):
+        both = paired_interval([(runs[method][s]["test_right"], runs[ref][s]["test_right"]) for s in seeds],
+                               results["config"]["test_size"])
+        return stats | {"mean": both["mean"], "ci95": both["ci95"], "df": both.get("df", 1),
+                        "se": math.sqrt(both["var_seed"] + both["var_test"]),
+                        "noise": "seed and test-set" if len(seeds) > 1 else "test-set"}
+    return stats | {"se": stats["std"] and stats["std"] / math.sqrt(stats["n"]), "df": stats["n"] - 1, "noise": "seed"}
 
 
 def t_p_value(t, df):
@@ -1483,29 +1494,17 @@ def holm(p_values):
 def primary_contrasts(results):
     """The comparisons a study is about, named before looking: every adapter against full fine-tuning and against
     head only, and the two DoRAs and QLoRA against LoRA. Each the paired difference over seeds with its 95 %
-    interval and two-sided p, Holm-adjusted over them all; every other difference reported is exploratory. The
-    interval holds seed and test-set noise (paired_interval) where every pair of runs recorded its test images,
-    seed noise only (the paired t over seeds) where they did not (runs before test_right was recorded)."""
+    interval (paired_difference: seed and test-set noise where the runs recorded their test images) and two-sided
+    p, Holm-adjusted over them all; every other difference reported is exploratory. A pair with no spread to test
+    against (one seed, no test images recorded) is left out."""
     adapters = [m for m in results["methods"] if adapter_class(m)]
     named = [(m, ref) for ref in ("full", "head") for m in adapters] + [(m, "lora") for m in adapters if m != "lora"]
     rows = []
     for method, ref in (pair for pair in named if pair[1] in results["methods"]):
-        runs = {m: {r["seed"]: r for r in ok_runs(main_runs(results), m)} for m in (method, ref)}
-        seeds = sorted(set(runs[method]) & set(runs[ref]))
-        if seeds and all("test_right" in runs[m][s] for m in (method, ref) for s in seeds):
-            both = paired_interval([(runs[method][s]["test_right"], runs[ref][s]["test_right"]) for s in seeds],
-                                   results["config"]["test_size"])
-            mean, se, df = both["mean"], math.sqrt(both["var_seed"] + both["var_test"]), both.get("df", 1)
-            noise = "seed and test-set" if len(seeds) > 1 else "test-set (one seed: no seed spread to add)"
-            ci = both["ci95"]
-        elif (seed_only := paired_difference(results, method, ref)) and seed_only["std"] is not None:
-            mean, se, df, noise = seed_only["mean"], seed_only["std"] / math.sqrt(seed_only["n"]), seed_only["n"] - 1, \
-                "seed"
-            ci = seed_only["ci95"]
-        else:  # one seed and no test images recorded: no spread to test against
-            continue
-        p = t_p_value(mean / se, math.floor(df)) if se > 0 else float(mean == 0)
-        rows.append({"method": method, "ref": ref, "mean": mean, "ci95": ci, "p": p, "noise": noise})
+        if (d := paired_difference(results, method, ref)) and d["se"] is not None:
+            p = t_p_value(d["mean"] / d["se"], math.floor(d["df"])) if d["se"] > 0 else float(d["mean"] == 0)
+            rows.append({"method": method, "ref": ref, "mean": d["mean"], "ci95": d["ci95"], "p": p,
+                         "noise": d["noise"]})
     for r, adjusted in zip(rows, holm([r["p"] for r in rows])):
         r["p_holm"] = adjusted
     return rows
@@ -1930,9 +1929,9 @@ def chosen_rates(results):
 def console_summary(results):
     """The comparison in under 100 columns, with what its notation means; results.md has every column."""
     n_seeds = seeds_finished(results["summary"])
-    spread = (f"mean ± std over {n_seeds} seeds; vs Full FT: the paired difference, seed by seed, with its 95 % "
-              f"CI\n(an interval holding 0 is within seed noise)" if n_seeds > 1 else
-              "one seed: single values, no spread; vs Full FT: the difference in points")
+    spread = ((f"mean ± std over {n_seeds} seeds" if n_seeds > 1 else "one seed: single values, no spread")
+              + "; vs Full FT: the paired difference, seed by seed, with its 95 % CI\n(the noise it holds: "
+                "results.md's primary contrasts; an interval holding 0 is within noise)")
     quick = "QUICK RUN: a smoke test on a subset, not results\n" if results["config"].get("quick") else ""
     lines = [quick + comparison_table(results, console=True), spread, textwrap.fill(chosen_rates(results), 100), "",
              memory_table(results, console=True),
@@ -2001,8 +2000,10 @@ def results_markdown(results):
                   "The largest batch size of the sweep at which each method still takes less training memory than "
                   "full fine-tuning, per CNN width:", crossover_table(results)]
     parts.append(("vs Full FT = the method's test accuracy minus full fine-tuning's, seed by seed (same base, data "
-                  "order and init within a seed), with the 95 % CI of that mean difference: an interval that "
-                  "contains 0 means the difference is within seed noise. epochs (kept) = the epochs each seed ran, "
+                  "order and init within a seed), with the 95 % CI of that mean difference, holding the seeds' noise "
+                  "and, where the runs recorded which test images they got right, the test set's (the primary "
+                  "contrasts' table says which): an interval that contains 0 means the difference is within noise. "
+                  "epochs (kept) = the epochs each seed ran, "
                   f"separated by /, and in brackets the epoch whose state was kept (the best by {SELECTION}). "
                   "stored params = what the saved folder holds (trained parameters; pruned components dropped). "
                   "Lead over the runner-up: images the chosen run gets right and the other not, minus the reverse, "
@@ -2216,7 +2217,8 @@ def draw_paired(ax, view, ref, names=True):
     ax.axvline(0, color=row(ref).color, ls="--")
     ax.set_yticks(range(len(shown)), [display(m).replace(" (", "\n(") for m in shown] if names else [])
     ax.set_ylim(len(shown) - 0.5, -0.5)
-    interval = "95 % CI over seeds, seed noise only" if view["n_seeds"] > 1 else "1 seed, no interval"
+    noises = {d["noise"] for m in shown if (d := view["summary"][m]["vs"].get(ref)) and d["ci95"]}
+    interval = f"95 % CI: {' / '.join(sorted(noises))} noise" if noises else "1 seed, no interval"
     ax.set(xlabel="points", title=f"Test accuracy minus {display(ref)}'s, seed by seed\n(paired; {interval})")
     ax.grid(alpha=0.3, axis="x")
 
