@@ -1419,15 +1419,18 @@ def paired_interval(pairs, n):
     on the same n test images, with a 95 % interval that holds both noises. The mean difference is the mean over
     images of D_i, image i's difference averaged over the seeds; its variance is the seeds' (training: s_d^2 / S,
     s_d the spread of the per-seed differences) plus the test set's (the n images are one sample of the task:
-    Var(D_i) / n), the interval Student's t at the Welch-Satterthwaite degrees of freedom. The seed-by-seed
-    interval alone leaves out the second: every seed is tested on the same images."""
+    Var(D_i) / n), the interval Student's t at the Welch-Satterthwaite degrees of freedom: the seed term is
+    estimated from S - 1 of them, the test term from n - 1, so where the test term is a large share the
+    interval's t is nearer 1.96 than the seeds' 4.30 (three seeds), and it can come out narrower than the
+    seeds' interval alone although its variance is larger. The seed-by-seed interval alone leaves out the
+    second noise: every seed is tested on the same images."""
     right = [(right_bits(a, n), right_bits(b, n)) for a, b in pairs]
     per_image = 100 * np.mean([a.astype(float) - b for a, b in right], axis=0)  # D_i
     per_seed = [100 * (a.mean() - b.mean()) for a, b in right]
     seeds, mean = len(right), float(per_image.mean())
     var_seed = statistics.variance(per_seed) / seeds if seeds > 1 else 0.0
     var_test = float(per_image.var(ddof=1)) / n
-    spread = {"mean": mean, "var_seed": var_seed, "var_test": var_test, "ci95": [mean, mean]}
+    spread = {"mean": mean, "var_seed": var_seed, "var_test": var_test, "df": n - 1, "ci95": [mean, mean]}
     if var_seed + var_test > 0:
         df = (var_seed + var_test) ** 2 / ((var_seed ** 2 / (seeds - 1) if seeds > 1 else 0) + var_test ** 2 / (n - 1))
         half = t_975(max(1, math.floor(df))) * math.sqrt(var_seed + var_test)
@@ -1435,24 +1438,35 @@ def paired_interval(pairs, n):
     return spread
 
 
+def paired_stats(differences, pairs, n):
+    """Per-seed differences (points) as mean_std_ci gives them, with a 95 % interval that holds seed and test-set
+    noise (paired_interval) when `pairs` gives each seed's two right_images on the same n test images, seed noise
+    alone (Student's t over the seeds' differences) when it is None (runs that did not record them); "noise" says
+    which, "se" and "df" give its p (primary_contrasts)."""
+    stats = mean_std_ci(differences)
+    if pairs is None:
+        return stats | {"se": stats["std"] and stats["std"] / math.sqrt(stats["n"]), "df": stats["n"] - 1,
+                        "noise": "seed"}
+    both = paired_interval(pairs, n)
+    return stats | {"mean": both["mean"], "ci95": both["ci95"], "df": both["df"],
+                    "se": math.sqrt(both["var_seed"] + both["var_test"]),
+                    "noise": "seed and test-set" if len(pairs) > 1 else "test-set"}
+
+
 def paired_difference(results, method, ref):
-    """Test accuracy of `method` minus `ref` (points, main comparison) over the seeds where both finished: within a
-    seed both start from the same base, see the same data order and adapter init, so the difference is what the
-    method changes. Its 95 % interval holds seed and test-set noise (paired_interval) where every one of these runs
-    recorded its test images, seed noise alone (Student's t over the seeds' differences) where they did not;
-    "noise" says which, "se" and "df" give its p (primary_contrasts). None where no seed has both."""
+    """Test accuracy of `method` minus `ref` (points, main comparison) over the seeds where both finished, with its
+    paired_stats interval: within a seed both start from the same base, see the same data order and adapter init,
+    so the difference is what the method changes. None where no seed has both."""
     runs = {m: {r["seed"]: r for r in ok_runs(main_runs(results), m)} for m in (method, ref)}
     seeds = sorted(set(runs[method]) & set(runs[ref]))
     if not seeds:
         return None
-    stats = mean_std_ci(runs[method][s]["test_acc"] - runs[ref][s]["test_acc"] for s in seeds)
-    if all("test_right" in runs[m][s] for m in (method, ref) for s in seeds):
-        both = paired_interval([(runs[method][s]["test_right"], runs[ref][s]["test_right"]) for s in seeds],
-                               results["config"]["test_size"])
-        return stats | {"mean": both["mean"], "ci95": both["ci95"], "df": both.get("df", 1),
-                        "se": math.sqrt(both["var_seed"] + both["var_test"]),
-                        "noise": "seed and test-set" if len(seeds) > 1 else "test-set"}
-    return stats | {"se": stats["std"] and stats["std"] / math.sqrt(stats["n"]), "df": stats["n"] - 1, "noise": "seed"}
+    pairs = [(runs[method][s], runs[ref][s]) for s in seeds]
+    differences = [a["test_acc"] - b["test_acc"] for a, b in pairs]
+    if not all("test_right" in r for pair in pairs for r in pair):
+        return paired_stats(differences, None, None)
+    return paired_stats(differences, [(a["test_right"], b["test_right"]) for a, b in pairs],
+                        results["config"]["test_size"])
 
 
 def t_p_value(t, df):
@@ -1536,8 +1550,12 @@ def summarize(results):
                                                 for ref in ("full", "head", "lora", "dora")
                                                 if ref != method and ref in results["methods"]}}
         if "test_acc_in_peft" in ok[0]:  # as PEFT loads its folder (QLoRA: on the fp32 base), seed by seed
+            recorded = all("test_right_in_peft" in r and "test_right" in r for r in ok)
             summary[method]["in_peft"] = {"test_acc": mean_std_ci(r["test_acc_in_peft"] for r in ok),
-                                          "vs_trained": mean_std_ci(r["test_acc_in_peft"] - r["test_acc"] for r in ok)}
+                                          "vs_trained": paired_stats(
+                                              [r["test_acc_in_peft"] - r["test_acc"] for r in ok],
+                                              *([(r["test_right_in_peft"], r["test_right"]) for r in ok],
+                                                results["config"]["test_size"]) if recorded else (None, None))}
         if method == "base" and "task_test_acc" in ok[0]:
             summary["base_on_task"] = {"status": "ok", "seeds": [r["seed"] for r in ok], "failed": [],
                                        "test_acc": mean_std_ci(r["task_test_acc"] for r in ok)}
@@ -1702,7 +1720,7 @@ RESULT_COLUMNS = (  # (header in results.md, header on the console or None, cell
     ("training memory (MiB)", "memory (MiB)", lambda row: fmt_mib(row["memory"]["total"])),
     ("frozen W stored / fp32", None, lambda row: "-" if not row["frozen_weight_fp32_bytes"]
      else f"{100 * row['frozen_weight_bytes'] / row['frozen_weight_fp32_bytes']:.1f} %"),
-    ("train time (s)", "train time (s)", lambda row: fmt_stat(row["train_time_s"], "{:.1f}")),
+    ("train time (s)", "time (s)", lambda row: fmt_stat(row["train_time_s"], "{:.1f}")),
     ("epochs (best)", None, lambda row: f"{'/'.join(map(str, row['epochs_run']))} "
                                         f"({'/'.join(map(str, row['best_epoch']))})"),
 )
@@ -1930,7 +1948,7 @@ def console_summary(results):
     """The comparison in under 100 columns, with what its notation means; results.md has every column."""
     n_seeds = seeds_finished(results["summary"])
     spread = ((f"mean ± std over {n_seeds} seeds" if n_seeds > 1 else "one seed: single values, no spread")
-              + "; vs Full FT: the paired difference, seed by seed, with its 95 % CI\n(the noise it holds: "
+              + "; vs Full FT: the paired difference, seed by seed, with its 95 %\nCI (the noise it holds: "
                 "results.md's primary contrasts; an interval holding 0 is within noise)")
     quick = "QUICK RUN: a smoke test on a subset, not results\n" if results["config"].get("quick") else ""
     lines = [quick + comparison_table(results, console=True), spread, textwrap.fill(chosen_rates(results), 100), "",
@@ -1971,7 +1989,7 @@ def results_markdown(results):
         parts += [f"{display(m)}'s adapter as PEFT loads it (as {display(adapter_class(m).peft_loads_as)} on the fp32 "
                   f"base): {fmt_stat(row['in_peft']['test_acc'])} % test accuracy, against {fmt_stat(row['test_acc'])} "
                   f"% as trained; the difference seed by seed {fmt_ci(row['in_peft']['vs_trained'], signed=True)} "
-                  f"points." for m, row in results["summary"].items() if "in_peft" in row]  # QLoRA: on fp32
+                  f"points ({row['in_peft']['vs_trained']['noise']} noise)." for m, row in results["summary"].items() if "in_peft" in row]  # QLoRA: on fp32
         if results["contrasts"]:
             parts += [f"Primary contrasts, named before the runs (each adapter against full fine-tuning and head only, "
                       f"the two DoRAs and QLoRA against LoRA), Holm-adjusted over these {len(results['contrasts'])}: "
@@ -2610,6 +2628,7 @@ def finish_run(ctx, record, model):
     if cls and cls.peft_loads_as:
         in_peft = load_adapter(base_file, path, ctx.device, method=cls.peft_loads_as)
         record["test_acc_in_peft"] = evaluate(in_peft, *ctx.splits[args.task]["test"])[1]
+        record["test_right_in_peft"] = right_images(in_peft, *ctx.splits[args.task]["test"])
 
 
 def run_method(ctx, record, trained=None):

@@ -1,6 +1,7 @@
 """The README's results are the committed results: every number in its Results and What we found sections is one
 that a committed results file holds, and each committed results.md is what main.py writes from its results.json."""
 import json
+import math
 import re
 import subprocess
 
@@ -70,3 +71,15 @@ def test_replot_redraws_a_committed_study_from_its_results_json(study, tmp_path,
     assert code == 0 and (tmp_path / "results.md").read_text() == (ROOT / "plots" / study / "results.md").read_text()
     committed = {p.name for p in (ROOT / "plots" / study).glob("*.png")}
     assert committed and committed == {p.name for p in tmp_path.glob("*.png")}
+
+
+@pytest.mark.parametrize("study", STUDIES[:3], ids=lambda p: p.name)
+def test_every_tested_run_of_a_committed_study_holds_its_per_image_test_results(study):
+    """Each paired interval of the README holds the test set's noise: every tested run carries which test images
+    it got right, and those bits give back its recorded test accuracy."""
+    results = json.loads((study / "results.json").read_text())
+    n = results["config"]["test_size"]
+    for r in results["runs"] + results["other_runs"]:
+        right = main.right_bits(r["test_right"], n)
+        assert len(r["test_right"]) == 2 * math.ceil(n / 8) and 100 * right.sum() / n == pytest.approx(r["test_acc"])
+    assert all(c["noise"] == "seed and test-set" for c in results["contrasts"]) and len(results["contrasts"]) == 11
