@@ -1989,7 +1989,8 @@ def results_markdown(results):
         parts += [f"{display(m)}'s adapter as PEFT loads it (as {display(adapter_class(m).peft_loads_as)} on the fp32 "
                   f"base): {fmt_stat(row['in_peft']['test_acc'])} % test accuracy, against {fmt_stat(row['test_acc'])} "
                   f"% as trained; the difference seed by seed {fmt_ci(row['in_peft']['vs_trained'], signed=True)} "
-                  f"points ({row['in_peft']['vs_trained']['noise']} noise)." for m, row in results["summary"].items() if "in_peft" in row]  # QLoRA: on fp32
+                  f"points ({row['in_peft']['vs_trained']['noise']} noise)."
+                  for m, row in results["summary"].items() if "in_peft" in row]  # QLoRA: on fp32
         if results["contrasts"]:
             parts += [f"Primary contrasts, named before the runs (each adapter against full fine-tuning and head only, "
                       f"the two DoRAs and QLoRA against LoRA), Holm-adjusted over these {len(results['contrasts'])}: "
@@ -2021,8 +2022,8 @@ def results_markdown(results):
                   "order and init within a seed), with the 95 % CI of that mean difference, holding the seeds' noise "
                   "and, where the runs recorded which test images they got right, the test set's (the primary "
                   "contrasts' table says which): an interval that contains 0 means the difference is within noise. "
-                  "epochs (kept) = the epochs each seed ran, "
-                  f"separated by /, and in brackets the epoch whose state was kept (the best by {SELECTION}). "
+                  "epochs (kept) = the epochs each seed ran, separated by /, and in brackets the epoch whose state "
+                  f"was kept (the best by {SELECTION}). "
                   "stored params = what the saved folder holds (trained parameters; pruned components dropped). "
                   "Lead over the runner-up: images the chosen run gets right and the other not, minus the reverse, "
                   "with the standard error of that paired count (within noise: under two). " if results["runs"] else "")

@@ -83,3 +83,7 @@ def test_every_tested_run_of_a_committed_study_holds_its_per_image_test_results(
         right = main.right_bits(r["test_right"], n)
         assert len(r["test_right"]) == 2 * math.ceil(n / 8) and 100 * right.sum() / n == pytest.approx(r["test_acc"])
     assert all(c["noise"] == "seed and test-set" for c in results["contrasts"]) and len(results["contrasts"]) == 11
+    qlora = [r for r in results["runs"] if r["method"] == "qlora" and r["rank"] == results["config"]["rank"]]
+    for r in qlora:  # and as PEFT loads its adapter, on the fp32 base
+        assert 100 * main.right_bits(r["test_right_in_peft"], n).sum() / n == pytest.approx(r["test_acc_in_peft"])
+    assert len(qlora) == 3 and results["summary"]["qlora"]["in_peft"]["vs_trained"]["noise"] == "seed and test-set"
