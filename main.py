@@ -1438,19 +1438,19 @@ def paired_interval(pairs, n):
     return spread
 
 
-def paired_stats(differences, pairs, n):
+def paired_stats(differences, rights, n):
     """Per-seed differences (points) as mean_std_ci gives them, with a 95 % interval that holds seed and test-set
-    noise (paired_interval) when `pairs` gives each seed's two right_images on the same n test images, seed noise
-    alone (Student's t over the seeds' differences) when it is None (runs that did not record them); "noise" says
+    noise (paired_interval) when `rights` holds each seed's two right_images on the same n test images, seed noise
+    alone (Student's t over the seeds' differences) when a run did not record them (None there); "noise" says
     which, "se" and "df" give its p (primary_contrasts)."""
     stats = mean_std_ci(differences)
-    if pairs is None:
+    if not all(a and b for a, b in rights):
         return stats | {"se": stats["std"] and stats["std"] / math.sqrt(stats["n"]), "df": stats["n"] - 1,
                         "noise": "seed"}
-    both = paired_interval(pairs, n)
+    both = paired_interval(rights, n)
     return stats | {"mean": both["mean"], "ci95": both["ci95"], "df": both["df"],
                     "se": math.sqrt(both["var_seed"] + both["var_test"]),
-                    "noise": "seed and test-set" if len(pairs) > 1 else "test-set"}
+                    "noise": "seed and test-set" if len(rights) > 1 else "test-set"}
 
 
 def paired_difference(results, method, ref):
@@ -1458,15 +1458,12 @@ def paired_difference(results, method, ref):
     paired_stats interval: within a seed both start from the same base, see the same data order and adapter init,
     so the difference is what the method changes. None where no seed has both."""
     runs = {m: {r["seed"]: r for r in ok_runs(main_runs(results), m)} for m in (method, ref)}
-    seeds = sorted(set(runs[method]) & set(runs[ref]))
-    if not seeds:
+    pairs = [(runs[method][s], runs[ref][s]) for s in sorted(set(runs[method]) & set(runs[ref]))]
+    if not pairs:
         return None
-    pairs = [(runs[method][s], runs[ref][s]) for s in seeds]
-    differences = [a["test_acc"] - b["test_acc"] for a, b in pairs]
-    if not all("test_right" in r for pair in pairs for r in pair):
-        return paired_stats(differences, None, None)
-    return paired_stats(differences, [(a["test_right"], b["test_right"]) for a, b in pairs],
-                        results["config"]["test_size"])
+    return paired_stats([a["test_acc"] - b["test_acc"] for a, b in pairs],
+                        [(a.get("test_right"), b.get("test_right")) for a, b in pairs],
+                        results["config"].get("test_size"))
 
 
 def t_p_value(t, df):
@@ -1550,12 +1547,11 @@ def summarize(results):
                                                 for ref in ("full", "head", "lora", "dora")
                                                 if ref != method and ref in results["methods"]}}
         if "test_acc_in_peft" in ok[0]:  # as PEFT loads its folder (QLoRA: on the fp32 base), seed by seed
-            recorded = all("test_right_in_peft" in r and "test_right" in r for r in ok)
             summary[method]["in_peft"] = {"test_acc": mean_std_ci(r["test_acc_in_peft"] for r in ok),
                                           "vs_trained": paired_stats(
                                               [r["test_acc_in_peft"] - r["test_acc"] for r in ok],
-                                              *([(r["test_right_in_peft"], r["test_right"]) for r in ok],
-                                                results["config"]["test_size"]) if recorded else (None, None))}
+                                              [(r.get("test_right_in_peft"), r.get("test_right")) for r in ok],
+                                              results["config"].get("test_size"))}
         if method == "base" and "task_test_acc" in ok[0]:
             summary["base_on_task"] = {"status": "ok", "seeds": [r["seed"] for r in ok], "failed": [],
                                        "test_acc": mean_std_ci(r["task_test_acc"] for r in ok)}
