@@ -21,7 +21,6 @@ import json
 import math
 import os
 import platform
-import signal
 import statistics
 import struct
 import sys
@@ -70,26 +69,46 @@ TASKS = {  # what the methods fine-tune on, the same split sizes; the base alway
     "inverted": "MNIST with inverted colours (white background, black digits)",
     "fashion": "Fashion-MNIST: 28x28 grey images of 10 kinds of clothing, a real domain shift",
 }
+def within(kind, low, high=math.inf, most=0):
+    """An argparse type: a `kind` number in [low, high] (a NaN is not), or with `most`, a comma list of at most
+    `most` of them ("" for none), sorted and distinct. argparse applies it to the default too (given as text)."""
+    def parse(text):
+        try:
+            values = sorted({kind(v) for v in text.split(",") if v.strip()} if most else {kind(text)})
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{'whole numbers' if kind is int else 'numbers'} expected"
+                                             f"{', separated by commas' if most else ''} (got {text!r})") from None
+        if most and len(values) > most:  # each value is work for every method
+            raise argparse.ArgumentTypeError(f"holds {len(values)} values: at most {most}")
+        if most and text.strip() and not values:
+            raise argparse.ArgumentTypeError(f"names no value (got {text!r}): give numbers separated by commas")
+        if bad := [v for v in values if not low <= v <= high]:
+            bounds = f"at least {low}" if high == math.inf else f"between {low} and {high}"
+            raise argparse.ArgumentTypeError(f"must be {bounds} (got {bad[0]})")
+        return values if most else values[0]
+    return parse
+
+
 SETTINGS = {  # name: (default, type, meaning); the flag is --name with - for _ (--batch-size), on/off for a bool
     "methods": (",".join(["base", *METHODS]), str, "runs, in order; base trains the base model, which all the "
                                                    "others start from"),
     "task": ("mnist", str, "what the methods fine-tune on: " + ", ".join(TASKS)),
-    "seeds": (1, int, "every method runs with seeds seed .. seed+seeds-1 (init and data order)"),
-    "epochs": (8, int, "epoch budget of the base model"),
-    "finetune_epochs": (10, int, "epoch budget of every fine-tuning method"),
-    "batch_size": (128, int, "training batch size, the same for every method"),
+    "seeds": (1, within(int, 1, 1000), "every method runs with seeds seed .. seed+seeds-1 (init and data order)"),
+    "epochs": (8, within(int, 1, 10_000), "epoch budget of the base model"),
+    "finetune_epochs": (10, within(int, 1, 10_000), "epoch budget of every fine-tuning method"),
+    "batch_size": (128, within(int, 1), "training batch size, the same for every method"),
     "lr": (None, float, "one Adam rate for every method and the base instead of their rows' rates"),
-    "lrs": ("", str, "rate grid, e.g. 1e-3,3e-3,1e-2: each fine-tuning method takes the best rate by validation "
+    "lrs": ("", within(float, 0, most=20), "rate grid, e.g. 1e-3,3e-3,1e-2: each fine-tuning method takes the best rate by validation "
                      "accuracy on the first seed (the test set takes no part), the grid growing past an end while "
                      "its best rate sits there"),
-    "patience": (None, int, "early stopping: stop after this many epochs without a better epoch by the selection "
+    "patience": (None, within(int, 0), "early stopping: stop after this many epochs without a better epoch by the selection "
                             "criterion (none: every run trains its whole budget, its best epoch kept)"),
     "rank": (8, int, "r, the rank of the update B A"),
     "alpha": (16, float, "the update is scaled by alpha / r (or alpha / sqrt(r): --scaling)"),
     "scaling": ("lora", str, "the update's scale: lora, alpha / r (Hu et al. 2021), or rslora, alpha / sqrt(r), "
                              "rank-stable (Kalajdzievski 2023; PEFT's use_rslora)"),
-    "ranks": ("", str, "rank sweep, e.g. 1,2,4,8,16: the adapter methods again at each rank"),
-    "budgets": ("", str, "budget check, e.g. 20,40: the first seed's fine-tuning runs again at their chosen rates "
+    "ranks": ("", within(int, 1, most=16), "rank sweep, e.g. 1,2,4,8,16: the adapter methods again at each rank"),
+    "budgets": ("", within(int, 1, 10_000, most=10), "budget check, e.g. 20,40: the first seed's fine-tuning runs again at their chosen rates "
                          "with these epoch budgets, judged on validation: has the comparison's budget plateaued?"),
     "dropout": (0.0, float, "dropout on the adapter's input (0 lets DoRA reuse the base's output)"),
     "dyn_components": (1.5, float, "dynamic-rank DoRA: each layer starts with ceil(this x r) rank-1 components, "
@@ -101,16 +120,16 @@ SETTINGS = {  # name: (default, type, meaning); the flag is --name with - for _ 
     "dyn_dem": (0.1, float, "dynamic-rank DoRA: weight in the loss of the variance regulariser (DEM), until "
                             "pruning ends"),
     "train_head": (True, bool, "the classifier head fully trainable instead of adapted"),
-    "width": (1, int, "the CNN's width: its channels (16, 32) and fc1's units (256) times this"),
-    "memory_batches": ("", str, "memory sweep instead of training, e.g. 1,8,32,128,512: each method's training "
+    "width": (1, within(int, 1, 16), "the CNN's width: its channels (16, 32) and fc1's units (256) times this"),
+    "memory_batches": ("", within(int, 1, 4096, most=20), "memory sweep instead of training, e.g. 1,8,32,128,512: each method's training "
                                 "memory, one measured step at each of these batch sizes and each --memory-widths "
                                 "width (nothing is trained)"),
-    "memory_widths": ("1,2,4,8", str, "the CNN widths of the memory sweep"),
+    "memory_widths": ("1,2,4,8", within(int, 1, 16, most=8), "the CNN widths of the memory sweep"),
     "device": ("auto", str, "auto (cuda when available), cpu or cuda"),
     "data_dir": ("data", str, "holds MNIST/raw/ and FashionMNIST/raw/ (torchvision's layout); downloaded there "
                               "if missing"),
     "out_dir": ("plots/latest", str, "plots, results.json, results.md and seed<k>/ (saved models)"),
-    "seed": (0, int, "the first seed; it also fixes the validation split"),
+    "seed": (0, within(int, 0, 2**32 - 1000), "the first seed; it also fixes the validation split"),
 }
 QUANT_BLOCKSIZE = 64               # QLoRA: NF4 block size (64 in Dettmers et al. 2023)
 VAL_SIZE = 5000                    # images held out of the 60,000 training images: the kept epoch, the rate
@@ -337,11 +356,7 @@ class AdapterLayer(nn.Module):
         return dict(cls.peft_fields)
 
     @classmethod
-    def info(cls, layers):  # what training_info.json records of this method, beside its name and task
-        return {}
-
-    @classmethod
-    def record(cls, layers):  # what results.json records of a finished run, beside the common numbers
+    def record(cls, layers):  # what results.json and the saved training_info.json record of this method's run
         return {}
 
     @classmethod
@@ -519,7 +534,7 @@ class QLoRALayer(LoRALayer):
         return self.quant_state_bytes()
 
     @classmethod
-    def info(cls, layers):
+    def record(cls, layers):
         return {"base_quantization": {"quant_type": "nf4", "double_quant": True, "blocksize": QUANT_BLOCKSIZE,
                                       "note": "trained against the NF4-quantized base; PEFT puts it on the fp32 base"}}
 
@@ -674,17 +689,12 @@ class DynamicRankLayer(LoRALayer):
             for name, layer in layers.items()}}
 
     @classmethod
-    def info(cls, layers):
-        return {"dynamic_rank": cls.record(layers)["rank_allocation"] | {
-            "schedule": next(iter(layers.values())).schedule._asdict()}}
-
-    @classmethod
     def record(cls, layers):
         """Where the rank went: each layer's final rank, and the components alive after every pruning step."""
         first = next(iter(layers.values()))
         return {"rank_allocation": {
-            "components": first.rank, "target_rank": first.target_rank, "window": list(first.steps[:2]),
-            "total_steps": first.steps[2],
+            "components": first.rank, "target_rank": first.target_rank, "schedule": first.schedule._asdict(),
+            "window": list(first.steps[:2]), "total_steps": first.steps[2],
             "ranks": {name: int(layer.alive.sum()) for name, layer in layers.items()},
             "pruning_steps": [step for step, _ in first.pruning],
             "alive": {name: [n for _, n in layer.pruning] for name, layer in layers.items()}}}
@@ -1308,7 +1318,7 @@ def save_adapter(model, method, rank, args, folder):
               "target_modules": [full for *_, full, _ in adaptable_layers(CNN(), args.train_head)],
               "modules_to_save": [CNN.head] if args.train_head else None, **cls.peft_config(layers)}
     info = {"method": method, "task": args.task, "base_model": "../../base_model.pt (the CNN of the same seed)",
-            **cls.info(layers)}
+            **cls.record(layers)}
     write_atomic(folder / ADAPTER_WEIGHTS, {key: t.detach().cpu().contiguous()  # trained tensors only
                                             for key, t in peft_tensors(model).items()})
     write_atomic(folder / ADAPTER_CONFIG, json.dumps(config, indent=2))
@@ -1357,17 +1367,39 @@ def load_adapter(base_checkpoint, folder, device="cpu", method=None):
 # =====================================================================================================
 # Results over seeds: every run kept; means, spreads and paired differences
 # =====================================================================================================
-# Student's t quantile t(0.975, df) for df = 1..30 (standard tables); beyond, a Cornish-Fisher expansion
-T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
-         2.045, 2.042)
+
+def t_p_value(t, df):
+    """Two-sided P(|T| >= |t|), Student's t with df degrees of freedom: the regularized incomplete beta I_x(df/2,
+    1/2) at x = df / (df + t^2), by its continued fraction (Lentz, as Numerical Recipes' betacf)."""
+    x, a, b = df / (df + t * t), df / 2, 0.5
+    if x <= 0 or x >= 1:
+        return float(x >= 1)
+    flip = x > (a + 1) / (a + b + 2)
+    if flip:
+        x, a, b = 1 - x, b, a
+    tiny, c, d = 1e-300, 1.0, 1 - (a + b) * x / (a + 1)
+    d = 1 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 1000):
+        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d, c = 1 + numerator * d, 1 + numerator / c
+            d, c = 1 / (d if abs(d) > tiny else tiny), (c if abs(c) > tiny else tiny)
+            h *= d * c
+        if abs(d * c - 1) < 1e-14:
+            break
+    value = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    value *= h / a
+    return 1 - value if flip else value
 
 
+@functools.cache
 def t_975(df):
-    if df <= len(T_975):
-        return T_975[df - 1]
-    z = 1.959964
-    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+    """Student's t quantile t(0.975, df), 2.5 % in each tail: where t_p_value falls to 5 %, by bisection."""
+    low, high = 0.0, 1000.0
+    for _ in range(60):
+        low, high = ((low + high) / 2, high) if t_p_value((low + high) / 2, df) > 0.05 else (low, (low + high) / 2)
+    return (low + high) / 2
 
 
 def mean_std_ci(values):
@@ -1415,15 +1447,12 @@ def paired_margin(a_hex, b_hex, n):
 
 
 def paired_interval(pairs, n):
-    """Two methods' test-accuracy difference (points) over seeds, each seed's pair of runs (their right_images)
-    on the same n test images, with a 95 % interval that holds both noises. The mean difference is the mean over
-    images of D_i, image i's difference averaged over the seeds; its variance is the seeds' (training: s_d^2 / S,
-    s_d the spread of the per-seed differences) plus the test set's (the n images are one sample of the task:
-    Var(D_i) / n), the interval Student's t at the Welch-Satterthwaite degrees of freedom: the seed term is
-    estimated from S - 1 of them, the test term from n - 1, so where the test term is a large share the
-    interval's t is nearer 1.96 than the seeds' 4.30 (three seeds), and it can come out narrower than the
-    seeds' interval alone although its variance is larger. The seed-by-seed interval alone leaves out the
-    second noise: every seed is tested on the same images."""
+    """Two methods' test-accuracy difference (points) over seeds, from each seed's pair of right_images on the same
+    n test images, with a 95 % interval holding both noises: the mean over images of D_i (image i's difference
+    averaged over the seeds), its variance the seeds' (s_d^2 / S, s_d the per-seed differences' spread) plus the
+    test set's (Var(D_i) / n: the images are one sample of the task), Student's t at the Welch-Satterthwaite df.
+    The seed term has S - 1 df, the test term n - 1, so with a large test share t nears 1.96 (not three seeds'
+    4.30) and the interval can be narrower than the seed-only one although its variance is larger."""
     right = [(right_bits(a, n), right_bits(b, n)) for a, b in pairs]
     per_image = 100 * np.mean([a.astype(float) - b for a, b in right], axis=0)  # D_i
     per_seed = [100 * (a.mean() - b.mean()) for a, b in right]
@@ -1464,32 +1493,6 @@ def paired_difference(results, method, ref):
     return paired_stats([a["test_acc"] - b["test_acc"] for a, b in pairs],
                         [(a.get("test_right"), b.get("test_right")) for a, b in pairs],
                         results["config"].get("test_size"))
-
-
-def t_p_value(t, df):
-    """Two-sided P(|T| >= |t|) for Student's t with df degrees of freedom: the regularized incomplete beta
-    I_x(df/2, 1/2) at x = df / (df + t^2), by its continued fraction (Lentz's method, as Numerical Recipes'
-    betacf), evaluated where it converges fast (I_x(a, b) = 1 - I_(1-x)(b, a) beyond that)."""
-    x, a, b = df / (df + t * t), df / 2, 0.5
-    if x <= 0 or x >= 1:
-        return float(x >= 1)
-    flip = x > (a + 1) / (a + b + 2)
-    if flip:
-        x, a, b = 1 - x, b, a
-    tiny, c, d = 1e-300, 1.0, 1 - (a + b) * x / (a + 1)
-    d = 1 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 1000):
-        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
-            d, c = 1 + numerator * d, 1 + numerator / c
-            d, c = 1 / (d if abs(d) > tiny else tiny), (c if abs(c) > tiny else tiny)
-            h *= d * c
-        if abs(d * c - 1) < 1e-14:
-            break
-    value = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
-    value *= h / a
-    return 1 - value if flip else value
 
 
 def holm(p_values):
@@ -2556,14 +2559,6 @@ class Run:
         return found
 
 
-@contextlib.contextmanager
-def during(what):
-    """Ctrl-C (or SIGTERM, SIGHUP) inside says what it interrupted: main()'s message names it."""
-    try:
-        yield
-    except KeyboardInterrupt as e:
-        raise e if e.args else KeyboardInterrupt(what) from None
-
 
 def stability(fitted):
     """{"status": "ok"}, or "unstable" with the reason for a run that collapsed to chance after it had learned:
@@ -2641,26 +2636,24 @@ def run_method(ctx, record, trained=None):
     def stopped(status, reason):  # recorded with the time it took to stop
         return record | {"status": status, "reason": reason, "train_time_s": time.perf_counter() - started}, None
     try:
-        with during(name):
-            if trained is None:
-                torch.manual_seed(seed)  # within a seed: the same adapter A for every method
-                model = (CNN(args.width).to(ctx.device) if method == "base"
-                         else finetuning_copy(ctx.base(seed), method, rank, args)).to(memory_format=torch.channels_last)
-                budget = Budget(epoch_budget(vars(args), method, record.get("epochs")), args.batch_size, args.patience)
-                trained = model, train(model, data, lr, budget, seed)
-            model, fitted = trained
-            record |= {**stability(fitted), "val_right": right_images(model, *data["val"])}  # pairs runs image by image
-            if validation_only:
-                kept = fitted["best_epoch"] - 1
-                record |= {"val_acc": fitted["history"]["val_acc"][kept],
-                           "val_loss": fitted["history"]["val_loss"][kept],
-                           **{k: fitted[k] for k in ("epochs_run", "best_epoch", "train_time_s", "history")}}
-                print(f"Best validation accuracy {record['val_acc']:.2f}% (epoch {record['best_epoch']})")
-            else:
-                record |= measure(model, fitted, *evaluate(model, *data["test"]))  # the test set, once per run
-                record["test_right"] = right_images(model, *data["test"])  # test noise in the paired intervals
-                finish_run(ctx, record, model)
-                report_method(record, args.batch_size)
+        if trained is None:
+            torch.manual_seed(seed)  # within a seed: the same adapter A for every method
+            model = (CNN(args.width).to(ctx.device) if method == "base"
+                     else finetuning_copy(ctx.base(seed), method, rank, args)).to(memory_format=torch.channels_last)
+            budget = Budget(epoch_budget(vars(args), method, record.get("epochs")), args.batch_size, args.patience)
+            trained = model, train(model, data, lr, budget, seed)
+        model, fitted = trained
+        record |= {**stability(fitted), "val_right": right_images(model, *data["val"])}  # pairs runs image by image
+        if validation_only:
+            kept = fitted["best_epoch"] - 1
+            record |= {"val_acc": fitted["history"]["val_acc"][kept], "val_loss": fitted["history"]["val_loss"][kept],
+                       **{k: fitted[k] for k in ("epochs_run", "best_epoch", "train_time_s", "history")}}
+            print(f"Best validation accuracy {record['val_acc']:.2f}% (epoch {record['best_epoch']})")
+        else:
+            record |= measure(model, fitted, *evaluate(model, *data["test"]))  # the test set, once per run
+            record["test_right"] = right_images(model, *data["test"])  # test noise in the paired intervals
+            finish_run(ctx, record, model)
+            report_method(record, args.batch_size)
         if record["status"] == "unstable":
             print(f"{name} is unstable: {record['reason']}; its best epoch is kept but not counted"
                   + (" and its rate not chosen." if validation_only else ". Going on with the other methods."))
@@ -2800,9 +2793,8 @@ def after_the_runs(ctx):
     if any(r["status"] == "ok" for r in main_runs(ctx.results)):
         print("Measuring inference latency, as trained and merged...")
         try:
-            with during("the latency measurement"):
-                measure_inference(ctx.results, ctx.out, ctx.splits[ctx.args.task]["test"], ctx.device,
-                                  *((QUICK_LATENCY_ROUNDS, QUICK_LATENCY_REPEATS) if ctx.args.quick else ()))
+            measure_inference(ctx.results, ctx.out, ctx.splits[ctx.args.task]["test"], ctx.device,
+                              *((QUICK_LATENCY_ROUNDS, QUICK_LATENCY_REPEATS) if ctx.args.quick else ()))
         except ModelFileError as e:
             print(f"Latency not measured: {e}")
         save_results(ctx.results, ctx.out)
@@ -2939,16 +2931,22 @@ def check_save_folders(out, plan):
 # =====================================================================================================
 # main(): flags, checks, the experiment
 # =====================================================================================================
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # a bad flag (or default): one sentence, not argparse's usage text
+        raise ConfigError(f"{message.replace('argument ', '', 1)}; see python main.py --help")
+
+
 def parse_args(argv=None):
-    """One flag per entry of SETTINGS, its default read from there; then the ones that steer a run."""
-    p = argparse.ArgumentParser(description="MNIST CNN fine-tuned with hand-written LoRA, DoRA and QLoRA.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """One flag per entry of SETTINGS, its default read from there (as text, so argparse checks it as it checks
+    the flag); then the ones that steer a run."""
+    p = ArgumentParser(description="MNIST CNN fine-tuned with hand-written LoRA, DoRA and QLoRA.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for name, (default, kind, meaning) in SETTINGS.items():
         flag = "--" + name.replace("_", "-")
         if kind is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=meaning)
         else:
-            p.add_argument(flag, type=kind, default=default, help=meaning)
+            p.add_argument(flag, type=kind, default=None if default is None else str(default), help=meaning)
     p.add_argument("--resume", action="store_true",
                    help="keep the runs already finished in out-dir/results.json (same settings) whose saved models "
                         "are there and intact; run the rest")
@@ -2971,47 +2969,9 @@ def seeds_of(args):
     return [args.seed + k for k in range(args.seeds)]
 
 
-MAX_SEED = 2**32 - 1  # seeds feed torch generators and epoch_order's arithmetic: kept well inside int64
-BOUNDS = {  # the whole numbers that size the plan, each between its bounds: (lowest, highest or None)
-    "epochs": (1, 10_000), "finetune_epochs": (1, 10_000), "batch_size": (1, None), "patience": (0, None),
-    "seeds": (1, 1000),  # --seeds 10**8 would build a plan of 10**9 runs in memory before any message
-    "width": (1, 16)}    # width 16: fc1 alone holds 33.6 M weights
-LISTS = {  # the comma lists: (kind, example, lowest, highest or None, most values); every value sizes work
-    "lrs": (float, "1e-3,3e-3,1e-2", None, None, 20),  # every fine-tuning method trains once at each rate
-    "ranks": (int, "1,2,4,8,16", None, None, 16),       # bounded by the layers, checked with --rank
-    "budgets": (int, "20,40", 1, 10_000, 10),
-    "memory_batches": (int, "1,8,32,128,512", 1, 4096, 20),
-    "memory_widths": (int, "1,2,4,8", 1, 16, 8)}
-
-
-def number_list(args, name):
-    """A comma list of LISTS ("a,b,c") as a sorted list of distinct numbers within its bounds (kept when it is one
-    already); ConfigError otherwise."""
-    kind, example, low, high, most = LISTS[name]
-    text, flag = getattr(args, name), "--" + name.replace("_", "-")
-    if isinstance(text, str):
-        try:
-            setattr(args, name, sorted({kind(v) for v in text.split(",") if v.strip()}))
-        except ValueError:
-            what = "whole numbers" if kind is int else "numbers"
-            raise ConfigError(f"{flag} must be {what} separated by commas, like {example} (got {text!r})") from None
-        if text.strip() and not getattr(args, name):
-            raise ConfigError(f"{flag} names no value (got {text!r}): give numbers separated by commas, like "
-                              f"{example}, or leave it out")
-    values = getattr(args, name)
-    if len(values) > most:
-        raise ConfigError(f"{flag} holds {len(values)} values: at most {most} (each one is work for every method)")
-    for value in values:
-        if low is not None and not low <= value <= (high or value):
-            bounds = f"between {low} and {high}" if high else f"at least {low}"
-            raise ConfigError(f"{flag} must hold values {bounds} (got {value})")
-    return values
-
-
 def check_args(args):
-    """Every bad setting, flag or edited default, as one ConfigError sentence before anything runs (an edited
-    default is checked as its flag is, so the checks are here, not in argparse). Turns the comma lists into
-    sorted lists of numbers."""
+    """What argparse's types cannot check alone, flag or edited default alike: one ConfigError sentence before
+    anything runs."""
     unknown = [m for m in args.methods if m != "base" and m not in METHODS]
     if unknown or not args.methods:
         raise ConfigError(f"unknown method(s) {', '.join(unknown) or '(none given)'}: choose from "
@@ -3025,13 +2985,6 @@ def check_args(args):
     for name in ("out_dir", "data_dir"):
         if not getattr(args, name).strip():
             raise ConfigError(f"--{name.replace('_', '-')} must name a folder (got an empty name)")
-    for name, (low, high) in BOUNDS.items():
-        value = getattr(args, name)
-        if value is not None and (value < low or (high is not None and value > high)):  # patience may be none
-            raise ConfigError(f"--{name.replace('_', '-')} must be "
-                              f"{f'between {low} and {high}' if high else f'at least {low}'} (got {value})")
-    for name in LISTS:
-        number_list(args, name)
     rates = ([("--lr", args.lr)] * (args.lr is not None) + [("--lrs", r) for r in args.lrs]
              + [("BASE.lr" if m == "base" else f"METHODS[{m!r}].lr", r) for m, r in default_rates().items()])
     for name, value in rates:
@@ -3041,9 +2994,6 @@ def check_args(args):
     if not (math.isfinite(args.alpha) and 0 < args.alpha <= torch.finfo(torch.float32).max):
         raise ConfigError(f"--alpha must be a positive number no larger than float32's largest, 3.4e+38 "
                           f"(got {args.alpha})")
-    if not 0 <= args.seed <= MAX_SEED - args.seeds + 1:
-        raise ConfigError(f"--seed must be between 0 and {MAX_SEED - args.seeds + 1} with --seeds {args.seeds} "
-                          f"(got {args.seed})")
     for clash, why in ((args.resume and args.overwrite, "--resume keeps an earlier run's results and --overwrite "
                                                         "replaces them: choose one"),
                        (args.resume and args.memory_batches, "--memory-batches runs the memory sweep, which trains "
@@ -3145,8 +3095,7 @@ def draw_finished(results, out, failing=False):
     add_summary(results)  # runs kept by --resume may have come in since the last save
     if any(r["status"] == "ok" for r in results["runs"]):
         try:
-            with during("plotting (the results themselves are saved)"):
-                plot_results(results, out)
+            plot_results(results, out)
         except WriteError as e:
             if not failing:
                 raise
@@ -3192,16 +3141,15 @@ def run_experiment(args):
     finished, and the summary. Exit status 0, or 1 when a run failed or collapsed."""
     ctx, plan, rates = *prepare(args), {}
     try:
-        with during("the experiment"):  # a Ctrl-C between runs: the finished ones are saved
-            for key in plan:
-                record = comparison_run(ctx, key, rates)
-                if record["method"] == "base" and record["status"] not in FINISHED:
-                    print(f"error: the base model of seed {record['seed']} failed, so there is nothing to fine-tune.",
-                          file=sys.stderr)
-                    break
-            else:
-                after_the_runs(ctx)
-    except BaseException:  # interrupted or failed: whatever finished is drawn all the same
+        for key in plan:
+            record = comparison_run(ctx, key, rates)
+            if record["method"] == "base" and record["status"] not in FINISHED:
+                print(f"error: the base model of seed {record['seed']} failed, so there is nothing to fine-tune.",
+                      file=sys.stderr)
+                break
+        else:
+            after_the_runs(ctx)
+    except BaseException:  # interrupted (Ctrl-C) or failed: whatever finished is drawn all the same
         draw_finished(ctx.results, ctx.out, failing=True)
         raise
     draw_finished(ctx.results, ctx.out)
@@ -3240,17 +3188,15 @@ def replot(args):
     return 0
 
 
-STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
-
-
 def main(argv=None):
     """Exit status: 0 done; 1 a run failed, or an output could not be written; 2 bad input, found before any
-    training; 130 interrupted (Ctrl-C, SIGTERM or SIGHUP), with every finished run saved."""
-    args = parse_args(argv)
-    # SIGTERM (a scheduler's kill) and SIGHUP (a closed terminal) stop the run as Ctrl-C does: said, finished runs kept
-    handlers = {s: signal.signal(s, signal.default_int_handler) for s in STOP_SIGNALS}
-    lock = None
+    training; 130 interrupted by Ctrl-C. Every finished run is in results.json as soon as it finishes (written
+    whole), so a run killed outright (a scheduler's SIGTERM) loses nothing either: --resume continues it and
+    --replot draws what it left."""
+    lock, results = None, "results.json"
     try:
+        args = parse_args(argv)
+        results = Path(args.out_dir) / "results.json"
         check_args(args)
         lock = lock_out_dir(Path(args.out_dir))
         if args.replot:
@@ -3260,23 +3206,20 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (WriteError, ModelFileError) as e:
-        print(f"error: {e}. Every run finished before it is kept in {Path(args.out_dir) / 'results.json'}: "
-              f"fix the cause and run the same command with --resume.", file=sys.stderr)
+        print(f"error: {e}. Every run finished before it is kept in {results}: fix the cause and run the same "
+              f"command with --resume.", file=sys.stderr)
         return 1
     except OSError as e:  # a file or folder the system will not let this run read or make, named by the system
         print(f"error: cannot use {e.filename or 'a file'} ({e.strerror or e}); every run finished before it is kept "
-              f"in {Path(args.out_dir) / 'results.json'}.", file=sys.stderr)
+              f"in {results}.", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as e:
-        saved = (f"the runs finished before it are saved in {Path(args.out_dir) / 'results.json'}; run the same "
-                 f"command with --resume to continue" if e.args else "nothing had been trained yet")
-        print(f"\nInterrupted during {e.args[0] if e.args else 'start-up'}: {saved}.", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"\nInterrupted: every run finished before it is kept in {results}; run the same command with "
+              f"--resume to continue.", file=sys.stderr)
         return 130
     finally:
         if lock:
             lock.release()
-        for stop_signal, handler in handlers.items():
-            signal.signal(stop_signal, handler)
 
 
 if __name__ == "__main__":
