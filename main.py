@@ -98,18 +98,20 @@ SETTINGS = {  # name: (default, type, meaning); the flag is --name with - for _ 
     "finetune_epochs": (10, within(int, 1, 10_000), "epoch budget of every fine-tuning method"),
     "batch_size": (128, within(int, 1), "training batch size, the same for every method"),
     "lr": (None, float, "one Adam rate for every method and the base instead of their rows' rates"),
-    "lrs": ("", within(float, 0, most=20), "rate grid, e.g. 1e-3,3e-3,1e-2: each fine-tuning method takes the best rate by validation "
-                     "accuracy on the first seed (the test set takes no part), the grid growing past an end while "
-                     "its best rate sits there"),
-    "patience": (None, within(int, 0), "early stopping: stop after this many epochs without a better epoch by the selection "
-                            "criterion (none: every run trains its whole budget, its best epoch kept)"),
+    "lrs": ("", within(float, 0, most=20), "rate grid, e.g. 1e-3,3e-3,1e-2: each fine-tuning method takes the best "
+                                           "rate by validation accuracy on the first seed (the test set takes no "
+                                           "part), the grid growing past an end while its best rate sits there"),
+    "patience": (None, within(int, 0), "early stopping: stop after this many epochs without a better epoch by the "
+                                       "selection criterion (none: every run trains its whole budget, its best epoch "
+                                       "kept)"),
     "rank": (8, int, "r, the rank of the update B A"),
     "alpha": (16, float, "the update is scaled by alpha / r (or alpha / sqrt(r): --scaling)"),
     "scaling": ("lora", str, "the update's scale: lora, alpha / r (Hu et al. 2021), or rslora, alpha / sqrt(r), "
                              "rank-stable (Kalajdzievski 2023; PEFT's use_rslora)"),
     "ranks": ("", within(int, 1, most=16), "rank sweep, e.g. 1,2,4,8,16: the adapter methods again at each rank"),
-    "budgets": ("", within(int, 1, 10_000, most=10), "budget check, e.g. 20,40: the first seed's fine-tuning runs again at their chosen rates "
-                         "with these epoch budgets, judged on validation: has the comparison's budget plateaued?"),
+    "budgets": ("", within(int, 1, 10_000, most=10), "budget check, e.g. 20,40: the first seed's fine-tuning runs "
+                                                     "again at their chosen rates with these epoch budgets, judged on "
+                                                     "validation: has the comparison's budget plateaued?"),
     "dropout": (0.0, float, "dropout on the adapter's input (0 lets DoRA reuse the base's output)"),
     "dyn_components": (1.5, float, "dynamic-rank DoRA: each layer starts with ceil(this x r) rank-1 components, "
                                    "pruned to r per layer on average"),
@@ -121,9 +123,10 @@ SETTINGS = {  # name: (default, type, meaning); the flag is --name with - for _ 
                             "pruning ends"),
     "train_head": (True, bool, "the classifier head fully trainable instead of adapted"),
     "width": (1, within(int, 1, 16), "the CNN's width: its channels (16, 32) and fc1's units (256) times this"),
-    "memory_batches": ("", within(int, 1, 4096, most=20), "memory sweep instead of training, e.g. 1,8,32,128,512: each method's training "
-                                "memory, one measured step at each of these batch sizes and each --memory-widths "
-                                "width (nothing is trained)"),
+    "memory_batches": ("", within(int, 1, 4096, most=20), "memory sweep instead of training, e.g. 1,8,32,128,512: "
+                                                          "each method's training memory, one measured step at "
+                                                          "each of these batch sizes and each --memory-widths width "
+                                                          "(nothing is trained)"),
     "memory_widths": ("1,2,4,8", within(int, 1, 16, most=8), "the CNN widths of the memory sweep"),
     "device": ("auto", str, "auto (cuda when available), cpu or cuda"),
     "data_dir": ("data", str, "holds MNIST/raw/ and FashionMNIST/raw/ (torchvision's layout); downloaded there "
@@ -1236,6 +1239,7 @@ def write_atomic(path, content):
             else:
                 torch.save(content, buffer)
             data = buffer.getvalue()
+        path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as f:
@@ -1248,13 +1252,6 @@ def write_atomic(path, content):
     except OSError as e:
         raise WriteError(f"cannot write {path.name} in {path.parent} ({e.strerror or one_line(e, 120)})") from None
 
-
-def make_folder(folder):
-    """mkdir -p for a folder this script saves into; WriteError (one sentence) when it cannot be made."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise WriteError(f"cannot make the folder {folder} ({e.strerror or e})") from None
 
 
 def read_model_file(path, read):
@@ -1310,7 +1307,6 @@ def save_adapter(model, method, rank, args, folder):
     (method, task, base, what the class adds), which PEFT never opens."""
     folder, layers = Path(folder), adapter_layers(model)
     cls = type(next(iter(layers.values())))
-    make_folder(folder)
     config = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
               "r": rank, "lora_alpha": args.alpha, "lora_dropout": args.dropout, "bias": "none",
               "use_dora": False, "use_rslora": args.scaling == "rslora", "fan_in_fan_out": False,
@@ -1831,29 +1827,19 @@ def memory_sweep_table(results):
         for (width, batch), totals in points.items()])
 
 
-def crossover(results):
-    """{width: {method: the largest batch swept at which it takes less training memory than full fine-tuning,
-    or None}}, and {width: the largest batch swept}: where the adapters stop saving memory."""
-    points, below, largest = sweep_points(results), {}, {}
-    for (width, batch), totals in points.items():
-        largest[width] = max(batch, largest.get(width, 0))
-        for method, total in totals.items():
-            if method != "full" and "full" in totals:
-                mine = below.setdefault(width, {}).setdefault(method, None)
-                if total < totals["full"]:
-                    below[width][method] = max(batch, mine or 0)
-    return below, largest
-
-
 def crossover_table(results):
-    below, largest = crossover(results)
-    methods = list(dict.fromkeys(m for mine in below.values() for m in mine))
+    """Per CNN width, the largest batch swept at which each method still takes less training memory than full
+    fine-tuning: where the adapters stop saving memory."""
+    points = sweep_points(results)
+    widths = list(dict.fromkeys(width for width, _ in points))
+    methods = list(dict.fromkeys(m for totals in points.values() for m in totals if m != "full"))
 
     def cell(width, method):
-        batch = below[width].get(method)
-        return "none" if batch is None else f"{batch} (all swept)" if batch == largest[width] else str(batch)
-    return table(["method"] + [f"width {w} ({count_parameters(CNN(w))[1]:,} weights)" for w in below],
-                 [[display(m)] + [cell(w, m) for w in below] for m in methods])
+        mine = {b: totals for (w, b), totals in points.items() if w == width and "full" in totals}
+        below = [b for b, totals in mine.items() if method in totals and totals[method] < totals["full"]]
+        return "none" if not below else f"{max(below)} (all swept)" if max(below) == max(mine) else str(max(below))
+    return table(["method"] + [f"width {w} ({count_parameters(CNN(w))[1]:,} weights)" for w in widths],
+                 [[display(m)] + [cell(w, m) for w in widths] for m in methods])
 
 
 def contrasts_table(results):
@@ -2559,7 +2545,6 @@ class Run:
         return found
 
 
-
 def stability(fitted):
     """{"status": "ok"}, or "unstable" with the reason for a run that collapsed to chance after it had learned:
     its best epoch was kept, but it is not a run to average or to choose a rate by."""
@@ -2610,8 +2595,7 @@ def finish_run(ctx, record, model):
     if cls:
         record |= cls.record(adapter_layers(model))
         record["file_bytes"] = (save_adapter(model, method, rank, args, path) / ADAPTER_WEIGHTS).stat().st_size
-    else:
-        make_folder(path.parent)  # saved at once: the base is what adapter-only runs and --resume start from
+    else:  # saved at once: the base is what adapter-only runs and --resume start from
         write_atomic(path, model.state_dict())
         record["file_bytes"] = path.stat().st_size
     record["file_sha256"] = file_digest(path)  # --resume trusts the saved model only while this matches
@@ -2674,10 +2658,9 @@ MAX_EXTENSIONS = 3  # steps a grid may grow past either end while its best rate 
 
 
 def next_rate(grid, best, original):
-    """The rate one step past the end of `grid` where its best rate sits, at the original grid's mean spacing in
-    log scale (k steps from its end, rounded to one digit: a 1e-3, 3e-3, 1e-2 grid grows to 3e-4, 1e-4 or to
-    3e-2, 1e-1), or None when the best is interior, the grid has grown MAX_EXTENSIONS steps that way, or the next
-    rate is past MAX_RATE."""
+    """The rate one step past the end of `grid` where its best rate sits, at the original grid's mean log spacing,
+    rounded to one digit (1e-3, 3e-3, 1e-2 grows to 3e-4, 1e-4 or to 3e-2, 1e-1); None when the best is interior,
+    the grid has grown MAX_EXTENSIONS steps that way, or the next rate is past MAX_RATE."""
     step = 10 ** (math.log10(max(original) / min(original)) / (len(original) - 1)) if len(original) > 1 else 3.0
     for end, start, factor in ((min(grid), min(original), 1 / step), (max(grid), max(original), step)):
         grown = sum(r < start if factor < 1 else r > start for r in grid)
@@ -2741,30 +2724,11 @@ def choose_rate(ctx, method, rank):
     return best["lr"], trained.get(best["lr"])
 
 
-def check_budgets(ctx):
-    """The first seed's fine-tuning runs again at their chosen rates with every other budget of --budgets (as asked,
-    even in a quick run), on validation only: does validation accuracy still rise past the comparison's budget?"""
-    args, rates = ctx.args, ctx.results["learning_rates"]
-    for method in (m for m in args.methods if m != "base" and rates.get(m, {}).get("lr")):
-        for epochs in (e for e in args.budgets if e != epoch_budget(vars(args))):
-            validation_run(ctx, "budget_check", {"method": method, "seed": args.seed,
-                                                 "rank": run_rank(method, args.rank), "lr": rates[method]["lr"],
-                                                 "epochs": epochs})
-
-
-def doing(method):
-    """What a run of `method` does, said when it starts."""
-    trains = {"all": "every parameter of", "head": "only the classifier head of"}.get(row(method).trains)
-    if method == "base":
-        return "Training the base model"
-    return f"Fine-tuning {trains} the base model ({display(method)})" if trains else \
-        f"Fine-tuning the base model with {display(method)}"
-
-
 def comparison_run(ctx, key, rates):
     """One run of the plan, key = (method, seed, rank): kept from the earlier run, or run here at its method's rate
     (chosen where the method first runs; the grid's own run at that rate finished, not trained again); appended to
     the results, which are saved (after every run: nothing finished is lost). Returns its record."""
+    trains = {"all": "every parameter of the base model", "head": "only the classifier head of the base model"}
     (method, seed, rank), args = key, ctx.args
     if method not in rates:  # the first seed's base is there: a grid can run on it
         rates[method] = choose_rate(ctx, method, run_rank(method, args.rank))
@@ -2773,7 +2737,10 @@ def comparison_run(ctx, key, rates):
         if lr is None:
             kept = record | {"status": "failed", "reason": "every rate of the --lrs grid failed", "train_time_s": 0.0}
         else:
-            print(f"{doing(method)}{run_label(args, record)}, lr {lr:g}...")
+            doing = ("Training the base model" if method == "base" else f"Fine-tuning {trains[row(method).trains]} "
+                     f"({display(method)})" if row(method).trains in trains else f"Fine-tuning the base model with "
+                     f"{display(method)}")
+            print(f"{doing}{run_label(args, record)}, lr {lr:g}...")
             reuse = grid_trained if (seed, rank) == (args.seed, run_rank(method, args.rank)) else None
             if reuse:
                 print("(the grid's run at this rate and seed, not trained again: tested once now, and saved)")
@@ -2787,14 +2754,20 @@ def comparison_run(ctx, key, rates):
 
 
 def after_the_runs(ctx):
-    """The budget check, then the latency of the first seed's models, rebuilt from their saved files."""
-    if ctx.args.budgets:
-        check_budgets(ctx)
+    """The budget check (the first seed's fine-tuning runs again at their chosen rates with every other budget of
+    --budgets, even in a quick run, on validation only: has the comparison's budget plateaued?), then the latency
+    of the first seed's models, rebuilt from their saved files."""
+    args, rates = ctx.args, ctx.results["learning_rates"]
+    for method in (m for m in args.methods if m != "base" and rates.get(m, {}).get("lr")):
+        for epochs in (e for e in args.budgets if e != epoch_budget(vars(args))):
+            validation_run(ctx, "budget_check", {"method": method, "seed": args.seed,
+                                                 "rank": run_rank(method, args.rank), "lr": rates[method]["lr"],
+                                                 "epochs": epochs})
     if any(r["status"] == "ok" for r in main_runs(ctx.results)):
         print("Measuring inference latency, as trained and merged...")
         try:
-            measure_inference(ctx.results, ctx.out, ctx.splits[ctx.args.task]["test"], ctx.device,
-                              *((QUICK_LATENCY_ROUNDS, QUICK_LATENCY_REPEATS) if ctx.args.quick else ()))
+            measure_inference(ctx.results, ctx.out, ctx.splits[args.task]["test"], ctx.device,
+                              *((QUICK_LATENCY_ROUNDS, QUICK_LATENCY_REPEATS) if args.quick else ()))
         except ModelFileError as e:
             print(f"Latency not measured: {e}")
         save_results(ctx.results, ctx.out)
@@ -3029,12 +3002,9 @@ def environment(device, methods):
             bnb = version("bitsandbytes")
         except BitsAndBytesUnavailable:
             bnb = "not usable"
-    threads = torch.get_num_threads()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        cpu = platform.processor() or platform.machine()
+    threads, cpuinfo = torch.get_num_threads(), Path("/proc/cpuinfo")  # Linux names the CPU there, platform not
+    cpu = next((line.split(":", 1)[1].strip() for line in (cpuinfo.read_text() if cpuinfo.is_file() else "")
+                .splitlines() if line.startswith("model name")), platform.machine())
     name = (torch.cuda.get_device_name(device) if device.type == "cuda"
             else f"CPU: {cpu}, {threads} thread{'s' if threads > 1 else ''}")
     return {"device": device.type, "device_name": name, "torch": torch.__version__, "bitsandbytes": bnb,

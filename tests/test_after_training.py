@@ -85,7 +85,7 @@ def test_adapter_folder_holds_only_the_trained_tensors_under_peft_names_and_shap
     assert info["method"] == method and ("base_quantization" in info) == (method == "qlora")
     if method == "dyndora":  # a rank per layer, and the alpha that keeps the scale alpha / r' = 8 / 6
         adapted = config["target_modules"]
-        assert config["rank_pattern"] == dict.fromkeys(adapted, 4) and info["dynamic_rank"]["components"] == 6
+        assert config["rank_pattern"] == dict.fromkeys(adapted, 4) and info["rank_allocation"]["components"] == 6
         assert config["alpha_pattern"] == pytest.approx(dict.fromkeys(adapted, 8 * 4 / 6))
 
 

@@ -80,7 +80,7 @@ def test_without_a_grid_the_table_or_lr_sets_the_rate(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--lrs", "1e-3,x"], "--lrs must be numbers separated by commas"),
+    (["--lrs", "1e-3,x"], "--lrs: numbers expected, separated by commas (got '1e-3,x')"),
     (["--lrs", "1e-3,0"], "--lrs must be a positive number no larger than 3.4e+37 (Adam's first step divides it by 0.1 and holds the result as a float32; got 0.0)"),
     (["--lrs", "inf"], "--lrs must be a positive number no larger than 3.4e+37 (Adam's first step divides it by 0.1 and holds the result as a float32; got inf)")])
 def test_bad_grids_fail_before_any_work(capsys, tmp_path, monkeypatch, argv, message):
