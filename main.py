@@ -27,6 +27,7 @@ import sys
 import tempfile
 import textwrap
 import time
+import weakref
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import NamedTuple
@@ -996,19 +997,6 @@ MEMORY_STEP = 2  # the step whose memory is measured: from the second on, Adam's
                  # gradients are allocated while the forward pass keeps its activations, as in every later step
 
 
-class Kept:
-    """A tensor autograd keeps for backward, wrapped to be counted while it is held: autograd drops it once the
-    backward pass has used it (or at once, when the graph holding it is discarded), and `release` runs then.
-    It holds a detached view: holding the tensor itself would tie an output to its own graph (a cycle)."""
-    __slots__ = ("tensor", "release")
-
-    def __init__(self, tensor, release):
-        self.tensor, self.release = tensor.detach(), release
-
-    def __del__(self):
-        self.release()
-
-
 class TrainingMemory:
     """The training memory of the steps run inside it, in parts, by accounting: the weights as stored (frozen
     and trainable), the gradients, the optimizer's state, and the activations autograd keeps for the backward
@@ -1030,19 +1018,21 @@ class TrainingMemory:
             self.cuda_shared = torch.cuda.memory_allocated(self.device) - weight_bytes(model)
 
     def pack(self, tensor):
-        key = (tensor.device, tensor.untyped_storage().data_ptr())
-        if key in self.skip:
-            return Kept(tensor, lambda: None)
-        entry = self.held.setdefault(key, [0, tensor.untyped_storage().nbytes()])
-        entry[0] += 1
-        if entry[0] == 1:  # a storage not kept yet: its bytes count once, however many tensors view it
-            self.kept_now += entry[1]
-        return Kept(tensor, lambda: self.release(key))
+        """What autograd keeps for backward: a detached view (the tensor itself would tie an output to its own
+        graph, a cycle), counted until autograd drops it (once backward used it, or with a discarded graph)."""
+        key, kept = (tensor.device, tensor.untyped_storage().data_ptr()), tensor.detach()
+        if key not in self.skip:
+            entry = self.held.setdefault(key, [0, tensor.untyped_storage().nbytes()])
+            entry[0] += 1
+            if entry[0] == 1:  # a storage not kept yet: its bytes count once, however many tensors view it
+                self.kept_now += entry[1]
+            weakref.finalize(kept, self.release, key)
+        return kept
 
     def unpack(self, kept):
         if self.kept_at_backward is None:  # the first use of a kept tensor: backward has begun, nothing freed yet
             self.kept_at_backward = self.kept_now
-        return kept.tensor
+        return kept
 
     def release(self, key):
         entry = self.held[key]
