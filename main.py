@@ -874,10 +874,9 @@ def split_indices(n, val_size, seed):
 
 
 def make_splits(data, device, task="mnist", val_size=VAL_SIZE, seed=0, train_size=None, test_size=None):
-    """train/val/test (images, labels) of `task` on `device`, images normalized once with MNIST's statistics
-    (the base's preprocessing, whatever the task); train_size and test_size (for --quick) keep subsets. The
-    split depends on the seed only, so every task holds out the same images; a test subset is the same for
-    every seed (a fixed random draw: MNIST's first 5,000 test images are the easier half)."""
+    """train/val/test (images, labels) of `task` on `device`, normalized once with MNIST's statistics (the base's
+    preprocessing); train_size and test_size (--quick) keep subsets. The split depends on the seed only; a test
+    subset is a fixed random draw for every seed (MNIST's first 5,000 test images are the easier half)."""
     pixels, labels = data["train"]
     train_idx, val_idx = split_indices(len(labels), val_size, seed)
     if train_size is not None:
@@ -1080,10 +1079,9 @@ def training_step(model, optimizer, groups, images, labels, step, total_steps):
 
 
 def train(model, splits, lr, budget, seed, log=print):
-    """Adam on the trainable parameters, cosine LR per step to 0 at the end of the budget; the model ends in the
-    state (parameters and buffers) of its best epoch by the selection criterion, with early stopping on it only
-    when budget.patience says so. Adapter classes may add a term to the loss and act after each step
-    (AdapterLayer.regularizer, .on_step, .settled_at). Diverged for a non-finite or exploding loss, or chance
+    """Adam on the trainable parameters, cosine LR per step to 0 at the budget's end; the model ends in the state
+    of its best epoch by the selection criterion (early stopping on it with budget.patience). Adapter classes add
+    a loss term and act after each step (their hooks). Diverged for a non-finite or exploding loss, or chance
     accuracy throughout; a collapse to chance after learning is returned, with its epoch."""
     params, groups = trainable_parameters(model), hook_groups(model)
     optimizer = torch.optim.Adam(params.values(), lr=lr)
@@ -1492,11 +1490,9 @@ def holm(p_values):
 
 
 def primary_contrasts(results):
-    """The comparisons a study is about, named before looking: every adapter against full fine-tuning and against
-    head only, and the two DoRAs and QLoRA against LoRA. Each the paired difference over seeds with its 95 %
-    interval (paired_difference: seed and test-set noise where the runs recorded their test images) and two-sided
-    p, Holm-adjusted over them all; every other difference reported is exploratory. A pair with no spread to test
-    against (one seed, no test images recorded) is left out."""
+    """The comparisons a study is about, named before looking: every adapter against full fine-tuning and head
+    only, the two DoRAs and QLoRA against LoRA; each paired_difference with its two-sided p, Holm-adjusted over
+    them all (every other difference is exploratory). A pair with no spread to test against is left out."""
     adapters = [m for m in results["methods"] if adapter_class(m)]
     named = [(m, ref) for ref in ("full", "head") for m in adapters] + [(m, "lora") for m in adapters if m != "lora"]
     rows = []
@@ -1612,10 +1608,9 @@ QUICK_LATENCY_ROUNDS, QUICK_LATENCY_REPEATS = 1, {1: 3, 1000: 1}  # a smoke test
 
 
 def measure_inference(results, out_dir, test, device, rounds=LATENCY_ROUNDS, repeats=LATENCY_REPEATS):
-    """results["inference"] for the first seed's models at the main rank, rebuilt from their saved files (so
-    resumed ones too): latency at batch 1 and 1,000 as trained and merged (once without an adapter), median and
-    range over rounds; the largest logit change merging makes.
-    Rounds interleave the models, so a slow spell of a shared machine hits them all alike."""
+    """results["inference"] for the first seed's main-rank models, rebuilt from their saved files (resumed ones
+    too): latency at batch 1 and 1,000 as trained and merged, median and range over rounds that interleave the
+    models (a slow spell of a shared machine hits all alike); the largest logit change merging makes."""
     images = test[0]
     seed, rank, models, extra = results["seeds"][0], results["config"]["rank"], {}, {}
     base_file = saved_model_file(out_dir, "base", seed)
@@ -2598,10 +2593,9 @@ def finish_run(ctx, record, model):
 
 
 def run_method(ctx, record, trained=None):
-    """One method's run, as `record` names it (method, seed, rank, lr; "epochs" for the budget check): its model
-    built (a fresh CNN for the base, a copy of the seed's base for the others) and trained, then either judged on
-    validation only (the rate grid, the budget check: `epochs` set or "extension" in the record) or tested once
-    and saved. `trained` = a grid run's (model, fit), finished here instead of trained again. Returns (the
+    """One method's run as `record` names it (method, seed, rank, lr; "epochs" in the budget check): built (a fresh
+    CNN for the base, a copy of the seed's base for the others) and trained, or `trained`, a grid run's (model,
+    fit); then judged on validation only (the grid, the budget check) or tested once and saved. Returns (the
     record completed, (model, fit)); a run that cannot finish is recorded with its reason, and the others go on."""
     args, (method, seed, rank, lr) = ctx.args, (record[k] for k in ("method", "seed", "rank", "lr"))
     name, data = display(method) + run_label(args, record), ctx.splits["mnist" if method == "base" else args.task]
@@ -2676,12 +2670,10 @@ def validation_run(ctx, kind, record):
 
 
 def choose_rate(ctx, method, rank):
-    """(rate, trained) for `method`: with --lrs, the rate whose run on the first seed is best by the selection
-    criterion, among the runs that neither failed nor collapsed (ties: the lower rate), None if none is left;
-    the grid grows one step past an end while its best rate sits there (the optimum may lie beyond), until the
-    best is interior or the next rate is unstable. Returns that run's (model, fit) when it trained here. Without
-    --lrs: --lr, or the method's rate in METHODS (BASE for the base), and None. Recorded in
-    results["learning_rates"], with the margin over the runner-up in validation images."""
+    """(rate, that run's (model, fit) if it trained here) for `method`: with --lrs, the first seed's best rate by
+    the selection criterion among the runs that neither failed nor collapsed (ties: the lower rate; None if none),
+    the grid growing past an end while its best rate sits there; else --lr or the method's row, and None.
+    Recorded in results["learning_rates"], with the lead over the runner-up in validation images."""
     args, results = ctx.args, ctx.results
     if not args.lrs or method == "base":  # the base trains from scratch at its own rate: no grid
         table = "BASE" if method == "base" else "METHODS"
@@ -2808,10 +2800,10 @@ def saved_model_problem(out, run):
 
 
 def earlier_records(out, config, plan):
-    """({record_key: record} an earlier run into `out` with the same settings left and --resume can trust, the
-    finished runs not in this plan): a run counts only while its saved model matches its recorded checksum and its
-    seed's base is trusted too (a base missing or trained again takes its runs along); the grid's and the budget
-    check's runs count while their base does (a diverged rate stays so; skipped ones are tried again)."""
+    """({record_key: record} that --resume can trust from an earlier run into `out` with the same settings, the
+    finished runs not in this plan): a run counts while its saved model matches its checksum and its seed's base
+    is trusted (a base missing or trained again takes its runs along); grid and budget-check runs count while
+    their base does (a diverged rate stays so; skipped ones are tried again)."""
     path = out / "results.json"
     if not path.exists():
         return {}, []
