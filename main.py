@@ -72,7 +72,9 @@ TASKS = {  # what the methods fine-tune on, the same split sizes; the base alway
 }
 def within(kind, low, high=math.inf, most=0):
     """An argparse type: a `kind` number in [low, high] (a NaN is not), or with `most`, a comma list of at most
-    `most` of them ("" for none), sorted and distinct. argparse applies it to the default too (given as text)."""
+    `most` of them ("" for none), sorted and distinct. argparse applies it to the default too (given as text).
+    The bounds size the work: --seeds 10**8 would plan 10**9 runs in memory before any message; at width 16 fc1
+    alone holds 33.6 M weights; every rate of --lrs is a run of every fine-tuning method."""
     def parse(text):
         try:
             values = sorted({kind(v) for v in text.split(",") if v.strip()} if most else {kind(text)})
@@ -1241,7 +1243,6 @@ def write_atomic(path, content):
         raise WriteError(f"cannot write {path.name} in {path.parent} ({e.strerror or one_line(e, 120)})") from None
 
 
-
 def read_model_file(path, read):
     """read(path), any failure (missing, truncated, not ours, a pickle with code) as one sentence naming it."""
     try:
@@ -1351,14 +1352,13 @@ def load_adapter(base_checkpoint, folder, device="cpu", method=None):
 # =====================================================================================================
 # Results over seeds: every run kept; means, spreads and paired differences
 # =====================================================================================================
-
 def t_p_value(t, df):
     """Two-sided P(|T| >= |t|), Student's t with df degrees of freedom: the regularized incomplete beta I_x(df/2,
     1/2) at x = df / (df + t^2), by its continued fraction (Lentz, as Numerical Recipes' betacf)."""
     x, a, b = df / (df + t * t), df / 2, 0.5
     if x <= 0 or x >= 1:
         return float(x >= 1)
-    flip = x > (a + 1) / (a + b + 2)
+    flip = x > (a + 1) / (a + b + 2)  # there the fraction converges slowly: I_x(a, b) = 1 - I_(1-x)(b, a)
     if flip:
         x, a, b = 1 - x, b, a
     tiny, c, d = 1e-300, 1.0, 1 - (a + b) * x / (a + 1)
@@ -2710,7 +2710,6 @@ def comparison_run(ctx, key, rates):
     """One run of the plan, key = (method, seed, rank): kept from the earlier run, or run here at its method's rate
     (chosen where the method first runs; the grid's own run at that rate finished, not trained again); appended to
     the results, which are saved (after every run: nothing finished is lost). Returns its record."""
-    trains = {"all": "every parameter of the base model", "head": "only the classifier head of the base model"}
     (method, seed, rank), args = key, ctx.args
     if method not in rates:  # the first seed's base is there: a grid can run on it
         rates[method] = choose_rate(ctx, method, run_rank(method, args.rank))
@@ -2719,9 +2718,10 @@ def comparison_run(ctx, key, rates):
         if lr is None:
             kept = record | {"status": "failed", "reason": "every rate of the --lrs grid failed", "train_time_s": 0.0}
         else:
-            doing = ("Training the base model" if method == "base" else f"Fine-tuning {trains[row(method).trains]} "
-                     f"({display(method)})" if row(method).trains in trains else f"Fine-tuning the base model with "
-                     f"{display(method)}")
+            trains = {"all": "every parameter of", "head": "only the classifier head of"}.get(row(method).trains)
+            doing = ("Training the base model" if method == "base" else
+                     f"Fine-tuning {trains} the base model ({display(method)})" if trains else
+                     f"Fine-tuning the base model with {display(method)}")
             print(f"{doing}{run_label(args, record)}, lr {lr:g}...")
             reuse = grid_trained if (seed, rank) == (args.seed, run_rank(method, args.rank)) else None
             if reuse:
