@@ -414,7 +414,7 @@ def test_a_run_killed_by_sigterm_keeps_every_finished_run(quick_run, mnist_dir, 
               f"sys.exit(main.main(['--quick', '--resume', '--methods', 'lora,dora', '--data-dir', {str(mnist_dir)!r}, "
               f"'--out-dir', {str(out)!r}]))\n")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == -15, proc.stderr
+    assert proc.returncode == -15, proc.stderr  # killed by signal 15, SIGTERM: no handler caught it
     assert [r["method"] for r in json.loads((out / "results.json").read_text())["runs"]] == ["lora"]
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
 
