@@ -51,6 +51,7 @@ class Method(NamedTuple):
     lr: float          # Adam's rate at the start of its runs, cosine-decayed to 0 (without --lr or --lrs)
     trains: str        # "all" its parameters, only the classifier "head", or the "adapters" (and the head)
     layer: str = ""    # with "adapters": the adapter class wrapping every Linear/Conv2d (defined below)
+    settings: dict = {}  # a variant: the SETTINGS its runs use instead of the run's (off the default --methods)
 
 
 METHODS = {  # every fine-tuning method, one row each: everything else about a method is derived from here
@@ -62,7 +63,12 @@ METHODS = {  # every fine-tuning method, one row each: everything else about a m
     "dyndora": Method(name="DoRA (dynamic rank)", color="tab:red", marker="d", lr=1e-3, trains="adapters",
                       layer="DynamicRankLayer"),
     "qlora": Method(name="QLoRA", color="tab:green", marker="^", lr=1e-3, trains="adapters", layer="QLoRALayer"),
+    "lora_bias": Method(name="LoRA + biases", color="tab:cyan", marker="P", lr=1e-3, trains="adapters",
+                        layer="LoRALayer", settings={"bias": "lora_only"}),  # what full fine-tuning trains too
+    "dyndora_params": Method(name="DoRA (dynamic rank, LoRA's storage)", color="tab:pink", marker="X", lr=1e-3,
+                             trains="adapters", layer="DynamicRankLayer", settings={"dyn_budget": "params"}),
 }  # the rates: what the validation grid (--lrs) chose on MNIST, the default task (README: the rates per task)
+COMPARED = [m for m, spec in METHODS.items() if not spec.settings]  # the default --methods: no variant
 BASE = Method(name="Base", color="tab:gray", marker="o", lr=2e-3, trains="all")  # every method's start: the MNIST CNN
 TASKS = {  # what the methods fine-tune on, the same split sizes; the base always trains on MNIST
     "mnist": "MNIST itself, the data the base was trained on",
@@ -71,10 +77,9 @@ TASKS = {  # what the methods fine-tune on, the same split sizes; the base alway
     "fashion": "Fashion-MNIST: 28x28 grey images of 10 kinds of clothing, a real domain shift",
 }
 def within(kind, low, high=math.inf, most=0):
-    """An argparse type: a `kind` number in [low, high] (a NaN is not), or with `most`, a comma list of at most
-    `most` of them ("" for none), sorted and distinct. argparse applies it to the default too (given as text).
-    The bounds size the work: --seeds 10**8 would plan 10**9 runs in memory before any message; at width 16 fc1
-    alone holds 33.6 M weights; every rate of --lrs is a run of every fine-tuning method."""
+    """An argparse type (applied to the default too, given as text): a `kind` number in [low, high] (a NaN is not),
+    or with `most`, a comma list of at most `most` of them, sorted and distinct. The bounds size the work: --seeds
+    10**8 would plan 10**9 runs before any message; at width 16 fc1 alone holds 33.6 M weights."""
     def parse(text):
         try:
             values = sorted({kind(v) for v in text.split(",") if v.strip()} if most else {kind(text)})
@@ -93,8 +98,9 @@ def within(kind, low, high=math.inf, most=0):
 
 
 SETTINGS = {  # name: (default, type, meaning); the flag is --name with - for _ (--batch-size), on/off for a bool
-    "methods": (",".join(["base", *METHODS]), str, "runs, in order; base trains the base model, which all the "
-                                                   "others start from"),
+    "methods": (",".join(["base", *COMPARED]), str, "runs, in order; base trains the base model, which all the "
+                                                    "others start from (the variants, " + ", ".join(
+                                                        m for m in METHODS if m not in COMPARED) + ", if named)"),
     "task": ("mnist", str, "what the methods fine-tune on: " + ", ".join(TASKS)),
     "seeds": (1, within(int, 1, 1000), "every method runs with seeds seed .. seed+seeds-1 (init and data order)"),
     "epochs": (8, within(int, 1, 10_000), "epoch budget of the base model"),
@@ -116,15 +122,22 @@ SETTINGS = {  # name: (default, type, meaning); the flag is --name with - for _ 
                                                      "again at their chosen rates with these epoch budgets, judged on "
                                                      "validation: has the comparison's budget plateaued?"),
     "dropout": (0.0, float, "dropout on the adapter's input (0 lets DoRA reuse the base's output)"),
-    "dyn_components": (1.5, float, "dynamic-rank DoRA: each layer starts with ceil(this x r) rank-1 components, "
-                                   "pruned to r per layer on average"),
-    "dyn_prune_from": (0.15, float, "dynamic-rank DoRA: pruning starts at this fraction of the training steps"),
-    "dyn_prune_until": (0.5, float, "dynamic-rank DoRA: and has reached the budget at this fraction"),
-    "dyn_prune_steps": (20, int, "dynamic-rank DoRA: pruning steps, evenly spread over that window"),
-    "dyn_beta": (0.9, float, "dynamic-rank DoRA: moving-average factor of each component's importance"),
-    "dyn_dem": (0.1, float, "dynamic-rank DoRA: weight in the loss of the variance regulariser (DEM), until "
-                            "pruning ends"),
+    "dyn_components": (1.5, within(float, 1, 10), "dynamic-rank DoRA: each layer starts with ceil(this x r) rank-1 "
+                                                  "components, pruned to r per layer on average"),
+    "dyn_prune_from": (0.15, within(float, 0, 1), "dynamic-rank DoRA: pruning starts at this fraction of the "
+                                                  "training steps"),
+    "dyn_prune_until": (0.5, within(float, 0, 1), "dynamic-rank DoRA: and has reached the budget at this fraction"),
+    "dyn_prune_steps": (20, within(int, 1, 10_000), "dynamic-rank DoRA: pruning steps, evenly spread over that window"),
+    "dyn_beta": (0.9, within(float, 0, 0.999), "dynamic-rank DoRA: moving-average factor of each component's "
+                                               "importance"),
+    "dyn_dem": (0.1, within(float, 0, 1e6), "dynamic-rank DoRA: weight in the loss of the variance regulariser "
+                                            "(DEM), until pruning ends"),
+    "dyn_budget": ("components", str, "dynamic-rank DoRA: what pruning brings down to LoRA's at r: components (r "
+                                      "per layer on average, the paper's rank budget) or params (the parameters "
+                                      "the adapted layers store; the head, the same for every method, apart)"),
     "train_head": (True, bool, "the classifier head fully trainable instead of adapted"),
+    "bias": ("none", str, "the adapter methods' trainable biases, as PEFT's LoraConfig(bias=...): none (frozen), "
+                          "lora_only (the adapted layers'), all (every bias); saved in the adapter folder"),
     "width": (1, within(int, 1, 16), "the CNN's width: its channels (16, 32) and fc1's units (256) times this"),
     "memory_batches": ("", within(int, 1, 4096, most=20), "memory sweep instead of training, e.g. 1,8,32,128,512: "
                                                           "each method's training memory, one measured step at "
@@ -162,6 +175,18 @@ def display(method):
     return row(method).name if isinstance(method, str) and (method == "base" or method in METHODS) else str(method)
 
 
+def variant_of(method):
+    """The row a variant changes the settings of (lora for lora_bias), or None for a method of its own."""
+    spec = row(method)
+    return next((m for m, r in METHODS.items() if r.layer == spec.layer and not r.settings), None) if spec.settings \
+        else None
+
+
+def method_settings(method, args):
+    """The settings a run of `method` uses: the run's, with what its row overrides."""
+    return argparse.Namespace(**vars(args) | row(method).settings)
+
+
 def default_rates():
     """{method: its row's rate}, the base's first: what runs use without --lr or --lrs."""
     return {m: row(m).lr for m in ["base", *METHODS]}
@@ -169,8 +194,7 @@ def default_rates():
 
 def epoch_budget(config, method=None, epochs=None):
     """The epochs a run of `method` trains (None: any fine-tuning method), the one place that says it: `epochs`
-    when asked for (the budget check, even in a quick run), else the settings' budget for the base or the
-    fine-tuning methods, at most QUICK_MAX_EPOCHS in a quick run."""
+    when asked for (the budget check, even in a quick run), else the settings', at most QUICK_MAX_EPOCHS if quick."""
     budget = epochs or (config["epochs"] if method == "base" else config["finetune_epochs"])
     return min(budget, QUICK_MAX_EPOCHS) if config["quick"] and not epochs else budget
 
@@ -247,11 +271,6 @@ def update_scale(alpha, rank, rslora=False):
     return alpha / (math.sqrt(rank) if rslora else rank)
 
 
-def scale_formula(config):
-    """That factor in words, for a results file's settings (results written before --scaling used alpha / r)."""
-    return "alpha / sqrt(r)" if config.get("scaling") == "rslora" else "alpha / r"
-
-
 class AdapterConfig(NamedTuple):
     """How a model's adapter layers are built, in the names of PEFT's LoraConfig (saving writes them there)."""
     r: int                      # the rank of every adapted layer ...
@@ -260,6 +279,7 @@ class AdapterConfig(NamedTuple):
     use_rslora: bool = False    # the scale alpha / sqrt(r) instead (Kalajdzievski 2023)
     rank_pattern: dict = {}     # {layer name: rank} of the layers that differ (a saved dynamic-rank adapter)
     alpha_pattern: dict = {}    # {layer name: alpha}, likewise
+    bias: str = "none"          # the biases that train: "none", the adapted layers' ("lora_only"), or "all"
 
     def for_layer(self, name):
         return self.rank_pattern.get(name, self.r), self.alpha_pattern.get(name, self.lora_alpha)
@@ -273,10 +293,8 @@ class AdapterLayer(nn.Module):
     with the base's kernel, stride, padding, dilation) and lora_B [out, r, 1, 1] (a 1x1 conv). A starts
     Kaiming-uniform and B at zero, so a fresh layer computes exactly what the base computed. Every method's
     forward equals layer_op(x, merged_weight(), bias) in eval mode (tests/test_adapters.py checks it).
-
-    A method is a subclass: its forward and merged_weight are its math. Below them, what the rest of the
-    experiment asks of a method (saving, loading, measuring, train()'s hooks), overridden where it differs.
-    """
+    A method is a subclass: its forward and merged_weight are its math; below them, what the rest of the
+    experiment asks of a method (saving, measuring, train()'s hooks), overridden where it differs."""
     peft_fields = {}     # LoraConfig fields that tell PEFT which variant this is (DoRA: use_dora)
     loads_as = None      # the class a saved folder is rebuilt as, when it is not this one
     peft_loads_as = None  # the method PEFT's loading amounts to, when it computes something else (QLoRA: LoRA)
@@ -310,14 +328,10 @@ class AdapterLayer(nn.Module):
     def frozen_weight_bytes(self):
         return self.weight.nbytes
 
-    def layer_op(self, x, weight, bias=None):
-        """The base layer's own operation, with any weight of its shape."""
-        if self.is_conv:
-            return F.conv2d(x, weight, bias, **self.conv_args)
-        return F.linear(x, weight, bias)
+    def layer_op(self, x, weight, bias=None):  # the base layer's own operation, with any weight of its shape
+        return F.conv2d(x, weight, bias, **self.conv_args) if self.is_conv else F.linear(x, weight, bias)
 
-    def per_output(self, v):
-        """Shape a per-output-unit vector [out] to broadcast over this layer's output."""
+    def per_output(self, v):  # a per-output-unit vector [out], shaped to broadcast over this layer's output
         return v.view(-1, 1, 1) if self.is_conv else v
 
     def scaled_B(self):
@@ -335,9 +349,8 @@ class AdapterLayer(nn.Module):
 
     @torch.no_grad()
     def merge(self):
-        """A new plain nn.Linear/nn.Conv2d computing what this layer computes in eval mode (for QLoRA: the
-        dequantized base plus the update, in fp32). Out of place: this layer keeps its adapter, so there is
-        nothing to unmerge, and no inexact inverse (DoRA's division, QLoRA's re-quantization) is needed."""
+        """A new plain nn.Linear/nn.Conv2d computing what this layer computes in eval mode (QLoRA: the dequantized
+        base plus the update, in fp32). Out of place, so there is nothing to unmerge and no inexact inverse."""
         w, has_bias = self.merged_weight(), self.bias is not None
         layer = (nn.Conv2d(w.shape[1], w.shape[0], tuple(w.shape[2:]), bias=has_bias, **self.conv_args) if self.is_conv
                  else nn.Linear(w.shape[1], w.shape[0], bias=has_bias)).to(w.device).requires_grad_(False)
@@ -348,7 +361,8 @@ class AdapterLayer(nn.Module):
 
     # ---- what the rest of the experiment asks of a method, overridden where it differs ------------------
     def peft_tensors(self):  # {PEFT's name in this layer: the tensor as PEFT stores it}; loading copies into these
-        return {"lora_A.weight": self.lora_A, "lora_B.weight": self.lora_B}
+        bias = {"base_layer.bias": self.bias} if self.bias is not None and self.bias.requires_grad else {}
+        return {"lora_A.weight": self.lora_A, "lora_B.weight": self.lora_B} | bias
 
     def stored_weight_count(self):  # weights stored outside the parameters (QLoRA's 4-bit W), in the model's total
         return 0
@@ -378,10 +392,8 @@ class AdapterLayer(nn.Module):
         pass
 
     @classmethod
-    def settled_at(cls, layers, total_steps):
-        """train(): the step from which the structure is final: an epoch ending before it is never the one kept
-        (it would hold components a pruning schedule removes later), and early stopping waits for it."""
-        return 0
+    def settled_at(cls, layers, total_steps):  # train(): the step from which the structure is final; an epoch
+        return 0                                # ending before it is never kept (pruning would remove parts of it)
 
 
 class LoRALayer(AdapterLayer):
@@ -414,7 +426,7 @@ class DoRALayer(AdapterLayer):
 
     def peft_tensors(self):  # PEFT keeps a conv's magnitude as [1, out, 1, 1], a Linear's as [out]
         magnitude = self.magnitude.view(1, -1, 1, 1) if self.is_conv else self.magnitude
-        return {**super().peft_tensors(), "lora_magnitude_vector": magnitude}
+        return super().peft_tensors() | {"lora_magnitude_vector": magnitude}
 
     @staticmethod
     def weight_norm(weight):
@@ -455,12 +467,11 @@ def import_bitsandbytes():
 
 
 def bitsandbytes_call(name, *args, **kwargs):
-    """bitsandbytes.functional.<name>(...); any failure of a library that imports but does not work here (no
-    kernel for this device, a broken build) becomes BitsAndBytesUnavailable, so QLoRA is skipped, not the run."""
-    function = getattr(import_bitsandbytes(), name)
+    """bitsandbytes.functional.<name>(...); a library that imports but does not work here (no kernel for this
+    device, a broken build) is BitsAndBytesUnavailable: QLoRA is skipped, not the run."""
     try:
-        return function(*args, **kwargs)
-    except torch.cuda.OutOfMemoryError:
+        return getattr(import_bitsandbytes(), name)(*args, **kwargs)
+    except (torch.cuda.OutOfMemoryError, BitsAndBytesUnavailable):
         raise
     except Exception as e:
         raise BitsAndBytesUnavailable(f"bitsandbytes' {name} failed ({type(e).__name__}: {one_line(e)})") from None
@@ -469,21 +480,23 @@ def bitsandbytes_call(name, *args, **kwargs):
 class FrozenQuantized(torch.autograd.Function):
     """y = layer_op(x, W) + b for a QLoRA layer's frozen 4-bit W, keeping nothing of W's fp32 size for backward:
     the gradient to x needs W, so backward dequantizes it again (as bitsandbytes' own 4-bit matmul does) instead
-    of autograd keeping the dequantized fp32 copy from the forward pass. W and b get no gradient."""
+    of autograd keeping the dequantized fp32 copy from the forward pass. W gets no gradient; b one with --bias."""
 
     @staticmethod
-    def forward(ctx, x, layer):
+    def forward(ctx, x, bias, layer):
         ctx.layer, ctx.input_shape = layer, x.shape
-        return layer.layer_op(x, layer.base_weight(), layer.bias)  # forward runs without autograd: nothing kept
+        return layer.layer_op(x, layer.base_weight(), bias)  # forward runs without autograd: nothing kept
 
     @staticmethod
     def backward(ctx, grad_out):
-        if not ctx.needs_input_grad[0]:  # the first layer's input (the images): no dequantization at all
-            return None, None
-        layer, weight = ctx.layer, ctx.layer.base_weight()
-        if layer.is_conv:
-            return torch.nn.grad.conv2d_input(ctx.input_shape, weight, grad_out, **layer.conv_args), None
-        return grad_out @ weight, None  # y = x W^T: dL/dx = dL/dy W
+        layer, grad_x, grad_bias = ctx.layer, None, None
+        if ctx.needs_input_grad[1]:  # a trained bias: dL/db sums dL/dy over all but the output units
+            grad_bias = grad_out.sum(dim=(0, 2, 3) if layer.is_conv else tuple(range(grad_out.dim() - 1)))
+        if ctx.needs_input_grad[0]:  # not for the first layer's input (the images): no dequantization at all
+            weight = layer.base_weight()
+            grad_x = (torch.nn.grad.conv2d_input(ctx.input_shape, weight, grad_out, **layer.conv_args)
+                      if layer.is_conv else grad_out @ weight)  # y = x W^T: dL/dx = dL/dy W
+        return grad_x, grad_bias, None
 
 
 class QLoRALayer(LoRALayer):
@@ -501,7 +514,7 @@ class QLoRALayer(LoRALayer):
 
     def forward(self, x):
         # LoRA's y = W x + b + dW dropout(x), W x + b without keeping the dequantized W for backward
-        return FrozenQuantized.apply(x, self).add_(self.lora(self.dropout(x)))
+        return FrozenQuantized.apply(x, self.bias, self).add_(self.lora(self.dropout(x)))
 
     def store_base_weight(self, weight):
         # Quantized as one flat vector: blocks of 64 consecutive weights either way, but bitsandbytes' CPU
@@ -524,8 +537,7 @@ class QLoRALayer(LoRALayer):
         self.quant_state.to(self.weight_4bit.device)  # the absmax/code tensors follow the packed weight
         return self
 
-    def quant_state_bytes(self):
-        """absmax and code tables of both quantization levels: stored with W, so counted with it."""
+    def quant_state_bytes(self):  # absmax and code tables of both quantization levels: stored with W, counted so
         qs = self.quant_state
         tensors = [qs.absmax, qs.code] + ([qs.offset, qs.state2.absmax, qs.state2.code] if qs.nested else [])
         return sum(t.nbytes for t in tensors)
@@ -553,6 +565,7 @@ class DynamicRank(NamedTuple):
     prune_steps: int = 20     # pruning steps in that window (the authors prune every 100 steps of longer runs)
     beta: float = 0.9         # moving average of the importance
     dem: float = 0.1          # weight of the Dimensional Equilibrium Modulator in the loss
+    budget: str = "components"  # what is brought down to LoRA's at r: the components, or the "params" they store
 
     def window(self, total_steps):
         """(first, last) step of pruning: at least one step, so the budget is always reached."""
@@ -563,8 +576,7 @@ class DynamicRank(NamedTuple):
         start, end = self.window(total_steps)
         return {start + math.ceil((end - start) * i / self.prune_steps) for i in range(1, self.prune_steps + 1)}
 
-    def pruned_share(self, step, total_steps):
-        """The cubic schedule: the share of the pruning to do that is done by `step` (0 before, 1 at the end)."""
+    def pruned_share(self, step, total_steps):  # the cubic schedule: the share of the pruning done by `step`
         start, end = self.window(total_steps)
         return min(1.0, max(0.0, (step - start) / (end - start))) ** 3
 
@@ -575,12 +587,13 @@ class DynamicRankLayer(LoRALayer):
     dW = (alpha/r') B diag(c) A with r' = ceil(1.5 r) rank-1 components; A and B Kaiming-uniform, the gates c
     at zero, so a fresh layer computes exactly the base. Component i's importance is its share of the update,
     ||B[:, i] c_i A[i, :]||_F / ||dW||_F = |c_i| ||B_i|| ||A_i|| / ||dW||_F, smoothed by a moving average. In
-    the pruning window the number of components pruned grows cubically to (r' - r) per layer on average,
-    against one importance threshold over all layers, so the budget goes where the importance is; each layer
-    keeps at least one. A pruned component is zeroed (gate, A row, B column) and held at zero. Until the
-    window closes the loss carries the Dimensional Equilibrium Modulator: the variance of every component's
-    A row and B column, averaged. Saved, the survivors' gates folded into B, it is a plain LoRA with a rank
-    per layer (PEFT's rank_pattern) and the scale alpha/r' (alpha_pattern).
+    the pruning window the number of components pruned grows cubically to (r' - r) per layer on average (with
+    --dyn-budget params: until the survivors store no more parameters than LoRA at r; a conv1 component holds
+    41, an fc1 one 768), against one importance threshold over all layers, so the budget goes where the
+    importance is; each layer keeps at least one. A pruned component is zeroed (gate, A row, B column) and held
+    at zero. Until the window closes the loss carries the Dimensional Equilibrium Modulator: the variance of
+    every component's A row and B column, averaged. Saved, the survivors' gates folded into B, it is a plain
+    LoRA with a rank per layer (PEFT's rank_pattern) and the scale alpha/r' (alpha_pattern).
     """
     loads_as = LoRALayer
 
@@ -596,14 +609,12 @@ class DynamicRankLayer(LoRALayer):
         self.pruning = []  # (step, components alive) after each pruning step: where the rank went, and when
         self.steps = (0, 0, 0)  # pruning window and run in steps (first, last, total), once training has begun
 
-    def scaled_B(self):
-        """(alpha/r') B diag(c): the gates scale B's columns, a tiny tensor, not the activations."""
+    def scaled_B(self):  # (alpha/r') B diag(c): the gates scale B's columns, a tiny tensor, not the activations
         gates = self.scaling * self.gate
         return self.lora_B * (gates.view(1, -1, 1, 1) if self.is_conv else gates)
 
     @torch.no_grad()
-    def update_importance(self, beta):
-        """Moving average of each component's share of the update (the scale cancels in the ratio)."""
+    def update_importance(self, beta):  # moving average of each component's share of the update (scale cancels)
         update = (self.lora_B.flatten(1) * self.gate) @ self.lora_A.flatten(1)  # B diag(c) A
         share = self.gate.abs() * self.lora_B.flatten(1).norm(dim=0) * self.lora_A.flatten(1).norm(dim=1)
         self.importance.mul_(beta).add_((1 - beta) * share / (update.norm() + 1e-8))
@@ -621,18 +632,23 @@ class DynamicRankLayer(LoRALayer):
     @torch.no_grad()
     def prune(cls, layers, step, total_steps):
         """Prune the least important components of all layers together (one threshold) until the schedule's
-        count is reached; a layer's most important component is never a candidate."""
+        share of the budget is pruned, in components or in the parameters they store (an A row and a B column);
+        a layer's most important component is never a candidate."""
         schedule = next(iter(layers.values())).schedule
-        target = math.floor(sum(l.rank - l.target_rank for l in layers.values())
+        cost = {name: 1 if schedule.budget == "components" else layer.lora_A[0].numel() + layer.lora_B.shape[0]
+                for name, layer in layers.items()}
+        target = math.floor(sum((l.rank - l.target_rank) * cost[name] for name, l in layers.items())
                             * schedule.pruned_share(step, total_steps))
         candidates = []
         for name, layer in layers.items():
             alive = layer.alive.nonzero().flatten().tolist()
             kept = max(alive, key=lambda i: layer.importance[i].item())
             candidates += [(layer.importance[i].item(), name, i) for i in alive if i != kept]
-        done = sum(int((~layer.alive).sum()) for layer in layers.values())
-        for _, name, i in sorted(candidates)[:max(0, target - done)]:
-            layers[name].alive[i] = False
+        done = sum(int((~layer.alive).sum()) * cost[name] for name, layer in layers.items())
+        for _, name, i in sorted(candidates):
+            if done >= target:
+                break
+            layers[name].alive[i], done = False, done + cost[name]
         for layer in layers.values():
             layer.pruning.append((step, int(layer.alive.sum())))
 
@@ -667,24 +683,16 @@ class DynamicRankLayer(LoRALayer):
 
     # ---- saving, loading, measuring -----------------------------------------------------------------------
     @classmethod
-    def options(cls, args):
-        schedule = DynamicRank(args.dyn_components, args.dyn_prune_from, args.dyn_prune_until, args.dyn_prune_steps,
-                               args.dyn_beta, args.dyn_dem)
-        for flag, ok in (("--dyn-components", 1 <= schedule.components <= 10),
-                         ("--dyn-prune-from", 0 <= schedule.prune_from < schedule.prune_until),
-                         ("--dyn-prune-until", schedule.prune_from < schedule.prune_until <= 1),
-                         ("--dyn-prune-steps", 1 <= schedule.prune_steps <= 10_000),
-                         ("--dyn-beta", 0 <= schedule.beta < 1), ("--dyn-dem", 0 <= schedule.dem <= 1e6)):
-            if not ok:  # a nan fails every comparison: out of range too
-                raise ConfigError(f"{flag} is out of range (got {getattr(args, flag[2:].replace('-', '_'))}): "
-                                  f"{SETTINGS[flag[2:].replace('-', '_')][2]}; see python main.py --help")
-        return {"schedule": schedule}
+    def options(cls, args):  # each number bounded by its SETTINGS type; the window's order checked here
+        if not args.dyn_prune_from < args.dyn_prune_until:
+            raise ConfigError(f"--dyn-prune-from ({args.dyn_prune_from}) must come before --dyn-prune-until "
+                              f"({args.dyn_prune_until}): pruning runs between the two")
+        return {"schedule": DynamicRank(*(getattr(args, f"dyn_{k}") for k in DynamicRank._fields))}
 
-    def peft_tensors(self):
-        """The surviving components only, their gates folded into B: a plain LoRA of rank (components alive)."""
+    def peft_tensors(self):  # the surviving components only, their gates folded into B: a LoRA of their rank
         alive = self.alive
         gated_B = self.lora_B[:, alive] * (self.gate[alive].view(1, -1, 1, 1) if self.is_conv else self.gate[alive])
-        return {"lora_A.weight": self.lora_A[alive], "lora_B.weight": gated_B}
+        return super().peft_tensors() | {"lora_A.weight": self.lora_A[alive], "lora_B.weight": gated_B}
 
     @classmethod
     def peft_config(cls, layers):
@@ -733,6 +741,10 @@ def add_adapters(model, cls, config, train_head=True, **options):
         setattr(parent, name, cls(layer, rank, alpha, config.lora_dropout, config.use_rslora, **options))
     if train_head and getattr(model, "head", None):
         model.get_submodule(model.head).requires_grad_(True)
+    for name, module in model.named_modules():  # PEFT's LoraConfig(bias=...): "all" trains every bias there is
+        if getattr(module, "bias", None) is not None and (config.bias == "all" or config.bias == "lora_only"
+                                                          and isinstance(module, AdapterLayer)):
+            module.bias.requires_grad_(True)
     return model
 
 
@@ -745,8 +757,9 @@ def finetuning_copy(base, method, rank, settings):
     if spec.trains == "head":
         model.requires_grad_(False).get_submodule(CNN.head).requires_grad_(True)
         return model
-    cls = adapter_class(method)
-    config = AdapterConfig(rank, settings.alpha, settings.dropout, use_rslora=settings.scaling == "rslora")
+    cls, settings = adapter_class(method), method_settings(method, settings)
+    config = AdapterConfig(rank, settings.alpha, settings.dropout, use_rslora=settings.scaling == "rslora",
+                           bias=settings.bias)
     return add_adapters(model, cls, config, settings.train_head, **cls.options(settings))
 
 
@@ -1294,10 +1307,10 @@ def save_adapter(model, method, rank, args, folder):
     """A folder PEFT's `PeftModel.from_pretrained(CNN(), folder)` loads as it is: adapter_config.json (a
     LoraConfig, with the fields the method's class adds) and adapter_model.safetensors; plus training_info.json
     (method, task, base, what the class adds), which PEFT never opens."""
-    folder, layers = Path(folder), adapter_layers(model)
+    folder, layers, args = Path(folder), adapter_layers(model), method_settings(method, args)
     cls = type(next(iter(layers.values())))
     config = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
-              "r": rank, "lora_alpha": args.alpha, "lora_dropout": args.dropout, "bias": "none",
+              "r": rank, "lora_alpha": args.alpha, "lora_dropout": args.dropout, "bias": args.bias,
               "use_dora": False, "use_rslora": args.scaling == "rslora", "fan_in_fan_out": False,
               "init_lora_weights": True,
               "target_modules": [full for *_, full, _ in adaptable_layers(CNN(), args.train_head)],
@@ -1491,10 +1504,11 @@ def holm(p_values):
 
 def primary_contrasts(results):
     """The comparisons a study is about, named before looking: every adapter against full fine-tuning and head
-    only, the two DoRAs and QLoRA against LoRA; each paired_difference with its two-sided p, Holm-adjusted over
+    only, every other adapter against LoRA, a variant against its own row; each paired_difference with its two-sided p, Holm-adjusted over
     them all (every other difference is exploratory). A pair with no spread to test against is left out."""
     adapters = [m for m in results["methods"] if adapter_class(m)]
-    named = [(m, ref) for ref in ("full", "head") for m in adapters] + [(m, "lora") for m in adapters if m != "lora"]
+    named = ([(m, ref) for ref in ("full", "head") for m in adapters] + [(m, "lora") for m in adapters if m != "lora"]
+             + [(m, variant_of(m)) for m in adapters if variant_of(m) not in (None, "lora")])  # a variant: its row
     rows = []
     for method, ref in (pair for pair in named if pair[1] in results["methods"]):
         if (d := paired_difference(results, method, ref)) and d["se"] is not None:
@@ -1649,6 +1663,12 @@ def measure_inference(results, out_dir, test, device, rounds=LATENCY_ROUNDS, rep
 # =====================================================================================================
 # Results files: results.json, results.md and the console summary
 # =====================================================================================================
+def scale_formula(config):  # the update's factor in words, and the adapter settings a reader must be told
+    return ("alpha / sqrt(r)" if config.get("scaling") == "rslora" else "alpha / r") + (
+        f"; biases trained ({config['bias']})" if config.get("bias", "none") != "none" else "") + (
+        "; the dynamic rank's budget in stored parameters" if config.get("dyn_budget") == "params" else "")
+
+
 def fmt_stat(stats, fmt="{:.2f}", scale=1.0):
     """'mean ± std' (several seeds) or the one value; never a made-up spread."""
     mean = fmt.format(stats["mean"] / scale)
@@ -1962,8 +1982,11 @@ def results_markdown(results):
                   f"points ({row['in_peft']['vs_trained']['noise']} noise)."
                   for m, row in results["summary"].items() if "in_peft" in row]  # QLoRA: on fp32
         if results["contrasts"]:
+            variants = any(variant_of(m) for m in results["methods"] if m in METHODS)
             parts += [f"Primary contrasts, named before the runs (each adapter against full fine-tuning and head only, "
-                      f"the two DoRAs and QLoRA against LoRA), Holm-adjusted over these {len(results['contrasts'])}: "
+                      f"the {'other adapters' if variants else 'two DoRAs and QLoRA'} against LoRA"
+                      f"{', a variant against its own row' if variants else ''}), Holm-adjusted over these "
+                      f"{len(results['contrasts'])}: "
                       f"the family-wise chance of any false \"beyond noise\" is 5 %. Every other difference is "
                       f"exploratory.", contrasts_table(results)]
         parts += [f"Training memory (MiB) by accounting, one measured training step at batch {config['batch_size']}, "
@@ -2933,8 +2956,11 @@ def check_args(args):
                           f"{', '.join(['base', *METHODS])}, comma-separated")
     if "base" in args.methods and args.methods[0] != "base":
         raise ConfigError("base must come first in --methods: the other methods fine-tune the base it trains")
+    variants = [method_settings(m, args) for m in METHODS]  # a row's own settings, checked as a flag's
     for flag, value, allowed in (("--task", args.task, TASKS), ("--device", args.device, ("auto", "cpu", "cuda")),
-                                 ("--scaling", args.scaling, ("lora", "rslora"))):
+                                 ("--scaling", args.scaling, ("lora", "rslora")),
+                                 *(("--bias", v.bias, ("none", "lora_only", "all")) for v in variants),
+                                 *(("--dyn-budget", v.dyn_budget, ("components", "params")) for v in variants)):
         if value not in allowed:
             raise ConfigError(f"unknown {flag} {value!r}: choose from {', '.join(allowed)}")
     for name in ("out_dir", "data_dir"):
@@ -2958,7 +2984,7 @@ def check_args(args):
     if not 0 <= args.dropout < 1:
         raise ConfigError(f"--dropout must be in [0, 1) (got {args.dropout})")
     for method in filter(adapter_class, METHODS):  # each method's own settings, checked by its class
-        adapter_class(method).options(args)
+        adapter_class(method).options(method_settings(method, args))
     limit = max_rank(CNN(args.width), args.train_head)
     for flag, rank in [("--rank", args.rank)] + [("--ranks", r) for r in args.ranks]:
         if not 1 <= rank <= limit:
@@ -3017,7 +3043,8 @@ def run_config(args, splits=None):
               if k not in ("data_dir", "out_dir", "device", "methods", "resume", "overwrite", "seeds", "ranks",
                            "budgets", "replot") + (() if args.memory_batches else ("memory_batches", "memory_widths"))}
     sizes = {f"{split}_size": len(splits["mnist"][split][1]) for split in ("val", "train", "test")} if splits else {}
-    return config | dict(learning_rates=default_rates(), quant_blocksize=QUANT_BLOCKSIZE) | sizes
+    variants = {m: spec.settings for m, spec in METHODS.items() if spec.settings}
+    return config | dict(learning_rates=default_rates(), variants=variants, quant_blocksize=QUANT_BLOCKSIZE) | sizes
 
 
 def new_results(args, config, device):

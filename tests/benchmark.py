@@ -116,9 +116,9 @@ def qlora_step_ms(device, width, batch_size, rounds=5, steps=10):
 def memory_point_s(device, width, batch_size):
     """Seconds one point of the memory sweep takes for every method (model built, two steps, the second measured)."""
     start = time.perf_counter()
-    for method in main.METHODS:
+    for method in main.COMPARED:
         main.step_memory(fresh(method, width, device), batch_size, 1000)
-    return (time.perf_counter() - start) / len(main.METHODS)
+    return (time.perf_counter() - start) / len(main.COMPARED)
 
 
 def main_benchmark(argv=None):

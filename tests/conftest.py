@@ -16,7 +16,7 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 import main  # noqa: E402
 
 QUICK_TRAIN_SIZE = 2000  # training images of the tests' --quick runs (see quick_runs_on_fewer_images)
-ADAPTER_METHODS = [m for m in main.METHODS if main.adapter_class(m)]  # every registered adapter method: the math tests run for each
+ADAPTER_METHODS = [m for m in main.COMPARED if main.adapter_class(m)]  # every adapter method (a variant: its class's)
 LAYERS = {
     "linear": (lambda: nn.Linear(12, 8), lambda: torch.randn(5, 12)),
     # stride, padding and dilation all differ from the defaults, so lora_A must inherit them
@@ -89,9 +89,9 @@ def perturb(layer, seed=1):
 def adapt(model, method, rank=4, alpha=8, train_head=True):
     """`model` with `method`'s adapters at rank/alpha, as the experiment builds it (the class's own settings at
     their defaults)."""
-    cls = main.adapter_class(method)
-    return main.add_adapters(model, cls, main.AdapterConfig(rank, alpha), train_head,
-                             **cls.options(main.parse_args([])))
+    cls, settings = main.adapter_class(method), main.method_settings(method, main.parse_args([]))
+    return main.add_adapters(model, cls, main.AdapterConfig(rank, alpha, bias=settings.bias), train_head,
+                             **cls.options(settings))
 
 
 @pytest.fixture

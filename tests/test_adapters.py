@@ -112,6 +112,45 @@ def test_forward_and_gradients_match_the_paper_formula(method, kind):
 
 
 @pytest.mark.parametrize("kind", LAYERS)
+@pytest.mark.parametrize("method", METHODS)
+def test_a_trained_bias_gets_the_gradient_of_the_output_summed_per_unit(method, kind):
+    """--bias lora_only/all: an adapted layer's b trains; y = ... + b, so dL/db is dL/dy summed over everything
+    but the output unit (QLoRA's own backward included), and every other gradient is the formula's."""
+    _, layer, x = make(method, kind)
+    perturb(layer)
+    layer.bias.requires_grad_(True)
+    out = layer(x)
+    target = torch.randn_like(out)
+    params = [p for p in layer.parameters() if p.requires_grad]
+    got = dict(zip([id(p) for p in params], torch.autograd.grad((out * target).sum(), params)))
+    by_hand = target.sum(dim=(0, 2, 3)) if kind == "conv" else target.sum(dim=0)
+    torch.testing.assert_close(got[id(layer.bias)], by_hand, atol=1e-5, rtol=1e-5)
+    ref = layer.layer_op(x, reference_weight(layer), layer.bias)
+    want = torch.autograd.grad((ref * target).sum(), params)
+    for p, w in zip(params, want):
+        torch.testing.assert_close(got[id(p)], w, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bias", ["none", "lora_only", "all"])
+def test_the_bias_setting_trains_the_biases_peft_would_and_counts_them(bias):
+    """PEFT's LoraConfig(bias=...): "lora_only" the adapted layers' biases, "all" every bias (here the same: the
+    head trains whole either way); a trained bias is counted as trainable and stored (saved as PEFT keys it)."""
+    model = main.add_adapters(main.CNN(), main.LoRALayer, main.AdapterConfig(4, 8, bias=bias), train_head=True)
+    trained_biases = {n for n, p in model.named_parameters() if p.requires_grad and n.endswith("bias")}
+    adapted = {"conv1.bias", "conv2.bias", "fc1.bias"}
+    assert trained_biases == ({"fc2.bias"} | (adapted if bias != "none" else set()))
+    lora = 4 * (25 + 16) + 4 * (400 + 32) + 4 * (512 + 256)
+    extra = (16 + 32 + 256) if bias != "none" else 0
+    assert main.count_parameters(model)[0] == lora + 2570 + extra
+    keys = set(main.peft_tensors(model))
+    assert ("base_model.model.fc1.base_layer.bias" in keys) == (bias != "none")
+    assert sum(t.numel() for t in main.peft_tensors(model).values()) == lora + 2570 + extra
+    head_only = main.add_adapters(main.CNN(), main.LoRALayer, main.AdapterConfig(4, 8, bias="lora_only"),
+                                  train_head=False)  # the head adapted too: its bias is an adapted layer's
+    assert head_only.fc2.bias.requires_grad
+
+
+@pytest.mark.parametrize("kind", LAYERS)
 def test_dora_magnitude_starts_at_the_weight_norms(kind):
     base, layer, _ = make("dora", kind)
     w = base.weight.detach()
@@ -269,6 +308,38 @@ def test_one_threshold_over_all_layers_moves_the_rank_and_each_layer_keeps_one()
         "a": [False, True, True], "b": [False, True, True], "c": [True, True, True], "d": [False, False, True]}
     # one threshold: every pruned candidate below every surviving one (d's last survives as its layer's floor)
     assert sum(int(layer.alive.sum()) for layer in layers.values()) == 4 * 2  # the average rank is r
+
+
+def test_a_budget_in_parameters_prunes_until_the_survivors_store_no_more_than_lora():
+    """--dyn-budget params: one threshold still, but pruning goes on until the components pruned free what
+    r' - r components per layer would store above LoRA's r (a component: an A row and a B column)."""
+    torch.manual_seed(0)
+    small, big = main.DynamicRankLayer(nn.Linear(2, 3), 2, 4.0), main.DynamicRankLayer(nn.Linear(20, 10), 2, 4.0)
+    layers = {"small": small, "big": big}
+    small.importance.copy_(torch.tensor([0.1, 0.2, 0.9]))  # costs 2 + 3 = 5 each
+    big.importance.copy_(torch.tensor([0.3, 0.4, 0.95]))   # 20 + 10 = 30 each
+    main.DynamicRankLayer.prune(layers, 500, 1000)  # components: 2 of the 6, both small's: 5 + 90 stored
+    assert [small.alive.tolist(), big.alive.tolist()] == [[False, False, True], [True, True, True]]
+    for layer in layers.values():
+        layer.alive.fill_(True)
+        layer.schedule = main.DynamicRank(budget="params")
+    main.DynamicRankLayer.prune(layers, 500, 1000)  # LoRA at r=2 stores 2 x 5 + 2 x 30 = 70; 105 at the start
+    assert [small.alive.tolist(), big.alive.tolist()] == [[False, False, True], [False, True, True]]  # 65
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_parameter_budget_holds_on_the_cnn_for_any_importances(seed):
+    args = main.parse_args(["--dyn-budget", "params"])
+    model = main.add_adapters(main.CNN(), main.DynamicRankLayer, main.AdapterConfig(4, 8),
+                              **main.DynamicRankLayer.options(args))
+    layers = main.adapter_layers(model)
+    g = torch.Generator().manual_seed(seed)
+    for layer in layers.values():
+        layer.importance.copy_(torch.rand(layer.rank, generator=g) ** 4)
+    main.DynamicRankLayer.prune(layers, 500, 1000)
+    stored = sum(t.numel() for t in main.peft_tensors(model).values()) - 2570  # the head apart
+    lora = main.count_parameters(main.add_adapters(main.CNN(), main.LoRALayer, main.AdapterConfig(4, 8)))[0] - 2570
+    assert stored <= lora and all(layer.alive.sum() >= 1 for layer in layers.values())
 
 
 def test_the_variance_regulariser_by_hand():

@@ -410,7 +410,7 @@ def test_a_lock_that_cannot_be_opened_is_one_sentence(capsys, tmp_path, monkeypa
     (["--budgets", ",".join(map(str, range(1, 5001)))], "--budgets: holds 5000 values: at most 10"),
     (["--memory-batches", "1,100000"], "--memory-batches: must be between 1 and 4096 (got 100000)"),
     (["--width", "64"], "--width: must be between 1 and 16 (got 64)"),
-    (["--methods", "base,lora", "--dyn-beta", "2"], "--dyn-beta is out of range (got 2.0)"),  # not run, still kept
+    (["--methods", "base,lora", "--dyn-beta", "2"], "--dyn-beta: must be between 0 and 0.999 (got 2.0)"),  # not run, still kept
     (["--memory-batches", "8", "--resume"], "--memory-batches runs the memory sweep, which trains nothing"),
 ])
 def test_bounds_and_empty_values_are_one_sentence_before_any_work(capsys, tmp_path, monkeypatch, argv, message):

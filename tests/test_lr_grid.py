@@ -158,13 +158,13 @@ def test_quick_fashion_run_with_a_grid_runs_every_method(fashion_dir, tmp_path, 
     assert code == 0
     results = json.loads((tmp_path / "results.json").read_text())
     main_runs = {r["method"]: r for r in results["runs"]}
-    assert set(main_runs) == {"base", *main.METHODS} and all(r["status"] == "ok" for r in main_runs.values())
-    for method in main.METHODS:  # the grid asked for, then steps past an end while the best rate sat there
+    assert set(main_runs) == {"base", *main.COMPARED} and all(r["status"] == "ok" for r in main_runs.values())
+    for method in main.COMPARED:  # the grid asked for, then steps past an end while the best rate sat there
         mine = [r for r in results["lr_grid"] if r["method"] == method]
         assert [r["lr"] for r in mine[:2]] == [1e-3, 1e-2] and all(r["extension"] for r in mine[2:])
     assert [r["method"] for r in results["lr_grid"]] == sorted((r["method"] for r in results["lr_grid"]),
-                                                               key=list(main.METHODS).index)
-    for method in main.METHODS:
+                                                               key=list(main.COMPARED).index)
+    for method in main.COMPARED:
         chosen = results["learning_rates"][method]
         assert chosen["chosen_by"] == "validation grid" and main_runs[method]["lr"] == chosen["lr"]
     assert results["learning_rates"]["base"] == {"lr": main.BASE.lr, "chosen_by": "BASE"}

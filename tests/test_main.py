@@ -41,9 +41,9 @@ BAD = [
     (["--task", "upside-down"], "unknown --task 'upside-down': choose from mnist, rotated, inverted"),
     (["--ranks", "1,2,x"], "--ranks: whole numbers expected, separated by commas (got '1,2,x')"),
     (["--ranks", "4,17"], "--ranks must be between 1 and 16"),
-    (["--dyn-prune-from", "0.6"], "--dyn-prune-from is out of range (got 0.6): dynamic-rank DoRA: pruning starts"),
-    (["--dyn-components", "0.5"], "--dyn-components is out of range (got 0.5)"),
-    (["--dyn-beta", "nan"], "--dyn-beta is out of range (got nan)"),
+    (["--dyn-prune-from", "0.6"], "--dyn-prune-from (0.6) must come before --dyn-prune-until (0.5)"),
+    (["--dyn-components", "0.5"], "--dyn-components: must be between 1 and 10 (got 0.5)"),
+    (["--dyn-beta", "nan"], "--dyn-beta: must be between 0 and 0.999 (got nan)"),
 ]
 
 
@@ -168,7 +168,7 @@ def test_quick_run_writes_every_output_with_sane_numbers(quick_run):
     results = json.loads((out / "results.json").read_text())
     runs = runs_by_method(results)
     assert [(r["method"], r["seed"], r["rank"]) for r in results["runs"]] == [("base", 0, None)] + [
-        (m, 0, 8 if main.adapter_class(m) else None) for m in main.METHODS]
+        (m, 0, 8 if main.adapter_class(m) else None) for m in main.COMPARED]
     assert results["config"]["rank"] == main.SETTINGS["rank"][0] and results["environment"]["torch"] == torch.__version__
     assert results["config"]["task"] == "mnist" and results["seeds"] == [0] and results["rank_sweep"] == {}
     base = runs["base"]
@@ -199,10 +199,10 @@ def test_quick_run_writes_every_output_with_sane_numbers(quick_run):
     assert qlora["memory"]["frozen_weights"] < 0.2 * runs["lora"]["memory"]["frozen_weights"]
     assert qlora["memory"]["activations"] == runs["lora"]["memory"]["activations"]  # no fp32 W kept for backward
     table = (out / "results.md").read_text()
-    assert all(f"| {main.display(m)} |" in table for m in ["base", *main.METHODS])
+    assert all(f"| {main.display(m)} |" in table for m in ["base", *main.COMPARED])
     memory_table = table[table.index("| method | frozen weights | trainable weights | gradients | optimizer (Adam) | "
                                      "kept for backward | total (accounting) | vs Full FT |"):]
-    assert all(f"| {main.display(m)} | " in memory_table for m in main.METHODS)
+    assert all(f"| {main.display(m)} | " in memory_table for m in main.COMPARED)
     assert "- (1 seed)" in table and " ± " not in main.comparison_table(results)  # no spread from one seed
     full = runs["full"]
     assert full["trainable_params"] == full["total_params"] == base["total_params"]
@@ -314,7 +314,7 @@ def test_quick_run_console_summary(quick_run, mnist_dir, capsys, tmp_path, monke
     shutil.copytree(quick_run[1], tmp_path / "out")
     code, stdout, _ = run(capsys, "--quick", "--resume", "--data-dir", mnist_dir, "--out-dir", tmp_path / "out")
     assert code == 0 and "Epoch " not in stdout  # everything was kept, nothing retrained
-    for name in map(main.display, ["base", *main.METHODS]):
+    for name in map(main.display, ["base", *main.COMPARED]):
         assert f"{name} Model Test Accuracy: " in stdout
     summary = stdout[stdout.index("QUICK RUN: a smoke test"):]
     assert "one seed: single values, no spread" in summary and "as trained / merged" in summary
@@ -447,7 +447,7 @@ def test_the_memory_sweep_measures_every_method_at_each_width_and_batch_and_trai
     assert code == 0 and "the largest batch size at which each method still takes less training memory" in stdout
     results = json.loads((tmp_path / "results.json").read_text())
     points = {(r["width"], r["batch_size"], r["method"]): r["memory"] for r in results["memory_sweep"]}
-    assert set(points) == {(w, b, m) for w in (1, 2) for b in (1, 8) for m in main.METHODS}
+    assert set(points) == {(w, b, m) for w in (1, 2) for b in (1, 8) for m in main.COMPARED}
     assert points[1, 8, "full"]["total"] < points[2, 8, "full"]["total"] and results["runs"] == []
     assert points[2, 1, "qlora"]["activations"] == points[2, 1, "lora"]["activations"]
     table = (tmp_path / "results.md").read_text()

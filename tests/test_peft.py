@@ -13,12 +13,12 @@ from conftest import adapt
 peft = pytest.importorskip("peft") if not __import__("os").environ.get("CI") else __import__("peft")
 
 
-def trained(method, epochs=5):
+def trained(method, epochs=5, flags=()):
     """A base CNN and an adapted copy trained by main.train on fixed random images (a dynamic rank pruned to its
-    budget on the way: 20 steps, the window from step 3 to 10)."""
+    budget on the way: 20 steps, the window from step 3 to 10), built as main.py's `flags` say."""
     torch.manual_seed(0)
     base = main.CNN()
-    model = adapt(copy.deepcopy(base), method)
+    model = main.finetuning_copy(base, method, 4, main.parse_args(["--alpha", "8", *flags]))
     x, y = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(main, "AT_CHANCE", 0)  # random labels: learning them is not the point
@@ -27,10 +27,10 @@ def trained(method, epochs=5):
     return base, model.eval()
 
 
-def save(method, tmp_path):
-    base, model = trained(method)
+def save(method, tmp_path, flags=()):
+    base, model = trained(method, flags=flags)
     torch.save(base.state_dict(), tmp_path / "base_model.pt")
-    folder = main.save_adapter(model, method, 4, main.parse_args(["--rank", "4", "--alpha", "8"]),
+    folder = main.save_adapter(model, method, 4, main.parse_args(["--rank", "4", "--alpha", "8", *flags]),
                                tmp_path / "adapters" / f"{method}_r4")
     return model, folder
 
@@ -60,6 +60,29 @@ def test_peft_loads_the_folder_and_gives_our_logits_and_our_merge(method, tmp_pa
         torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
         merged = loaded.merge_and_unload()
         torch.testing.assert_close(merged(x), main.merge_adapters(model)(x), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method, flags, bias", [("lora", ["--bias", "all"], "all"), ("dora", ["--bias", "lora_only"],
+                                                  "lora_only"), ("lora_bias", [], "lora_only"),
+                                                 ("dyndora", ["--dyn-budget", "params"], "none"),
+                                                 ("dyndora_params", [], "none")])
+def test_trained_biases_and_a_budget_in_parameters_load_in_peft_to_our_logits(method, flags, bias, tmp_path):
+    """--bias (or the lora_bias row): the trained biases saved as PEFT keys them (<layer>.base_layer.bias), its
+    bias field set; --dyn-budget params (or the dyndora_params row): the survivors store no more than LoRA at r,
+    and load as LoRA + rank_pattern."""
+    model, folder = save(method, tmp_path, flags)
+    assert json.loads((folder / "adapter_config.json").read_text())["bias"] == bias
+    x = torch.randn(64, 1, 28, 28)
+    if bias != "none":
+        assert (model.fc1.bias - main.load_plain(tmp_path / "base_model.pt", "cpu").fc1.bias).abs().max() > 1e-4
+    else:
+        stored = sum(t.numel() for t in main.peft_tensors(model).values())
+        assert stored <= main.count_parameters(main.finetuning_copy(main.CNN(), "lora", 4, main.parse_args([])))[0]
+    with torch.inference_mode():
+        ours = model(x)
+        torch.testing.assert_close(peft_model(tmp_path, folder)(x), ours, atol=1e-5, rtol=0)
+        torch.testing.assert_close(main.load_adapter(tmp_path / "base_model.pt", folder).eval()(x), ours,
+                                   atol=1e-5, rtol=0)
 
 
 def test_peft_puts_the_qlora_adapter_on_the_fp32_base_as_our_loader_does(tmp_path):
