@@ -1571,19 +1571,17 @@ def seeds_finished(summary):
 
 
 def rank_sweep(results):
-    """{adapter method: one point per rank that ran (the main rank included)}, {} without --ranks."""
-    if not results["ranks"]:
-        return {}
-    sweep = {}
+    """{adapter method: one point per rank it ran at (the main rank included)}, {} where no run was at another rank;
+    the runs of this plan and those an earlier one left (a sweep of some methods, resumed with all of them)."""
+    runs, sweep = results["runs"] + results["other_runs"], {}
     for method in (m for m in results["methods"] if adapter_class(m)):
         points = []
-        for rank in sorted(set(results["ranks"]) | {results["config"]["rank"]}):
-            ok = [r for r in ok_runs(results["runs"], method) if r["rank"] == rank]
-            if ok:
-                points.append({"rank": rank, "trainable_params": ok[0]["trainable_params"],
-                               "stored_params": statistics.fmean(r["stored_params"] for r in ok),
-                               "test_acc": mean_std_ci(r["test_acc"] for r in ok)})
-        if points:
+        for rank in sorted({r["rank"] for r in ok_runs(runs, method)}):
+            ok = [r for r in ok_runs(runs, method) if r["rank"] == rank]
+            points.append({"rank": rank, "trainable_params": ok[0]["trainable_params"],
+                           "stored_params": statistics.fmean(r["stored_params"] for r in ok),
+                           "test_acc": mean_std_ci(r["test_acc"] for r in ok)})
+        if len(points) > 1:
             sweep[method] = points
     return sweep
 

@@ -79,11 +79,11 @@ class AdaLoRA(nn.Module):
         return sum(k * per_component[layer] for layer, k in self.ranks().items()) + 256 * 10 + 10
 
 
-def study_context(study):
+def study_context(study, data_dir):
     """The study's settings, data splits and results: what both methods share."""
     results = json.loads((study / "results.json").read_text())
     config = results["config"]
-    args = main.parse_args(["--task", config["task"], "--seed", str(results["seeds"][0])]
+    args = main.parse_args(["--task", config["task"], "--seed", str(results["seeds"][0]), "--data-dir", str(data_dir)]
                            + (["--quick"] if config["quick"] else []))
     splits = main.load_splits(args, torch.device("cpu"))
     return results, config, splits[config["task"]]
@@ -93,7 +93,7 @@ def train_adalora(study, config, data, seed, lr):
     """One AdaLoRA run from the study's base of `seed`: (model, fit)."""
     schedule = main.DynamicRank(*(config[f"dyn_{k}"] for k in ("components", "prune_from", "prune_until",
                                                                 "prune_steps", "beta", "dem")))
-    epochs = main.finetune_budget(config)
+    epochs = main.epoch_budget(config)
     total = epochs * math.ceil(len(data["train"][1]) / config["batch_size"])
     torch.manual_seed(seed)
     base = main.load_plain(study / f"seed{seed}" / "base_model.pt", "cpu")
@@ -149,8 +149,10 @@ def epoch_seconds(study, config, data, rate, rounds=3, steps=60):
 def main_script(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("study", type=Path, help="the out-dir of a main.py run with dyndora, --seeds and --lrs")
-    study = p.parse_args(argv).study
-    results, config, data = study_context(study)
+    p.add_argument("--data-dir", type=Path, default=Path("data"), help="as main.py's")
+    parsed = p.parse_args(argv)
+    study = parsed.study
+    results, config, data = study_context(study, parsed.data_dir)
     seeds = results["seeds"]
     rate, model, grid = choose_rate(study, config, data, seeds[0])
     runs = []
@@ -159,12 +161,12 @@ def main_script(argv=None):
             print(f"AdaLoRA at lr {rate:g}, seed {seed}", flush=True)
             model, _ = train_adalora(study, config, data, seed, rate)
         runs.append({"seed": seed, "test_acc": main.evaluate(model, *data["test"])[1], "ranks": model.ranks(),
-                     "stored_params": model.stored_params()})
+                     "stored_params": model.stored_params(), "test_right": main.right_images(model, *data["test"])})
     dyn = main.ok_runs(main.main_runs(results), "dyndora")
     timing = epoch_seconds(study, config, data, {"adalora": rate, "dyndora": dyn[0]["lr"]})
     out = {"study": str(study), "date": time.strftime("%Y-%m-%d"), "device": main.environment(torch.device("cpu"), []),
            "config": {"init_r": math.ceil(main.DynamicRank().components * config["rank"]), "target_r": config["rank"],
-                      "orth_reg_weight": ORTH_REG_WEIGHT, "epochs": main.finetune_budget(config)},
+                      "orth_reg_weight": ORTH_REG_WEIGHT, "epochs": main.epoch_budget(config)},
            "adalora": {"lr": rate, "grid": grid, "runs": runs, "summary": summary(runs)},
            "epoch_seconds_side_by_side": timing}
     (study / "adalora.json").write_text(json.dumps(out, indent=2))
@@ -177,21 +179,35 @@ def summary(runs):
 
 
 def table(results, out):
-    """The README's table: both methods' test accuracy over the seeds, stored parameters, final ranks, time."""
-    dyn = main.ok_runs(main.main_runs(results), "dyndora")
+    """The README's table: the dynamic-rank DoRA's rows (at the component budget, and at LoRA's storage where the
+    study ran it) and AdaLoRA's: test accuracy over the seeds, AdaLoRA minus each row seed by seed (seed and
+    test-set noise), stored parameters, final ranks, time."""
+    adalora = {r["seed"]: r for r in out["adalora"]["runs"]}
     rows = []
-    for name, lr, runs, seconds in (
-            ("DoRA (dynamic rank), main.py", dyn[0]["lr"],
-             [{"test_acc": r["test_acc"], "stored_params": r["stored_params"],
-               "ranks": r["rank_allocation"]["ranks"]} for r in dyn], out["epoch_seconds_side_by_side"]["dyndora"]),
-            ("AdaLoRA, PEFT", out["adalora"]["lr"], out["adalora"]["runs"], out["epoch_seconds_side_by_side"]["adalora"])):
-        stats = summary(runs)
-        acc, stored = stats["test_acc"], stats["stored_params"]
-        ranks = "; ".join("/".join(str(r["ranks"][layer]) for layer in LAYERS) for r in runs)
-        rows.append([name, f"{lr:g}", f"{main.fmt_stat(acc)} {main.fmt_ci(acc)}", main.fmt_count(stored), ranks,
-                     f"{seconds:.1f}"])
-    return main.table(["method", "lr", f"test acc (%), {len(dyn)} seeds, 95 % CI", "stored params",
-                       "final rank conv1/conv2/fc1, per seed", "s per epoch, side by side"], rows)
+    for method in ("dyndora", "dyndora_params", "adalora"):
+        runs = (out["adalora"]["runs"] if method == "adalora" else
+                [{"seed": r["seed"], "test_acc": r["test_acc"], "stored_params": r["stored_params"],
+                  "ranks": r["rank_allocation"]["ranks"], "test_right": r.get("test_right")}
+                 for r in main.ok_runs(main.main_runs(results), method)])
+        if not runs:
+            continue
+        stats, vs = summary(runs), "-"
+        if method != "adalora":
+            pairs = [(adalora[r["seed"]], r) for r in runs if r["seed"] in adalora]
+            d = main.paired_stats([a["test_acc"] - b["test_acc"] for a, b in pairs],
+                                  [(a.get("test_right"), b.get("test_right")) for a, b in pairs],
+                                  results["config"]["test_size"])
+            vs = main.fmt_ci(d, signed=True)
+        lr = out["adalora"]["lr"] if method == "adalora" else results["learning_rates"][method]["lr"]
+        name = "AdaLoRA, PEFT" if method == "adalora" else f"{main.display(method)}, main.py"
+        seconds = out["epoch_seconds_side_by_side"].get(method)
+        rows.append([name, f"{lr:g}", f"{main.fmt_stat(stats['test_acc'])} {main.fmt_ci(stats['test_acc'])}", vs,
+                     main.fmt_count(stats["stored_params"]),
+                     "; ".join("/".join(str(r["ranks"][layer]) for layer in LAYERS) for r in runs),
+                     "-" if seconds is None else f"{seconds:.1f}"])
+    return main.table(["method", "lr", f"test acc (%), {len(adalora)} seeds, 95 % CI",
+                       "AdaLoRA minus it (points, 95 % CI)", "stored params", "final rank conv1/conv2/fc1, per seed",
+                       "s per epoch, side by side"], rows)
 
 
 if __name__ == "__main__":
