@@ -177,13 +177,29 @@ def test_every_run_failed_is_one_status_row():
 
 
 def test_rank_sweep_has_one_point_per_rank_that_ran_and_the_main_rank():
-    assert main.rank_sweep(fake_results()) == {}  # no --ranks
-    sweep = main.rank_sweep(fake_results(ranks=[2, 4]))
-    assert list(sweep) == ["lora", "dora"]  # adapter methods only
-    assert [(p["rank"], p["trainable_params"]) for p in sweep["lora"]] == [(2, 2000), (8, 8000)]  # rank 4 never ran
+    results = fake_results()  # lora ran at ranks 8 and 2, dora at 8 only
+    no_sweep = {**results, "runs": [r for r in results["runs"] if r["rank"] != 2]}
+    assert main.rank_sweep(no_sweep) == {}
+    sweep = main.rank_sweep(results)
+    assert list(sweep) == ["lora"]  # adapter methods that ran at another rank
+    assert [(p["rank"], p["trainable_params"]) for p in sweep["lora"]] == [(2, 2000), (8, 8000)]
     assert sweep["lora"][0]["test_acc"]["values"] == [90.0, 91.0]
-    assert [p["rank"] for p in sweep["dora"]] == [8]
-    assert "| LoRA | 2 | 2,000 | 2,000 | 90.50 ± 0.71 |" in main.rank_sweep_table(main.add_summary(fake_results(ranks=[2])))
+    assert "| LoRA | 2 | 2,000 | 2,000 | 90.50 ± 0.71 |" in main.rank_sweep_table(main.add_summary(fake_results()))
+    resumed = {**no_sweep, "other_runs": [r for r in results["runs"] if r["rank"] == 2]}  # swept in an earlier run
+    assert main.rank_sweep(resumed) == sweep
+
+
+def test_a_variant_is_contrasted_with_its_own_row_and_with_lora():
+    results = fake_results()
+    results["methods"] += ["dyndora", "dyndora_params", "lora_bias"]
+    for seed, (a, b, c) in enumerate([(96.1, 96.3, 96.4), (96.5, 96.4, 96.9), (96.2, 96.6, 96.1)]):
+        results["runs"] += [run("dyndora", seed, a, rank=8), run("dyndora_params", seed, b, rank=8),
+                            run("lora_bias", seed, c, rank=8)]
+    pairs = [(c["method"], c["ref"]) for c in main.primary_contrasts(results)]
+    assert ("dyndora_params", "dyndora") in pairs and ("lora_bias", "lora") in pairs
+    assert ("lora_bias", "dyndora") not in pairs and pairs.count(("lora_bias", "lora")) == 1
+    assert main.variant_of("lora_bias") == "lora" and main.variant_of("dyndora_params") == "dyndora"
+    assert main.variant_of("dora") is None
 
 
 def test_mean_curve_averages_the_runs_that_reached_each_epoch():
