@@ -178,8 +178,7 @@ def display(method):
 def variant_of(method):
     """The row a variant changes the settings of (lora for lora_bias), or None for a method of its own."""
     spec = row(method)
-    return next((m for m, r in METHODS.items() if r.layer == spec.layer and not r.settings), None) if spec.settings \
-        else None
+    return next(m for m in COMPARED if METHODS[m].layer == spec.layer) if spec.settings else None
 
 
 def method_settings(method, args):
@@ -1504,8 +1503,9 @@ def holm(p_values):
 
 def primary_contrasts(results):
     """The comparisons a study is about, named before looking: every adapter against full fine-tuning and head
-    only, every other adapter against LoRA, a variant against its own row; each paired_difference with its two-sided p, Holm-adjusted over
-    them all (every other difference is exploratory). A pair with no spread to test against is left out."""
+    only, every other adapter against LoRA, a variant against its own row; each paired_difference with its
+    two-sided p, Holm-adjusted over them all (every other difference is exploratory). A pair with no spread to
+    test against is left out."""
     adapters = [m for m in results["methods"] if adapter_class(m)]
     named = ([(m, ref) for ref in ("full", "head") for m in adapters] + [(m, "lora") for m in adapters if m != "lora"]
              + [(m, variant_of(m)) for m in adapters if variant_of(m) not in (None, "lora")])  # a variant: its row
@@ -2954,11 +2954,11 @@ def check_args(args):
                           f"{', '.join(['base', *METHODS])}, comma-separated")
     if "base" in args.methods and args.methods[0] != "base":
         raise ConfigError("base must come first in --methods: the other methods fine-tune the base it trains")
-    variants = [method_settings(m, args) for m in METHODS]  # a row's own settings, checked as a flag's
+    by_row = [method_settings(m, args) for m in METHODS]  # a variant's own settings, checked as its flag's
     for flag, value, allowed in (("--task", args.task, TASKS), ("--device", args.device, ("auto", "cpu", "cuda")),
                                  ("--scaling", args.scaling, ("lora", "rslora")),
-                                 *(("--bias", v.bias, ("none", "lora_only", "all")) for v in variants),
-                                 *(("--dyn-budget", v.dyn_budget, ("components", "params")) for v in variants)):
+                                 *(("--bias", v.bias, ("none", "lora_only", "all")) for v in by_row),
+                                 *(("--dyn-budget", v.dyn_budget, ("components", "params")) for v in by_row)):
         if value not in allowed:
             raise ConfigError(f"unknown {flag} {value!r}: choose from {', '.join(allowed)}")
     for name in ("out_dir", "data_dir"):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import main
-from conftest import adapt
+
 
 peft = pytest.importorskip("peft") if not __import__("os").environ.get("CI") else __import__("peft")
 
