@@ -1269,9 +1269,10 @@ def read_model_file(path, read):
 def load_plain(path, device):
     """A method saved as a whole CNN state dict (the base, full fine-tuning), loaded back at its width."""
     state = read_model_file(path, lambda p: torch.load(p, map_location=device, weights_only=True))
-    try:
-        model = CNN(state["conv1.weight"].shape[0] // 16).to(device)
-        model.load_state_dict(state)
+    try:  # built on the meta device, so no random init is drawn: loading must not move the global RNG that the
+        with torch.device("meta"):  # next run seeds and draws its adapters' init and dropout from
+            model = CNN(state["conv1.weight"].shape[0] // 16)
+        model.load_state_dict(state, assign=True)
     except Exception as e:
         raise ModelFileError(f"{path} does not hold this CNN's weights ({type(e).__name__})") from None
     return model
@@ -2542,6 +2543,15 @@ class Run:
             self.bases[seed] = load_plain(saved_model_file(self.out, "base", seed), self.device)
         return self.bases[seed]
 
+    def save(self):
+        """results.json and results.md as they stand, with the earlier run's records this run has not reached yet
+        (--resume): a run stopped half way leaves every one of them in the file for the next --resume."""
+        written = {record_key(kind, r) for kind in RECORD_KINDS for r in self.results[kind]}
+        waiting = [(key[0], r) for key, r in self.earlier.items() if key not in written]
+        save_results(self.results | {kind: self.results[kind] + [r for k, r in waiting if k == kind]
+                                     for kind in ("runs", "lr_grid", "budget_check")}, self.out)
+        add_summary(self.results)  # the summary of this run's own records, for the closing lines
+
     def kept(self, kind, record):
         """The earlier run's record of what `record` (method, seed, rank, rate or budget) names, or None."""
         found = self.earlier.get(record_key(kind, record))
@@ -2686,7 +2696,7 @@ def validation_run(ctx, kind, record):
               f"seed {record['seed']}, judged on validation...")
         kept, trained = run_method(ctx, record)
     ctx.results[kind].append(kept)
-    save_results(ctx.results, ctx.out)
+    ctx.save()
     return kept, trained
 
 
@@ -2752,7 +2762,7 @@ def comparison_run(ctx, key, rates):
                 ctx.bases[seed] = trained[0]
         print("-------------------------------------")
     ctx.results["runs"].append(kept)
-    save_results(ctx.results, ctx.out)
+    ctx.save()
     return kept
 
 
@@ -2773,7 +2783,7 @@ def after_the_runs(ctx):
                               *((QUICK_LATENCY_ROUNDS, QUICK_LATENCY_REPEATS) if args.quick else ()))
         except ModelFileError as e:
             print(f"Latency not measured: {e}")
-        save_results(ctx.results, ctx.out)
+        ctx.save()
 
 
 # =====================================================================================================
@@ -2821,13 +2831,14 @@ def saved_model_problem(out, run):
 
 
 def earlier_records(out, config, plan):
-    """({record_key: record} that --resume can trust from an earlier run into `out` with the same settings, the
-    finished runs not in this plan): a run counts while its saved model matches its checksum and its seed's base
-    is trusted (a base missing or trained again takes its runs along); grid and budget-check runs count while
-    their base does (a diverged rate stays so; skipped ones are tried again)."""
+    """({record_key: record} that --resume can trust from an earlier run into `out` with the same settings, what
+    this plan will not redo: {"other_runs": its finished runs, "lr_grid" and "budget_check": its methods' records,
+    "learning_rates": theirs}): a run counts while its saved model matches its checksum and its seed's base is
+    trusted (a base missing or trained again takes its runs along); grid and budget-check runs count while their
+    base does (a diverged rate stays so; skipped ones are tried again)."""
     path = out / "results.json"
     if not path.exists():
-        return {}, []
+        return {}, {}
     earlier = read_results(path, "move it away, or drop --resume")
     if earlier["config"] != config:
         changed = sorted(k for k in set(config) | set(earlier["config"]) if config.get(k) != earlier["config"].get(k))
@@ -2845,7 +2856,11 @@ def earlier_records(out, config, plan):
     trusted = {key: r for key, r in runs.items() if key[2] in bases}
     trusted |= {record_key(kind, r): r for kind in ("lr_grid", "budget_check") for r in earlier[kind]
                 if r["status"] in ("ok", "unstable", "failed") and r["seed"] in bases}
-    others = [r for key, r in trusted.items() if key[0] == "runs" and key[1:4] not in plan]
+    planned = {method for method, *_ in plan}
+    others = {"other_runs": [r for key, r in trusted.items() if key[0] == "runs" and key[1:4] not in plan],
+              **{kind: [r for key, r in trusted.items() if key[0] == kind and key[1] not in planned]
+                 for kind in ("lr_grid", "budget_check")},
+              "learning_rates": {m: rate for m, rate in earlier["learning_rates"].items() if m not in planned}}
     return trusted, others
 
 
@@ -3101,11 +3116,11 @@ def prepare(args):
     device = training_device(args)
     splits = load_splits(args, device)
     config = run_config(args, splits)
-    earlier, others = earlier_records(out, config, plan) if args.resume else ({}, [])
+    earlier, others = earlier_records(out, config, plan) if args.resume else ({}, {})
     check_bases(args, plan, earlier)
     if replacing:
         move_aside(out, replacing)
-    results = new_results(args, config, device) | {"other_runs": others}
+    results = new_results(args, config, device) | others
     print(f"{'QUICK RUN (a smoke test, not results). ' if args.quick else ''}Device: "
           f"{results['environment']['device_name']}\n{config['train_size']:,} training, {config['val_size']:,} "
           f"validation, {config['test_size']:,} test images; fine-tuning on {args.task}; {len(plan)} runs "

@@ -532,7 +532,7 @@ def test_a_slow_run_that_learned_nothing_is_not_told_to_lower_the_rate(capsys, m
 
 
 def test_resume_into_a_folder_without_results_finds_nothing_to_keep(tmp_path):
-    assert main.earlier_records(tmp_path, {}, []) == ({}, [])  # nothing to trust, nothing carried along
+    assert main.earlier_records(tmp_path, {}, []) == ({}, {})  # nothing to trust, nothing carried along
 
 
 # ------------------------------------------------------------------ this round's hostile cases (issue 32)

@@ -308,6 +308,46 @@ def test_the_console_shows_mean_and_spread_and_resume_adds_only_new_runs(seeds_r
     assert code == 2 and "other settings (task differ)" in err
 
 
+def record_keys(results):
+    return sorted(repr(main.record_key(kind, r)) for kind in main.RECORD_KINDS for r in results[kind])
+
+
+@pytest.mark.usefixtures("no_plots_or_latency")
+def test_a_resume_with_fewer_methods_or_stopped_half_way_loses_no_earlier_record(seeds_run, mnist_dir, capsys,
+                                                                                  tmp_path, monkeypatch):
+    """results.json keeps every record of the earlier run: a --resume of fewer methods keeps the others' budget
+    checks and rates beside their runs; one stopped at its first new run keeps those it had not reached yet."""
+    _, out, _ = seeds_run
+    before = json.loads((out / "results.json").read_text())
+    shutil.copytree(out, tmp_path / "out")
+    fewer = ["base,lora" if arg == "base,full,lora" else arg for arg in SEEDS_RUN]
+    code, _, _ = run(capsys, *fewer, "--ranks", "2,8", "--budgets", "2,3", "--resume", "--data-dir", mnist_dir,
+                     "--out-dir", tmp_path / "out")
+    after = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert code == 0 and record_keys(after) == record_keys(before) and after["methods"] == ["base", "lora"]
+    assert after["learning_rates"]["full"] == before["learning_rates"]["full"]
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(main, "train", stopped)  # Ctrl-C in the first new run: LoRA r=4, seed 0
+    code, _, _ = run(capsys, *SEEDS_RUN, "--ranks", "2,4,8", "--budgets", "2,3", "--resume", "--data-dir", mnist_dir,
+                     "--out-dir", tmp_path / "out")
+    assert code == 130 and record_keys(json.loads((tmp_path / "out" / "results.json").read_text())) == record_keys(before)
+
+
+def test_loading_a_saved_model_draws_nothing_from_the_global_rng(tmp_path):
+    """A run on a base loaded by --resume draws its adapters' init and dropout as one on the base trained in the
+    same process: loading builds no random init (it did, so a resumed run's first fine-tuning had other bits)."""
+    torch.save(main.CNN().state_dict(), tmp_path / "base_model.pt")
+    torch.manual_seed(0)
+    model = main.load_plain(tmp_path / "base_model.pt", "cpu")
+    drawn = torch.rand(8)
+    torch.manual_seed(0)
+    assert torch.equal(drawn, torch.rand(8))
+    saved = torch.load(tmp_path / "base_model.pt", weights_only=True)
+    assert all(torch.equal(t, saved[k]) and t.device.type == "cpu" for k, t in model.state_dict().items())
+
+
 def test_quick_run_console_summary(quick_run, mnist_dir, capsys, tmp_path, monkeypatch):
     """The closing lines (re-printed from a --resume of the same run): labelled quick, under 100 columns."""
     monkeypatch.setattr(main, "plot_results", lambda results, out_dir: [])  # the latency is on the console: timed
