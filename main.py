@@ -1573,15 +1573,21 @@ def seeds_finished(summary):
 
 def rank_sweep(results):
     """{adapter method: one point per rank it ran at (the main rank included)}, {} where no run was at another rank;
-    the runs of this plan and those an earlier one left (a sweep of some methods, resumed with all of them)."""
+    the runs of this plan and those an earlier one left (a sweep of some methods, resumed with all of them). Each
+    point holds its difference to full fine-tuning paired seed by seed (as paired_difference), where that ran."""
     runs, sweep = results["runs"] + results["other_runs"], {}
+    full = {r["seed"]: r for r in ok_runs(runs, "full")}
     for method in (m for m in results["methods"] if adapter_class(m)):
         points = []
         for rank in sorted({r["rank"] for r in ok_runs(runs, method)}):
             ok = [r for r in ok_runs(runs, method) if r["rank"] == rank]
+            pairs = [(r, full[r["seed"]]) for r in ok if r["seed"] in full]
+            vs_full = pairs and paired_stats([a["test_acc"] - b["test_acc"] for a, b in pairs],
+                                             [(a.get("test_right"), b.get("test_right")) for a, b in pairs],
+                                             results["config"].get("test_size"))
             points.append({"rank": rank, "trainable_params": ok[0]["trainable_params"],
                            "stored_params": statistics.fmean(r["stored_params"] for r in ok),
-                           "test_acc": mean_std_ci(r["test_acc"] for r in ok)})
+                           "test_acc": mean_std_ci(r["test_acc"] for r in ok), "vs_full": vs_full or None})
         if len(points) > 1:
             sweep[method] = points
     return sweep
@@ -1806,11 +1812,13 @@ def inference_table(results, console=False):
 
 def rank_sweep_table(results, console=False):
     rows = [[display(method), p["rank"], f"{p['trainable_params']:,}", f"{p['stored_params']:,.0f}",
-             fmt_stat(p["test_acc"])] + ([] if console else [fmt_ci(p["test_acc"])])
+             fmt_stat(p["test_acc"])]
+            + ([] if console else [fmt_ci(p["test_acc"]), fmt_ci(p["vs_full"], signed=True) if p["vs_full"] else "-"])
             for method, points in results["rank_sweep"].items() for p in points]
     if console:
         return table(["method", "rank", "trainable", "stored", "test acc (%)"], rows, console)
-    return table(["method", "rank", "trainable params", "stored params", "test acc (%)", "95 % CI"], rows)
+    return table(["method", "rank", "trainable params", "stored params", "test acc (%)", "95 % CI",
+                  "vs Full FT (points, paired 95 % CI)"], rows)
 
 
 def sweep_points(results):

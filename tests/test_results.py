@@ -184,6 +184,7 @@ def test_rank_sweep_has_one_point_per_rank_that_ran_and_the_main_rank():
     assert list(sweep) == ["lora"]  # adapter methods that ran at another rank
     assert [(p["rank"], p["trainable_params"]) for p in sweep["lora"]] == [(2, 2000), (8, 8000)]
     assert sweep["lora"][0]["test_acc"]["values"] == [90.0, 91.0]
+    assert sweep["lora"][0]["vs_full"]["values"] == pytest.approx([-7.0, -6.4])  # 90.0 - 97.0, 91.0 - 97.4: by seed
     assert "| LoRA | 2 | 2,000 | 2,000 | 90.50 ± 0.71 |" in main.rank_sweep_table(main.add_summary(fake_results()))
     resumed = {**no_sweep, "other_runs": [r for r in results["runs"] if r["rank"] == 2]}  # swept in an earlier run
     assert main.rank_sweep(resumed) == sweep
