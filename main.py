@@ -2558,7 +2558,6 @@ class Run:
         waiting = [(key[0], r) for key, r in self.earlier.items() if key not in written]
         save_results(self.results | {kind: self.results[kind] + [r for k, r in waiting if k == kind]
                                      for kind in ("runs", "lr_grid", "budget_check")}, self.out)
-        add_summary(self.results)  # the summary of this run's own records, for the closing lines
 
     def kept(self, kind, record):
         """The earlier run's record of what `record` (method, seed, rank, rate or budget) names, or None."""

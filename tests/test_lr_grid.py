@@ -29,7 +29,8 @@ def grid_args(tmp_path, lrs):
 
 def context(args, splits=None, base=None):
     """A Run holding only what choosing a rate needs: settings, data, the first seed's base, empty results."""
-    ctx = main.Run(args, torch.device("cpu"), splits or {}, {"learning_rates": {}, "lr_grid": []}, earlier={})
+    results = {"learning_rates": {}} | {kind: [] for kind in main.RECORD_KINDS}
+    ctx = main.Run(args, torch.device("cpu"), splits or {}, results, earlier={})
     ctx.bases[args.seed] = base
     return ctx
 
