@@ -1582,12 +1582,12 @@ def rank_sweep(results):
         for rank in sorted({r["rank"] for r in ok_runs(runs, method)}):
             ok = [r for r in ok_runs(runs, method) if r["rank"] == rank]
             pairs = [(r, full[r["seed"]]) for r in ok if r["seed"] in full]
-            vs_full = pairs and paired_stats([a["test_acc"] - b["test_acc"] for a, b in pairs],
-                                             [(a.get("test_right"), b.get("test_right")) for a, b in pairs],
-                                             results["config"].get("test_size"))
+            vs_full = paired_stats([a["test_acc"] - b["test_acc"] for a, b in pairs],
+                                   [(a.get("test_right"), b.get("test_right")) for a, b in pairs],
+                                   results["config"].get("test_size")) if pairs else None
             points.append({"rank": rank, "trainable_params": ok[0]["trainable_params"],
                            "stored_params": statistics.fmean(r["stored_params"] for r in ok),
-                           "test_acc": mean_std_ci(r["test_acc"] for r in ok), "vs_full": vs_full or None})
+                           "test_acc": mean_std_ci(r["test_acc"] for r in ok), "vs_full": vs_full})
         if len(points) > 1:
             sweep[method] = points
     return sweep
