@@ -1479,17 +1479,20 @@ def paired_stats(differences, rights, n):
                     "noise": "seed and test-set" if len(rights) > 1 else "test-set"}
 
 
+def paired_runs(pairs, n):
+    """paired_stats of (run, its reference's run of the same seed) pairs: the test accuracy differences, with the
+    test images each got right on the same n, where both recorded them."""
+    return paired_stats([a["test_acc"] - b["test_acc"] for a, b in pairs],
+                        [(a.get("test_right"), b.get("test_right")) for a, b in pairs], n)
+
+
 def paired_difference(results, method, ref):
     """Test accuracy of `method` minus `ref` (points, main comparison) over the seeds where both finished, with its
     paired_stats interval: within a seed both start from the same base, see the same data order and adapter init,
     so the difference is what the method changes. None where no seed has both."""
     runs = {m: {r["seed"]: r for r in ok_runs(main_runs(results), m)} for m in (method, ref)}
     pairs = [(runs[method][s], runs[ref][s]) for s in sorted(set(runs[method]) & set(runs[ref]))]
-    if not pairs:
-        return None
-    return paired_stats([a["test_acc"] - b["test_acc"] for a, b in pairs],
-                        [(a.get("test_right"), b.get("test_right")) for a, b in pairs],
-                        results["config"].get("test_size"))
+    return paired_runs(pairs, results["config"].get("test_size")) if pairs else None
 
 
 def holm(p_values):
@@ -1579,12 +1582,11 @@ def rank_sweep(results):
     full = {r["seed"]: r for r in ok_runs(runs, "full")}
     for method in (m for m in results["methods"] if adapter_class(m)):
         points = []
-        for rank in sorted({r["rank"] for r in ok_runs(runs, method)}):
-            ok = [r for r in ok_runs(runs, method) if r["rank"] == rank]
+        mine = ok_runs(runs, method)
+        for rank in sorted({r["rank"] for r in mine}):
+            ok = [r for r in mine if r["rank"] == rank]
             pairs = [(r, full[r["seed"]]) for r in ok if r["seed"] in full]
-            vs_full = paired_stats([a["test_acc"] - b["test_acc"] for a, b in pairs],
-                                   [(a.get("test_right"), b.get("test_right")) for a, b in pairs],
-                                   results["config"].get("test_size")) if pairs else None
+            vs_full = paired_runs(pairs, results["config"].get("test_size")) if pairs else None
             points.append({"rank": rank, "trainable_params": ok[0]["trainable_params"],
                            "stored_params": statistics.fmean(r["stored_params"] for r in ok),
                            "test_acc": mean_std_ci(r["test_acc"] for r in ok), "vs_full": vs_full})

@@ -194,10 +194,7 @@ def table(results, out):
         stats, vs = summary(runs), "-"
         if method != "adalora":
             pairs = [(adalora[r["seed"]], r) for r in runs if r["seed"] in adalora]
-            d = main.paired_stats([a["test_acc"] - b["test_acc"] for a, b in pairs],
-                                  [(a.get("test_right"), b.get("test_right")) for a, b in pairs],
-                                  results["config"]["test_size"])
-            vs = main.fmt_ci(d, signed=True)
+            vs = main.fmt_ci(main.paired_runs(pairs, results["config"]["test_size"]), signed=True)
         lr = out["adalora"]["lr"] if method == "adalora" else results["learning_rates"][method]["lr"]
         name = "AdaLoRA, PEFT" if method == "adalora" else f"{main.display(method)}, main.py"
         seconds = out["epoch_seconds_side_by_side"].get(method)
