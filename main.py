@@ -118,6 +118,7 @@ SETTINGS = {  # name: (default, type, meaning); the flag is --name with - for _ 
     "scaling": ("lora", str, "the update's scale: lora, alpha / r (Hu et al. 2021), or rslora, alpha / sqrt(r), "
                              "rank-stable (Kalajdzievski 2023; PEFT's use_rslora)"),
     "ranks": ("", within(int, 1, most=16), "rank sweep, e.g. 1,2,4,8,16: the adapter methods again at each rank"),
+    "grid_per_rank": (False, bool, "rank sweep: each rank's rate chosen on its own --lrs grid (else r's rate)"),
     "budgets": ("", within(int, 1, 10_000, most=10), "budget check, e.g. 20,40: the first seed's fine-tuning runs "
                                                      "again at their chosen rates with these epoch budgets, judged on "
                                                      "validation: has the comparison's budget plateaued?"),
@@ -1443,25 +1444,39 @@ def paired_margin(a_hex, b_hex, n):
     return only_a - only_b, math.sqrt(max(0.0, only_a + only_b - (only_a - only_b) ** 2 / n))
 
 
+def crossed_interval(d):
+    """Mean and 95 % interval of an S x n table of per-image differences d[s, i] (points; S seeds, the same n
+    test images), each noise counted once: d = mean + seed + image + error, crossed random effects. From the
+    two-way table's mean squares, Var(mean) = sigma_seed^2 / S + sigma_image^2 / n + sigma_error^2 / (nS) is
+    MS_seed / (nS) + max(0, MS_image - MS_error) / (nS): the seeds' spread of their means holds the error once,
+    the images' spread of theirs holds it again, so it is taken out there (an image part below 0 counts as 0).
+    Student's t at Satterthwaite's df. One seed: the images' spread alone (no seed noise can be seen)."""
+    d = np.asarray(d, dtype=np.float64)
+    seeds, n = d.shape
+    mean = float(d.mean())
+    ms_image = seeds * float(d.mean(axis=0).var(ddof=1)) if n > 1 else 0.0
+    if seeds == 1:
+        parts = [(ms_image / n, n - 1)]
+    else:
+        ms_seed = n * float(d.mean(axis=1).var(ddof=1))
+        residual = d - d.mean(axis=1, keepdims=True) - d.mean(axis=0) + mean
+        ms_error = float((residual ** 2).sum()) / ((seeds - 1) * (n - 1))
+        parts = [(ms_seed / (n * seeds), seeds - 1)]  # the seed term: df S - 1
+        if ms_image > ms_error:  # (c_image MS_image - c_error MS_error): both enter Satterthwaite's sum
+            parts += [(ms_image / (n * seeds), n - 1), (-ms_error / (n * seeds), (seeds - 1) * (n - 1))]
+    var = sum(v for v, _ in parts)
+    stats = {"mean": mean, "se": math.sqrt(max(var, 0.0)), "df": float(n - 1), "ci95": [mean, mean]}
+    if var > 0:
+        df = var ** 2 / sum(v ** 2 / k for v, k in parts if k > 0)
+        half = t_975(max(1, math.floor(df))) * stats["se"]
+        stats |= {"df": df, "ci95": [mean - half, mean + half]}
+    return stats
+
+
 def paired_interval(pairs, n):
-    """Two methods' test-accuracy difference (points) over seeds, from each seed's pair of right_images on the same
-    n test images, with a 95 % interval holding both noises: the mean over images of D_i (image i's difference
-    averaged over the seeds), its variance the seeds' (s_d^2 / S, s_d the per-seed differences' spread) plus the
-    test set's (Var(D_i) / n: the images are one sample of the task), Student's t at the Welch-Satterthwaite df.
-    The seed term has S - 1 df, the test term n - 1, so with a large test share t nears 1.96 (not three seeds'
-    4.30) and the interval can be narrower than the seed-only one although its variance is larger."""
-    right = [(right_bits(a, n), right_bits(b, n)) for a, b in pairs]
-    per_image = 100 * np.mean([a.astype(float) - b for a, b in right], axis=0)  # D_i
-    per_seed = [100 * (a.mean() - b.mean()) for a, b in right]
-    seeds, mean = len(right), float(per_image.mean())
-    var_seed = statistics.variance(per_seed) / seeds if seeds > 1 else 0.0
-    var_test = float(per_image.var(ddof=1)) / n
-    spread = {"mean": mean, "var_seed": var_seed, "var_test": var_test, "df": n - 1, "ci95": [mean, mean]}
-    if var_seed + var_test > 0:
-        df = (var_seed + var_test) ** 2 / ((var_seed ** 2 / (seeds - 1) if seeds > 1 else 0) + var_test ** 2 / (n - 1))
-        half = t_975(max(1, math.floor(df))) * math.sqrt(var_seed + var_test)
-        spread |= {"df": df, "ci95": [mean - half, mean + half]}
-    return spread
+    """crossed_interval of two methods' test accuracy, from each seed's pair of right_images on the same n test
+    images: d[s, i] = 100 (a right - b right) on image i in seed s."""
+    return crossed_interval([100 * (right_bits(a, n).astype(float) - right_bits(b, n)) for a, b in pairs])
 
 
 def paired_stats(differences, rights, n):
@@ -1474,9 +1489,8 @@ def paired_stats(differences, rights, n):
         return stats | {"se": stats["std"] and stats["std"] / math.sqrt(stats["n"]), "df": stats["n"] - 1,
                         "noise": "seed"}
     both = paired_interval(rights, n)
-    return stats | {"mean": both["mean"], "ci95": both["ci95"], "df": both["df"],
-                    "se": math.sqrt(both["var_seed"] + both["var_test"]),
-                    "noise": "seed and test-set" if len(rights) > 1 else "test-set"}
+    return stats | {k: both[k] for k in ("mean", "ci95", "df", "se")} | {
+        "noise": "seed and test-set" if len(rights) > 1 else "test-set"}
 
 
 def paired_runs(pairs, n):
@@ -2739,8 +2753,11 @@ def choose_rate(ctx, method, rank):
     if runner_up:
         n = len(ctx.splits[args.task]["val"][1])
         chosen["margin_images"], chosen["margin_se"] = paired_margin(best["val_right"], runner_up["val_right"], n)
-    results["learning_rates"][method] = chosen
-    print(f"{display(method)}: lr {best['lr']:g} chosen ({best['val_acc']:.2f}% validation accuracy"
+    if rank == run_rank(method, args.rank):
+        results["learning_rates"][method] = chosen
+    else:  # a rank of the sweep, on its own grid (--grid-per-rank)
+        results["sweep_rates"].setdefault(method, {})[str(rank)] = chosen
+    print(f"{display(method)}{f' r={rank}' if rank != run_rank(method, args.rank) else ''}: lr {best['lr']:g} chosen ({best['val_acc']:.2f}% validation accuracy"
           + (f"; {chosen['margin_images']:+d} ± {chosen['margin_se']:.1f} images over lr {runner_up['lr']:g})."
              if runner_up else ")."))
     return best["lr"], trained.get(best["lr"])
@@ -2751,9 +2768,10 @@ def comparison_run(ctx, key, rates):
     (chosen where the method first runs; the grid's own run at that rate finished, not trained again); appended to
     the results, which are saved (after every run: nothing finished is lost). Returns its record."""
     (method, seed, rank), args = key, ctx.args
-    if method not in rates:  # the first seed's base is there: a grid can run on it
-        rates[method] = choose_rate(ctx, method, run_rank(method, args.rank))
-    (lr, grid_trained), record = rates[method], {"method": method, "seed": seed, "rank": rank}
+    rate_rank = rank if args.grid_per_rank else run_rank(method, args.rank)  # whose grid sets the rate
+    if (method, rate_rank) not in rates:  # the first seed's base is there: a grid can run on it
+        rates[method, rate_rank] = choose_rate(ctx, method, rate_rank)
+    (lr, grid_trained), record = rates[method, rate_rank], {"method": method, "seed": seed, "rank": rank}
     if not (kept := ctx.kept("runs", record)):
         if lr is None:
             kept = record | {"status": "failed", "reason": "every rate of the --lrs grid failed", "train_time_s": 0.0}
@@ -2763,7 +2781,7 @@ def comparison_run(ctx, key, rates):
                      f"Fine-tuning {trains} the base model ({display(method)})" if trains else
                      f"Fine-tuning the base model with {display(method)}")
             print(f"{doing}{run_label(args, record)}, lr {lr:g}...")
-            reuse = grid_trained if (seed, rank) == (args.seed, run_rank(method, args.rank)) else None
+            reuse = grid_trained if (seed, rank) == (args.seed, rate_rank) else None
             if reuse:
                 print("(the grid's run at this rate and seed, not trained again: tested once now, and saved)")
             kept, trained = run_method(ctx, record | {"lr": lr, "from_grid": reuse is not None}, trained=reuse)
@@ -2869,7 +2887,8 @@ def earlier_records(out, config, plan):
     others = {"other_runs": [r for key, r in trusted.items() if key[0] == "runs" and key[1:4] not in plan],
               **{kind: [r for key, r in trusted.items() if key[0] == kind and key[1] not in planned]
                  for kind in ("lr_grid", "budget_check")},
-              "learning_rates": {m: rate for m, rate in earlier["learning_rates"].items() if m not in planned}}
+              **{kind: {m: rate for m, rate in earlier.get(kind, {}).items() if m not in planned}
+                 for kind in ("learning_rates", "sweep_rates")}}
     return trusted, others
 
 
@@ -3072,7 +3091,7 @@ def run_config(args, splits=None):
 def new_results(args, config, device):
     """results.json's content before any run has finished."""
     return {"format": RESULTS_FORMAT, "config": config, "environment": environment(device, args.methods),
-            "methods": args.methods, "seeds": seeds_of(args), "ranks": args.ranks, "learning_rates": {},
+            "methods": args.methods, "seeds": seeds_of(args), "ranks": args.ranks, "learning_rates": {}, "sweep_rates": {},
             "lr_grid": [], "runs": [], "other_runs": [], "budget_check": [], "memory_sweep": []}
 
 
