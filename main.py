@@ -1520,8 +1520,8 @@ def holm(p_values):
 
 
 def primary_contrasts(results):
-    """The comparisons a study is about, named before looking: every adapter against full fine-tuning and head
-    only, every other adapter against LoRA, a variant against its own row; each paired_difference with its
+    """The comparisons a study is about, one family for every study: every adapter against full fine-tuning and
+    head only, every other adapter against LoRA, a variant against its own row; each paired_difference with its
     two-sided p, Holm-adjusted over them all (every other difference is exploratory). A pair with no spread to
     test against is left out."""
     adapters = [m for m in results["methods"] if adapter_class(m)]
@@ -1592,18 +1592,20 @@ def rank_sweep(results):
     """{adapter method: one point per rank it ran at (the main rank included)}, {} where no run was at another rank;
     the runs of this plan and those an earlier one left (a sweep of some methods, resumed with all of them). Each
     point holds its difference to full fine-tuning paired seed by seed (as paired_difference), where that ran."""
-    runs, sweep = results["runs"] + results["other_runs"], {}
+    runs, sweep, n = results["runs"] + results["other_runs"], {}, results["config"].get("test_size")
     full = {r["seed"]: r for r in ok_runs(runs, "full")}
+    lora = {(r["seed"], r["rank"]): r for r in ok_runs(runs, "lora")}
     for method in (m for m in results["methods"] if adapter_class(m)):
         points = []
         mine = ok_runs(runs, method)
         for rank in sorted({r["rank"] for r in mine}):
             ok = [r for r in mine if r["rank"] == rank]
-            pairs = [(r, full[r["seed"]]) for r in ok if r["seed"] in full]
-            vs_full = paired_runs(pairs, results["config"].get("test_size")) if pairs else None
-            points.append({"rank": rank, "trainable_params": ok[0]["trainable_params"],
+            vs = {ref: [(r, by[key]) for r in ok if (key := r["seed"] if ref == "full" else (r["seed"], rank)) in by]
+                  for ref, by in (("full", full), ("lora", lora if method != "lora" else {}))}
+            points.append({"rank": rank, "lr": ok[0]["lr"], "trainable_params": ok[0]["trainable_params"],
                            "stored_params": statistics.fmean(r["stored_params"] for r in ok),
-                           "test_acc": mean_std_ci(r["test_acc"] for r in ok), "vs_full": vs_full})
+                           "test_acc": mean_std_ci(r["test_acc"] for r in ok),
+                           **{f"vs_{ref}": paired_runs(pairs, n) if pairs else None for ref, pairs in vs.items()}})
         if len(points) > 1:
             sweep[method] = points
     return sweep
@@ -1827,14 +1829,15 @@ def inference_table(results, console=False):
 
 
 def rank_sweep_table(results, console=False):
-    rows = [[display(method), p["rank"], f"{p['trainable_params']:,}", f"{p['stored_params']:,.0f}",
+    rows = [[display(method), p["rank"], f"{p['lr']:g}", f"{p['trainable_params']:,}", f"{p['stored_params']:,.0f}",
              fmt_stat(p["test_acc"])]
-            + ([] if console else [fmt_ci(p["test_acc"]), fmt_ci(p["vs_full"], signed=True) if p["vs_full"] else "-"])
+            + ([] if console else [fmt_ci(p["test_acc"])] + [fmt_ci(p[k], signed=True) if p.get(k) else "-"
+                                                             for k in ("vs_full", "vs_lora")])
             for method, points in results["rank_sweep"].items() for p in points]
     if console:
-        return table(["method", "rank", "trainable", "stored", "test acc (%)"], rows, console)
-    return table(["method", "rank", "trainable params", "stored params", "test acc (%)", "95 % CI",
-                  "vs Full FT (points, paired 95 % CI)"], rows)
+        return table(["method", "rank", "lr", "trainable", "stored", "test acc (%)"], rows, console)
+    return table(["method", "rank", "lr", "trainable params", "stored params", "test acc (%)", "95 % CI",
+                  "vs Full FT (points, paired 95 % CI)", "vs LoRA at this rank"], rows)
 
 
 def sweep_points(results):
@@ -1878,15 +1881,23 @@ def contrasts_table(results):
         for c in results["contrasts"]])
 
 
+def grid_rates(results):
+    """{(method, rank): its rate's record} of every rate a grid chose: the main rank's and the sweep's."""
+    main_rank = results["config"]["rank"]
+    return ({(m, run_rank(m, main_rank)): rate for m, rate in results["learning_rates"].items()}
+            | {(m, int(rank)): rate for m, by in results.get("sweep_rates", {}).items() for rank, rate in by.items()})
+
+
 def lr_grid_table(results):
     """Every learning-rate grid run: validation numbers only (the test set takes no part in the choice)."""
-    chosen = {m: r["lr"] for m, r in results["learning_rates"].items()}
-    return table(["method", "lr", "val acc (%) at the kept epoch", "val loss", "epochs (kept)", "status", "chosen"], [
-        [display(r["method"]), f"{r['lr']:g}" + (" (extension)" if r["extension"] else "")]
+    chosen = {key: r["lr"] for key, r in grid_rates(results).items()}
+    return table(["method", "rank", "lr", "val acc (%) at the kept epoch", "val loss", "epochs (kept)", "status",
+                  "chosen"], [
+        [display(r["method"]), r["rank"] or "-", f"{r['lr']:g}" + (" (extension)" if r["extension"] else "")]
         + ([f"{r['val_acc']:.2f}", f"{r['val_loss']:.4f}", f"{r['epochs_run']} ({r['best_epoch']})"]
            if r["status"] in FINISHED else ["", "", ""])
         + [r["status"] if r["status"] == "ok" else f"{r['status']}: {r['reason']}",
-           "✓" if chosen.get(r["method"]) == r["lr"] else ""]
+           "✓" if chosen.get((r["method"], r["rank"])) == r["lr"] else ""]
         for r in results["lr_grid"]])
 
 
@@ -1902,11 +1913,11 @@ def margin_cell(rate, val_size):
 
 def rates_table(results):
     """How each fine-tuning method's rate was chosen, and by how much."""
-    rows = [[display(m), ", ".join(f"{lr:g}" for lr in rate["grid"] if lr not in rate["extended"])
+    rows = [[display(m), rank or "-", ", ".join(f"{lr:g}" for lr in rate["grid"] if lr not in rate["extended"])
              + (f"; extended to {', '.join(f'{lr:g}' for lr in rate['extended'])}" if rate["extended"] else ""),
              f"{rate['lr']:g}", margin_cell(rate, results["config"]["val_size"])]
-            for m, rate in results["learning_rates"].items() if rate["chosen_by"] == "validation grid"]
-    return table(["method", "grid", "chosen", "lead over the runner-up, validation images (± SE)"], rows)
+            for (m, rank), rate in grid_rates(results).items() if rate["chosen_by"] == "validation grid"]
+    return table(["method", "rank", "grid", "chosen", "lead over the runner-up, validation images (± SE)"], rows)
 
 
 def budget_points(results):
@@ -2006,7 +2017,8 @@ def results_markdown(results):
                   for m, row in results["summary"].items() if "in_peft" in row]  # QLoRA: on fp32
         if results["contrasts"]:
             variants = any(variant_of(m) for m in results["methods"] if m in METHODS)
-            parts += [f"Primary contrasts, named before the runs (each adapter against full fine-tuning and head only, "
+            parts += [f"Primary contrasts, the family main.py names for every study (each adapter against full "
+                      f"fine-tuning and head only, "
                       f"the {'other adapters' if variants else 'two DoRAs and QLoRA'} against LoRA"
                       f"{', a variant against its own row' if variants else ''}), Holm-adjusted over these "
                       f"{len(results['contrasts'])}: "
@@ -2018,8 +2030,10 @@ def results_markdown(results):
                   f"file; latency of seed {seeds[0]}'s models, median over interleaved rounds):",
                   inference_table(results)]
     if results["rank_sweep"]:
-        parts += [f"Rank sweep (the adapter methods at each rank, at their main-rank learning rate; "
-                  f"{len(seeds)} seed(s)):", rank_sweep_table(results)]
+        how = ("its rate chosen on that rank's own grid (--grid-per-rank)" if config.get("grid_per_rank") else
+               f"at the rate chosen at r = {config['rank']}")
+        parts += [f"Rank sweep (the adapter methods at each rank, {how}; the update scaled by "
+                  f"{scale_formula(config)}; {len(seeds)} seed(s)):", rank_sweep_table(results)]
     if results["lr_grid"]:
         parts += [f"Learning-rate grid (seed {seeds[0]}, main rank; chosen by {SELECTION}, then the lower rate; "
                   f"a run that failed or collapsed is never chosen):", lr_grid_table(results),
@@ -2035,9 +2049,11 @@ def results_markdown(results):
                   "The largest batch size of the sweep at which each method still takes less training memory than "
                   "full fine-tuning, per CNN width:", crossover_table(results)]
     parts.append(("vs Full FT = the method's test accuracy minus full fine-tuning's, seed by seed (same base, data "
-                  "order and init within a seed), with the 95 % CI of that mean difference, holding the seeds' noise "
-                  "and, where the runs recorded which test images they got right, the test set's (the primary "
-                  "contrasts' table says which): an interval that contains 0 means the difference is within noise. "
+                  "order and init within a seed), with the 95 % CI of that mean difference: from the table of "
+                  "per-image differences (seeds x test images), the crossed random-effects variance, each noise "
+                  "once (the seeds', the test images', and each seed's own flips on each image), Satterthwaite's df "
+                  "(a run without its test images: the seeds' t alone; the primary contrasts' table says which). An "
+                  "interval that contains 0: these runs cannot tell the two apart (not: they are equal). "
                   "epochs (kept) = the epochs each seed ran, separated by /, and in brackets the epoch whose state "
                   f"was kept (the best by {SELECTION}). "
                   "stored params = what the saved folder holds (trained parameters; pruned components dropped). "
@@ -2240,26 +2256,38 @@ def plot_latency(plt, ax, timed, batch):
 
 def draw_paired(ax, view, ref, names=True):
     """Each method's test accuracy minus `ref`'s, seed by seed (the paired difference every claim rests on), its
-    mean and 95 % CI as a forest: a row per method (the same rows for every ref), 0 marked."""
-    shown = [m for m in view["trained"] if m != "base"]
+    mean and 95 % CI as a forest, 0 marked; filled where a primary contrast is beyond noise after Holm. A method
+    whose difference is more than 5x the adapters' widest reach is written at the edge, not drawn: it would squash
+    the rest (head only, ten points below full fine-tuning)."""
+    shown = [m for m in view["trained"] if m not in ("base", ref)]
+    holm = {(c["method"], c["ref"]): c["p_holm"] < 0.05 for c in view["results"]["contrasts"]}
+    diffs = {m: d for m in shown if (d := view["summary"][m]["vs"].get(ref))}
+    reach = max((max(map(abs, d["ci95"] or [d["mean"]])) for m, d in diffs.items() if adapter_class(m)), default=0)
     for y, method in enumerate(shown):
-        if not (stats := view["summary"][method]["vs"].get(ref)):
+        if not (stats := diffs.get(method)):
             continue
+        if reach and abs(stats["mean"]) > 5 * reach:
+            ax.annotate(f"{fmt_ci(stats, signed=True)}, off the axis", (0.02 if stats["mean"] < 0 else 0.98, y),
+                        xycoords=("axes fraction", "data"), ha="left" if stats["mean"] < 0 else "right",
+                        va="center", fontsize=7, color=row(method).color)
+            continue
+        beyond = holm.get((method, ref)) or holm.get((ref, method))
         ax.errorbar([stats["mean"]], [y], xerr=None if stats["ci95"] is None else [ci_half(stats)],
-                    fmt=row(method).marker, ms=7, capsize=4, color=row(method).color)
+                    fmt=row(method).marker, ms=7, capsize=4, color=row(method).color, mfc=None if beyond else "white")
         ax.annotate(f"{stats['mean']:+.2f}", (stats["mean"], y), xytext=(0, 7), textcoords="offset points",
                     ha="center", fontsize=7)
     ax.axvline(0, color=row(ref).color, ls="--")
     ax.set_yticks(range(len(shown)), [display(m).replace(" (", "\n(") for m in shown] if names else [])
     ax.set_ylim(len(shown) - 0.5, -0.5)
-    noises = {d["noise"] for m in shown if (d := view["summary"][m]["vs"].get(ref)) and d["ci95"]}
+    noises = {d["noise"] for d in diffs.values() if d["ci95"]}
     interval = f"95 % CI: {' / '.join(sorted(noises))} noise" if noises else "1 seed, no interval"
-    ax.set(xlabel="points", title=f"Test accuracy minus {display(ref)}'s, seed by seed\n(paired; {interval})")
+    ax.set(xlabel="points", title=f"Test accuracy minus {display(ref)}'s, seed by seed\n(paired; {interval};\n"
+                                  f"filled: a primary contrast beyond noise after Holm)")
     ax.grid(alpha=0.3, axis="x")
 
 
 def plot_comparison(plt, view):
-    """One figure, seven panels: test accuracy and the paired differences to full fine-tuning and to head only;
+    """One figure, seven panels: test accuracy and the paired differences to full fine-tuning and to LoRA;
     training memory in parts and file size; latency at two batch sizes."""
     summary, trained, results = view["summary"], view["trained"], view["results"]
     fig = plt.figure(figsize=(18, 15), layout="constrained")  # tight_layout cannot fit seven panels' labels
@@ -2268,9 +2296,9 @@ def plot_comparison(plt, view):
                bottom.add_subplot(1, 2, 1), bottom.add_subplot(1, 2, 2)]  # the panels with a method per x tick
     ax_accuracy, ax_memory, ax_file, *ax_latency = by_name
     draw_test_accuracy(ax_accuracy, view)
-    for column, ref in ((2, "full"), (3, "head")):
+    for column, ref in ((2, "full"), (3, "lora")):
         if ref in trained:
-            draw_paired(top.add_subplot(1, 3, column), view, ref, names=ref == "full" or "full" not in trained)
+            draw_paired(top.add_subplot(1, 3, column), view, ref)
     draw_memory(plt, ax_memory, view)
     ax_file.bar_label(ax_file.bar([display(m) for m in trained],
                                   [summary[m]["file_bytes"]["mean"] / 2**10 for m in trained],
@@ -2287,19 +2315,27 @@ def plot_comparison(plt, view):
 
 
 def plot_rank_sweep(plt, view):
-    """Test accuracy against the parameters each method stores (its saved folder: trained parameters, pruned
-    ones dropped), one line per adapter method across the swept ranks: equal budgets share an x."""
-    sweep, summary, n_seeds = view["results"]["rank_sweep"], view["summary"], view["n_seeds"]
+    """Three panels: test accuracy against the parameters each method stores (its saved folder: trained
+    parameters, pruned ones dropped), one line per adapter method across the swept ranks; then each rank's paired
+    difference to full fine-tuning, and to LoRA at the same rank, seed by seed with its 95 % interval."""
+    sweep, summary, n_seeds, config = view["results"]["rank_sweep"], view["summary"], view["n_seeds"], view[
+        "results"]["config"]
     if not sweep:
         return None
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    fig, (ax, ax_full, ax_lora) = plt.subplots(1, 3, figsize=(18, 5.5), gridspec_kw={"width_ratios": [1.3, 1, 1]})
     for k, (method, points) in enumerate(sweep.items()):
         # LoRA and QLoRA store the same parameters, so their points would share an x: each method drawn 3 % aside
         dodge = 1.03 ** (k - (len(sweep) - 1) / 2)
+        style = dict(marker=row(method).marker, mfc="none", capsize=3, color=row(method).color)
         ax.errorbar([p["stored_params"] * dodge for p in points], [p["test_acc"]["mean"] for p in points],
-                    yerr=[ci_half(p["test_acc"]) for p in points] if n_seeds > 1 else None, marker=row(method).marker,
-                    mfc="none", capsize=3, color=row(method).color,
-                    label=display(method) + (f" (lr {summary[method]['lr']:g})" if method in summary else ""))
+                    yerr=[ci_half(p["test_acc"]) for p in points] if n_seeds > 1 else None, **style,
+                    label=display(method) + " (lr " + ", ".join(f"{p['lr']:g}" for p in points) + ")")
+        for panel, key in ((ax_full, "vs_full"), (ax_lora, "vs_lora")):
+            shown = [p for p in points if p.get(key)]
+            if shown:
+                panel.errorbar([p["rank"] * dodge for p in shown], [p[key]["mean"] for p in shown],
+                               yerr=[ci_half(p[key]) if p[key]["ci95"] else 0 for p in shown], **style,
+                               label=display(method))
     for p in next(iter(sweep.values())):  # the ranks, once, along the bottom
         ax.annotate(f"r={p['rank']}", (p["stored_params"], 0), xycoords=("data", "axes fraction"),
                     xytext=(0, 4), textcoords="offset points", ha="center", fontsize=8, color="dimgray")
@@ -2318,15 +2354,28 @@ def plot_rank_sweep(plt, view):
         else:  # far below every point (a shifted task): a line would squash the sweep, the legend says it
             ax.plot([], [], ls="none", label=f"Base, not fine-tuned: {before:.2f} %")
     ax.set_xscale("log")
+    rates = ("each rank's rate chosen on its own grid" if config.get("grid_per_rank") else
+             f"every rank at the rate chosen at r = {config['rank']}")
     ax.set(xlabel="stored parameters: the saved adapter and head (log scale; methods drawn a few % apart)",
            ylabel="test accuracy (%), axis zoomed",
-           title=titled(view, f"Accuracy vs stored parameters on {view['task']} "
-                              f"({f'mean of {n_seeds} seeds, 95 % CI' if n_seeds > 1 else '1 seed'})\nevery rank at "
-                              f"the method's rate chosen at r = {view['results']['config']['rank']}, update scaled "
-                              f"by {scale_formula(view['results']['config'])}"))
+           title=f"Accuracy vs stored parameters ({f'mean of {n_seeds} seeds, 95 % CI' if n_seeds > 1 else '1 seed'})")
+    ranks = sorted({p["rank"] for points in sweep.values() for p in points})
+    for panel, ref in ((ax_full, "full"), (ax_lora, "lora")):
+        panel.axhline(0, color=row(ref).color, ls="--")
+        panel.set_xscale("log", base=2)
+        panel.set_xticks(ranks, [str(r) for r in ranks])
+        panel.set(xlabel="rank r", ylabel="points",
+                  title=f"Minus {display(ref)}{' at the same rank' if ref == 'lora' else ''}, paired seed by seed\n"
+                        f"(95 % CI: seed and test-set noise)")
+        panel.grid(alpha=0.3, which="both")
+        if panel.get_legend_handles_labels()[0]:
+            panel.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     style_axes(ax, epochs=False)
+    fig.suptitle(titled(view, f"Rank sweep on {view['task']}: {rates}, update scaled by {scale_formula(config)}",
+                        sep=": "))
+    fig.tight_layout()
     return fig
 
 
@@ -2335,27 +2384,41 @@ def plot_lr_sweep(plt, view):
     stable runs; an extension of the grid hollow, the chosen rate a large mark of the method's own shape. A run
     that collapsed (x) is drawn at its value on a lower axis, the y axis visibly broken between the two, so the
     stable runs keep a zoomed axis and no point sits at a height that is not its value."""
-    grid, chosen = view["results"]["lr_grid"], view["results"]["learning_rates"]
+    config, chosen = view["results"]["config"], view["results"]["learning_rates"]
+    grid = [r for r in view["results"]["lr_grid"] if r["rank"] == run_rank(r["method"], config["rank"])]
     if not grid:
         return None
     collapsed = [r for r in grid if r["status"] == "unstable"]
-    fig, axes = plt.subplots(2 if collapsed else 1, 1, figsize=(8, 5.8), sharex=True, squeeze=False,
+    fig, axes = plt.subplots(2 if collapsed else 1, 1, figsize=(11, 5.8), sharex=True, squeeze=False,
                              gridspec_kw={"height_ratios": [4, 1]} if collapsed else None)
     ax, low = axes[0][0], axes[-1][0] if collapsed else None
-    for method in dict.fromkeys(r["method"] for r in grid):
+    methods = list(dict.fromkeys(r["method"] for r in grid))
+    ok_acc = [r["val_acc"] for r in grid if r["status"] == "ok"]
+    # zoomed to where the choices happen: the chosen rates of every method but head only (far below on a new task)
+    picked = [r["val_acc"] for r in grid if r["status"] == "ok" and r["method"] != "head"
+              and chosen.get(r["method"], {}).get("lr") == r["lr"]] or ok_acc
+    floor = min(picked) - 1.5
+    for k, method in enumerate(methods):
         mine = sorted((r for r in grid if r["method"] == method), key=lambda r: r["lr"])
         ok = [r for r in mine if r["status"] == "ok"]
         failed = [f"{r['lr']:g}" for r in mine if r["status"] not in FINISHED]
-        color, marker = row(method).color, row(method).marker
-        ax.plot([r["lr"] for r in ok], [r["val_acc"] for r in ok], color=color, marker=marker, ms=5,
+        color, marker, dodge = row(method).color, row(method).marker, 1.04 ** (k - (len(methods) - 1) / 2)
+        ax.plot([r["lr"] * dodge for r in ok], [r["val_acc"] for r in ok], color=color, marker=marker, ms=5,
                 label=display(method) + (f" (failed at lr {', '.join(failed)})" if failed else ""))
         for r in (r for r in ok if r["extension"]):
-            ax.plot([r["lr"]], [r["val_acc"]], ls="none", marker=marker, ms=5, mfc="white", color=color)
+            ax.plot([r["lr"] * dodge], [r["val_acc"]], ls="none", marker=marker, ms=5, mfc="white", color=color)
+        for r in (r for r in ok if r["val_acc"] < floor):  # below the zoomed axis: an arrow at its foot, and the value
+            ax.plot([r["lr"] * dodge], [floor], ls="none", marker="v", ms=7, color=color, clip_on=False)
+            ax.annotate(f"{r['val_acc']:.1f}", (r["lr"] * dodge, floor), xytext=(0, 6), textcoords="offset points",
+                        ha="center", fontsize=7, color=color)
         for r in (r for r in mine if r["status"] == "unstable"):
-            low.plot([r["lr"]], [r["val_acc"]], ls="none", marker="x", ms=9, color=color)
+            low.plot([r["lr"] * dodge], [r["val_acc"]], ls="none", marker="x", ms=9, color=color)
         best = [r for r in ok if chosen.get(method, {}).get("lr") == r["lr"]]
         if best:
-            ax.plot([best[0]["lr"]], [best[0]["val_acc"]], marker=marker, ms=15, mfc="none", mew=1.5, color=color)
+            ax.plot([best[0]["lr"] * dodge], [max(best[0]["val_acc"], floor)], marker=marker, ms=15, mfc="none",
+                    mew=1.5, color=color, clip_on=False)
+    ax.set_ylim(floor, max(ok_acc, default=floor + 1) + 0.3)
+    ax.plot([], [], marker="v", ls="none", color="black", label="below the zoomed axis (its value above the arrow)")
     for marker, ms, mfc, what in (("o", 15, "none", "chosen rate (the method's own mark, large)"),
                                   ("o", 5, "white", "extension of the grid")):
         ax.plot([], [], marker=marker, ms=ms, mfc=mfc, ls="none", color="black", label=what)
@@ -2374,10 +2437,11 @@ def plot_lr_sweep(plt, view):
     seed = view["results"]["seeds"][0]
     axes[-1][0].set(xlabel="learning rate (log scale)")
     ax.set(ylabel="validation accuracy at the kept epoch (%), axis zoomed",
-           title=titled(view, f"Learning-rate grid on {view['task']}, seed {seed}, validation only\nchosen by "
-                              f"{SELECTION}"))
+           title=titled(view, f"Learning-rate grid on {view['task']}, seed {seed}, main rank, validation only\n"
+                              f"chosen by {SELECTION}; methods drawn a few % apart"))
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
     style_axes(ax, epochs=False)
     return fig
 
@@ -2757,7 +2821,8 @@ def choose_rate(ctx, method, rank):
         results["learning_rates"][method] = chosen
     else:  # a rank of the sweep, on its own grid (--grid-per-rank)
         results["sweep_rates"].setdefault(method, {})[str(rank)] = chosen
-    print(f"{display(method)}{f' r={rank}' if rank != run_rank(method, args.rank) else ''}: lr {best['lr']:g} chosen ({best['val_acc']:.2f}% validation accuracy"
+    sweep = f" r={rank}" if rank != run_rank(method, args.rank) else ""
+    print(f"{display(method)}{sweep}: lr {best['lr']:g} chosen ({best['val_acc']:.2f}% validation accuracy"
           + (f"; {chosen['margin_images']:+d} ± {chosen['margin_se']:.1f} images over lr {runner_up['lr']:g})."
              if runner_up else ")."))
     return best["lr"], trained.get(best["lr"])
@@ -3091,7 +3156,8 @@ def run_config(args, splits=None):
 def new_results(args, config, device):
     """results.json's content before any run has finished."""
     return {"format": RESULTS_FORMAT, "config": config, "environment": environment(device, args.methods),
-            "methods": args.methods, "seeds": seeds_of(args), "ranks": args.ranks, "learning_rates": {}, "sweep_rates": {},
+            "methods": args.methods, "seeds": seeds_of(args), "ranks": args.ranks, "learning_rates": {},
+            "sweep_rates": {},
             "lr_grid": [], "runs": [], "other_runs": [], "budget_check": [], "memory_sweep": []}
 
 

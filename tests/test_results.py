@@ -239,9 +239,18 @@ def test_rank_sweep_has_one_point_per_rank_that_ran_and_the_main_rank():
     assert [(p["rank"], p["trainable_params"]) for p in sweep["lora"]] == [(2, 2000), (8, 8000)]
     assert sweep["lora"][0]["test_acc"]["values"] == [90.0, 91.0]
     assert sweep["lora"][0]["vs_full"]["values"] == pytest.approx([-7.0, -6.4])  # 90.0 - 97.0, 91.0 - 97.4: by seed
-    assert "| LoRA | 2 | 2,000 | 2,000 | 90.50 ± 0.71 |" in main.rank_sweep_table(main.add_summary(fake_results()))
+    assert "| LoRA | 2 | 0.001 | 2,000 | 2,000 | 90.50 ± 0.71 |" in main.rank_sweep_table(main.add_summary(fake_results()))
     resumed = {**no_sweep, "other_runs": [r for r in results["runs"] if r["rank"] == 2]}  # swept in an earlier run
     assert main.rank_sweep(resumed) == sweep
+
+
+def test_rank_sweep_pairs_each_adapter_with_lora_at_the_same_rank_and_seed():
+    results = fake_results()
+    results["runs"] += [run("dora", 0, 90.5, rank=2, lr=3e-3), run("dora", 1, 90.8, rank=2, lr=3e-3)]
+    dora = {p["rank"]: p for p in main.rank_sweep(results)["dora"]}
+    assert dora[2]["vs_lora"]["values"] == pytest.approx([0.5, -0.2])  # 90.5 - 90.0, 90.8 - 91.0: lora at r = 2
+    assert dora[8]["vs_lora"]["values"] == pytest.approx([0.5, 0.1])  # r = 8: seed 1 of dora failed
+    assert dora[2]["lr"] == 3e-3 and main.rank_sweep(results)["lora"][0]["vs_lora"] is None  # no LoRA - LoRA
 
 
 def test_a_variant_is_contrasted_with_its_own_row_and_with_lora():
