@@ -23,6 +23,7 @@ import os
 import platform
 import statistics
 import struct
+import subprocess
 import sys
 import tempfile
 import textwrap
@@ -1704,12 +1705,19 @@ def fmt_count(stats):
     return mean if not stats["std"] else f"{mean} ± {stats['std']:,.0f}"
 
 
+def signed_end(value):
+    """An interval's end with its sign: more digits where two would print 0.00 for a value that is not 0 (an
+    interval "[-0.22, -0.00]" would hide whether it holds 0)."""
+    digits = next((d for d in (2, 3, 4) if value == 0 or round(value, d) != 0), 4)
+    return f"{value:+.{digits}f}"
+
+
 def fmt_ci(stats, signed=False):
     f = "{:+.2f}" if signed else "{:.2f}"
     if stats["ci95"] is None:
         return f"{f.format(stats['mean'])} (1 seed)" if signed else "- (1 seed)"
     low, high = stats["ci95"]
-    return (f"{f.format(stats['mean'])} [{f.format(low)}, {f.format(high)}]" if signed
+    return (f"{f.format(stats['mean'])} [{signed_end(low)}, {signed_end(high)}]" if signed
             else f"[{f.format(low)}, {f.format(high)}]")
 
 
@@ -2000,8 +2008,12 @@ def results_markdown(results):
     env, config, seeds = results["environment"], results["config"], results["seeds"]
     quick = (f"**QUICK RUN: a smoke test ({config['train_size']:,} training and {config['test_size']:,} test "
              f"images, at most {QUICK_MAX_EPOCHS} epochs per method), not results.**\n\n" if config["quick"] else "")
+    code = results.get("code")
     parts = [f"# Results\n\n{quick}Device: {env['device_name']}; torch {env['torch']}, bitsandbytes "
-             f"{env['bitsandbytes']}; {env['date']}."]
+             f"{env['bitsandbytes']}; {env['date']}." + (code and (
+                 f" Code: main.py of commit {(code['commit'] or 'none (not in a git clone)')[:12]}"
+                 f"{', edited' if code.get('main_py_edited') else ''} (SHA-256 {code['main_py_sha256'][:16]}...).")
+                 or "")]
     if results["runs"]:
         spread = (f"Seeds: {', '.join(map(str, seeds))}: mean ± std over the seeds; 95 % CI: Student's t."
                   if len(seeds) > 1 else f"One seed ({seeds[0]}): single values, so no spread and no interval.")
@@ -2066,6 +2078,8 @@ def results_markdown(results):
                  "dataset left out). CUDA peak (on a GPU only) = torch.cuda.max_memory_allocated over that step "
                  "minus what was allocated before training but the model's own weights (the dataset, the bases); "
                  "what it holds beyond the accounting is the kernels' workspace and transient buffers.")
+    if results.get("provenance"):  # a committed study's own story: how it ran, reruns, merges
+        parts += ["## Provenance", *results["provenance"]]
     return "\n\n".join(parts) + "\n"
 
 
@@ -3153,9 +3167,24 @@ def run_config(args, splits=None):
     return config | dict(learning_rates=default_rates(), variants=variants, quant_blocksize=QUANT_BLOCKSIZE) | sizes
 
 
+def code_version():
+    """The code a run ran: main.py's SHA-256, and the git commit it sits on (None outside a clone), with whether
+    the file differs from that commit's."""
+    here = Path(__file__).resolve()
+    version = {"main_py_sha256": file_digest(here), "commit": None}
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        git = ["git", "-C", str(here.parent)]
+        commit = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if commit.returncode == 0:
+            changed = subprocess.run(git + ["diff", "--quiet", "HEAD", "--", here.name], timeout=10).returncode
+            version |= {"commit": commit.stdout.strip(), "main_py_edited": changed != 0}
+    return version
+
+
 def new_results(args, config, device):
     """results.json's content before any run has finished."""
-    return {"format": RESULTS_FORMAT, "config": config, "environment": environment(device, args.methods),
+    return {"format": RESULTS_FORMAT, "config": config, "code": code_version(),
+            "environment": environment(device, args.methods),
             "methods": args.methods, "seeds": seeds_of(args), "ranks": args.ranks, "learning_rates": {},
             "sweep_rates": {},
             "lr_grid": [], "runs": [], "other_runs": [], "budget_check": [], "memory_sweep": []}

@@ -150,8 +150,16 @@ def main_script(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("study", type=Path, help="the out-dir of a main.py run with dyndora, --seeds and --lrs")
     p.add_argument("--data-dir", type=Path, default=Path("data"), help="as main.py's")
+    p.add_argument("--table", action="store_true", help="train nothing: recompute the contrasts of study/adalora.json "
+                                                        "from its runs and the study's results.json, and print them")
     parsed = p.parse_args(argv)
     study = parsed.study
+    if parsed.table:
+        results = json.loads((study / "results.json").read_text())
+        out = json.loads((study / "adalora.json").read_text())
+        out["vs"] = contrasts(results, out)
+        (study / "adalora.json").write_text(json.dumps(out, indent=2))
+        return print(table(results, out))
     results, config, data = study_context(study, parsed.data_dir)
     seeds = results["seeds"]
     rate, model, grid = choose_rate(study, config, data, seeds[0])
@@ -164,11 +172,12 @@ def main_script(argv=None):
                      "stored_params": model.stored_params(), "test_right": main.right_images(model, *data["test"])})
     dyn = main.ok_runs(main.main_runs(results), "dyndora")
     timing = epoch_seconds(study, config, data, {"adalora": rate, "dyndora": dyn[0]["lr"]})
-    out = {"study": str(study), "date": time.strftime("%Y-%m-%d"), "device": main.environment(torch.device("cpu"), []),
+    out = {"study": study.name, "date": time.strftime("%Y-%m-%d"), "device": main.environment(torch.device("cpu"), []),
            "config": {"init_r": math.ceil(main.DynamicRank().components * config["rank"]), "target_r": config["rank"],
                       "orth_reg_weight": ORTH_REG_WEIGHT, "epochs": main.epoch_budget(config)},
            "adalora": {"lr": rate, "grid": grid, "runs": runs, "summary": summary(runs)},
            "epoch_seconds_side_by_side": timing}
+    out["vs"] = contrasts(results, out)
     (study / "adalora.json").write_text(json.dumps(out, indent=2))
     print(table(results, out))
 
@@ -178,6 +187,21 @@ def summary(runs):
     return {key: main.mean_std_ci(r[key] for r in runs) for key in ("test_acc", "stored_params")}
 
 
+def dyn_runs(results, method):
+    return [{"seed": r["seed"], "test_acc": r["test_acc"], "stored_params": r["stored_params"],
+             "ranks": r["rank_allocation"]["ranks"], "test_right": r.get("test_right")}
+            for r in main.ok_runs(main.main_runs(results), method)]
+
+
+def contrasts(results, out):
+    """{method: AdaLoRA minus it, paired seed by seed (main.paired_runs: seed and test-set noise)} for each
+    dynamic-rank row the study ran."""
+    adalora = {r["seed"]: r for r in out["adalora"]["runs"]}
+    return {method: main.paired_runs([(adalora[r["seed"]], r) for r in runs if r["seed"] in adalora],
+                                     results["config"]["test_size"])
+            for method in ("dyndora", "dyndora_params") if (runs := dyn_runs(results, method))}
+
+
 def table(results, out):
     """The README's table: the dynamic-rank DoRA's rows (at the component budget, and at LoRA's storage where the
     study ran it) and AdaLoRA's: test accuracy over the seeds, AdaLoRA minus each row seed by seed (seed and
@@ -185,16 +209,11 @@ def table(results, out):
     adalora = {r["seed"]: r for r in out["adalora"]["runs"]}
     rows = []
     for method in ("dyndora", "dyndora_params", "adalora"):
-        runs = (out["adalora"]["runs"] if method == "adalora" else
-                [{"seed": r["seed"], "test_acc": r["test_acc"], "stored_params": r["stored_params"],
-                  "ranks": r["rank_allocation"]["ranks"], "test_right": r.get("test_right")}
-                 for r in main.ok_runs(main.main_runs(results), method)])
+        runs = out["adalora"]["runs"] if method == "adalora" else dyn_runs(results, method)
         if not runs:
             continue
-        stats, vs = summary(runs), "-"
-        if method != "adalora":
-            pairs = [(adalora[r["seed"]], r) for r in runs if r["seed"] in adalora]
-            vs = main.fmt_ci(main.paired_runs(pairs, results["config"]["test_size"]), signed=True)
+        stats = summary(runs)
+        vs = main.fmt_ci(out["vs"][method], signed=True) if method in out.get("vs", {}) else "-"
         lr = out["adalora"]["lr"] if method == "adalora" else results["learning_rates"][method]["lr"]
         name = "AdaLoRA, PEFT" if method == "adalora" else f"{main.display(method)}, main.py"
         seconds = out["epoch_seconds_side_by_side"].get(method)
