@@ -8,7 +8,7 @@ beside full fine-tuning and the head alone, and compare them.
     python main.py --help                # every flag: one per entry of SETTINGS, defaulting to it
 
 Sections, top to bottom: settings (the METHODS table: a method is one row and one adapter class), errors, model,
-adapter layers, data, training, measurement, saved models, results over seeds, after training (merging, latency),
+adapter layers, data, training, measurement, saved models, results over seeds, merging,
 results files, plots, the runs, the output folder, main(). Every name is defined above its first use; `import main`
 has no side effects."""
 import argparse
@@ -149,7 +149,7 @@ SETTINGS = {  # name: (default, type, meaning); the flag is --name with - for _ 
     "device": ("auto", str, "auto (cuda when available), cpu or cuda"),
     "data_dir": ("data", str, "holds MNIST/raw/ and FashionMNIST/raw/ (torchvision's layout); downloaded there "
                               "if missing"),
-    "out_dir": ("plots/latest", str, "plots, results.json, results.md and seed<k>/ (saved models)"),
+    "out_dir": ("", str, "the run's folder, new or empty (or a run's, with --resume); default: a new one under runs/"),
     "seed": (0, within(int, 0, 2**32 - 1000), "the first seed; it also fixes the validation split"),
 }
 QUANT_BLOCKSIZE = 64               # QLoRA: NF4 block size (64 in Dettmers et al. 2023)
@@ -158,8 +158,8 @@ VAL_SIZE = 5000                    # images held out of the 60,000 training imag
 # each of its runs, took a sixth of a quick run: 48 s -> 40 s on this 2-core machine)
 QUICK_TRAIN_SIZE, QUICK_VAL_SIZE, QUICK_TEST_SIZE, QUICK_MAX_EPOCHS = 6000, 1000, 2000, 2
 TASK_DATASET = {"fashion": "FashionMNIST"}  # where a task's images come from; the others are made from MNIST
-MAX_RATE = torch.finfo(torch.float32).max * (1 - 0.9)  # Adam's first step divides the rate by 1 - beta1 (0.1)
-                                                       # and must hold the result as a float32
+MAX_RATE = 10.0   # Adam moves each weight by about the rate per step: past 10, no fine-tuning, only noise
+MAX_ALPHA = 1e4   # alpha / r: the update's scale; the literature's 8-64, with room for a sweep (1e29 zeroed B)
 
 
 def row(method):
@@ -1561,6 +1561,7 @@ def summarize(results):
             "epochs_run": [r["epochs_run"] for r in ok], "best_epoch": [r["best_epoch"] for r in ok],
             "lr": ok[0]["lr"], **{k: ok[0][k] for k in SAME_FOR_EVERY_SEED},
             **{k: mean_std_ci(r[k] for r in ok) for k in PER_SEED_SIZES},
+            "merge_gap": max((r["merge_gap"] for r in ok if "merge_gap" in r), default=None),
             "vs": {} if method == "base" else {ref: paired_difference(results, method, ref)
                                                 for ref in ("full", "head", "lora", "dora")
                                                 if ref != method and ref in results["methods"]}}
@@ -1613,7 +1614,7 @@ def rank_sweep(results):
 
 
 # =====================================================================================================
-# After training: merged models and their latency
+# Merging: the adapters folded into plain layers
 # =====================================================================================================
 def merge_adapters(model):
     """A copy of an adapted model with every adapter folded into a plain layer: the base architecture again,
@@ -1627,61 +1628,10 @@ def merge_adapters(model):
 
 
 @torch.inference_mode()
-def latency_ms(model, images, batch_size, repeats):
-    """Median wall-clock milliseconds of one forward pass on `batch_size` images (the model warmed up before)."""
+def merge_gap(model, images):
+    """The largest change merging makes to any logit on `images`: what folding the adapters in costs."""
     model.eval()
-    x = images[:batch_size]
-    times = []
-    for _ in range(repeats):
-        sync(x.device)
-        start = time.perf_counter()
-        model(x)
-        sync(x.device)
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
-
-
-LATENCY_ROUNDS, LATENCY_REPEATS = 5, {1: 20, 1000: 3}  # batch size: timed passes per round
-QUICK_LATENCY_ROUNDS, QUICK_LATENCY_REPEATS = 1, {1: 3, 1000: 1}  # a smoke test: the code path, not numbers
-
-
-def measure_inference(results, out_dir, test, device, rounds=LATENCY_ROUNDS, repeats=LATENCY_REPEATS):
-    """results["inference"] for the first seed's main-rank models, rebuilt from their saved files (resumed ones
-    too): latency at batch 1 and 1,000 as trained and merged, median and range over rounds that interleave the
-    models (a slow spell of a shared machine hits all alike); the largest logit change merging makes."""
-    images = test[0]
-    seed, rank, models, extra = results["seeds"][0], results["config"]["rank"], {}, {}
-    base_file = saved_model_file(out_dir, "base", seed)
-    for r in main_runs(results):
-        if r["seed"] != seed or r["status"] != "ok":
-            continue
-        method, path = r["method"], saved_model_file(out_dir, r["method"], seed, r["rank"])
-        if not adapter_class(method):
-            models[method] = {"plain": load_plain(path, device).to(memory_format=torch.channels_last).eval()}
-            continue
-        model = load_adapter(base_file, path, device).to(memory_format=torch.channels_last).eval()
-        models[method] = {"unmerged": model, "merged": merge_adapters(model).to(memory_format=torch.channels_last)}
-        with torch.inference_mode():
-            gap = (model(images[:1000]) - models[method]["merged"](images[:1000])).abs().max().item()
-        extra[method] = {"merged_max_abs_logit_diff": gap}
-    samples = {}
-    with torch.inference_mode():  # one warm-up pass of every model at every batch size, before any timing
-        for kinds in models.values():
-            for model in kinds.values():
-                for batch in repeats:
-                    model(images[:batch])
-    for _ in range(rounds):
-        for method, kinds in models.items():
-            for kind, model in kinds.items():
-                for batch, n in repeats.items():
-                    samples.setdefault((method, kind, batch), []).append(latency_ms(model, images, batch, n))
-    results["inference"] = {
-        method: {"seed": seed, "rank": run_rank(method, rank), **extra.get(method, {}),
-                 "latency_ms": {kind: {str(b): statistics.median(samples[method, kind, b]) for b in repeats}
-                                for kind in kinds},
-                 "latency_range_ms": {kind: {str(b): [min(samples[method, kind, b]), max(samples[method, kind, b])]
-                                             for b in repeats} for kind in kinds}}
-        for method, kinds in models.items()}
+    return (model(images) - merge_adapters(model)(images)).abs().max().item()
 
 
 # =====================================================================================================
@@ -1728,64 +1678,53 @@ def label(method, task):
     return f"{display(method)} (MNIST)" if method == "base" and task != "mnist" else display(method)
 
 
-def table(header, rows, console=False):
-    """A markdown table for results.md; on the console, padded columns: the first left-aligned, numbers right."""
-    if not console:
-        return "\n".join(["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
-                         + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
-    widths = [max(len(str(row[i])) for row in [header] + rows) for i in range(len(header))]
-    align = ["<"] + [">"] * (len(header) - 1)
-    return "\n".join("  ".join(f"{str(cell):{a}{w}}" for cell, a, w in zip(row, align, widths)).rstrip()
-                     for row in [header] + rows)
+def table(header, rows):
+    """A markdown table: results.md's, and the console's."""
+    return "\n".join(["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+                     + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
 
 
-RESULT_COLUMNS = (  # (header in results.md, header on the console or None, cell of a summary row)
-    ("lr", None, lambda row: f"{row['lr']:g}" if row.get("lr") else "-"),
-    ("test acc (%)", "test acc (%)", lambda row: fmt_stat(row["test_acc"])),
-    ("95 % CI", None, lambda row: fmt_ci(row["test_acc"])),
-    ("vs Full FT (points, paired 95 % CI)", "vs Full FT (points)",
-     lambda row: fmt_ci(row["vs"]["full"], signed=True) if row["vs"].get("full") else "-"),
-    ("trainable params", "trainable", lambda row: f"{row['trainable_params']:,}"),
-    ("stored params", None, lambda row: fmt_count(row["stored_params"])),
-    ("% of total", None, lambda row: f"{100 * row['trainable_params'] / row['total_params']:.2f}"),
-    ("training memory (MiB)", "memory (MiB)", lambda row: fmt_mib(row["memory"]["total"])),
-    ("frozen W stored / fp32", None, lambda row: "-" if not row["frozen_weight_fp32_bytes"]
+RESULT_COLUMNS = (  # (header in results.md, cell of a summary row)
+    ("lr", lambda row: f"{row['lr']:g}" if row.get("lr") else "-"),
+    ("test acc (%)", lambda row: fmt_stat(row["test_acc"])),
+    ("95 % CI", lambda row: fmt_ci(row["test_acc"])),
+    ("vs Full FT (points, paired 95 % CI)", lambda row: fmt_ci(row["vs"]["full"], signed=True)
+     if row["vs"].get("full") else "-"),
+    ("trainable params", lambda row: f"{row['trainable_params']:,}"),
+    ("stored params", lambda row: fmt_count(row["stored_params"])),
+    ("% of total", lambda row: f"{100 * row['trainable_params'] / row['total_params']:.2f}"),
+    ("training memory (MiB)", lambda row: fmt_mib(row["memory"]["total"])),
+    ("frozen W stored / fp32", lambda row: "-" if not row["frozen_weight_fp32_bytes"]
      else f"{100 * row['frozen_weight_bytes'] / row['frozen_weight_fp32_bytes']:.1f} %"),
-    ("train time (s)", "time (s)", lambda row: fmt_stat(row["train_time_s"], "{:.1f}")),
-    ("epochs (best)", None, lambda row: f"{'/'.join(map(str, row['epochs_run']))} "
-                                        f"({'/'.join(map(str, row['best_epoch']))})"),
+    ("train time (s)", lambda row: fmt_stat(row["train_time_s"], "{:.1f}")),
+    ("epochs (best)", lambda row: f"{'/'.join(map(str, row['epochs_run']))} "
+                                  f"({'/'.join(map(str, row['best_epoch']))})"),
 )
 BEFORE_FINE_TUNING = ("lr", "test acc (%)", "95 % CI")  # what the row of the base on a shifted task can fill
 
 
-def comparison_table(results, console=False):
-    """The main comparison, one row per method: every column for results.md, a few on the console."""
-    columns = [(short if console else header, header, cell) for header, short, cell in RESULT_COLUMNS
-               if short or not console]
+def comparison_table(results):
+    """The main comparison, one row per method."""
     rows = []
     for method, row in results["summary"].items():
         name = label(method, results["config"]["task"])
-        if console:
-            name = name.replace("not fine-tuned", "before FT")
         if row["status"] != "ok":
-            status = row["status"] if console else f"{row['status']}: {row['reason']}"
-            rows.append([name] + [status if h == "test acc (%)" else "-" if h == "lr" else "" for _, h, _ in columns])
+            rows.append([name] + [f"{row['status']}: {row['reason']}" if h == "test acc (%)" else "-" if h == "lr"
+                                  else "" for h, _ in RESULT_COLUMNS])
             continue
-        if row["failed"] and not console:  # the console lists them under the table
+        if row["failed"]:
             name += f" ({len(row['failed'])} run(s) {'; '.join(row['failed'])})"
         rows.append([name] + [cell(row) if method != "base_on_task" or h in BEFORE_FINE_TUNING else "-"
-                              for _, h, cell in columns])
-    header = ["method"] + [shown for shown, _, _ in columns]
-    return table(header, rows, console)
+                              for h, cell in RESULT_COLUMNS])
+    return table(["method"] + [h for h, _ in RESULT_COLUMNS], rows)
 
 
-MEMORY_PARTS = (  # (key in a run's "memory", header in results.md and the plot, on the console)
-    ("frozen_weights", "frozen weights", "frozen"), ("trainable_weights", "trainable weights", "trainable"),
-    ("gradients", "gradients", "grads"), ("optimizer", "optimizer (Adam)", "Adam"),
-    ("activations", "kept for backward", "backward"))
+MEMORY_PARTS = (  # (key in a run's "memory", header in results.md and the plot)
+    ("frozen_weights", "frozen weights"), ("trainable_weights", "trainable weights"), ("gradients", "gradients"),
+    ("optimizer", "optimizer (Adam)"), ("activations", "kept for backward"))
 
 
-def memory_table(results, console=False):
+def memory_table(results):
     """Training memory per method in parts, by accounting (one measured step at the run's batch size), its ratio
     to full fine-tuning's, and on CUDA the allocator's peak beside it with what accounting leaves out."""
     summary = {m: row for m, row in results["summary"].items() if row["status"] == "ok" and "memory" in row}
@@ -1794,58 +1733,35 @@ def memory_table(results, console=False):
     rows = []
     for method, row in summary.items():
         memory, peak = row["memory"], row["cuda_peak_bytes"]
-        rows.append([display(method)] + [fmt_mib(memory[key]) for key, *_ in MEMORY_PARTS] + [
+        rows.append([display(method)] + [fmt_mib(memory[key]) for key, _ in MEMORY_PARTS] + [
             fmt_mib(memory["total"]), f"{memory['total'] / full:.2f}x" if full else "-"]
             + ([fmt_stat(peak, scale=2**20), f"{(peak['mean'] - memory['total']) / 2**20:+.2f}"] if peak else
                ["-", "-"] if cuda else []))
-    header = ["method"] + [short if console else long for _, long, short in MEMORY_PARTS] + (
-        ["total", "vs full"] if console else ["total (accounting)", "vs Full FT"]) + (
-        (["CUDA peak", "beyond"] if console else ["CUDA peak", "CUDA peak minus accounting"]) if cuda else [])
-    return table(header, rows, console)
+    return table(["method"] + [header for _, header in MEMORY_PARTS] + ["total (accounting)", "vs Full FT"]
+                 + (["CUDA peak", "CUDA peak minus accounting"] if cuda else []), rows)
 
 
-def latency_cell(timing, batch):
-    """'as trained / merged' ms at one batch size; one number for the methods without an adapter."""
-    if timing is None:
-        return "not measured"
-    fmt, ms = ("{:.3f}" if batch == "1" else "{:.1f}"), timing["latency_ms"]
-    if "plain" in ms:
-        return fmt.format(ms["plain"][batch]) + " (no adapter)"
-    return f"{fmt.format(ms['unmerged'][batch])} / {fmt.format(ms['merged'][batch])}"
-
-
-INFERENCE_COLUMNS = (  # (header in results.md, on the console or None, cell of (summary row, its timing))
-    ("saved file (KiB)", "file (KiB)", lambda row, t: f"{row['file_bytes']['mean'] / 2**10:.1f}"),
-    ("vs full model", None, lambda row, t: f"{100 * row['file_bytes']['mean'] / row['full_model_file_bytes']:.1f} %"),
-    ("latency b=1 as trained / merged (ms)", "batch 1 (ms)", lambda row, t: latency_cell(t, "1")),
-    ("latency b=1000 as trained / merged (ms)", "batch 1,000 (ms)", lambda row, t: latency_cell(t, "1000")),
-    ("max abs logit diff merged", None,
-     lambda row, t: f"{t['merged_max_abs_logit_diff']:.1e}" if t and "merged_max_abs_logit_diff" in t else "-"),
+AFTER_TRAINING_COLUMNS = (  # (header in results.md, cell of a summary row)
+    ("saved file (KiB)", lambda row: f"{row['file_bytes']['mean'] / 2**10:.1f}"),
+    ("vs full model", lambda row: f"{100 * row['file_bytes']['mean'] / row['full_model_file_bytes']:.1f} %"),
+    ("largest logit change merging makes", lambda row: f"{row['merge_gap']:.1e}" if row.get("merge_gap") else "-"),
 )
 
 
-def inference_table(results, console=False):
-    """File size, latency and merging error per finished method; the console's only once it was measured."""
-    inference, summary = results.get("inference", {}), results["summary"]
-    methods = [m for m, row in summary.items() if row["status"] == "ok" and m != "base_on_task"
-               and (m in inference or not console)]
-    columns = [(short if console else header, cell) for header, short, cell in INFERENCE_COLUMNS
-               if short or not console]
-    rows = [[display(m)] + [cell(summary[m], inference.get(m)) for _, cell in columns] for m in methods]
-    header = ["method"] + [shown for shown, _ in columns]
-    return table(header, rows, console)
+def after_training_table(results):
+    """File size and merging error per finished method."""
+    rows = [[display(m)] + [cell(row) for _, cell in AFTER_TRAINING_COLUMNS] for m, row in results["summary"].items()
+            if row["status"] == "ok" and m != "base_on_task"]
+    return table(["method"] + [header for header, _ in AFTER_TRAINING_COLUMNS], rows)
 
 
-def rank_sweep_table(results, console=False):
-    rows = [[display(method), p["rank"], f"{p['lr']:g}", f"{p['trainable_params']:,}", f"{p['stored_params']:,.0f}",
-             fmt_stat(p["test_acc"])]
-            + ([] if console else [fmt_ci(p["test_acc"])] + [fmt_ci(p[k], signed=True) if p.get(k) else "-"
-                                                             for k in ("vs_full", "vs_lora")])
-            for method, points in results["rank_sweep"].items() for p in points]
-    if console:
-        return table(["method", "rank", "lr", "trainable", "stored", "test acc (%)"], rows, console)
+def rank_sweep_table(results):
     return table(["method", "rank", "lr", "trainable params", "stored params", "test acc (%)", "95 % CI",
-                  "vs Full FT (points, paired 95 % CI)", "vs LoRA at this rank"], rows)
+                  "vs Full FT (points, paired 95 % CI)", "vs LoRA at this rank"], [
+        [display(method), p["rank"], f"{p['lr']:g}", f"{p['trainable_params']:,}", f"{p['stored_params']:,.0f}",
+         fmt_stat(p["test_acc"]), fmt_ci(p["test_acc"])] + [fmt_ci(p[k], signed=True) if p.get(k) else "-"
+                                                            for k in ("vs_full", "vs_lora")]
+        for method, points in results["rank_sweep"].items() for p in points])
 
 
 def sweep_points(results):
@@ -1976,24 +1892,35 @@ def chosen_rates(results):
     return "Learning rates: " + "; ".join(f"{', '.join(names)} ({how})" for how, names in groups.items())
 
 
-def console_summary(results):
-    """The comparison in under 100 columns, with what its notation means; results.md has every column."""
-    n_seeds = seeds_finished(results["summary"])
-    spread = ((f"mean ± std over {n_seeds} seeds" if n_seeds > 1 else "one seed: single values, no spread")
-              + "; vs Full FT: the paired difference, seed by seed, with its 95 %\nCI (the noise it holds: "
-                "results.md's primary contrasts; an interval holding 0 is within noise)")
-    quick = "QUICK RUN: a smoke test on a subset, not results\n" if results["config"].get("quick") else ""
-    lines = [quick + comparison_table(results, console=True), spread, textwrap.fill(chosen_rates(results), 100), "",
-             memory_table(results, console=True),
-             f"training memory (MiB) by accounting, one step at batch {results['config']['batch_size']}: the weights "
-             f"as stored,\ngradients, Adam's state, and the activations autograd keeps for backward"]
-    if results.get("inference"):
-        lines += ["", inference_table(results, console=True),
-                  "latency: as trained / merged, median of the rounds; file: the full model, or the adapter only"]
-    if results["rank_sweep"]:
-        lines += ["", rank_sweep_table(results, console=True)]
-    return "\n".join(lines + [f"not counted: {display(method)}: {reason}"
-                              for method, row in results["summary"].items() for reason in row.get("failed", [])])
+def who_won(results):
+    """Who won, in a few lines worded as the intervals allow: the most accurate method and those these runs
+    cannot tell from it (paired intervals), the least training memory, the fewest parameters, the fastest."""
+    done = {m: r for m, r in results["summary"].items() if r["status"] == "ok" and m not in ("base", "base_on_task")}
+    if not done:
+        return []
+    best = max(done, key=lambda m: done[m]["test_acc"]["mean"])
+    ties = [display(m) for m in done if m != best and (d := paired_difference(results, m, best)) and d["ci95"]
+            and d["ci95"][0] <= 0 <= d["ci95"][1]]
+    accuracy = f"Best test accuracy: {display(best)}, {fmt_stat(done[best]['test_acc'])} %; " + (
+        f"these runs cannot tell it from {', '.join(ties)}" if ties else "every other method is below it beyond "
+                                                                          "noise (paired 95 % intervals)")
+    if seeds_finished(results["summary"]) == 1:
+        accuracy += " (one seed: the intervals hold the test images' noise only; one seed cannot rank methods)"
+    adapters = [m for m in done if adapter_class(m)]
+
+    def least(key, among, fmt):
+        m = min(among, key=lambda m: key(done[m]))
+        return f"{display(m)} {fmt(key(done[m]))}"
+    memory = lambda r: r["memory"]["total"]  # noqa: E731
+    mib = lambda b: f"{fmt_mib(b)} MiB"  # noqa: E731
+    lines = [accuracy, f"Least training memory (by accounting, one step at batch {results['config']['batch_size']}): "
+                       f"{least(memory, done, mib)}" + (f"; of the adapters, {least(memory, adapters, mib)}"
+                                                        if adapters and not set(done) <= set(adapters) else ""),
+             f"Fewest stored parameters: {least(lambda r: r['stored_params']['mean'], done, '{:,.0f}'.format)}"
+             + (f"; of the adapters, {least(lambda r: r['stored_params']['mean'], adapters, '{:,.0f}'.format)}"
+                if adapters else ""),
+             f"Fastest training: {least(lambda r: r['train_time_s']['mean'], done, '{:.1f} s a run'.format)}"]
+    return lines
 
 
 def add_summary(results):
@@ -2021,6 +1948,7 @@ def results_markdown(results):
                      f"fine-tuning epochs, the update scaled by {scale_formula(config)}. {spread} "
                      f"{chosen_rates(results)}. Training time of this study: {study_time_s(results) / 60:.1f} min "
                      f"(every run once, the grid and the checks included).")
+        parts.insert(1, "**Verdict.** " + " ".join(line + "." for line in who_won(results)))
         parts += [comparison_table(results)]
         parts += [f"{display(m)}'s adapter as PEFT loads it (as {display(adapter_class(m).peft_loads_as)} on the fp32 "
                   f"base): {fmt_stat(row['in_peft']['test_acc'])} % test accuracy, against {fmt_stat(row['test_acc'])} "
@@ -2038,9 +1966,8 @@ def results_markdown(results):
                       f"exploratory.", contrasts_table(results)]
         parts += [f"Training memory (MiB) by accounting, one measured training step at batch {config['batch_size']}, "
                   f"CNN width {config.get('width', 1)}:", memory_table(results)]
-        parts += [f"After training (Base, Full FT, Head only: the whole model's file; adapters: the adapter-only "
-                  f"file; latency of seed {seeds[0]}'s models, median over interleaved rounds):",
-                  inference_table(results)]
+        parts += ["After training (Base, Full FT, Head only: the whole model's file; adapters: the adapter-only "
+                  "file; merging: the largest over the seeds, on 1,000 test images):", after_training_table(results)]
     if results["rank_sweep"]:
         how = ("its rate chosen on that rank's own grid (--grid-per-rank)" if config.get("grid_per_rank") else
                f"at the rate chosen at r = {config['rank']}")
@@ -2083,10 +2010,14 @@ def results_markdown(results):
     return "\n\n".join(parts) + "\n"
 
 
+DERIVED = ("summary", "rank_sweep", "contrasts")  # add_summary's, from the records: results.md's, not stored
+
+
 def save_results(results, out_dir):
-    """results.json (every run, the summary, the sweeps) and results.md (the tables, with their notation)."""
+    """results.json (every record: runs, grids, checks, sweeps) and results.md (the tables, with their notation)."""
     add_summary(results)
-    write_atomic(Path(out_dir) / "results.json", json.dumps(results, indent=2))
+    write_atomic(Path(out_dir) / "results.json",
+                 json.dumps({k: v for k, v in results.items() if k not in DERIVED}, indent=2))
     write_atomic(Path(out_dir) / "results.md", results_markdown(results))
 
 
@@ -2226,7 +2157,7 @@ def draw_memory(plt, ax, view):
     pale), one bar per method; on CUDA the allocator's peak over the same step drawn as a bar beside it."""
     trained, summary = view["trained"], view["summary"]
     bottom = [0.0] * len(trained)
-    for key, what, _ in MEMORY_PARTS:
+    for key, what in MEMORY_PARTS:
         mib = [summary[m]["memory"][key] / 2**20 for m in trained]
         ax.bar(range(len(trained)), mib, bottom=bottom, color=[row(m).color for m in trained], edgecolor="black",
                hatch=MEMORY_HATCHES[key], alpha=0.35 if key == "activations" else 0.9, width=0.6)
@@ -2236,7 +2167,7 @@ def draw_memory(plt, ax, view):
     peaks = [summary[m]["cuda_peak_bytes"] for m in trained]
     legend = [plt.Rectangle((0, 0), 1, 1, facecolor="white" if MEMORY_HATCHES[key] else
                             ("whitesmoke" if key == "activations" else "gray"), edgecolor="black",
-                            hatch=MEMORY_HATCHES[key], label=what) for key, what, _ in MEMORY_PARTS]
+                            hatch=MEMORY_HATCHES[key], label=what) for key, what in MEMORY_PARTS]
     if all(peaks):
         ax.bar([i + 0.38 for i in range(len(trained))], [p["mean"] / 2**20 for p in peaks], width=0.16,
                color="black", label="CUDA peak over that step")
@@ -2247,25 +2178,6 @@ def draw_memory(plt, ax, view):
                                f"{view['results']['config']['batch_size']}\n(weights as stored, gradients, Adam; pale: "
                                f"the activations autograd keeps for backward)")
     ax.legend(handles=legend, fontsize=8, loc="upper left", ncol=3)
-
-
-def plot_latency(plt, ax, timed, batch):
-    """Median forward time per method, as trained and merged (one bar where there is no adapter), with the
-    range over the measurement rounds as whiskers, so noise is seen as noise."""
-    for i, (method, t) in enumerate(timed.items()):
-        for kind, ms in t["latency_ms"].items():
-            offset, width = {"plain": (0, 0.5), "unmerged": (-0.2, 0.4), "merged": (0.2, 0.4)}[kind]
-            ms, (low, high) = ms[batch], t["latency_range_ms"][kind][batch]
-            ax.bar(i + offset, ms, width=width, color=row(method).color, hatch="//" if kind == "merged" else None,
-                   edgecolor="black", yerr=[[ms - low], [high - ms]], capsize=3)
-            ax.annotate(f"{ms:.2f}" if batch == "1" else f"{ms:.0f}", (i + offset, high), xytext=(0, 3),
-                        textcoords="offset points", ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(range(len(timed)), [display(m) for m in timed])
-    ax.set(ylabel="ms", title=f"Inference latency, batch {int(batch):,}\n(median; whiskers: range over rounds)")
-    ax.set_ylim(0, 1.35 * ax.get_ylim()[1])  # headroom: the legend above the tallest bar
-    ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, facecolor="white", edgecolor="black", hatch=h)
-                       for h in (None, "//")],
-              labels=["as trained (one bar: no adapter to merge)", "merged"], fontsize=8)
 
 
 def draw_paired(ax, view, ref, names=True):
@@ -2301,14 +2213,13 @@ def draw_paired(ax, view, ref, names=True):
 
 
 def plot_comparison(plt, view):
-    """One figure, seven panels: test accuracy and the paired differences to full fine-tuning and to LoRA;
-    training memory in parts and file size; latency at two batch sizes."""
+    """One figure, five panels: test accuracy and the paired differences to full fine-tuning and to LoRA;
+    training memory in parts and file size."""
     summary, trained, results = view["summary"], view["trained"], view["results"]
-    fig = plt.figure(figsize=(18, 15), layout="constrained")  # tight_layout cannot fit seven panels' labels
-    top, middle, bottom = fig.subfigures(3, 1)
-    by_name = [top.add_subplot(1, 3, 1), middle.add_subplot(1, 3, (1, 2)), middle.add_subplot(1, 3, 3),
-               bottom.add_subplot(1, 2, 1), bottom.add_subplot(1, 2, 2)]  # the panels with a method per x tick
-    ax_accuracy, ax_memory, ax_file, *ax_latency = by_name
+    fig = plt.figure(figsize=(18, 10.5), layout="constrained")  # tight_layout cannot fit five panels' labels
+    top, bottom = fig.subfigures(2, 1)
+    by_name = [top.add_subplot(1, 3, 1), bottom.add_subplot(1, 3, (1, 2)), bottom.add_subplot(1, 3, 3)]
+    ax_accuracy, ax_memory, ax_file = by_name  # the panels with a method per x tick
     draw_test_accuracy(ax_accuracy, view)
     for column, ref in ((2, "full"), (3, "lora")):
         if ref in trained:
@@ -2318,12 +2229,9 @@ def plot_comparison(plt, view):
                                   [summary[m]["file_bytes"]["mean"] / 2**10 for m in trained],
                                   color=[row(m).color for m in trained]), fmt="%.0f")
     ax_file.set(ylabel="KiB", title="Saved file:\nthe whole model (no adapter) or the adapter only")
-    timed = {m: results["inference"][m] for m in trained if m in results.get("inference", {})}
-    for ax, batch in zip(ax_latency, ("1", "1000")):
-        plot_latency(plt, ax, timed, batch)
     for ax in by_name:  # seven names side by side run into each other: slanted
         plt.setp(ax.get_xticklabels(), rotation=30, ha="right", rotation_mode="anchor")
-    fig.suptitle(titled(view, f"Test accuracy, memory, file size and latency; fine-tuned on {view['task']} "
+    fig.suptitle(titled(view, f"Test accuracy, memory and file size; fine-tuned on {view['task']} "
                               f"({results['environment']['device_name']})", sep=": "))
     return fig
 
@@ -2711,6 +2619,7 @@ def finish_run(ctx, record, model):
     cls, path = adapter_class(method), saved_model_file(ctx.out, method, seed, rank)
     if cls:
         record |= cls.record(adapter_layers(model))
+        record["merge_gap"] = merge_gap(model, ctx.splits[args.task]["test"][0][:1000])
         record["file_bytes"] = (save_adapter(model, method, rank, args, path) / ADAPTER_WEIGHTS).stat().st_size
     else:  # saved at once: the base is what adapter-only runs and --resume start from
         write_atomic(path, model.state_dict())
@@ -2741,7 +2650,11 @@ def run_method(ctx, record, trained=None):
             model = (CNN(args.width).to(ctx.device) if method == "base"
                      else finetuning_copy(ctx.base(seed), method, rank, args)).to(memory_format=torch.channels_last)
             budget = Budget(epoch_budget(vars(args), method, record.get("epochs")), args.batch_size, args.patience)
+            start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
             trained = model, train(model, data, lr, budget, seed)
+            if still := [n for n, p in model.named_parameters() if n in start and torch.equal(p, start[n])]:
+                return stopped("failed", f"{still[0]} never moved from its start: its updates vanished; "
+                                         f"{divergence_advice((method, seed, rank), lr, args)}")
         model, fitted = trained
         record |= {**stability(fitted), "val_right": right_images(model, *data["val"])}  # pairs runs image by image
         if validation_only:
@@ -2872,24 +2785,15 @@ def comparison_run(ctx, key, rates):
     return kept
 
 
-def after_the_runs(ctx):
-    """The budget check (the first seed's fine-tuning runs again at their chosen rates with every other budget of
-    --budgets, even in a quick run, on validation only: has the comparison's budget plateaued?), then the latency
-    of the first seed's models, rebuilt from their saved files."""
+def budget_check(ctx):
+    """The first seed's fine-tuning runs again at their chosen rates with every other budget of --budgets, even in
+    a quick run, on validation only: has the comparison's budget plateaued?"""
     args, rates = ctx.args, ctx.results["learning_rates"]
     for method in (m for m in args.methods if m != "base" and rates.get(m, {}).get("lr")):
         for epochs in (e for e in args.budgets if e != epoch_budget(vars(args))):
             validation_run(ctx, "budget_check", {"method": method, "seed": args.seed,
                                                  "rank": run_rank(method, args.rank), "lr": rates[method]["lr"],
                                                  "epochs": epochs})
-    if any(r["status"] == "ok" for r in main_runs(ctx.results)):
-        print("Measuring inference latency, as trained and merged...")
-        try:
-            measure_inference(ctx.results, ctx.out, ctx.splits[args.task]["test"], ctx.device,
-                              *((QUICK_LATENCY_ROUNDS, QUICK_LATENCY_REPEATS) if args.quick else ()))
-        except ModelFileError as e:
-            print(f"Latency not measured: {e}")
-        ctx.save()
 
 
 # =====================================================================================================
@@ -2987,43 +2891,26 @@ def lock_out_dir(out):
     return lock
 
 
-def earlier_run(out, args):
-    """What earlier run this one replaces in `out`, in a few words, or None (none there, or --resume continues it).
-    Refused (ConfigError) without --overwrite, unless it was a quick run or a memory sweep: cheap to redo."""
-    if args.resume or not (out / "results.json").exists():
-        return None
-    try:
-        config = json.loads((out / "results.json").read_text())["config"]
-        cheap = ("quick run (a smoke test)" if config["quick"] is True else
-                 "memory sweep" if config.get("memory_batches") else "")
-    except Exception:  # not ours, or damaged: not replaced without asking
-        cheap = ""
-    if not (args.overwrite or cheap):
-        raise ConfigError(f"{out} already holds an earlier run's results: add --resume to continue it, --overwrite to "
-                          f"replace it (it is moved aside, not deleted), or choose another --out-dir")
-    return cheap or "earlier run"
+def free_folder(out):
+    """A folder beside `out` that does not exist yet: out-2, out-3, ..."""
+    out, k = out.resolve(), 2
+    while out.with_name(f"{out.name}-{k}").exists():
+        k += 1
+    return out.with_name(f"{out.name}-{k}")
 
 
-def move_aside(out, what):
-    """Everything in `out` but its lock (the earlier run's files, and any of the user's) moved into a new folder
-    beside it, named after the time: nothing is deleted. Called once every check that can stop the run passed."""
-    aside = out.with_name(f"{out.name}.before-{time.strftime('%Y-%m-%d-%H%M%S')}")
-    aside.mkdir()
-    for entry in out.iterdir():
-        if entry.name != ".lock":
-            entry.rename(aside / entry.name)  # the same file system: renamed, not copied
-    print(f"Moved the {what} in {out}/ aside, to {aside}/")
-
-
-def check_save_folders(out, plan):
-    """Every folder a planned run saves into is absent or a real folder: a file or a link in its place is refused
-    before anything is read or trained (a link would send the models into someone else's folder)."""
-    for method, seed, rank in plan:
-        path = saved_model_file(out, method, seed, rank)
-        for folder in ([path] if adapter_class(method) else []) + [p for p in path.parents if out in p.parents]:
-            if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
-                raise ConfigError(f"{folder} is not a folder (a file or a symbolic link): this script saves models "
-                                  f"there; move it away, or use another --out-dir")
+def check_out_dir(out, resume=False):
+    """A run writes only into a new or empty folder, or with --resume into one holding a run of this script;
+    anything else is refused in one sentence that names a free folder, and nothing in it is touched."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out-dir {out} is a file: use --out-dir {free_folder(out)}")
+    held = sorted(e.name for e in out.iterdir() if e.name != ".lock") if out.is_dir() else []
+    finished = "results.json" in held
+    if held and not (resume and finished):
+        what = "a run's results" if finished else "other files (" + ", ".join(held[:3]) + ")"
+        hint = " (--resume continues that run)" if finished else ""
+        raise ConfigError(f"{out} already holds {what}{hint}: a run writes only into a new or empty folder; "
+                          f"use --out-dir {free_folder(out)}")
 
 
 # =====================================================================================================
@@ -3048,12 +2935,9 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true",
                    help="keep the runs already finished in out-dir/results.json (same settings) whose saved models "
                         "are there and intact; run the rest")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the results an earlier run left in out-dir: moved aside, not deleted (without it, "
-                        "such a folder is refused)")
     p.add_argument("--replot", metavar="DIR",
-                   help="train nothing: redraw every figure and rewrite results.md from DIR/results.json, into "
-                        "out-dir")
+                   help="train nothing: redraw every figure and results.md from DIR/results.json, into DIR (its "
+                        "results.json untouched) or a new --out-dir")
     p.add_argument("--quick", action="store_true",
                    help=f"smoke run: {QUICK_TRAIN_SIZE} training / {QUICK_VAL_SIZE} validation / {QUICK_TEST_SIZE} "
                         f"test images, at most {QUICK_MAX_EPOCHS} epochs per method")
@@ -3089,18 +2973,13 @@ def check_args(args):
     rates = ([("--lr", args.lr)] * (args.lr is not None) + [("--lrs", r) for r in args.lrs]
              + [("BASE.lr" if m == "base" else f"METHODS[{m!r}].lr", r) for m, r in default_rates().items()])
     for name, value in rates:
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 < value <= MAX_RATE):
-            raise ConfigError(f"{name} must be a positive number no larger than {MAX_RATE:.2g} (Adam's first step "
-                              f"divides it by 0.1 and holds the result as a float32; got {value})")
-    if not (math.isfinite(args.alpha) and 0 < args.alpha <= torch.finfo(torch.float32).max):
-        raise ConfigError(f"--alpha must be a positive number no larger than float32's largest, 3.4e+38 "
-                          f"(got {args.alpha})")
-    for clash, why in ((args.resume and args.overwrite, "--resume keeps an earlier run's results and --overwrite "
-                                                        "replaces them: choose one"),
-                       (args.resume and args.memory_batches, "--memory-batches runs the memory sweep, which trains "
-                                                             "nothing and takes about a minute: drop --resume")):
-        if clash:
-            raise ConfigError(why)
+        if not (isinstance(value, (int, float)) and 0 < value <= MAX_RATE):
+            raise ConfigError(f"{name} must be a rate above 0 and at most {MAX_RATE:g} (got {value})")
+    if not 0 < args.alpha <= MAX_ALPHA:
+        raise ConfigError(f"--alpha must be above 0 and at most {MAX_ALPHA:g} (got {args.alpha})")
+    if args.resume and args.memory_batches:
+        raise ConfigError("--memory-batches runs the memory sweep, which trains nothing and takes about a minute: "
+                          "drop --resume")
     if not 0 <= args.dropout < 1:
         raise ConfigError(f"--dropout must be in [0, 1) (got {args.dropout})")
     for method in filter(adapter_class, METHODS):  # each method's own settings, checked by its class
@@ -3160,7 +3039,7 @@ def run_config(args, splits=None):
     files go, which methods, seeds and ranks run (they may differ between resumed runs), and the split sizes
     (none for a memory sweep, which reads no data)."""
     config = {k: v for k, v in vars(args).items()
-              if k not in ("data_dir", "out_dir", "device", "methods", "resume", "overwrite", "seeds", "ranks",
+              if k not in ("data_dir", "out_dir", "device", "methods", "resume", "seeds", "ranks",
                            "budgets", "replot") + (() if args.memory_batches else ("memory_batches", "memory_widths"))}
     sizes = {f"{split}_size": len(splits["mnist"][split][1]) for split in ("val", "train", "test")} if splits else {}
     variants = {m: spec.settings for m, spec in METHODS.items() if spec.settings}
@@ -3200,8 +3079,9 @@ def print_summary(results, args):
             shown = (f"{fmt_stat(row['test_acc'])}% (mean ± std of {row['test_acc']['n']} seeds; 95 % CI "
                      f"{fmt_ci(row['test_acc'])})")
         print(f"{label(method, args.task)} Model Test Accuracy: {shown}")
-    print(f"\n{console_summary(results)}")
-    print(f"\nPlots, results.json and results.md (every column) are in\n  {args.out_dir}/")
+    quick = "QUICK RUN: a smoke test on a subset, not results.\n" if args.quick else ""
+    print(f"\n{quick}{comparison_table(results)}\n\n" + "\n".join(who_won(results)))
+    print(f"\nPlots, results.json and results.md (every table) are in\n  {args.out_dir}/")
 
 
 def draw_finished(results, out, failing=False):
@@ -3232,8 +3112,6 @@ def prepare(args):
     """(the runs' context, the plan), once everything that can stop the run has been checked (the settings, the
     folders it saves into, the data, an earlier run's results); only then is a replaced run moved aside."""
     out, plan = Path(args.out_dir), plan_runs(args)
-    check_save_folders(out, plan)
-    replacing = earlier_run(out, args)  # refused here, before the data is read; moved aside below
     if not args.resume:  # before loading anything; with --resume, once the earlier results are read
         check_bases(args, plan, {})
     device = training_device(args)
@@ -3241,8 +3119,6 @@ def prepare(args):
     config = run_config(args, splits)
     earlier, others = earlier_records(out, config, plan) if args.resume else ({}, {})
     check_bases(args, plan, earlier)
-    if replacing:
-        move_aside(out, replacing)
     results = new_results(args, config, device) | others
     print(f"{'QUICK RUN (a smoke test, not results). ' if args.quick else ''}Device: "
           f"{results['environment']['device_name']}\n{config['train_size']:,} training, {config['val_size']:,} "
@@ -3252,7 +3128,7 @@ def prepare(args):
 
 
 def run_experiment(args):
-    """The experiment: every planned run in order, then the budget check and the latency; the plots of whatever
+    """The experiment: every planned run in order, then the budget check; the plots of whatever
     finished, and the summary. Exit status 0, or 1 when a run failed or collapsed."""
     ctx, plan, rates = *prepare(args), {}
     try:
@@ -3263,7 +3139,7 @@ def run_experiment(args):
                       file=sys.stderr)
                 break
         else:
-            after_the_runs(ctx)
+            budget_check(ctx)
     except BaseException:  # interrupted (Ctrl-C) or failed: whatever finished is drawn all the same
         draw_finished(ctx.results, ctx.out, failing=True)
         raise
@@ -3277,8 +3153,6 @@ def run_memory_sweep(args):
     measured on one step each; nothing is trained and no data is read. Writes results.json, results.md and
     memory_sweep.png."""
     out, device = Path(args.out_dir), training_device(args)
-    if replacing := earlier_run(out, args):
-        move_aside(out, replacing)
     print(f"Memory sweep on {device.type}: widths {args.memory_widths}, batch sizes {args.memory_batches}; one "
           f"measured training step per point, nothing trained. Writing to {out}/")
     results = new_results(args, run_config(args), device)
@@ -3292,13 +3166,14 @@ def run_memory_sweep(args):
 
 
 def replot(args):
-    """--replot DIR: every figure, results.md and results.json redrawn from DIR/results.json into the out-dir,
-    nothing trained: a changed plot is an edit and this command."""
+    """--replot DIR: every figure and results.md redrawn from DIR/results.json, nothing trained: into DIR
+    (its results.json untouched), or into a new --out-dir with a copy of results.json."""
     source, out = Path(args.replot), Path(args.out_dir)
     results = read_results(source / "results.json", "--replot DIR needs a folder holding one")
-    if out.resolve() != source.resolve() and (replacing := earlier_run(out, args)):
-        move_aside(out, replacing)
-    save_results(results, out)
+    if out.resolve() == source.resolve():
+        write_atomic(out / "results.md", results_markdown(add_summary(results)))
+    else:
+        save_results(results, out)
     print(f"Redrawn from {source / 'results.json'}: {', '.join(plot_results(results, out))} and results.md, in {out}/")
     return 0
 
@@ -3311,9 +3186,17 @@ def main(argv=None):
     lock, results = None, "results.json"
     try:
         args = parse_args(argv)
-        results = Path(args.out_dir) / "results.json"
         check_args(args)
-        lock = lock_out_dir(Path(args.out_dir))
+        if not args.out_dir:  # a new folder of its own: under runs/, or the folder --replot redraws
+            args.out_dir = args.replot or str(free_folder(Path("runs") / (time.strftime("%Y-%m-%d-%H%M%S") + (
+                "-quick" if args.quick else "-memory" if args.memory_batches else ""))).relative_to(Path.cwd()))
+        out = Path(args.out_dir)
+        results = out / "results.json"
+        if not (args.replot and out.resolve() == Path(args.replot).resolve()):
+            check_out_dir(out, args.resume)  # before the lock: a folder refused gets no file of ours
+        lock = lock_out_dir(out)
+        if not (args.replot and out.resolve() == Path(args.replot).resolve()):
+            check_out_dir(out, args.resume)  # again under the lock: no other run filled it meanwhile
         if args.replot:
             return replot(args)
         return run_memory_sweep(args) if args.memory_batches else run_experiment(args)
