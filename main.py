@@ -1,16 +1,22 @@
 """MNIST: train a small CNN, then fine-tune it with LoRA, two DoRAs (weight-decomposed; dynamic rank) and QLoRA,
-beside full fine-tuning and the head alone, and compare them.
+beside full fine-tuning and the head alone, and compare them in accuracy and training memory.
 
-    python main.py                       # the experiment with the SETTINGS below; outputs in plots/latest/
+    python main.py                       # the experiment with the SETTINGS below, into a new folder under runs/
     python main.py --quick               # a smoke run on a subset, in under a minute
-    python main.py --task fashion --seeds 3 --lrs 1e-3,3e-3,1e-2 --budgets 40   # a real domain shift, tuned rates
+    python main.py --task fashion --seeds 5 --lrs 1e-3,3e-3,1e-2   # a real domain shift, rates from validation
     python main.py --memory-batches 1,8,32,128,512   # training memory per method, width and batch: no training
     python main.py --help                # every flag: one per entry of SETTINGS, defaulting to it
 
-Sections, top to bottom: settings (the METHODS table: a method is one row and one adapter class), errors, model,
-adapter layers, data, training, measurement, saved models, results over seeds, merging,
-results files, plots, the runs, the output folder, main(). Every name is defined above its first use; `import main`
-has no side effects."""
+Reading map. main() parses and checks the flags (parse_args, check_args), takes the out-dir's lock, then
+run_experiment(): prepare() loads the data and any --resume records; comparison_run() runs each (method, seed,
+rank) of plan_runs(), choosing the method's rate first (choose_rate: the --lrs grid on validation); run_method()
+builds the model (finetuning_copy: an adapter class per METHODS row) and calls train(), the one training loop
+(Adam, cosine rate, the best epoch kept; early stopping only with --patience); finish_run() tests and saves it.
+After the runs: budget_check(), then save_results() (results.json, results.md) and plot_results().
+A new method touches two places: a METHODS row and its adapter class (subclass AdapterLayer or LoRALayer).
+Sections, top to bottom: settings, errors, model, adapter layers, data, training, measurement, saved models,
+results over seeds, merging, results files, plots, the runs, the output folder, main(). Every name is defined
+above its first use; `import main` has no side effects."""
 import argparse
 import contextlib
 import copy
@@ -22,7 +28,6 @@ import math
 import os
 import platform
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -74,7 +79,6 @@ BASE = Method(name="Base", color="tab:gray", marker="o", lr=2e-3, trains="all") 
 TASKS = {  # what the methods fine-tune on, the same split sizes; the base always trains on MNIST
     "mnist": "MNIST itself, the data the base was trained on",
     "rotated": "MNIST digits rotated by 90 degrees (counter-clockwise)",
-    "inverted": "MNIST with inverted colours (white background, black digits)",
     "fashion": "Fashion-MNIST: 28x28 grey images of 10 kinds of clothing, a real domain shift",
 }
 def within(kind, low, high=math.inf, most=0):
@@ -99,57 +103,38 @@ def within(kind, low, high=math.inf, most=0):
 
 
 SETTINGS = {  # name: (default, type, meaning); the flag is --name with - for _ (--batch-size), on/off for a bool
-    "methods": (",".join(["base", *COMPARED]), str, "runs, in order; base trains the base model, which all the "
-                                                    "others start from (the variants, " + ", ".join(
-                                                        m for m in METHODS if m not in COMPARED) + ", if named)"),
+    "methods": (",".join(["base", *COMPARED]), str, "the runs, in order, base first (variants: "
+                                                    + ", ".join(m for m in METHODS if m not in COMPARED) + ")"),
     "task": ("mnist", str, "what the methods fine-tune on: " + ", ".join(TASKS)),
-    "seeds": (1, within(int, 1, 1000), "every method runs with seeds seed .. seed+seeds-1 (init and data order)"),
+    "seeds": (1, within(int, 1, 1000), "every method runs with seeds seed .. seed+seeds-1"),
     "epochs": (8, within(int, 1, 10_000), "epoch budget of the base model"),
     "finetune_epochs": (10, within(int, 1, 10_000), "epoch budget of every fine-tuning method"),
     "batch_size": (128, within(int, 1), "training batch size, the same for every method"),
     "lr": (None, float, "one Adam rate for every method and the base instead of their rows' rates"),
-    "lrs": ("", within(float, 0, most=20), "rate grid, e.g. 1e-3,3e-3,1e-2: each fine-tuning method takes the best "
-                                           "rate by validation accuracy on the first seed (the test set takes no "
-                                           "part), the grid growing past an end while its best rate sits there"),
-    "patience": (None, within(int, 0), "early stopping: stop after this many epochs without a better epoch by the "
-                                       "selection criterion (none: every run trains its whole budget, its best epoch "
-                                       "kept)"),
+    "lrs": ("", within(float, 0, most=20), "rate grid, e.g. 1e-3,3e-3,1e-2: each method's best on seed's validation"),
+    "patience": (None, within(int, 0), "early stopping after this many epochs without a better one (none: off)"),
     "rank": (8, int, "r, the rank of the update B A"),
     "alpha": (16, float, "the update is scaled by alpha / r (or alpha / sqrt(r): --scaling)"),
-    "scaling": ("lora", str, "the update's scale: lora, alpha / r (Hu et al. 2021), or rslora, alpha / sqrt(r), "
-                             "rank-stable (Kalajdzievski 2023; PEFT's use_rslora)"),
-    "ranks": ("", within(int, 1, most=16), "rank sweep, e.g. 1,2,4,8,16: the adapter methods again at each rank"),
+    "scaling": ("lora", str, "lora (alpha / r) or rslora (alpha / sqrt(r), PEFT's use_rslora)"),
+    "ranks": ("", within(int, 1, most=16), "rank sweep, e.g. 2,16: the adapter methods again at each rank"),
     "grid_per_rank": (False, bool, "rank sweep: each rank's rate chosen on its own --lrs grid (else r's rate)"),
-    "budgets": ("", within(int, 1, 10_000, most=10), "budget check, e.g. 20,40: the first seed's fine-tuning runs "
-                                                     "again at their chosen rates with these epoch budgets, judged on "
-                                                     "validation: has the comparison's budget plateaued?"),
+    "budgets": ("", within(int, 1, 10_000, most=10), "budget check, e.g. 20,40: seed's runs again at these budgets"),
     "dropout": (0.0, float, "dropout on the adapter's input (0 lets DoRA reuse the base's output)"),
-    "dyn_components": (1.5, within(float, 1, 10), "dynamic-rank DoRA: each layer starts with ceil(this x r) rank-1 "
-                                                  "components, pruned to r per layer on average"),
-    "dyn_prune_from": (0.15, within(float, 0, 1), "dynamic-rank DoRA: pruning starts at this fraction of the "
-                                                  "training steps"),
-    "dyn_prune_until": (0.5, within(float, 0, 1), "dynamic-rank DoRA: and has reached the budget at this fraction"),
-    "dyn_prune_steps": (20, within(int, 1, 10_000), "dynamic-rank DoRA: pruning steps, evenly spread over that window"),
-    "dyn_beta": (0.9, within(float, 0, 0.999), "dynamic-rank DoRA: moving-average factor of each component's "
-                                               "importance"),
-    "dyn_dem": (0.1, within(float, 0, 1e6), "dynamic-rank DoRA: weight in the loss of the variance regulariser "
-                                            "(DEM), until pruning ends"),
-    "dyn_budget": ("components", str, "dynamic-rank DoRA: what pruning brings down to LoRA's at r: components (r "
-                                      "per layer on average, the paper's rank budget) or params (the parameters "
-                                      "the adapted layers store; the head, the same for every method, apart)"),
+    "dyn_components": (1.5, within(float, 1, 10), "dynamic-rank DoRA: ceil(this x r) components per layer at start"),
+    "dyn_prune_from": (0.15, within(float, 0, 1), "dynamic-rank DoRA: pruning starts at this fraction of the steps"),
+    "dyn_prune_until": (0.5, within(float, 0, 1), "dynamic-rank DoRA: and reaches the budget at this fraction"),
+    "dyn_prune_steps": (20, within(int, 1, 10_000), "dynamic-rank DoRA: pruning steps, spread over that window"),
+    "dyn_beta": (0.9, within(float, 0, 0.999), "dynamic-rank DoRA: moving-average factor of the importance"),
+    "dyn_dem": (0.1, within(float, 0, 1e6), "dynamic-rank DoRA: weight of the variance regulariser (DEM)"),
+    "dyn_budget": ("components", str, "dynamic-rank DoRA: the budget in components (r a layer) or stored params"),
     "train_head": (True, bool, "the classifier head fully trainable instead of adapted"),
-    "bias": ("none", str, "the adapter methods' trainable biases, as PEFT's LoraConfig(bias=...): none (frozen), "
-                          "lora_only (the adapted layers'), all (every bias); saved in the adapter folder"),
+    "bias": ("none", str, "the adapters' trainable biases, as PEFT's LoraConfig(bias=...): none, lora_only, all"),
     "width": (1, within(int, 1, 16), "the CNN's width: its channels (16, 32) and fc1's units (256) times this"),
-    "memory_batches": ("", within(int, 1, 4096, most=20), "memory sweep instead of training, e.g. 1,8,32,128,512: "
-                                                          "each method's training memory, one measured step at "
-                                                          "each of these batch sizes and each --memory-widths width "
-                                                          "(nothing is trained)"),
+    "memory_batches": ("", within(int, 1, 4096, most=20), "memory sweep instead of training, e.g. 1,8,128,512"),
     "memory_widths": ("1,2,4,8", within(int, 1, 16, most=8), "the CNN widths of the memory sweep"),
     "device": ("auto", str, "auto (cuda when available), cpu or cuda"),
-    "data_dir": ("data", str, "holds MNIST/raw/ and FashionMNIST/raw/ (torchvision's layout); downloaded there "
-                              "if missing"),
-    "out_dir": ("", str, "the run's folder, new or empty (or a run's, with --resume); default: a new one under runs/"),
+    "data_dir": ("data", str, "holds MNIST/raw/ and FashionMNIST/raw/; torchvision downloads there if missing"),
+    "out_dir": ("", str, "the run's folder, new or empty (a run's, with --resume); default: new under runs/"),
     "seed": (0, within(int, 0, 2**32 - 1000), "the first seed; it also fixes the validation split"),
 }
 QUANT_BLOCKSIZE = 64               # QLoRA: NF4 block size (64 in Dettmers et al. 2023)
@@ -181,6 +166,9 @@ def variant_of(method):
     """The row a variant changes the settings of (lora for lora_bias), or None for a method of its own."""
     spec = row(method)
     return next(m for m in COMPARED if METHODS[m].layer == spec.layer) if spec.settings else None
+
+
+ROW_SETTINGS = ("alpha", "dropout", "scaling", "bias", "train_head") + tuple(k for k in SETTINGS if k.startswith("dyn_"))
 
 
 def method_settings(method, args):
@@ -815,25 +803,17 @@ MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
 
 def download_dataset(data_dir, name):
-    """torchvision's downloader (tries its mirrors); its chatter is kept back and shown only on success. A failed
-    download leaves no folder it made behind (a mistyped --data-dir stays absent)."""
+    """torchvision's downloader (it tries its mirrors); its chatter shown only on success."""
     import torchvision.datasets
-    made = [p for p in (Path(data_dir), Path(data_dir) / name, Path(data_dir) / name / "raw") if not p.exists()]
     log = io.StringIO()
-    try:
-        with redirect_stdout(log), redirect_stderr(log):
-            getattr(torchvision.datasets, name)(data_dir, train=True, download=True)
-    except BaseException:
-        for folder in reversed(made):
-            with contextlib.suppress(OSError):  # a folder that is not empty stays
-                folder.rmdir()
-        raise
+    with redirect_stdout(log), redirect_stderr(log):
+        getattr(torchvision.datasets, name)(data_dir, train=True, download=True)
     print(log.getvalue(), end="")
 
 
 def ensure_dataset(data_dir, name="MNIST", download=True):
-    """{file name: its bytes} of dataset `name`'s four raw files, after downloading missing ones (when allowed)
-    and checking every MD5."""
+    """Dataset `name`'s four raw files in data_dir/name/raw/, downloaded when missing (if allowed), every MD5
+    checked: a missing or damaged file is one sentence (DataError)."""
     raw, md5 = Path(data_dir) / name / "raw", DATASETS[name]
     missing, reason = [f for f in md5 if not (raw / f).is_file()], ""
     if missing and download:
@@ -848,38 +828,26 @@ def ensure_dataset(data_dir, name="MNIST", download=True):
             f"{name} is missing from {raw}: {', '.join(missing)}.{reason} Put the four uncompressed IDX files "
             f"({', '.join(md5)}) in that folder, or run once with network access and torchvision "
             f"downloads them there; or point --data-dir at a folder that holds {name}/raw/.")
-    contents = {file: (raw / file).read_bytes() for file in md5}
     for file, expected in md5.items():
-        if (digest := hashlib.md5(contents[file]).hexdigest()) != expected:
+        if (digest := hashlib.md5((raw / file).read_bytes()).hexdigest()) != expected:
             raise DataError(f"{raw / file} is damaged or truncated (MD5 {digest}, expected {expected}). "
                             f"Delete it and run again with network access, or replace it with a good copy.")
-    return contents
-
-
-def read_idx(content):
-    """The uint8 array in an IDX file: two zero bytes, the type (8: unsigned byte), the number of dimensions,
-    each size as a big-endian int32, then the values. Read here from the bytes just checksummed, not again by
-    torchvision (a second read of the files, and its import: ~0.3 s; it is imported to download only)."""
-    ndim = content[3]
-    shape = struct.unpack(f">{ndim}i", content[4:4 + 4 * ndim])
-    return torch.frombuffer(bytearray(content), dtype=torch.uint8, offset=4 + 4 * ndim).view(shape)
+    return list(md5)
 
 
 def load_dataset(data_dir, name="MNIST", download=True):
-    """{'train': (pixels, labels), 'test': (...)} of dataset `name` as CPU tensors: pixels uint8 [N, 1, 28, 28],
-    labels int64."""
-    contents = ensure_dataset(data_dir, name, download)
-    return {split: (read_idx(contents[f"{prefix}-images-idx3-ubyte"]).unsqueeze(1),
-                    read_idx(contents[f"{prefix}-labels-idx1-ubyte"]).long())
-            for split, prefix in (("train", "train"), ("test", "t10k"))}
+    """{'train': (pixels, labels), 'test': (...)} of dataset `name`, read by torchvision once ensure_dataset has
+    checked its files: CPU tensors, pixels uint8 [N, 1, 28, 28], labels int64."""
+    import torchvision.datasets
+    ensure_dataset(data_dir, name, download)
+    read = {split: getattr(torchvision.datasets, name)(data_dir, train=split == "train") for split in ("train", "test")}
+    return {split: (d.data.unsqueeze(1), d.targets.long()) for split, d in read.items()}
 
 
 def task_pixels(pixels, task):
     """The images of `task` (see TASKS), made from MNIST's uint8 pixels [N, 1, 28, 28]: exact, no resampling."""
     if task == "rotated":
         return torch.rot90(pixels, 1, dims=(2, 3))
-    if task == "inverted":
-        return 255 - pixels
     return pixels
 
 
@@ -1200,7 +1168,7 @@ def memory_sweep(args, device, log=print):
 @torch.inference_mode()
 def right_images(model, images, labels, batch_size=1000):
     """Which images the model gets right, its bits packed 8 to a byte, in hex (625 bytes for 5,000 validation
-    images): two runs on the same images are then compared image by image (paired_margin)."""
+    images): two runs on the same images are then compared image by image (paired_lead)."""
     model.eval()
     right = torch.cat([model(images[i:i + batch_size]).argmax(1) == labels[i:i + batch_size]
                        for i in range(0, len(labels), batch_size)])
@@ -1263,8 +1231,6 @@ def read_model_file(path, read):
         return read(path)
     except Exception as e:
         detail = one_line(str(e).split("Please file an issue")[0], 160)
-        if "weights_only" in detail.lower() or "unpickl" in detail.lower():
-            detail = "it holds something other than plain tensors, and was not loaded"
         raise ModelFileError(f"{path} cannot be read ({type(e).__name__}: {detail})") from None
 
 
@@ -1368,37 +1334,15 @@ def load_adapter(base_checkpoint, folder, device="cpu", method=None):
 # Results over seeds: every run kept; means, spreads and paired differences
 # =====================================================================================================
 def t_p_value(t, df):
-    """Two-sided P(|T| >= |t|), Student's t with df degrees of freedom: the regularized incomplete beta I_x(df/2,
-    1/2) at x = df / (df + t^2), by its continued fraction (Lentz, as Numerical Recipes' betacf)."""
-    x, a, b = df / (df + t * t), df / 2, 0.5
-    if x <= 0 or x >= 1:
-        return float(x >= 1)
-    flip = x > (a + 1) / (a + b + 2)  # there the fraction converges slowly: I_x(a, b) = 1 - I_(1-x)(b, a)
-    if flip:
-        x, a, b = 1 - x, b, a
-    tiny, c, d = 1e-300, 1.0, 1 - (a + b) * x / (a + 1)
-    d = 1 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 1000):
-        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
-            d, c = 1 + numerator * d, 1 + numerator / c
-            d, c = 1 / (d if abs(d) > tiny else tiny), (c if abs(c) > tiny else tiny)
-            h *= d * c
-        if abs(d * c - 1) < 1e-14:
-            break
-    value = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
-    value *= h / a
-    return 1 - value if flip else value
+    """Two-sided P(|T| >= |t|) for Student's t with df (real) degrees of freedom."""
+    from scipy.stats import t as student  # imported where used: `import main` stays quick
+    return float(2 * student.sf(abs(t), df))
 
 
-@functools.cache
 def t_975(df):
-    """Student's t quantile t(0.975, df), 2.5 % in each tail: where t_p_value falls to 5 %, by bisection."""
-    low, high = 0.0, 1000.0
-    for _ in range(60):
-        low, high = ((low + high) / 2, high) if t_p_value((low + high) / 2, df) > 0.05 else (low, (low + high) / 2)
-    return (low + high) / 2
+    """Student's t quantile t(0.975, df), 2.5 % in each tail: a 95 % interval's half-width in standard errors."""
+    from scipy.stats import t as student
+    return float(student.ppf(0.975, df))
 
 
 def mean_std_ci(values):
@@ -1437,14 +1381,6 @@ def right_bits(right_hex, n):
     return np.unpackbits(np.frombuffer(bytes.fromhex(right_hex), dtype=np.uint8))[:n].astype(bool)
 
 
-def paired_margin(a_hex, b_hex, n):
-    """(images run a gets right that run b does not, minus the reverse; the standard error of that count): the
-    two runs' difference on the same n images, its spread from the images they disagree on (McNemar)."""
-    a, b = right_bits(a_hex, n), right_bits(b_hex, n)
-    only_a, only_b = int((a & ~b).sum()), int((b & ~a).sum())
-    return only_a - only_b, math.sqrt(max(0.0, only_a + only_b - (only_a - only_b) ** 2 / n))
-
-
 def crossed_interval(d):
     """Mean and 95 % interval of an S x n table of per-image differences d[s, i] (points; S seeds, the same n
     test images), each noise counted once: d = mean + seed + image + error, crossed random effects. From the
@@ -1469,7 +1405,7 @@ def crossed_interval(d):
     stats = {"mean": mean, "se": math.sqrt(max(var, 0.0)), "df": float(n - 1), "ci95": [mean, mean]}
     if var > 0:
         df = var ** 2 / sum(v ** 2 / k for v, k in parts if k > 0)
-        half = t_975(max(1, math.floor(df))) * stats["se"]
+        half = t_975(df) * stats["se"]
         stats |= {"df": df, "ci95": [mean - half, mean + half]}
     return stats
 
@@ -1478,6 +1414,13 @@ def paired_interval(pairs, n):
     """crossed_interval of two methods' test accuracy, from each seed's pair of right_images on the same n test
     images: d[s, i] = 100 (a right - b right) on image i in seed s."""
     return crossed_interval([100 * (right_bits(a, n).astype(float) - right_bits(b, n)) for a, b in pairs])
+
+
+def paired_lead(a_hex, b_hex, n):
+    """(images run a gets right and run b not, minus the reverse; its standard error): one seed's paired_interval
+    on the same n images, in images."""
+    d = paired_interval([(a_hex, b_hex)], n)
+    return round(d["mean"] * n / 100), d["se"] * n / 100
 
 
 def paired_stats(differences, rights, n):
@@ -1531,7 +1474,7 @@ def primary_contrasts(results):
     rows = []
     for method, ref in (pair for pair in named if pair[1] in results["methods"]):
         if (d := paired_difference(results, method, ref)) and d["se"] is not None:
-            p = t_p_value(d["mean"] / d["se"], math.floor(d["df"])) if d["se"] > 0 else float(d["mean"] == 0)
+            p = t_p_value(d["mean"] / d["se"], d["df"]) if d["se"] > 0 else float(d["mean"] == 0)
             rows.append({"method": method, "ref": ref, "mean": d["mean"], "ci95": d["ci95"], "p": p,
                          "noise": d["noise"]})
     for r, adjusted in zip(rows, holm([r["p"] for r in rows])):
@@ -1859,7 +1802,7 @@ def budget_points(results):
 
 
 def budgets_of(points):
-    """The epoch budgets in budget_points' output, ascending: the table's columns and the plot's ticks."""
+    """The epoch budgets in budget_points' output, ascending: the table's columns."""
     return sorted({epochs for mine in points.values() for epochs, *_ in mine})
 
 
@@ -1874,8 +1817,8 @@ def budget_table(results):
         longest = max(at)
         lead = "-"
         if longest != main_budget and main_budget in at:
-            lead = "{:+d} ± {:.1f}".format(*paired_margin(at[longest][2]["val_right"], at[main_budget][2]["val_right"],
-                                                          n))
+            lead = "{:+d} ± {:.1f}".format(*paired_lead(at[longest][2]["val_right"],
+                                                        at[main_budget][2]["val_right"], n))
         rows.append([display(method)] + [f"{at[e][0]:.2f}" + ("" if at[e][1] == "ok" else f" ({at[e][1]})")
                                          if e in at else "" for e in budgets] + [lead])
     return table(["method"] + [f"{e} epochs" + (" (the comparison's)" if e == main_budget else "") for e in budgets]
@@ -2026,8 +1969,8 @@ def save_results(results, out_dir):
 # =====================================================================================================
 PLOT_FILES = ("training_loss_comparison.png", "validation_accuracy_comparison.png",
               "base_model_loss_accuracy.png", "lora_loss_accuracy.png", "test_accuracy_memory.png")
-SWEEP_PLOT, LR_PLOT, RANK_PLOT, BUDGET_PLOT, MEMORY_PLOT = (
-    "rank_sweep.png", "lr_sweep.png", "rank_allocation.png", "budget_check.png", "memory_sweep.png")  # when they ran
+SWEEP_PLOT, LR_PLOT, RANK_PLOT, MEMORY_PLOT = (
+    "rank_sweep.png", "lr_sweep.png", "rank_allocation.png", "memory_sweep.png")  # when they ran
 
 def mean_curve(runs, key):
     """(epochs, mean, std, seeds) of history[key] over runs: epoch e averages only the runs that reached it
@@ -2067,7 +2010,8 @@ def draw_curve(ax, view, method, key, **style):
     one survivor is not read as a mean of all. True when there is such a point (the title then says so)."""
     epochs, mean, std, seeds = mean_curve(ok_runs(view["runs"], method), key)
     line, = ax.plot(epochs, mean, **style)
-    fewer = [i for i, n in enumerate(seeds) if n < max(seeds)]
+    most = max(seeds)
+    fewer = [i for i, n in enumerate(seeds) if n < most]
     if fewer:
         ax.plot([epochs[i] for i in fewer], [mean[i] for i in fewer], ls="none", marker=style.get("marker", "o"),
                 mfc="white", color=line.get_color())
@@ -2204,7 +2148,7 @@ def draw_paired(ax, view, ref, names=True):
                     ha="center", fontsize=7)
     ax.axvline(0, color=row(ref).color, ls="--")
     ax.set_yticks(range(len(shown)), [display(m).replace(" (", "\n(") for m in shown] if names else [])
-    ax.set_ylim(len(shown) - 0.5, -0.5)
+    ax.set_ylim(max(len(shown), 1) - 0.5, -0.5)
     noises = {d["noise"] for d in diffs.values() if d["ci95"]}
     interval = f"95 % CI: {' / '.join(sorted(noises))} noise" if noises else "1 seed, no interval"
     ax.set(xlabel="points", title=f"Test accuracy minus {display(ref)}'s, seed by seed\n(paired; {interval};\n"
@@ -2368,40 +2312,6 @@ def plot_lr_sweep(plt, view):
     return fig
 
 
-def plot_budget_check(plt, view):
-    """Each budget's validation result against the comparison's, first seed, each method at its rate: images
-    the longer (or shorter) run gets right and the comparison's run not, minus the reverse, with +-2 standard
-    errors of that paired count (paired_margin): a whisker clear of 0 is a change beyond validation noise."""
-    points, config = budget_points(view["results"]), view["results"]["config"]
-    if not points:
-        return None
-    main_budget, n = epoch_budget(config), config["val_size"]
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for k, (method, mine) in enumerate(points.items()):
-        at_main = next((r for e, _, _, r in mine if e == main_budget), None)
-        if at_main is None:
-            continue
-        dodge = 1.02 ** (k - (len(points) - 1) / 2)  # methods side by side, not on top of each other
-        lead = [(e, *paired_margin(r["val_right"], at_main["val_right"], n), status) for e, _, status, r in mine]
-        ax.errorbar([e * dodge for e, *_ in lead], [d for _, d, _, _ in lead], yerr=[2 * se for _, _, se, _ in lead],
-                    marker=row(method).marker, capsize=3, color=row(method).color, label=display(method))
-        for e, d, _, status in lead:
-            if status == "unstable":
-                ax.plot([e * dodge], [d], marker="x", ms=10, color="black")
-    ax.axhline(0, color="gray", lw=1)
-    ax.axvline(main_budget, ls="--", color="gray", label=f"the comparison's budget ({main_budget} epochs)")
-    ax.set_xscale("log", base=2)
-    budgets = budgets_of(points)
-    ax.set_xticks(budgets, [str(e) for e in budgets])
-    ax.set(xlabel="fine-tuning epochs (the cosine schedule spans each budget)",
-           ylabel=f"validation images (of {n:,}) right minus the comparison's run",
-           title=titled(view, f"Budget check on {view['task']}, seed {view['results']['seeds'][0]}, validation only: "
-                              f"has the comparison's\nbudget plateaued? (paired image counts, whiskers +-2 SE)"))
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    return fig
-
-
 def plot_memory_sweep(plt, view):
     """Training memory against the batch size, one column per CNN width, one line per method: the total by
     accounting (top) and its ratio to full fine-tuning's (bottom, 1 marked): where an adapter stops saving."""
@@ -2493,8 +2403,7 @@ def draw_figures(results):
                PLOT_FILES[4]: lambda: plot_comparison(plt, view),
                SWEEP_PLOT: lambda: plot_rank_sweep(plt, view),
                LR_PLOT: lambda: plot_lr_sweep(plt, view),
-               RANK_PLOT: lambda: plot_rank_allocation(plt, view),
-               BUDGET_PLOT: lambda: plot_budget_check(plt, view)} if trained else {}
+               RANK_PLOT: lambda: plot_rank_allocation(plt, view)} if trained else {}
     if results.get("memory_sweep"):  # a sweep trains nothing
         figures[MEMORY_PLOT] = lambda: plot_memory_sweep(plt, view)
     for name, draw in figures.items():
@@ -2650,11 +2559,13 @@ def run_method(ctx, record, trained=None):
             model = (CNN(args.width).to(ctx.device) if method == "base"
                      else finetuning_copy(ctx.base(seed), method, rank, args)).to(memory_format=torch.channels_last)
             budget = Budget(epoch_budget(vars(args), method, record.get("epochs")), args.batch_size, args.patience)
-            start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+            watched = [p for layer in (adapter_layers(model).values() if adapter_class(method) else [model])
+                       for p in trainable_parameters(layer).values()]  # an adapter's own tensors, else the model's
+            start = [p.detach().clone() for p in watched]
             trained = model, train(model, data, lr, budget, seed)
-            if still := [n for n, p in model.named_parameters() if n in start and torch.equal(p, start[n])]:
-                return stopped("failed", f"{still[0]} never moved from its start: its updates vanished; "
-                                         f"{divergence_advice((method, seed, rank), lr, args)}")
+            if all(torch.equal(p, p0) for p, p0 in zip(watched, start)):
+                return stopped("failed", f"its {'adapters' if adapter_class(method) else 'weights'} never moved "
+                                         f"from their start: every update vanished")
         model, fitted = trained
         record |= {**stability(fitted), "val_right": right_images(model, *data["val"])}  # pairs runs image by image
         if validation_only:
@@ -2743,7 +2654,7 @@ def choose_rate(ctx, method, rank):
               "extended": sorted(set(grid) - set(args.lrs)), "runner_up": runner_up and runner_up["lr"]}
     if runner_up:
         n = len(ctx.splits[args.task]["val"][1])
-        chosen["margin_images"], chosen["margin_se"] = paired_margin(best["val_right"], runner_up["val_right"], n)
+        chosen["margin_images"], chosen["margin_se"] = paired_lead(best["val_right"], runner_up["val_right"], n)
     if rank == run_rank(method, args.rank):
         results["learning_rates"][method] = chosen
     else:  # a rank of the sweep, on its own grid (--grid-per-rank)
@@ -2797,18 +2708,14 @@ def budget_check(ctx):
 
 
 # =====================================================================================================
-# The output folder: one run at a time; an earlier run continued (--resume) or moved aside, never deleted
+# The output folder: one run at a time, each in a folder of its own; --resume continues one
 # =====================================================================================================
-def not_a_number(constant):
-    raise ValueError(f"{constant} is not a number")
-
-
 def read_results(path, why):
     """An earlier results.json of this script, checked by use: its format, then the code that reads its records
     (the summary, results.md, every figure, drawn but not written) runs on it, so whatever it lacks is one sentence
     now, not a traceback after the training. `why`: what to do instead."""
     try:
-        results = json.loads(path.read_text(), parse_constant=not_a_number)  # NaN, Infinity: never written
+        results = json.loads(path.read_text())
         if results.get("format") != RESULTS_FORMAT:
             raise ValueError(f"results format {results.get('format')!r}; this version reads {RESULTS_FORMAT}")
         for kind in RECORD_KINDS:  # what --resume looks its records up by
@@ -2960,6 +2867,10 @@ def check_args(args):
                           f"{', '.join(['base', *METHODS])}, comma-separated")
     if "base" in args.methods and args.methods[0] != "base":
         raise ConfigError("base must come first in --methods: the other methods fine-tune the base it trains")
+    for method, spec in METHODS.items():  # a variant's settings: only those a run of one method can take
+        if bad := sorted(set(spec.settings) - set(ROW_SETTINGS)):
+            raise ConfigError(f"METHODS[{method!r}] sets {', '.join(bad)}, which a row cannot change: a row may set "
+                              f"{', '.join(ROW_SETTINGS)}")
     by_row = [method_settings(m, args) for m in METHODS]  # a variant's own settings, checked as its flag's
     for flag, value, allowed in (("--task", args.task, TASKS), ("--device", args.device, ("auto", "cpu", "cuda")),
                                  ("--scaling", args.scaling, ("lora", "rslora")),
@@ -2967,9 +2878,6 @@ def check_args(args):
                                  *(("--dyn-budget", v.dyn_budget, ("components", "params")) for v in by_row)):
         if value not in allowed:
             raise ConfigError(f"unknown {flag} {value!r}: choose from {', '.join(allowed)}")
-    for name in ("out_dir", "data_dir"):
-        if not getattr(args, name).strip():
-            raise ConfigError(f"--{name.replace('_', '-')} must name a folder (got an empty name)")
     rates = ([("--lr", args.lr)] * (args.lr is not None) + [("--lrs", r) for r in args.lrs]
              + [("BASE.lr" if m == "base" else f"METHODS[{m!r}].lr", r) for m, r in default_rates().items()])
     for name, value in rates:
@@ -3188,8 +3096,9 @@ def main(argv=None):
         args = parse_args(argv)
         check_args(args)
         if not args.out_dir:  # a new folder of its own: under runs/, or the folder --replot redraws
-            args.out_dir = args.replot or str(free_folder(Path("runs") / (time.strftime("%Y-%m-%d-%H%M%S") + (
-                "-quick" if args.quick else "-memory" if args.memory_batches else ""))).relative_to(Path.cwd()))
+            new = Path("runs") / (time.strftime("%Y-%m-%d-%H%M%S") + ("-quick" if args.quick else
+                                                                     "-memory" if args.memory_batches else ""))
+            args.out_dir = args.replot or str(free_folder(new).relative_to(Path.cwd()) if new.exists() else new)
         out = Path(args.out_dir)
         results = out / "results.json"
         if not (args.replot and out.resolve() == Path(args.replot).resolve()):

@@ -95,8 +95,7 @@ def adapt(model, method, rank=4, alpha=8, train_head=True):
 
 
 @pytest.fixture
-def no_plots_or_latency(monkeypatch):
-    """For tests of something else (resume, faults, the plan): no figures drawn, no latency timed. Seconds per
-    run that those tests do not look at; the quick-run tests check both."""
+def no_plots(monkeypatch):
+    """For tests of something else (resume, faults, the plan): no figures drawn. Seconds per run that those tests
+    do not look at; the quick-run tests check them."""
     monkeypatch.setattr(main, "plot_results", lambda results, out_dir: [])
-    monkeypatch.setattr(main, "measure_inference", lambda *a, **k: None)

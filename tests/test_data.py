@@ -61,7 +61,7 @@ def test_download_goes_through_torchvision_and_is_then_checked(tmp_path, monkeyp
 def test_no_download_attempt_when_files_are_present(tmp_path, monkeypatch, mnist_dir):
     shutil.copytree(mnist_dir / "MNIST", tmp_path / "MNIST")
     monkeypatch.setattr(main, "download_dataset", lambda d, name: pytest.fail("tried to download present files"))
-    assert list(main.ensure_dataset(tmp_path)) == list(main.DATASETS["MNIST"])
+    assert main.ensure_dataset(tmp_path) == list(main.DATASETS["MNIST"])
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
@@ -104,9 +104,8 @@ def test_shifted_tasks_are_exact_transforms_of_the_same_images():
     rotated = main.task_pixels(pixels, "rotated")
     assert torch.equal(rotated[0, 0, :, 0], pixels[0, 0, 0, :].flip(0))  # first row -> first column, bottom up
     assert torch.equal(main.task_pixels(rotated, "rotated").flip(2).flip(3), pixels)  # twice = 180 degrees
-    assert torch.equal(main.task_pixels(pixels, "inverted").int(), 255 - pixels.int())
     assert main.task_pixels(pixels, "mnist") is pixels
-    assert set(main.TASKS) == {"mnist", "rotated", "inverted", "fashion"} and main.task_pixels(pixels, "fashion") is pixels
+    assert set(main.TASKS) == {"mnist", "rotated", "fashion"} and main.task_pixels(pixels, "fashion") is pixels
     labels = torch.arange(3)
     data = {"train": (pixels.repeat(4, 1, 1, 1), labels.repeat(4)), "test": (pixels, labels)}
     plain, turned = (main.make_splits(data, torch.device("cpu"), task, val_size=4, seed=1) for task in ("mnist", "rotated"))

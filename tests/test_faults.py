@@ -37,7 +37,7 @@ def methods_run(capsys, stdout):
 
 
 # ------------------------------------------------------------------------------------------- divergence
-@pytest.mark.parametrize("lr", ["10", "1", "1e6"])
+@pytest.mark.parametrize("lr", ["10", "1"])
 def test_the_readme_divergence_example_fails_the_run(capsys, mnist_dir, tmp_path, lr):
     """`python main.py --quick --methods base --lr 10`: once exit 0 at 8.92 %, now a failed run, exit 1."""
     code, stdout, err = run(capsys, "--quick", "--methods", "base", "--lr", lr, "--data-dir", mnist_dir,
@@ -71,7 +71,7 @@ DAMAGE = {
 }
 
 
-@pytest.mark.usefixtures("no_plots_or_latency")
+@pytest.mark.usefixtures("no_plots")
 @pytest.mark.parametrize("case", DAMAGE)
 def test_resume_retrains_a_run_whose_saved_model_is_damaged(capsys, mnist_dir, copy_of, case):
     name, damage = DAMAGE[case]
@@ -101,7 +101,7 @@ def test_every_failure_to_load_a_model_is_one_sentence_naming_the_file(tmp_path)
 
 
 # ----------------------------------------------------------------------------------------- bitsandbytes
-@pytest.mark.usefixtures("no_plots_or_latency")
+@pytest.mark.usefixtures("no_plots")
 def test_bitsandbytes_that_imports_but_fails_when_called_skips_qlora_only(capsys, mnist_dir, copy_of, monkeypatch):
     def broken(*a, **k):
         raise RuntimeError("no kernel image is available for execution on the device")
@@ -146,48 +146,51 @@ def test_the_lock_dies_with_its_process_even_by_kill_9(tmp_path):
     main.lock_out_dir(tmp_path).release()  # free again
 
 
-@pytest.mark.usefixtures("no_plots_or_latency")
-def test_a_second_run_never_mixes_with_an_earlier_one(capsys, mnist_dir, copy_of):
-    quick = (copy_of / "results.json").read_text()
-    real = json.loads(quick)
-    real["config"]["quick"] = False  # the earlier run as a real one: a quick run would be replaced
-    (copy_of / "results.json").write_text(json.dumps(real))
-    code, _, err = run(capsys, "--quick", "--methods", "base,dora", "--lr", "1e-3", "--data-dir", mnist_dir,
-                       "--out-dir", copy_of)
-    assert code == 2 and "already holds an earlier run's results" in err and "--resume" in err and "--overwrite" in err
-    assert json.loads((copy_of / "results.json").read_text()) == real
-    (copy_of / "results.json").write_text(quick)
-    code, _, err = run(capsys, "--quick", "--methods", "dora", "--lr", "1e-3", "--resume", "--data-dir", mnist_dir,
-                       "--out-dir", copy_of)
-    assert code == 2 and "other settings (epochs, finetune_epochs, lr differ)" in err  # not on that base
-    code, _, _ = run(capsys, "--quick", "--methods", "base", "--epochs", "1", "--overwrite", "--data-dir", mnist_dir,
-                     "--out-dir", copy_of)
-    results = json.loads((copy_of / "results.json").read_text())
-    assert code == 0 and [r["method"] for r in results["runs"]] == ["base"]
-    assert not (copy_of / "seed0" / "adapters").exists()  # replaced, not mixed
+def tree(folder):
+    """{path: bytes} of every file under `folder` but a lock: what "left byte-identical" compares."""
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lock"}
 
 
-@pytest.mark.usefixtures("no_plots_or_latency")
-def test_a_quick_run_is_replaced_without_asking_a_real_one_is_not(capsys, mnist_dir, tmp_path):
-    (tmp_path / "results.json").write_text(json.dumps({"config": {"quick": True}, "runs": []}))
-    (tmp_path / "seed0").mkdir()
-    code, stdout, _ = run(capsys, "--quick", "--methods", "base", "--epochs", "1", "--data-dir", mnist_dir,
-                          "--out-dir", tmp_path)
-    assert code == 0 and f"Moved the quick run (a smoke test) in {tmp_path}/ aside, to {tmp_path}.before-" in stdout
-    results = json.loads((tmp_path / "results.json").read_text())
-    results["config"]["quick"] = False  # as a real run's results
-    (tmp_path / "results.json").write_text(json.dumps(results))
-    code, _, err = run(capsys, "--quick", "--methods", "base", "--epochs", "1", "--data-dir", mnist_dir,
-                       "--out-dir", tmp_path)
-    assert code == 2 and "already holds an earlier run's results" in err
+@pytest.mark.parametrize("argv", [["--quick"], ["--memory-batches", "1"], ["--quick", "--resume"],
+                                  ["--replot", "elsewhere"]])
+def test_a_folder_holding_a_users_file_is_refused_and_left_byte_identical(capsys, tmp_path, monkeypatch, argv):
+    monkeypatch.setattr(main, "load_dataset", lambda *a, **k: pytest.fail("the run went ahead"))
+    out = tmp_path / "out"
+    (out / "notes").mkdir(parents=True)
+    (out / "notes" / "mine.md").write_text("the user's")
+    before = tree(out)
+    code, _, err = run(capsys, *argv, "--out-dir", out)
+    assert code == 2 and err.count("\n") == 1 and f"{out} already holds other files (notes)" in err
+    assert f"use --out-dir {tmp_path / 'out-2'}" in err  # a free folder, named
+    assert tree(out) == before and not (out / ".lock").exists()  # not even a lock file of ours
 
 
-def test_overwrite_is_refused_before_anything_is_removed_when_the_run_cannot_start(capsys, copy_of):
-    code, _, err = run(capsys, "--methods", "lora", "--overwrite", "--out-dir", copy_of)
-    assert code == 2 and "add base to --methods" in err and (copy_of / "seed0" / "base_model.pt").is_file()
+@pytest.mark.parametrize("aim", ["the run", "its parent", ". inside it", "a replot into its parent"])
+def test_a_finished_run_is_never_altered_by_a_run_or_a_replot_aimed_at_it(capsys, mnist_dir, copy_of, monkeypatch,
+                                                                           aim):
+    before = tree(copy_of)
+    monkeypatch.chdir(copy_of)
+    target = {"the run": copy_of, "its parent": copy_of.parent, ". inside it": ".",
+              "a replot into its parent": copy_of.parent}[aim]
+    argv = ["--replot", copy_of] if aim.startswith("a replot") else [*SMALL, "--data-dir", mnist_dir]
+    code, _, err = run(capsys, *argv, "--out-dir", target)
+    assert code == 2 and err.count("\n") == 1 and "a run writes only into a new or empty folder" in err
+    if aim in ("the run", ". inside it"):
+        assert "holds a run's results (--resume continues that run)" in err
+    assert tree(copy_of) == before
 
 
-@pytest.mark.usefixtures("no_plots_or_latency")
+def test_a_replot_into_the_run_rewrites_only_its_figures_and_results_md(capsys, copy_of):
+    before = tree(copy_of)
+    (copy_of / "results.md").write_text("stale")
+    code, stdout, _ = run(capsys, "--replot", copy_of)
+    after = tree(copy_of)
+    assert code == 0 and f"in {copy_of}/" in stdout and after[Path("results.md")] == before[Path("results.md")]
+    assert {p: b for p, b in after.items() if p.suffix != ".png"} == {p: b for p, b in before.items()
+                                                                       if p.suffix != ".png"}  # results.json, models
+
+
+@pytest.mark.usefixtures("no_plots")
 def test_resume_with_fewer_methods_keeps_the_others(capsys, mnist_dir, copy_of):
     code, stdout, _ = run(capsys, "--quick", "--methods", "base", "--epochs", "1", "--finetune-epochs", "1",
                           "--resume", "--data-dir", mnist_dir, "--out-dir", copy_of)
@@ -286,85 +289,10 @@ def test_an_interruption_while_plotting_is_a_sentence(capsys, mnist_dir, copy_of
     assert len(json.loads((copy_of / "results.json").read_text())["runs"]) == 2
 
 
-# ====================================================================== the user's files (issue 20)
-def as_real_run(out):
-    """Mark an out-dir's results as a real run's: a quick run's are replaced without asking."""
-    results = json.loads((out / "results.json").read_text())
-    results["config"]["quick"] = False
-    (out / "results.json").write_text(json.dumps(results))
-
-
-USERS_FILES = {"seed_photos/IMG_0001.jpg": b"precious", "seedbank/notes.txt": b"mine", "seeds.csv": b"1,2,3",
-               "seed0/my_notes.txt": b"mine too", "seed0/adapters/lora_r8/README": b"my words on this adapter"}
-
-
-def plant(out, files=USERS_FILES):
-    for name, content in files.items():
-        (out / name).parent.mkdir(parents=True, exist_ok=True)
-        (out / name).write_bytes(content)
-
-
-def untouched(out, files=USERS_FILES):
-    return all((out / name).is_file() and (out / name).read_bytes() == content for name, content in files.items())
-
-
-@pytest.mark.usefixtures("no_plots_or_latency")
-@pytest.mark.parametrize("how", ["--overwrite", "a quick run replaced"])
-def test_a_replaced_run_is_moved_aside_with_the_users_files_nothing_deleted(capsys, mnist_dir, copy_of, how):
-    if how == "--overwrite":
-        as_real_run(copy_of)
-    plant(copy_of)
-    before = {p.relative_to(copy_of): p.read_bytes() for p in copy_of.rglob("*") if p.is_file() and p.name != ".lock"}
-    flags = ["--overwrite"] if how == "--overwrite" else []
-    code, stdout, _ = run(capsys, "--quick", "--methods", "base", "--epochs", "1", *flags, "--data-dir", mnist_dir,
-                          "--out-dir", copy_of)
-    aside = next(copy_of.parent.glob(f"{copy_of.name}.before-*"))
-    assert code == 0 and f"aside, to {aside}/" in stdout
-    assert {p.relative_to(aside): p.read_bytes() for p in aside.rglob("*") if p.is_file()} == before  # all of it
-    assert untouched(aside)  # the user's files among it, as they were
-    assert [r["method"] for r in json.loads((copy_of / "results.json").read_text())["runs"]] == ["base"]
-
-
-def damaged_data(tmp_path, mnist_dir):
-    raw = tmp_path / "damaged" / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    for f in (mnist_dir / "MNIST" / "raw").iterdir():
-        (raw / f.name).symlink_to(f)
-    victim = raw / "t10k-labels-idx1-ubyte"
-    data = victim.read_bytes()
-    victim.unlink()
-    victim.write_bytes(data[:-10])
-    return tmp_path / "damaged"
-
-
-@pytest.mark.parametrize("data", ["missing", "damaged"])
-def test_overwrite_removes_nothing_when_the_data_stops_the_run(capsys, mnist_dir, copy_of, tmp_path, data):
-    as_real_run(copy_of)
-    before = {p: p.read_bytes() for p in copy_of.rglob("*") if p.is_file()}
-    data_dir = tmp_path / "no_data" if data == "missing" else damaged_data(tmp_path, mnist_dir)
-    code, stdout, err = run(capsys, "--quick", "--methods", "base", "--overwrite", "--data-dir", data_dir,
-                            "--out-dir", copy_of)
-    assert code == 2 and ("is missing from" in err or "is damaged" in err)
-    assert "Replacing" not in stdout and (data == "damaged" or not data_dir.exists())  # no mistyped folder made
-    assert {p: p.read_bytes() for p in copy_of.rglob("*") if p.is_file() and p.name != ".lock"} == {
-        p: b for p, b in before.items() if p.name != ".lock"}
-
-
 def victim_of(tmp_path):
     victim = tmp_path / "victim.txt"
     victim.write_text("a file of the user's, outside the out-dir")
     return victim
-
-
-def test_no_write_follows_a_symlink_planted_in_the_out_dir(capsys, mnist_dir, tmp_path):
-    victim, out = victim_of(tmp_path), tmp_path / "out"
-    (out / "seed0").mkdir(parents=True)
-    for name in (".results.json.tmp", ".results.md.tmp", f".{main.PLOT_FILES[0]}.tmp",
-                 "seed0/.base_model.pt.tmp"):
-        (out / name).symlink_to(victim)
-    code, _, _ = run(capsys, "--quick", "--methods", "base", "--epochs", "1", "--data-dir", mnist_dir, "--out-dir", out)
-    assert code == 0 and victim.read_text() == "a file of the user's, outside the out-dir"
-    assert (out / "results.json").is_file() and not (out / "results.json").is_symlink()
 
 
 @pytest.mark.parametrize("kind", ["symlink", "directory", "fifo"])
@@ -400,11 +328,10 @@ def test_a_lock_that_cannot_be_opened_is_one_sentence(capsys, tmp_path, monkeypa
     (["--seeds", "100000000"], "--seeds: must be between 1 and 1000"),
     (["--lrs", ",".join(f"{k}e-4" for k in range(1, 40))], "--lrs: holds 39 values: at most 20"),
     (["--epochs", "100000000"], "--epochs: must be between 1 and 10000"),
-    (["--lr", "1e39"], "--lr must be a positive number no larger than 3.4e+37"),
-    (["--lrs", "1e-3,1e39"], "--lrs must be a positive number no larger than 3.4e+37"),
-    (["--alpha", "1e39"], "--alpha must be a positive number no larger than float32's largest, 3.4e+38"),
-    (["--out-dir", ""], "--out-dir must name a folder"),
-    (["--data-dir", ""], "--data-dir must name a folder"),
+    (["--lr", "11"], "--lr must be a rate above 0 and at most 10 (got 11.0)"),
+    (["--lrs", "1e-3,nan"], "--lrs: must be at least 0 (got nan)"),
+    (["--lrs", "0,1e-3"], "--lrs must be a rate above 0 and at most 10 (got 0.0)"),
+    (["--alpha", "1e5"], "--alpha must be above 0 and at most 10000 (got 100000.0)"),
     (["--lrs", " , "], "--lrs: names no value"),
     (["--ranks", " ,"], "--ranks: names no value"),
     (["--budgets", ",".join(map(str, range(1, 5001)))], "--budgets: holds 5000 values: at most 10"),
@@ -420,10 +347,10 @@ def test_bounds_and_empty_values_are_one_sentence_before_any_work(capsys, tmp_pa
     assert code == 2 and message in err and err.count("\n") == 1
 
 
-def test_a_rate_beyond_float32_in_the_table_is_caught(capsys, tmp_path, monkeypatch):
-    monkeypatch.setitem(main.METHODS, "dora", main.METHODS["dora"]._replace(lr=1e39))
+def test_a_rate_out_of_bounds_in_the_table_is_caught(capsys, tmp_path, monkeypatch):
+    monkeypatch.setitem(main.METHODS, "dora", main.METHODS["dora"]._replace(lr=20.0))
     code, _, err = run(capsys, "--out-dir", tmp_path)
-    assert code == 2 and "METHODS['dora'].lr must be a positive number no larger than 3.4e+37" in err
+    assert code == 2 and "METHODS['dora'].lr must be a rate above 0 and at most 10 (got 20.0)" in err
 
 
 def without(record, key):
@@ -437,7 +364,6 @@ UNCHECKED = {  # fields the code reads that the results-file check let through
         **r, "runs": [r["runs"][0], without(r["runs"][1], "frozen_weight_fp32_bytes")]},
     "a failed grid run without lr": lambda r: {**r, "lr_grid": [{"method": "lora", "seed": 0, "rank": 8, "status": "failed",
                                                                   "reason": "diverged"}]},
-    "NaN as an accuracy": lambda r: {**r, "runs": [{**r["runs"][0], "test_acc": float("nan")}] + r["runs"][1:]},
     "results of another format": lambda r: {**r, "format": 1},
 }
 
@@ -453,7 +379,7 @@ def test_every_field_the_code_reads_is_checked(capsys, mnist_dir, copy_of, case)
     assert code == 2 and f"{path} is not a results file of this script" in err and err.count("\n") == 1
 
 
-@pytest.mark.usefixtures("no_plots_or_latency")
+@pytest.mark.usefixtures("no_plots")
 def test_an_adapter_folder_of_another_method_is_not_trusted_even_with_its_checksum(capsys, mnist_dir, copy_of):
     folder = copy_of / "seed0" / "adapters" / "lora_r8"
     info = json.loads((folder / "training_info.json").read_text())
@@ -483,29 +409,11 @@ def test_a_data_folder_without_search_permission_is_one_sentence(capsys, mnist_d
     assert code == 2 and err.count("\n") == 1 and "Permission denied" in err and str(mnist_dir / "MNIST" / "raw") in err
 
 
-@pytest.mark.usefixtures("no_plots_or_latency")
+@pytest.mark.usefixtures("no_plots")
 def test_resume_with_an_unsearchable_seed_folder_is_one_sentence(capsys, mnist_dir, copy_of, monkeypatch):
     permission_denied_under(monkeypatch, copy_of / "seed0")
     code, stdout, err = run(capsys, *SMALL, "--resume", "--data-dir", mnist_dir, "--out-dir", copy_of)
     assert code in (1, 2) and err.count("\n") == 1 and "Permission denied" in err and "Traceback" not in err
-
-
-@pytest.mark.parametrize("kind", ["symlink", "file"])
-@pytest.mark.parametrize("flag", ["--overwrite", "--resume", "fresh"])
-def test_a_seed_folder_that_is_not_a_folder_is_refused_before_anything_is_removed(capsys, tmp_path, mnist_dir,
-                                                                                   small_run, kind, flag):
-    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
-    shutil.copytree(small_run, elsewhere)
-    out.mkdir()
-    if flag != "fresh":
-        shutil.copy2(small_run / "results.json", out / "results.json")
-        as_real_run(out)
-    (out / "seed0").symlink_to(elsewhere / "seed0") if kind == "symlink" else (out / "seed0").write_text("mine")
-    before = sorted(p.relative_to(elsewhere) for p in elsewhere.rglob("*"))
-    code, _, err = run(capsys, *SMALL, *([flag] if flag != "fresh" else []), "--data-dir", mnist_dir, "--out-dir", out)
-    assert code == 2 and f"{out / 'seed0'} is not a folder" in err and err.count("\n") == 1
-    assert sorted(p.relative_to(elsewhere) for p in elsewhere.rglob("*")) == before
-    assert (out / "seed0").is_symlink() if kind == "symlink" else (out / "seed0").read_text() == "mine"
 
 
 def test_the_first_write_error_is_the_one_reported(capsys, mnist_dir, tmp_path, monkeypatch):
@@ -536,21 +444,26 @@ def test_resume_into_a_folder_without_results_finds_nothing_to_keep(tmp_path):
 
 
 # ------------------------------------------------------------------ this round's hostile cases (issue 32)
-@pytest.mark.parametrize("argv", [["--methods", "base", "--lr", "1e38"], ["--methods", "base", "--lr", "5e37"],
-                                  ["--methods", "base,head,lora", "--lrs", "1e-3,5e37"],
-                                  ["--methods", "base,head,lora", "--lrs", "1e-3,5e37", "--resume"]])
-def test_a_rate_adams_first_step_cannot_hold_is_one_sentence_before_any_training(capsys, tmp_path, monkeypatch, argv):
-    monkeypatch.setattr(main, "load_dataset", lambda *a, **k: pytest.fail("data was loaded despite bad input"))
-    code, _, err = run(capsys, *argv, "--out-dir", tmp_path)
-    assert code == 2 and err.count("\n") == 1 and "no larger than 3.4e+37 (Adam's first step divides it by 0.1" in err
-
-
-@pytest.mark.usefixtures("no_plots_or_latency")
+@pytest.mark.usefixtures("no_plots")
 def test_the_largest_rate_allowed_diverges_as_a_recorded_failure_not_a_traceback(capsys, mnist_dir, tmp_path):
-    code, stdout, err = run(capsys, "--quick", "--methods", "base", "--epochs", "1", "--lr", "3e37",
+    code, stdout, err = run(capsys, "--quick", "--methods", "base", "--epochs", "1", "--lr", "10",
                             "--data-dir", mnist_dir, "--out-dir", tmp_path)
-    assert code == 1 and "Traceback" not in err and "Base failed: diverged at epoch 1" in stdout
+    assert code == 1 and "Traceback" not in err and "Base failed: " in stdout
     assert json.loads((tmp_path / "results.json").read_text())["runs"][0]["status"] == "failed"
+
+
+@pytest.mark.usefixtures("no_plots")
+def test_a_run_whose_adapters_never_moved_is_a_recorded_failure(capsys, mnist_dir, tmp_path, monkeypatch):
+    """LoRA's updates vanish (its rate 0 inside train: the base trains as usual), so its adapters never trained:
+    a failure with its reason, not a result at the base's accuracy."""
+    real_train = main.train
+    monkeypatch.setattr(main, "train", lambda model, data, lr, *a, **k: real_train(
+        model, data, 0.0 if main.adapter_layers(model) else lr, *a, **k))
+    code, stdout, _ = run(capsys, "--quick", "--methods", "base,lora", "--epochs", "1", "--finetune-epochs", "1",
+                          "--data-dir", mnist_dir, "--out-dir", tmp_path)
+    base, lora = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert code == 1 and base["status"] == "ok" and lora["status"] == "failed"
+    assert lora["reason"] == "its adapters never moved from their start: every update vanished"
 
 
 @pytest.mark.parametrize("edit", [{"conv1": -3}, {"fc1": 10**9}, {"conv2": "4"}])
@@ -567,7 +480,7 @@ def test_an_edited_rank_pattern_is_one_sentence_not_a_crash_or_a_huge_allocation
         main.load_adapter(tmp_path / "base_model.pt", folder)
 
 
-@pytest.mark.usefixtures("no_plots_or_latency")
+@pytest.mark.usefixtures("no_plots")
 @pytest.mark.parametrize("case", ["method a list", "a folder inside"])
 def test_a_tampered_adapter_folder_is_trained_again_on_every_resume_not_a_crash(capsys, mnist_dir, copy_of, case):
     folder = copy_of / "seed0" / "adapters" / "lora_r8"

@@ -77,7 +77,7 @@ def test_replot_redraws_a_committed_study_from_its_results_json(study, tmp_path,
 def test_every_tested_run_of_a_committed_study_holds_its_per_image_test_results(study):
     """Each paired interval of the README holds the test set's noise: every tested run carries which test images
     it got right, and those bits give back its recorded test accuracy."""
-    results = json.loads((study / "results.json").read_text())
+    results = main.add_summary(json.loads((study / "results.json").read_text()))
     n = results["config"]["test_size"]
     for r in results["runs"] + results["other_runs"]:
         right = main.right_bits(r["test_right"], n)
