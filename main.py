@@ -31,7 +31,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 import weakref
 from contextlib import redirect_stderr, redirect_stdout
@@ -73,7 +72,7 @@ METHODS = {  # every fine-tuning method, one row each: everything else about a m
                         layer="LoRALayer", settings={"bias": "lora_only"}),  # what full fine-tuning trains too
     "dyndora_params": Method(name="DoRA (dynamic rank, LoRA's storage)", color="tab:pink", marker="X", lr=1e-3,
                              trains="adapters", layer="DynamicRankLayer", settings={"dyn_budget": "params"}),
-}  # the rates: what the validation grid (--lrs) chose on MNIST, the default task (README: the rates per task)
+}  # the rates: one common default, not a grid's choice; each study chose its own with --lrs (README)
 COMPARED = [m for m, spec in METHODS.items() if not spec.settings]  # the default --methods: no variant
 BASE = Method(name="Base", color="tab:gray", marker="o", lr=2e-3, trains="all")  # every method's start: the MNIST CNN
 TASKS = {  # what the methods fine-tune on, the same split sizes; the base always trains on MNIST
@@ -81,17 +80,18 @@ TASKS = {  # what the methods fine-tune on, the same split sizes; the base alway
     "rotated": "MNIST digits rotated by 90 degrees (counter-clockwise)",
     "fashion": "Fashion-MNIST: 28x28 grey images of 10 kinds of clothing, a real domain shift",
 }
+
+
 def within(kind, low, high=math.inf, most=0):
-    """An argparse type (applied to the default too, given as text): a `kind` number in [low, high] (a NaN is not),
-    or with `most`, a comma list of at most `most` of them, sorted and distinct. The bounds size the work: --seeds
-    10**8 would plan 10**9 runs before any message; at width 16 fc1 alone holds 33.6 M weights."""
+    """An argparse type (the defaults parse through it too): a `kind` number in [low, high], or with `most` a
+    comma list of at most `most` of them, sorted and distinct."""
     def parse(text):
         try:
             values = sorted({kind(v) for v in text.split(",") if v.strip()} if most else {kind(text)})
         except ValueError:
             raise argparse.ArgumentTypeError(f"{'whole numbers' if kind is int else 'numbers'} expected"
                                              f"{', separated by commas' if most else ''} (got {text!r})") from None
-        if most and len(values) > most:  # each value is work for every method
+        if most and len(values) > most:
             raise argparse.ArgumentTypeError(f"holds {len(values)} values: at most {most}")
         if most and text.strip() and not values:
             raise argparse.ArgumentTypeError(f"names no value (got {text!r}): give numbers separated by commas")
@@ -139,8 +139,7 @@ SETTINGS = {  # name: (default, type, meaning); the flag is --name with - for _ 
 }
 QUANT_BLOCKSIZE = 64               # QLoRA: NF4 block size (64 in Dettmers et al. 2023)
 VAL_SIZE = 5000                    # images held out of the 60,000 training images: the kept epoch, the rate
-# --quick: a smoke run on subsets; its test images a fixed random 2,000 of the 10,000 (the full test set, after
-# each of its runs, took a sixth of a quick run: 48 s -> 40 s on this 2-core machine)
+# --quick: a smoke run on subsets; its test images a fixed random 2,000 of the 10,000
 QUICK_TRAIN_SIZE, QUICK_VAL_SIZE, QUICK_TEST_SIZE, QUICK_MAX_EPOCHS = 6000, 1000, 2000, 2
 TASK_DATASET = {"fashion": "FashionMNIST"}  # where a task's images come from; the others are made from MNIST
 MAX_RATE = 10.0   # Adam moves each weight by about the rate per step: past 10, no fine-tuning, only noise
@@ -148,7 +147,6 @@ MAX_ALPHA = 1e4   # alpha / r: the update's scale; the literature's 8-64, with r
 
 
 def row(method):
-    """The table row of a method, or of the base stage ("base")."""
     return BASE if method == "base" else METHODS[method]
 
 
@@ -171,19 +169,17 @@ def variant_of(method):
 ROW_SETTINGS = ("alpha", "dropout", "scaling", "bias", "train_head") + tuple(k for k in SETTINGS if k.startswith("dyn_"))
 
 
-def method_settings(method, args):
-    """The settings a run of `method` uses: the run's, with what its row overrides."""
+def method_settings(method, args):  # the run's settings, with what the method's row overrides
     return argparse.Namespace(**vars(args) | row(method).settings)
 
 
 def default_rates():
-    """{method: its row's rate}, the base's first: what runs use without --lr or --lrs."""
     return {m: row(m).lr for m in ["base", *METHODS]}
 
 
 def epoch_budget(config, method=None, epochs=None):
-    """The epochs a run of `method` trains (None: any fine-tuning method), the one place that says it: `epochs`
-    when asked for (the budget check, even in a quick run), else the settings', at most QUICK_MAX_EPOCHS if quick."""
+    """The epochs a run of `method` trains: `epochs` when asked for (the budget check), else the settings', at most
+    QUICK_MAX_EPOCHS if quick."""
     budget = epochs or (config["epochs"] if method == "base" else config["finetune_epochs"])
     return min(budget, QUICK_MAX_EPOCHS) if config["quick"] and not epochs else budget
 
@@ -195,20 +191,20 @@ class ConfigError(ValueError):
     """Bad input (a setting, the out-dir, an earlier results file), found before any training: exit code 2."""
 
 
-class DataError(ConfigError):
-    """MNIST or Fashion-MNIST missing or damaged."""
+class DataError(ConfigError):  # MNIST or Fashion-MNIST missing or damaged
+    pass
 
 
-class WriteError(RuntimeError):
-    """An output that cannot be written: exit code 1, every run finished before it kept (--resume continues)."""
+class WriteError(RuntimeError):  # an output that cannot be written: exit code 1
+    pass
 
 
-class ModelFileError(RuntimeError):
-    """A saved model or adapter folder that cannot be loaded as this CNN's."""
+class ModelFileError(RuntimeError):  # a saved model that cannot be loaded as this CNN's
+    pass
 
 
-class BitsAndBytesUnavailable(RuntimeError):
-    """bitsandbytes missing, or not working here: QLoRA is skipped, the other methods run."""
+class BitsAndBytesUnavailable(RuntimeError):  # QLoRA is skipped, the other methods run
+    pass
 
 
 class Diverged(RuntimeError):
@@ -230,10 +226,8 @@ def one_line(error, limit=150):
 # Model
 # =====================================================================================================
 class CNN(nn.Module):
-    """Two 5x5 'valid' conv layers (16, 32 channels) and two linear layers: LeNet-like, 147k parameters.
-    Chosen for accuracy per CPU-second: ~99.3 % on MNIST in a few epochs at 1.2 M multiply-adds per image,
-    under a third of the common 32/64-channel 'same'-padded MNIST CNN's 4.2 M. `width` multiplies the channels
-    and fc1's units (--width; the memory sweep): 1 is this CNN exactly."""
+    """Two 5x5 'valid' conv layers (16, 32 channels), two linear layers: 147k parameters, ~99.3 % on MNIST in a
+    few CPU epochs. `width` multiplies the channels and fc1's units (--width; the memory sweep)."""
 
     head = "fc2"  # the classifier layer, left fully trainable with --train-head
 
@@ -276,14 +270,10 @@ class AdapterConfig(NamedTuple):
 
 class AdapterLayer(nn.Module):
     """What every adapter method shares: a frozen Linear/Conv2d weight W and bias b, and a trainable low-rank
-    update dW = (alpha/r) * B @ A.
-
-    Layout as PEFT stores it: Linear lora_A [r, in], lora_B [out, r]; Conv2d lora_A [r, in, kh, kw] (a conv
-    with the base's kernel, stride, padding, dilation) and lora_B [out, r, 1, 1] (a 1x1 conv). A starts
-    Kaiming-uniform and B at zero, so a fresh layer computes exactly what the base computed. Every method's
-    forward equals layer_op(x, merged_weight(), bias) in eval mode (tests/test_adapters.py checks it).
-    A method is a subclass: its forward and merged_weight are its math; below them, what the rest of the
-    experiment asks of a method (saving, measuring, train()'s hooks), overridden where it differs."""
+    update dW = (alpha/r) B A, laid out as PEFT stores it (Conv2d: A a conv with the base's kernel, B a 1x1
+    conv). A starts Kaiming-uniform and B at zero, so a fresh layer computes what the base computed. A method
+    is a subclass: forward and merged_weight are its math (forward = layer_op(x, merged_weight(), bias) in
+    eval mode); below them, what the rest of the experiment asks of a method, overridden where it differs."""
     peft_fields = {}     # LoraConfig fields that tell PEFT which variant this is (DoRA: use_dora)
     loads_as = None      # the class a saved folder is rebuilt as, when it is not this one
     peft_loads_as = None  # the method PEFT's loading amounts to, when it computes something else (QLoRA: LoRA)
@@ -323,23 +313,20 @@ class AdapterLayer(nn.Module):
     def per_output(self, v):  # a per-output-unit vector [out], shaped to broadcast over this layer's output
         return v.view(-1, 1, 1) if self.is_conv else v
 
-    def scaled_B(self):
-        """(alpha/r) B: the update's scale folded into the tiny B, not applied to the large output (one pass less)."""
+    def scaled_B(self):  # the update's scale folded into the tiny B, not applied to the large output
         return self.lora_B * self.scaling
 
-    def lora(self, x):
-        """dW x = (alpha/r) B (A x), without ever forming the dense dW."""
+    def lora(self, x):  # dW x = (alpha/r) B (A x), without forming the dense dW
         h = self.layer_op(x, self.lora_A)
         return F.conv2d(h, self.scaled_B()) if self.is_conv else F.linear(h, self.scaled_B())
 
-    def delta_weight(self):
-        """dW = (alpha/r) B @ A as a dense tensor shaped like W."""
+    def delta_weight(self):  # dW = (alpha/r) B A, dense, shaped like W
         return (self.scaled_B().flatten(1) @ self.lora_A.flatten(1)).view(self.weight_shape)
 
     @torch.no_grad()
     def merge(self):
-        """A new plain nn.Linear/nn.Conv2d computing what this layer computes in eval mode (QLoRA: the dequantized
-        base plus the update, in fp32). Out of place, so there is nothing to unmerge and no inexact inverse."""
+        """A new plain nn.Linear/nn.Conv2d computing what this layer computes in eval mode (out of place: nothing
+        to unmerge)."""
         w, has_bias = self.merged_weight(), self.bias is not None
         layer = (nn.Conv2d(w.shape[1], w.shape[0], tuple(w.shape[2:]), bias=has_bias, **self.conv_args) if self.is_conv
                  else nn.Linear(w.shape[1], w.shape[0], bias=has_bias)).to(w.device).requires_grad_(False)
@@ -399,13 +386,8 @@ class LoRALayer(AdapterLayer):
 
 
 class DoRALayer(AdapterLayer):
-    """DoRA (Liu et al. 2024, Weight-Decomposed Low-Rank Adaptation).
-
-    W' = m * (W + dW) / ||W + dW||, the norm per output unit over all of its inputs (for a conv: over
-    in x kh x kw). m [out] is trainable and starts at ||W||, so W' = W at init; the direction is updated
-    by LoRA. The norm is detached from the graph (paper, section 4.3): its value follows dW but no gradient
-    flows through it, which the paper shows saves memory for a negligible difference in accuracy.
-    """
+    """DoRA (Liu et al. 2024): W' = m (W + dW) / ||W + dW||, the norm per output unit over all its inputs; m
+    starts at ||W||, so W' = W at init. The norm is detached from the graph (the paper's section 4.3)."""
 
     peft_fields = {"use_dora": True}
 
@@ -489,14 +471,9 @@ class FrozenQuantized(torch.autograd.Function):
 
 
 class QLoRALayer(LoRALayer):
-    """QLoRA (Dettmers et al. 2023): LoRA, with W stored as 4-bit NormalFloat (NF4) and double quantization.
-
-    bitsandbytes' quantize_4bit packs two 4-bit codes per byte with one absmax per block of 64 weights;
-    double quantization stores those absmax values themselves as 8-bit with a second-level fp32 scale
-    per 256 blocks. No fp32 copy of W is kept, in training either: it is dequantized in the forward pass and
-    again in the backward pass (FrozenQuantized), and the fp32 LoRA adapter rides on top. bitsandbytes has no
-    4-bit conv, so the same code serves Conv2d through `layer_op`.
-    """
+    """QLoRA (Dettmers et al. 2023): LoRA on W stored as 4-bit NF4 with double quantization (bitsandbytes:
+    an 8-bit absmax per block of 64, itself scaled per 256 blocks). No fp32 copy of W is kept, in training
+    either (FrozenQuantized). bitsandbytes has no 4-bit conv: the same code serves Conv2d through layer_op."""
 
     peft_loads_as = "lora"  # PEFT has no 4-bit conv: it puts this adapter on the fp32 base
     uses_bitsandbytes = True
@@ -571,19 +548,11 @@ class DynamicRank(NamedTuple):
 
 
 class DynamicRankLayer(LoRALayer):
-    """DoRA (Mao et al. 2024, Dynamic Rank Distribution): LoRA whose rank moves to the layers that need it.
-
-    dW = (alpha/r') B diag(c) A with r' = ceil(1.5 r) rank-1 components; A and B Kaiming-uniform, the gates c
-    at zero, so a fresh layer computes exactly the base. Component i's importance is its share of the update,
-    ||B[:, i] c_i A[i, :]||_F / ||dW||_F = |c_i| ||B_i|| ||A_i|| / ||dW||_F, smoothed by a moving average. In
-    the pruning window the number of components pruned grows cubically to (r' - r) per layer on average (with
-    --dyn-budget params: until the survivors store no more parameters than LoRA at r; a conv1 component holds
-    41, an fc1 one 768), against one importance threshold over all layers, so the budget goes where the
-    importance is; each layer keeps at least one. A pruned component is zeroed (gate, A row, B column) and held
-    at zero. Until the window closes the loss carries the Dimensional Equilibrium Modulator: the variance of
-    every component's A row and B column, averaged. Saved, the survivors' gates folded into B, it is a plain
-    LoRA with a rank per layer (PEFT's rank_pattern) and the scale alpha/r' (alpha_pattern).
-    """
+    """DoRA (Mao et al. 2024, Dynamic Rank Distribution): dW = (alpha/r') B diag(c) A, r' = ceil(1.5 r) rank-1
+    components, the gates c at zero. Component i's importance, |c_i| ||B_i|| ||A_i|| / ||dW||_F smoothed, is
+    pruned against one threshold over all layers (cubically, in the window) until r per layer remain on average
+    (or LoRA's stored parameters: --dyn-budget params), so the rank moves where the importance is; the loss
+    carries the Dimensional Equilibrium Modulator until then. Saved, it is a LoRA with a rank per layer."""
     loads_as = LoRALayer
 
     def __init__(self, base, rank, alpha, dropout=0.0, rslora=False, schedule=DynamicRank()):
@@ -721,9 +690,8 @@ def max_rank(model, train_head=True):
 
 
 def add_adapters(model, cls, config, train_head=True, **options):
-    """Replace the model's Linear/Conv2d layers in place (same names) by `cls` adapter layers built as `config`
-    says (an AdapterConfig), and freeze the rest; with train_head the classifier head (model.head) stays a
-    plain, fully trainable layer. `options` go to every layer's constructor (a method's own settings)."""
+    """Every Linear/Conv2d of the model replaced in place by a `cls` adapter layer, the rest frozen (the head
+    left plain and trainable with train_head); `options` go to every layer's constructor."""
     model.requires_grad_(False)
     for parent, name, full, layer in adaptable_layers(model, train_head):
         rank, alpha = config.for_layer(full)
@@ -762,9 +730,7 @@ def trainable_parameters(model):
 
 
 def peft_tensors(model):
-    """{PEFT's key: the tensor as PEFT stores it} of everything the model trained: each adapter layer's tensors,
-    named and shaped as the layer says (conv1.lora_A is base_model.model.conv1.lora_A.weight there), and any
-    trainable plain parameter (the head) under its own name."""
+    """{PEFT's key: the tensor as PEFT stores it} of everything the model trained (the head under its name)."""
     adapters = adapter_layers(model)
     tensors = {f"base_model.model.{name}.{leaf}": t for name, layer in adapters.items()
                for leaf, t in layer.peft_tensors().items()}
@@ -919,8 +885,7 @@ def evaluate(model, images, labels, batch_size=1000):
 
 
 def snapshot(model):
-    """The model's whole state as training changes it: its trainable parameters and every buffer (BatchNorm's
-    running statistics, a method's masks and scores), copied."""
+    """A copy of what training changes: the trainable parameters and every buffer (a method's masks, scores)."""
     state = {k: p for k, p in model.named_parameters() if p.requires_grad} | dict(model.named_buffers())
     return {k: t.detach().clone() for k, t in state.items()}
 
@@ -936,8 +901,7 @@ TRAIN_HOOKS = ("regularizer", "on_step", "settled_at")  # AdapterLayer's, with d
 
 
 def hook_groups(model):
-    """{class: {full name: module}} of the model's modules whose class defines train()'s hooks (every adapter
-    layer; any other module may too): train() calls each class's hooks with all of its modules at once."""
+    """{class: {full name: module}} of the modules whose class defines train()'s hooks, called per class."""
     groups = {}
     for name, module in model.named_modules():
         if all(hasattr(type(module), hook) for hook in TRAIN_HOOKS):
@@ -981,14 +945,10 @@ MEMORY_STEP = 2  # the step whose memory is measured: from the second on, Adam's
 
 
 class TrainingMemory:
-    """The training memory of the steps run inside it, in parts, by accounting: the weights as stored (frozen
-    and trainable), the gradients, the optimizer's state, and the activations autograd keeps for the backward
-    pass, counted with its saved-tensor hooks: the bytes it holds when backward begins (a graph discarded in the
-    forward pass, as DoRA's detached norm, holds nothing by then), each storage once, the model's parameters and
-    buffers (its weights, counted as such) and `exclude` (the resident dataset) left out.
-    On CUDA it also reads the allocator's peak over those steps, above what was allocated before training began
-    but the model's weights (the dataset, the bases kept for copying): the same parts, plus the workspaces,
-    transient buffers and rounding that accounting leaves out."""
+    """The training memory of the steps run inside it, in parts, by accounting: the weights as stored, the
+    gradients, the optimizer's state, and what autograd keeps for backward when backward begins (saved-tensor
+    hooks; each storage once; parameters, buffers and `exclude`, the resident dataset, left out). On CUDA also
+    the allocator's peak over those steps, above what was allocated before but the model's weights."""
 
     def __init__(self, model, optimizer, device, exclude=()):
         self.model, self.optimizer, self.device = model, optimizer, device
@@ -1124,9 +1084,8 @@ def train(model, splits, lr, budget, seed, log=print):
 # Measurement: parameters, and training memory without training
 # =====================================================================================================
 def step_memory(model, batch_size, total_steps):
-    """(TrainingMemory's parts, CUDA peak or None) of one training step of `model` as train() takes it (its
-    trainable parameters, Adam, the adapter classes' hooks at step MEMORY_STEP of a run of total_steps), on a
-    batch of random images: memory depends on shapes, not values (a test checks it equals train()'s own)."""
+    """(TrainingMemory's parts, CUDA peak or None) of step MEMORY_STEP as train() takes it, on random images:
+    memory depends on shapes, not values (a test checks it equals train()'s own)."""
     device = next(model.parameters()).device
     g = torch.Generator().manual_seed(0)
     images = torch.randn(batch_size, 1, 28, 28, generator=g).to(device).contiguous(memory_format=torch.channels_last)
@@ -1193,10 +1152,8 @@ def measure(model, fit, test_loss, test_acc):
 # Saved models: whole CNNs, and adapter folders that PEFT loads as they are
 # =====================================================================================================
 def write_atomic(path, content):
-    """Text, a matplotlib figure (PNG) or tensors (safetensors, or torch.save) written whole or not at all: into a
-    new file of a random name beside `path` (mkstemp creates it exclusively, so no link planted there is
-    followed), then renamed over `path` (which replaces a link there rather than writing through it). A failed
-    write leaves the old file as it was and no temporary file, and is WriteError, naming the file and the cause."""
+    """Text, a figure (PNG) or tensors (safetensors, torch.save) written whole or not at all: a new temporary file
+    beside `path`, renamed over it. A failure leaves the old file and is WriteError, naming the file."""
     path = Path(path)
     try:
         if isinstance(content, str):
@@ -1272,9 +1229,7 @@ ADAPTER_INFO = "training_info.json"  # what only this project needs, in a file P
 
 
 def save_adapter(model, method, rank, args, folder):
-    """A folder PEFT's `PeftModel.from_pretrained(CNN(), folder)` loads as it is: adapter_config.json (a
-    LoraConfig, with the fields the method's class adds) and adapter_model.safetensors; plus training_info.json
-    (method, task, base, what the class adds), which PEFT never opens."""
+    """A folder PeftModel.from_pretrained(CNN(), folder) loads as it is, and training_info.json beside."""
     folder, layers, args = Path(folder), adapter_layers(model), method_settings(method, args)
     cls = type(next(iter(layers.values())))
     config = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
@@ -1309,11 +1264,6 @@ def load_adapter(base_checkpoint, folder, device="cpu", method=None):
     model = load_plain(base_checkpoint, device)
     try:
         shape = AdapterConfig(**{k: config[k] for k in AdapterConfig._fields if k in config})
-        for *_, name, _ in adaptable_layers(model, bool(config.get("modules_to_save"))):  # before any is built
-            rank, saved = shape.for_layer(name)[0], tensors.get(f"base_model.model.{name}.lora_A.weight")
-            if type(rank) is not int or saved is None or saved.dim() < 2 or rank != saved.shape[0]:
-                raise ValueError(f"{name}'s rank {rank!r} is not the rank of its saved lora_A "
-                                 f"({'none' if saved is None else tuple(saved.shape)})")
         add_adapters(model, cls, shape, train_head=bool(config.get("modules_to_save")))
     except (TypeError, ValueError, AttributeError) as e:
         raise ModelFileError(f"{folder / ADAPTER_CONFIG} is not a LoRA config of this CNN ({one_line(e)})") from None
@@ -1424,10 +1374,8 @@ def paired_lead(a_hex, b_hex, n):
 
 
 def paired_stats(differences, rights, n):
-    """Per-seed differences (points) as mean_std_ci gives them, with a 95 % interval that holds seed and test-set
-    noise (paired_interval) when `rights` holds each seed's two right_images on the same n test images, seed noise
-    alone (Student's t over the seeds' differences) when a run did not record them (None there); "noise" says
-    which, "se" and "df" give its p (primary_contrasts)."""
+    """Per-seed differences (points) as mean_std_ci gives them, with paired_interval's mean, interval, se and df
+    from each seed's two right_images (a run without them: the seeds' t alone); "noise" says which."""
     stats = mean_std_ci(differences)
     if not all(a and b for a, b in rights):
         return stats | {"se": stats["std"] and stats["std"] / math.sqrt(stats["n"]), "df": stats["n"] - 1,
@@ -1445,9 +1393,8 @@ def paired_runs(pairs, n):
 
 
 def paired_difference(results, method, ref):
-    """Test accuracy of `method` minus `ref` (points, main comparison) over the seeds where both finished, with its
-    paired_stats interval: within a seed both start from the same base, see the same data order and adapter init,
-    so the difference is what the method changes. None where no seed has both."""
+    """Test accuracy of `method` minus `ref`, paired seed by seed (same base, data order, init), with its
+    interval; None where no seed has both."""
     runs = {m: {r["seed"]: r for r in ok_runs(main_runs(results), m)} for m in (method, ref)}
     pairs = [(runs[method][s], runs[ref][s]) for s in sorted(set(runs[method]) & set(runs[ref]))]
     return paired_runs(pairs, results["config"].get("test_size")) if pairs else None
@@ -1483,9 +1430,7 @@ def primary_contrasts(results):
 
 
 def summarize(results):
-    """One row per method of the main comparison, plus "base_on_task" (the trained base on a shifted task's
-    test set, before any fine-tuning): mean/std/95 % CI over seeds of accuracy, time and CUDA peak, the byte
-    counts, and the paired differences to full fine-tuning and to LoRA."""
+    """One row per method of the main comparison (and "base_on_task": the base on a shifted task's test set)."""
     runs, summary = main_runs(results), {}
     for method in results["methods"]:
         mine = [r for r in runs if r["method"] == method]
@@ -1521,9 +1466,7 @@ def summarize(results):
 
 
 def study_time_s(results):
-    """Training time of everything results.json records, each run counted once: the rate grid, the budget
-    check, and the comparison's and the sweep's runs but those finished from a grid run (counted in the grid).
-    A failed run counts the time it took to fail."""
+    """Training time of every record, each run once (a run finished from a grid run counts in the grid)."""
     records = results["lr_grid"] + results["budget_check"] + results["runs"] + results["other_runs"]
     return sum(r.get("train_time_s", 0.0) for r in records if not r.get("from_grid"))
 
@@ -1534,9 +1477,8 @@ def seeds_finished(summary):
 
 
 def rank_sweep(results):
-    """{adapter method: one point per rank it ran at (the main rank included)}, {} where no run was at another rank;
-    the runs of this plan and those an earlier one left (a sweep of some methods, resumed with all of them). Each
-    point holds its difference to full fine-tuning paired seed by seed (as paired_difference), where that ran."""
+    """{adapter method: a point per rank it ran at, with its paired differences to full fine-tuning and to LoRA
+    at that rank}, for the methods that ran at more than one rank (this plan's runs and an earlier one's)."""
     runs, sweep, n = results["runs"] + results["other_runs"], {}, results["config"].get("test_size")
     full = {r["seed"]: r for r in ok_runs(runs, "full")}
     lora = {(r["seed"], r["rank"]): r for r in ok_runs(runs, "lora")}
@@ -1560,8 +1502,7 @@ def rank_sweep(results):
 # Merging: the adapters folded into plain layers
 # =====================================================================================================
 def merge_adapters(model):
-    """A copy of an adapted model with every adapter folded into a plain layer: the base architecture again,
-    with no extra inference cost. The adapted model itself is left as it was."""
+    """A copy of an adapted model with every adapter folded into a plain layer: the base architecture again."""
     merged = copy.deepcopy(model)
     for parent in list(merged.modules()):
         for name, child in list(parent.named_children()):
@@ -1668,8 +1609,7 @@ MEMORY_PARTS = (  # (key in a run's "memory", header in results.md and the plot)
 
 
 def memory_table(results):
-    """Training memory per method in parts, by accounting (one measured step at the run's batch size), its ratio
-    to full fine-tuning's, and on CUDA the allocator's peak beside it with what accounting leaves out."""
+    """Training memory per method in parts, by accounting, and on CUDA the allocator's peak beside it."""
     summary = {m: row for m, row in results["summary"].items() if row["status"] == "ok" and "memory" in row}
     cuda = any(row["cuda_peak_bytes"] is not None for row in summary.values())
     full = summary.get("full", {}).get("memory", {}).get("total")
@@ -1726,8 +1666,7 @@ def memory_sweep_table(results):
 
 
 def crossover_table(results):
-    """Per CNN width, the largest batch swept at which each method still takes less training memory than full
-    fine-tuning: where the adapters stop saving memory."""
+    """Per CNN width, the largest batch swept at which each method takes less training memory than full FT."""
     points = sweep_points(results)
     widths = list(dict.fromkeys(width for width, _ in points))
     methods = list(dict.fromkeys(m for totals in points.values() for m in totals if m != "full"))
@@ -1748,6 +1687,15 @@ def contrasts_table(results):
         for c in results["contrasts"]])
 
 
+def margin_cell(rate, val_size):
+    """The chosen rate's lead over the runner-up in validation images, ± its standard error."""
+    if not rate.get("runner_up"):
+        return ""
+    lead, se = rate["margin_images"], rate["margin_se"]
+    noise = " (within noise)" if abs(lead) < 2 * se else ""
+    return f"{lead:+d} ± {se:.1f} of {val_size:,} over {rate['runner_up']:g}{noise}"
+
+
 def grid_rates(results):
     """{(method, rank): its rate's record} of every rate a grid chose: the main rank's and the sweep's."""
     main_rank = results["config"]["rank"]
@@ -1757,34 +1705,16 @@ def grid_rates(results):
 
 def lr_grid_table(results):
     """Every learning-rate grid run: validation numbers only (the test set takes no part in the choice)."""
-    chosen = {key: r["lr"] for key, r in grid_rates(results).items()}
+    chosen, n = grid_rates(results), results["config"]["val_size"]
     return table(["method", "rank", "lr", "val acc (%) at the kept epoch", "val loss", "epochs (kept)", "status",
-                  "chosen"], [
+                  "chosen: its lead over the runner-up, validation images (± SE)"], [
         [display(r["method"]), r["rank"] or "-", f"{r['lr']:g}" + (" (extension)" if r["extension"] else "")]
         + ([f"{r['val_acc']:.2f}", f"{r['val_loss']:.4f}", f"{r['epochs_run']} ({r['best_epoch']})"]
            if r["status"] in FINISHED else ["", "", ""])
         + [r["status"] if r["status"] == "ok" else f"{r['status']}: {r['reason']}",
-           "✓" if chosen.get((r["method"], r["rank"])) == r["lr"] else ""]
+           "✓ " + margin_cell(chosen[r["method"], r["rank"]], n)
+           if chosen.get((r["method"], r["rank"]), {}).get("lr") == r["lr"] else ""]
         for r in results["lr_grid"]])
-
-
-def margin_cell(rate, val_size):
-    """The chosen rate's lead over the runner-up in validation images, with its standard error; within noise
-    when the lead is under two standard errors."""
-    if not rate.get("runner_up"):
-        return "-"
-    lead, se = rate["margin_images"], rate["margin_se"]
-    noise = " (within noise)" if abs(lead) < 2 * se else ""
-    return f"{lead:+d} ± {se:.1f} of {val_size:,} over {rate['runner_up']:g}{noise}"
-
-
-def rates_table(results):
-    """How each fine-tuning method's rate was chosen, and by how much."""
-    rows = [[display(m), rank or "-", ", ".join(f"{lr:g}" for lr in rate["grid"] if lr not in rate["extended"])
-             + (f"; extended to {', '.join(f'{lr:g}' for lr in rate['extended'])}" if rate["extended"] else ""),
-             f"{rate['lr']:g}", margin_cell(rate, results["config"]["val_size"])]
-            for (m, rank), rate in grid_rates(results).items() if rate["chosen_by"] == "validation grid"]
-    return table(["method", "rank", "grid", "chosen", "lead over the runner-up, validation images (± SE)"], rows)
 
 
 def budget_points(results):
@@ -1836,33 +1766,28 @@ def chosen_rates(results):
 
 
 def who_won(results):
-    """Who won, in a few lines worded as the intervals allow: the most accurate method and those these runs
-    cannot tell from it (paired intervals), the least training memory, the fewest parameters, the fastest."""
+    """Who won, worded as the paired intervals allow: the most accurate method and those these runs cannot tell
+    from it; the least training memory, the fewest stored parameters, the fastest (and of the adapters)."""
     done = {m: r for m, r in results["summary"].items() if r["status"] == "ok" and m not in ("base", "base_on_task")}
     if not done:
         return []
     best = max(done, key=lambda m: done[m]["test_acc"]["mean"])
     ties = [display(m) for m in done if m != best and (d := paired_difference(results, m, best)) and d["ci95"]
             and d["ci95"][0] <= 0 <= d["ci95"][1]]
-    accuracy = f"Best test accuracy: {display(best)}, {fmt_stat(done[best]['test_acc'])} %; " + (
-        f"these runs cannot tell it from {', '.join(ties)}" if ties else "every other method is below it beyond "
-                                                                          "noise (paired 95 % intervals)")
-    if seeds_finished(results["summary"]) == 1:
-        accuracy += " (one seed: the intervals hold the test images' noise only; one seed cannot rank methods)"
+    lines = [f"Best test accuracy: {display(best)}, {fmt_stat(done[best]['test_acc'])} %; " + (
+        f"these runs cannot tell it from {', '.join(ties)}" if ties else
+        "every other method is below it beyond noise (paired 95 % intervals)") + (
+        " (one seed: the intervals hold the test images' noise only; one seed cannot rank methods)"
+        if seeds_finished(results["summary"]) == 1 else "")]
     adapters = [m for m in done if adapter_class(m)]
-
-    def least(key, among, fmt):
-        m = min(among, key=lambda m: key(done[m]))
-        return f"{display(m)} {fmt(key(done[m]))}"
-    memory = lambda r: r["memory"]["total"]  # noqa: E731
-    mib = lambda b: f"{fmt_mib(b)} MiB"  # noqa: E731
-    lines = [accuracy, f"Least training memory (by accounting, one step at batch {results['config']['batch_size']}): "
-                       f"{least(memory, done, mib)}" + (f"; of the adapters, {least(memory, adapters, mib)}"
-                                                        if adapters and not set(done) <= set(adapters) else ""),
-             f"Fewest stored parameters: {least(lambda r: r['stored_params']['mean'], done, '{:,.0f}'.format)}"
-             + (f"; of the adapters, {least(lambda r: r['stored_params']['mean'], adapters, '{:,.0f}'.format)}"
-                if adapters else ""),
-             f"Fastest training: {least(lambda r: r['train_time_s']['mean'], done, '{:.1f} s a run'.format)}"]
+    for what, key, fmt in ((f"Least training memory (by accounting, one step at batch "
+                            f"{results['config']['batch_size']})", lambda r: r["memory"]["total"],
+                            lambda b: f"{fmt_mib(b)} MiB"),
+                           ("Fewest stored parameters", lambda r: r["stored_params"]["mean"], "{:,.0f}".format),
+                           ("Fastest training", lambda r: r["train_time_s"]["mean"], "{:.1f} s a run".format)):
+        least = [f"{display(m)} {fmt(key(done[m]))}" for m in (min(group, key=lambda m: key(done[m]))
+                                                                  for group in (done, adapters) if group)]
+        lines.append(f"{what}: {least[0]}" + (f"; of the adapters, {least[1]}" if least[-1] != least[0] else ""))
     return lines
 
 
@@ -1912,15 +1837,13 @@ def results_markdown(results):
         parts += ["After training (Base, Full FT, Head only: the whole model's file; adapters: the adapter-only "
                   "file; merging: the largest over the seeds, on 1,000 test images):", after_training_table(results)]
     if results["rank_sweep"]:
-        how = ("its rate chosen on that rank's own grid (--grid-per-rank)" if config.get("grid_per_rank") else
+        how = ("its rate chosen on that rank's own grid (--grid-per-rank)" if results.get("sweep_rates") else
                f"at the rate chosen at r = {config['rank']}")
         parts += [f"Rank sweep (the adapter methods at each rank, {how}; the update scaled by "
                   f"{scale_formula(config)}; {len(seeds)} seed(s)):", rank_sweep_table(results)]
     if results["lr_grid"]:
         parts += [f"Learning-rate grid (seed {seeds[0]}, main rank; chosen by {SELECTION}, then the lower rate; "
-                  f"a run that failed or collapsed is never chosen):", lr_grid_table(results),
-                  "The rates chosen, and their lead over the next best rate on the same validation images:",
-                  rates_table(results)]
+                  f"a run that failed or collapsed is never chosen):", lr_grid_table(results)]
     if results["budget_check"]:
         parts += [f"Budget check (seed {seeds[0]}, each method at its chosen rate, validation accuracy at the kept "
                   f"epoch): has the comparison's budget plateaued?", budget_table(results)]
@@ -1973,8 +1896,7 @@ SWEEP_PLOT, LR_PLOT, RANK_PLOT, MEMORY_PLOT = (
     "rank_sweep.png", "lr_sweep.png", "rank_allocation.png", "memory_sweep.png")  # when they ran
 
 def mean_curve(runs, key):
-    """(epochs, mean, std, seeds) of history[key] over runs: epoch e averages only the runs that reached it
-    (none stops early by default; --patience may), `seeds` says how many; std is NaN where fewer than two did."""
+    """(epochs, mean, std, seeds) of history[key] over the runs that reached each epoch (--patience stops some)."""
     longest = max(len(r["history"][key]) for r in runs)
     values = [[r["history"][key][e] for r in runs if len(r["history"][key]) > e] for e in range(longest)]
     return (list(range(1, longest + 1)), [statistics.fmean(v) for v in values],
@@ -2097,8 +2019,7 @@ MEMORY_HATCHES = {"frozen_weights": None, "trainable_weights": "xx", "gradients"
 
 
 def draw_memory(plt, ax, view):
-    """Training memory by accounting, stacked in its parts (activations kept for backward, often the largest,
-    pale), one bar per method; on CUDA the allocator's peak over the same step drawn as a bar beside it."""
+    """Training memory by accounting, stacked in its parts, a bar per method (on CUDA, the peak beside it)."""
     trained, summary = view["trained"], view["summary"]
     bottom = [0.0] * len(trained)
     for key, what in MEMORY_PARTS:
@@ -2125,10 +2046,8 @@ def draw_memory(plt, ax, view):
 
 
 def draw_paired(ax, view, ref, names=True):
-    """Each method's test accuracy minus `ref`'s, seed by seed (the paired difference every claim rests on), its
-    mean and 95 % CI as a forest, 0 marked; filled where a primary contrast is beyond noise after Holm. A method
-    whose difference is more than 5x the adapters' widest reach is written at the edge, not drawn: it would squash
-    the rest (head only, ten points below full fine-tuning)."""
+    """Each method's paired difference to `ref` with its 95 % CI as a forest, filled where a primary contrast is
+    beyond noise after Holm; one more than 5x the adapters' widest reach is written at the edge (head only)."""
     shown = [m for m in view["trained"] if m not in ("base", ref)]
     holm = {(c["method"], c["ref"]): c["p_holm"] < 0.05 for c in view["results"]["contrasts"]}
     diffs = {m: d for m in shown if (d := view["summary"][m]["vs"].get(ref))}
@@ -2181,9 +2100,8 @@ def plot_comparison(plt, view):
 
 
 def plot_rank_sweep(plt, view):
-    """Three panels: test accuracy against the parameters each method stores (its saved folder: trained
-    parameters, pruned ones dropped), one line per adapter method across the swept ranks; then each rank's paired
-    difference to full fine-tuning, and to LoRA at the same rank, seed by seed with its 95 % interval."""
+    """Test accuracy against the parameters each method stores, a line per method across the ranks; then each
+    rank's paired difference to full fine-tuning, and to LoRA at that rank."""
     sweep, summary, n_seeds, config = view["results"]["rank_sweep"], view["summary"], view["n_seeds"], view[
         "results"]["config"]
     if not sweep:
@@ -2211,16 +2129,8 @@ def plot_rank_sweep(plt, view):
                     yerr=[ci_half(full["test_acc"])] if n_seeds > 1 else None,
                     marker=row("full").marker, ms=12, capsize=3, ls="none", color=row("full").color,
                     label=f"{display('full')} (lr {full['lr']:g})")
-    reference = "base_on_task" if "base_on_task" in summary else "base"
-    if summary.get(reference, {}).get("status") == "ok":
-        before = summary[reference]["test_acc"]["mean"]
-        lowest = min(p["test_acc"]["mean"] for points in sweep.values() for p in points)
-        if before > lowest - 2:
-            ax.axhline(before, ls="--", color="gray", label=f"Base, not fine-tuned ({before:.2f} %)")
-        else:  # far below every point (a shifted task): a line would squash the sweep, the legend says it
-            ax.plot([], [], ls="none", label=f"Base, not fine-tuned: {before:.2f} %")
     ax.set_xscale("log")
-    rates = ("each rank's rate chosen on its own grid" if config.get("grid_per_rank") else
+    rates = ("each rank's rate chosen on its own grid" if view["results"].get("sweep_rates") else
              f"every rank at the rate chosen at r = {config['rank']}")
     ax.set(xlabel="stored parameters: the saved adapter and head (log scale; methods drawn a few % apart)",
            ylabel="test accuracy (%), axis zoomed",
@@ -2246,22 +2156,17 @@ def plot_rank_sweep(plt, view):
 
 
 def plot_lr_sweep(plt, view):
-    """Validation accuracy at each run's kept epoch against the learning rate, one line per method through its
-    stable runs; an extension of the grid hollow, the chosen rate a large mark of the method's own shape. A run
-    that collapsed (x) is drawn at its value on a lower axis, the y axis visibly broken between the two, so the
-    stable runs keep a zoomed axis and no point sits at a height that is not its value."""
+    """Validation accuracy at each grid run's kept epoch against the rate, a line per method through its stable
+    runs, the chosen rate ringed, extensions hollow; zoomed to where the choices happen, a run below the axis (a
+    collapsed one: x) marked at its foot with its value."""
     config, chosen = view["results"]["config"], view["results"]["learning_rates"]
     grid = [r for r in view["results"]["lr_grid"] if r["rank"] == run_rank(r["method"], config["rank"])]
     if not grid:
         return None
-    collapsed = [r for r in grid if r["status"] == "unstable"]
-    fig, axes = plt.subplots(2 if collapsed else 1, 1, figsize=(11, 5.8), sharex=True, squeeze=False,
-                             gridspec_kw={"height_ratios": [4, 1]} if collapsed else None)
-    ax, low = axes[0][0], axes[-1][0] if collapsed else None
+    fig, ax = plt.subplots(figsize=(11, 5.8))
     methods = list(dict.fromkeys(r["method"] for r in grid))
     ok_acc = [r["val_acc"] for r in grid if r["status"] == "ok"]
-    # zoomed to where the choices happen: the chosen rates of every method but head only (far below on a new task)
-    picked = [r["val_acc"] for r in grid if r["status"] == "ok" and r["method"] != "head"
+    picked = [r["val_acc"] for r in grid if r["status"] == "ok" and r["method"] != "head"  # head only: far below
               and chosen.get(r["method"], {}).get("lr") == r["lr"]] or ok_acc
     floor = min(picked) - 1.5
     for k, method in enumerate(methods):
@@ -2273,38 +2178,24 @@ def plot_lr_sweep(plt, view):
                 label=display(method) + (f" (failed at lr {', '.join(failed)})" if failed else ""))
         for r in (r for r in ok if r["extension"]):
             ax.plot([r["lr"] * dodge], [r["val_acc"]], ls="none", marker=marker, ms=5, mfc="white", color=color)
-        for r in (r for r in ok if r["val_acc"] < floor):  # below the zoomed axis: an arrow at its foot, and the value
-            ax.plot([r["lr"] * dodge], [floor], ls="none", marker="v", ms=7, color=color, clip_on=False)
+        for r in (r for r in mine if r["status"] in FINISHED and r["val_acc"] < floor):  # its foot, and its value
+            ax.plot([r["lr"] * dodge], [floor], ls="none", marker="v" if r["status"] == "ok" else "x", ms=8,
+                    color=color, clip_on=False)
             ax.annotate(f"{r['val_acc']:.1f}", (r["lr"] * dodge, floor), xytext=(0, 6), textcoords="offset points",
                         ha="center", fontsize=7, color=color)
-        for r in (r for r in mine if r["status"] == "unstable"):
-            low.plot([r["lr"] * dodge], [r["val_acc"]], ls="none", marker="x", ms=9, color=color)
-        best = [r for r in ok if chosen.get(method, {}).get("lr") == r["lr"]]
-        if best:
+        if best := [r for r in ok if chosen.get(method, {}).get("lr") == r["lr"]]:
             ax.plot([best[0]["lr"] * dodge], [max(best[0]["val_acc"], floor)], marker=marker, ms=15, mfc="none",
                     mew=1.5, color=color, clip_on=False)
     ax.set_ylim(floor, max(ok_acc, default=floor + 1) + 0.3)
-    ax.plot([], [], marker="v", ls="none", color="black", label="below the zoomed axis (its value above the arrow)")
     for marker, ms, mfc, what in (("o", 15, "none", "chosen rate (the method's own mark, large)"),
-                                  ("o", 5, "white", "extension of the grid")):
+                                  ("o", 5, "white", "extension of the grid"),
+                                  ("v", 8, None, "below the zoomed axis (its value above the mark)"),
+                                  ("x", 8, None, "unstable: collapsed after learning (its value above)")):
         ax.plot([], [], marker=marker, ms=ms, mfc=mfc, ls="none", color="black", label=what)
-    if collapsed:
-        low.plot([], [], marker="x", ls="none", color="black", label="unstable: collapsed to chance after learning")
-        low.set_ylim(min(r["val_acc"] for r in collapsed) - 5, max(r["val_acc"] for r in collapsed) + 5)
-        ax.spines["bottom"].set_visible(False)
-        low.spines["top"].set_visible(False)
-        for a, y in ((ax, 0), (low, 1)):  # the break: two short slashes where the axes part
-            a.plot([0, 1], [y, y], transform=a.transAxes, ls="none", marker=[(-1, -1), (1, 1)], ms=10, mew=1,
-                   color="black", clip_on=False)
-        low.legend(fontsize=8, loc="lower right")
-        low.set_ylabel("collapsed (%)")
-        low.grid(alpha=0.3, which="both")
     ax.set_xscale("log")
-    seed = view["results"]["seeds"][0]
-    axes[-1][0].set(xlabel="learning rate (log scale)")
-    ax.set(ylabel="validation accuracy at the kept epoch (%), axis zoomed",
-           title=titled(view, f"Learning-rate grid on {view['task']}, seed {seed}, main rank, validation only\n"
-                              f"chosen by {SELECTION}; methods drawn a few % apart"))
+    ax.set(xlabel="learning rate (log scale)", ylabel="validation accuracy at the kept epoch (%), axis zoomed",
+           title=titled(view, f"Learning-rate grid on {view['task']}, seed {view['results']['seeds'][0]}, main "
+                              f"rank, validation only\nchosen by {SELECTION}; methods drawn a few % apart"))
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
@@ -2313,8 +2204,7 @@ def plot_lr_sweep(plt, view):
 
 
 def plot_memory_sweep(plt, view):
-    """Training memory against the batch size, one column per CNN width, one line per method: the total by
-    accounting (top) and its ratio to full fine-tuning's (bottom, 1 marked): where an adapter stops saving."""
+    """Training memory against the batch size, a column per CNN width: the total, and its ratio to full FT's."""
     points = sweep_points(view["results"])
     if not points:
         return None
@@ -2346,8 +2236,7 @@ def plot_memory_sweep(plt, view):
 
 
 def plot_rank_allocation(plt, view):
-    """Where a pruning method's rank went: each layer's final rank, seed by seed (left), and the components
-    alive in each layer after every pruning step (right), beside the uniform rank LoRA keeps at that budget."""
+    """Where a pruning method's rank went: each layer's final rank by seed, and the components alive over steps."""
     runs = [r for r in view["runs"] if r["status"] == "ok" and "rank_allocation" in r]
     methods = list(dict.fromkeys(r["method"] for r in runs))
     if not methods:
@@ -2383,9 +2272,7 @@ def plot_rank_allocation(plt, view):
 
 
 def draw_figures(results):
-    """(file name, figure) of every figure that what ran calls for, drawn from results alone (so --replot redraws
-    them), each closed once the caller is done with it. With several seeds: means, with bands of +-1 std (curves)
-    or 95 % CIs (points)."""
+    """(file name, figure) of every figure what ran calls for, drawn from results alone (--replot redraws them)."""
     import matplotlib
     matplotlib.use("Agg")  # to files, never to a window
     import matplotlib.pyplot as plt
@@ -2449,8 +2336,7 @@ def run_label(args, record):
 
 
 class Run:
-    """What every run of one experiment shares: the settings, the device, the data, the results being written,
-    each seed's trained base, and the records an earlier run left that --resume trusts (by record_key)."""
+    """What the runs of one experiment share: settings, device, data, results, bases, --resume's records."""
 
     def __init__(self, args, device, splits, results, earlier):
         self.args, self.device, self.splits, self.results, self.earlier = args, device, splits, results, earlier
@@ -2519,9 +2405,8 @@ def divergence_advice(key, lr, args, too_slow=False):
 
 
 def finish_run(ctx, record, model):
-    """What a tested run adds: the base's accuracy on a shifted task, its class's record (the rank allocation), its
-    saved model (a whole CNN, or an adapter folder PEFT loads) with its checksum, and, for a method PEFT rebuilds
-    otherwise (QLoRA: on the fp32 base), its accuracy there."""
+    """What a tested run adds: its class's record, the merge's gap, its saved model and checksum, and (QLoRA)
+    its accuracy as PEFT loads it."""
     method, seed, rank, args = record["method"], record["seed"], record["rank"], ctx.args
     if method == "base" and args.task != "mnist":  # where the fine-tuning starts from, on the shifted task
         record["task_test_loss"], record["task_test_acc"] = evaluate(model, *ctx.splits[args.task]["test"])
@@ -2543,10 +2428,9 @@ def finish_run(ctx, record, model):
 
 
 def run_method(ctx, record, trained=None):
-    """One method's run as `record` names it (method, seed, rank, lr; "epochs" in the budget check): built (a fresh
-    CNN for the base, a copy of the seed's base for the others) and trained, or `trained`, a grid run's (model,
-    fit); then judged on validation only (the grid, the budget check) or tested once and saved. Returns (the
-    record completed, (model, fit)); a run that cannot finish is recorded with its reason, and the others go on."""
+    """One run as `record` names it (method, seed, rank, lr; "epochs" in the budget check): built and trained (or
+    `trained`, a grid run's (model, fit)), then judged on validation only or tested once and saved. Returns (the
+    record completed, (model, fit)); a run that cannot finish is recorded with its reason."""
     args, (method, seed, rank, lr) = ctx.args, (record[k] for k in ("method", "seed", "rank", "lr"))
     name, data = display(method) + run_label(args, record), ctx.splits["mnist" if method == "base" else args.task]
     validation_only, started = "extension" in record or "epochs" in record, time.perf_counter()
@@ -2611,8 +2495,7 @@ def next_rate(grid, best, original):
 
 
 def validation_run(ctx, kind, record):
-    """A run of the rate grid or the budget check (kind "lr_grid" or "budget_check"): kept from the earlier run, or
-    run here; appended to its list in the results, which are saved. Returns it (and its (model, fit), if run)."""
+    """A run of the rate grid or the budget check, kept from an earlier run or run here, and saved."""
     kept, trained = ctx.kept(kind, record), None
     if not kept:
         what = (f"at lr {record['lr']:g}" if kind == "lr_grid" else
@@ -2626,10 +2509,9 @@ def validation_run(ctx, kind, record):
 
 
 def choose_rate(ctx, method, rank):
-    """(rate, that run's (model, fit) if it trained here) for `method`: with --lrs, the first seed's best rate by
-    the selection criterion among the runs that neither failed nor collapsed (ties: the lower rate; None if none),
-    the grid growing past an end while its best rate sits there; else --lr or the method's row, and None.
-    Recorded in results["learning_rates"], with the lead over the runner-up in validation images."""
+    """(rate, that run's (model, fit) if it trained here) for `method` at `rank`: with --lrs, the first seed's best
+    stable rate by the selection criterion (ties: the lower), the grid growing past an end while its best sits
+    there; else --lr or the method's row."""
     args, results = ctx.args, ctx.results
     if not args.lrs or method == "base":  # the base trains from scratch at its own rate: no grid
         table = "BASE" if method == "base" else "METHODS"
@@ -2667,9 +2549,8 @@ def choose_rate(ctx, method, rank):
 
 
 def comparison_run(ctx, key, rates):
-    """One run of the plan, key = (method, seed, rank): kept from the earlier run, or run here at its method's rate
-    (chosen where the method first runs; the grid's own run at that rate finished, not trained again); appended to
-    the results, which are saved (after every run: nothing finished is lost). Returns its record."""
+    """One run of the plan, (method, seed, rank): kept from an earlier run, or run at its rate (chosen where it
+    first runs; the grid's run at that rate finished, not trained again), and saved at once."""
     (method, seed, rank), args = key, ctx.args
     rate_rank = rank if args.grid_per_rank else run_rank(method, args.rank)  # whose grid sets the rate
     if (method, rate_rank) not in rates:  # the first seed's base is there: a grid can run on it
@@ -2711,9 +2592,8 @@ def budget_check(ctx):
 # The output folder: one run at a time, each in a folder of its own; --resume continues one
 # =====================================================================================================
 def read_results(path, why):
-    """An earlier results.json of this script, checked by use: its format, then the code that reads its records
-    (the summary, results.md, every figure, drawn but not written) runs on it, so whatever it lacks is one sentence
-    now, not a traceback after the training. `why`: what to do instead."""
+    """An earlier results.json of this script, checked by use (results.md and every figure drawn from it, not
+    written): what it lacks is one sentence now, not a traceback later. `why`: what to do instead."""
     try:
         results = json.loads(path.read_text())
         if results.get("format") != RESULTS_FORMAT:
@@ -2737,22 +2617,12 @@ def saved_model_problem(out, run):
         return f"its saved model {path} is missing"
     if run["file_sha256"] != file_digest(path):
         return f"{path} is damaged or was written by another run (its checksum is not the one recorded)"
-    if adapter_class(run["method"]):  # a folder of another method (its files copied here) would pass the checksum
-        try:
-            saved = json.loads((path / ADAPTER_INFO).read_text()).get("method")
-        except (OSError, ValueError, AttributeError):
-            return f"{path / ADAPTER_INFO} is damaged"
-        if saved != run["method"]:
-            return f"{path} was written for {display(saved)}, not {display(run['method'])}"
     return None
 
 
 def earlier_records(out, config, plan):
-    """({record_key: record} that --resume can trust from an earlier run into `out` with the same settings, what
-    this plan will not redo: {"other_runs": its finished runs, "lr_grid" and "budget_check": its methods' records,
-    "learning_rates": theirs}): a run counts while its saved model matches its checksum and its seed's base is
-    trusted (a base missing or trained again takes its runs along); grid and budget-check runs count while their
-    base does (a diverged rate stays so; skipped ones are tried again)."""
+    """({record_key: record} --resume trusts from an earlier run in `out` with the same settings, what this plan
+    will not redo): a run counts while its saved model matches its checksum and its seed's base is trusted."""
     path = out / "results.json"
     if not path.exists():
         return {}, {}
@@ -2777,15 +2647,14 @@ def earlier_records(out, config, plan):
     others = {"other_runs": [r for key, r in trusted.items() if key[0] == "runs" and key[1:4] not in plan],
               **{kind: [r for key, r in trusted.items() if key[0] == kind and key[1] not in planned]
                  for kind in ("lr_grid", "budget_check")},
-              **{kind: {m: rate for m, rate in earlier.get(kind, {}).items() if m not in planned}
-                 for kind in ("learning_rates", "sweep_rates")}}
+              "learning_rates": {m: rate for m, rate in earlier["learning_rates"].items() if m not in planned},
+              "sweep_rates": earlier.get("sweep_rates", {})}  # a rank chosen again here is overwritten
     return trusted, others
 
 
 def lock_out_dir(out):
-    """An exclusive lock on out/.lock while this run writes there (filelock: released when the process ends, even
-    by kill -9; its file opened without following a link), so two runs never mix their files. Its file is the
-    run's first write there: a folder that cannot take files is said here, before anything is read."""
+    """An exclusive lock on out/.lock while this run writes there (released when the process ends, even by kill
+    -9): two runs never mix their files."""
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -2943,11 +2812,10 @@ def load_splits(args, device):
 
 
 def run_config(args, splits=None):
-    """What decides the numbers (results.json's "config"; --resume needs it equal): the settings, less where
-    files go, which methods, seeds and ranks run (they may differ between resumed runs), and the split sizes
-    (none for a memory sweep, which reads no data)."""
+    """What decides the numbers (results.json's "config"; --resume needs it equal): the settings but where files
+    go and which methods, seeds and ranks run, and the split sizes."""
     config = {k: v for k, v in vars(args).items()
-              if k not in ("data_dir", "out_dir", "device", "methods", "resume", "seeds", "ranks",
+              if k not in ("data_dir", "out_dir", "device", "methods", "resume", "seeds", "ranks", "grid_per_rank",
                            "budgets", "replot") + (() if args.memory_batches else ("memory_batches", "memory_widths"))}
     sizes = {f"{split}_size": len(splits["mnist"][split][1]) for split in ("val", "train", "test")} if splits else {}
     variants = {m: spec.settings for m, spec in METHODS.items() if spec.settings}
@@ -3017,8 +2885,7 @@ def check_bases(args, plan, earlier):
 
 
 def prepare(args):
-    """(the runs' context, the plan), once everything that can stop the run has been checked (the settings, the
-    folders it saves into, the data, an earlier run's results); only then is a replaced run moved aside."""
+    """(the runs' context, the plan), once everything that can stop the run has been checked."""
     out, plan = Path(args.out_dir), plan_runs(args)
     if not args.resume:  # before loading anything; with --resume, once the earlier results are read
         check_bases(args, plan, {})
@@ -3057,9 +2924,7 @@ def run_experiment(args):
 
 
 def run_memory_sweep(args):
-    """The memory sweep alone (--memory-batches): every method's training memory at each width and batch size,
-    measured on one step each; nothing is trained and no data is read. Writes results.json, results.md and
-    memory_sweep.png."""
+    """The memory sweep alone (--memory-batches): one measured step per method, width and batch; no training."""
     out, device = Path(args.out_dir), training_device(args)
     print(f"Memory sweep on {device.type}: widths {args.memory_widths}, batch sizes {args.memory_batches}; one "
           f"measured training step per point, nothing trained. Writing to {out}/")
@@ -3088,9 +2953,7 @@ def replot(args):
 
 def main(argv=None):
     """Exit status: 0 done; 1 a run failed, or an output could not be written; 2 bad input, found before any
-    training; 130 interrupted by Ctrl-C. Every finished run is in results.json as soon as it finishes (written
-    whole), so a run killed outright (a scheduler's SIGTERM) loses nothing either: --resume continues it and
-    --replot draws what it left."""
+    training; 130 Ctrl-C. Every finished run is in results.json at once: a killed run loses only the one going."""
     lock, results = None, "results.json"
     try:
         args = parse_args(argv)

@@ -1,5 +1,4 @@
 """Faults and hostile files: each case the README's "When things go wrong" promises, reproduced."""
-import copy
 import json
 import os
 import shutil
@@ -13,7 +12,7 @@ import pytest
 import torch
 
 import main
-from conftest import ROOT, adapt, run
+from conftest import ROOT, run
 
 SMALL = ["--quick", "--methods", "base,lora", "--epochs", "1", "--finetune-epochs", "1"]
 
@@ -379,19 +378,6 @@ def test_every_field_the_code_reads_is_checked(capsys, mnist_dir, copy_of, case)
     assert code == 2 and f"{path} is not a results file of this script" in err and err.count("\n") == 1
 
 
-@pytest.mark.usefixtures("no_plots")
-def test_an_adapter_folder_of_another_method_is_not_trusted_even_with_its_checksum(capsys, mnist_dir, copy_of):
-    folder = copy_of / "seed0" / "adapters" / "lora_r8"
-    info = json.loads((folder / "training_info.json").read_text())
-    (folder / "training_info.json").write_text(json.dumps({**info, "method": "dora"}))
-    results = json.loads((copy_of / "results.json").read_text())
-    results["runs"][1]["file_sha256"] = main.file_digest(folder)  # the checksum made to match
-    (copy_of / "results.json").write_text(json.dumps(results))
-    code, stdout, _ = run(capsys, *SMALL, "--resume", "--data-dir", mnist_dir, "--out-dir", copy_of)
-    assert code == 0 and "was written for DoRA (weight-decomposed), not LoRA" in stdout and "not kept, it is trained again" in stdout
-    assert len(methods_run(capsys, stdout)) == 1
-
-
 def permission_denied_under(monkeypatch, folder):
     """Simulate a folder without search permission (root, who runs CI, may search any folder)."""
     real_stat = Path.stat
@@ -466,35 +452,12 @@ def test_a_run_whose_adapters_never_moved_is_a_recorded_failure(capsys, mnist_di
     assert lora["reason"] == "its adapters never moved from their start: every update vanished"
 
 
-@pytest.mark.parametrize("edit", [{"conv1": -3}, {"fc1": 10**9}, {"conv2": "4"}])
-def test_an_edited_rank_pattern_is_one_sentence_not_a_crash_or_a_huge_allocation(tmp_path, edit):
-    torch.manual_seed(0)
-    base = main.CNN()
-    torch.save(base.state_dict(), tmp_path / "base_model.pt")
-    model = adapt(copy.deepcopy(base), "dyndora", rank=4)
-    folder = main.save_adapter(model, "dyndora", 4, main.parse_args([]), tmp_path / "dyndora_r4")
-    config = json.loads((folder / "adapter_config.json").read_text())
-    config["rank_pattern"] |= edit
-    (folder / "adapter_config.json").write_text(json.dumps(config))
-    with pytest.raises(main.ModelFileError, match="is not a LoRA config of this CNN .* is not the rank of its saved"):
-        main.load_adapter(tmp_path / "base_model.pt", folder)
-
-
 @pytest.mark.usefixtures("no_plots")
-@pytest.mark.parametrize("case", ["method a list", "a folder inside"])
-def test_a_tampered_adapter_folder_is_trained_again_on_every_resume_not_a_crash(capsys, mnist_dir, copy_of, case):
+def test_a_changed_adapter_folder_is_trained_again_on_resume_then_trusted(capsys, mnist_dir, copy_of):
     folder = copy_of / "seed0" / "adapters" / "lora_r8"
-    if case == "method a list":
-        info = json.loads((folder / "training_info.json").read_text())
-        (folder / "training_info.json").write_text(json.dumps({**info, "method": ["lora"]}))
-        results = json.loads((copy_of / "results.json").read_text())
-        results["runs"][1]["file_sha256"] = main.file_digest(folder)  # the checksum made to match
-        (copy_of / "results.json").write_text(json.dumps(results))
-    else:  # not the folder that was saved: trained again (the subfolder, maybe a user's, is left where it is)
-        (folder / "notes").mkdir()
+    (folder / "notes").mkdir()  # not the folder that was saved: trained again (the subfolder is left where it is)
     code, stdout, err = run(capsys, *SMALL, "--resume", "--data-dir", mnist_dir, "--out-dir", copy_of)
     assert code == 0 and "Traceback" not in err and "not kept, it is trained again" in stdout
     assert len(methods_run(capsys, stdout)) == 1
     code, stdout, _ = run(capsys, *SMALL, "--resume", "--data-dir", mnist_dir, "--out-dir", copy_of)
-    assert code == 0 and stdout.count("kept.") == 2  # healed: trusted from then on
-    assert case == "method a list" or (folder / "notes").is_dir()
+    assert code == 0 and stdout.count("kept.") == 2 and (folder / "notes").is_dir()  # healed: trusted from then on

@@ -175,7 +175,7 @@ def test_quick_fashion_run_with_a_grid_runs_every_method(fashion_dir, tmp_path, 
     assert (tmp_path / main.LR_PLOT).stat().st_size > 10_000
     table = (tmp_path / "results.md").read_text()
     assert "Learning-rate grid (seed 0" in table and "(chosen on validation from 0.001, 0.01" in table
-    assert "| Head only |" in table and "Learning rates: " in stdout
+    assert "| Head only |" in table and "Learning rates: " in table
 
 
 # ------------------------------------------------------------- a grid that brackets its choice

@@ -145,9 +145,10 @@ def test_a_run_with_the_default_out_dir_changes_no_committed_file(quick_run):
     assert code == 0 and (out / "results.json").is_file() and (out / main.PLOT_FILES[4]).is_file()
     assert git(repo, "status", "--porcelain", "--untracked-files=all") == ""  # nothing changed, nothing unignored
     assert out.parent == repo / "runs" and out.name.endswith("-quick")
-    code = json.loads((out / "results.json").read_text())["code"]  # the code it ran, as a field
-    assert code["commit"] == git(repo, "rev-parse", "HEAD").strip() and code["main_py_edited"] is False
-    assert code["main_py_sha256"] == main.file_digest(repo / "main.py")
+    code = json.loads((out / "results.json").read_text())["code"]  # the code it ran (this process's main.py)
+    edited = subprocess.run(["git", "-C", str(ROOT), "diff", "--quiet", "HEAD", "--", "main.py"]).returncode != 0
+    assert code == {"main_py_sha256": main.file_digest(ROOT / "main.py"), "main_py_edited": edited,
+                    "commit": git(ROOT, "rev-parse", "HEAD").strip()}
 
 
 def test_no_readme_command_writes_into_a_committed_folder():
@@ -562,7 +563,7 @@ def test_a_new_method_is_one_row_and_one_class(capsys, mnist_dir, tmp_path, monk
     assert isinstance(loaded.conv1, DoubledLoRALayer)
     test_split = main.load_splits(main.parse_args([str(a) for a in argv]), torch.device("cpu"))["mnist"]["test"]
     assert main.evaluate(loaded, *test_split)[1] == pytest.approx(run_["test_acc"], abs=0.015)  # the trained one
-    assert "lora2x" in results["inference"]
+    assert 0 <= run_["merge_gap"] < 1e-3  # merged, it computes what it computed
     monkeypatch.setattr(main, "plot_results", lambda results, out_dir: [])  # drawn and checked above
     code, stdout, _ = run(capsys, *argv, "--resume")
     assert code == 0 and "Epoch " not in stdout  # nothing trained again: the base, every grid run, ranks 8 and 2 kept
