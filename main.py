@@ -166,7 +166,7 @@ def variant_of(method):
     return next(m for m in COMPARED if METHODS[m].layer == spec.layer) if spec.settings else None
 
 
-ROW_SETTINGS = ("alpha", "dropout", "scaling", "bias", "train_head") + tuple(k for k in SETTINGS if k.startswith("dyn_"))
+ROW_SETTINGS = ("alpha", "dropout", "scaling", "bias", "train_head", *(k for k in SETTINGS if k.startswith("dyn_")))
 
 
 def method_settings(method, args):  # the run's settings, with what the method's row overrides
@@ -175,6 +175,18 @@ def method_settings(method, args):  # the run's settings, with what the method's
 
 def default_rates():
     return {m: row(m).lr for m in ["base", *METHODS]}
+
+
+def changed_settings(config):
+    """The settings a run took other than SETTINGS' defaults, as "rank 4, lrs [0.001, 0.01]": the console, the
+    header of results.md and every figure's title say them."""
+    changed = []
+    for name, (default, kind, _) in SETTINGS.items():
+        if name in config and name != "quick":
+            value = default if default is None or kind is bool else kind(str(default))
+            if config[name] != value:
+                changed.append(f"{name.replace('_', ' ')} {config[name]}")
+    return ", ".join(changed)
 
 
 def epoch_budget(config, method=None, epochs=None):
@@ -1471,6 +1483,15 @@ def study_time_s(results):
     return sum(r.get("train_time_s", 0.0) for r in records if not r.get("from_grid"))
 
 
+def busy_note(results):
+    """A sentence when the machine was busy (its load above its cores) as runs started or ended, else ""."""
+    timed = [r for kind in ("runs", "other_runs", "lr_grid", "budget_check") for r in results[kind] if "load" in r]
+    cores = results["environment"].get("cores") or os.cpu_count()
+    busy = [r for r in timed if max(r["load"]) > cores]
+    return (f"The machine was busy (load above its {cores} cores) as {len(busy)} of {len(timed)} runs started or "
+            f"ended: their times are not comparable across methods." if busy else "")
+
+
 def seeds_finished(summary):
     """The most seeds any method finished: what the console and the plots average over (1: single values)."""
     return max((len(row["seeds"]) for row in summary.values() if row["status"] == "ok"), default=1)
@@ -1814,8 +1835,10 @@ def results_markdown(results):
                   if len(seeds) > 1 else f"One seed ({seeds[0]}): single values, so no spread and no interval.")
         parts[0] += (f" Fine-tuning task: {config['task']} ({TASKS[config['task']]}); {epoch_budget(config)} "
                      f"fine-tuning epochs, the update scaled by {scale_formula(config)}. {spread} "
-                     f"{chosen_rates(results)}. Training time of this study: {study_time_s(results) / 60:.1f} min "
-                     f"(every run once, the grid and the checks included).")
+                     f"{chosen_rates(results)}. Settings other than main.py's defaults: "
+                     f"{changed_settings(config) or 'none'}. Training time of this study: "
+                     f"{study_time_s(results) / 60:.1f} min "
+                     f"(every run once, the grid and the checks included). {busy_note(results)}".rstrip())
         parts.insert(1, "**Verdict.** " + " ".join(line + "." for line in who_won(results)))
         parts += [comparison_table(results)]
         parts += [f"{display(m)}'s adapter as PEFT loads it (as {display(adapter_class(m).peft_loads_as)} on the fp32 "
@@ -1908,7 +1931,9 @@ def ci_half(stats):
 
 
 def titled(view, title, sep="\n"):
-    """A figure's title, led by the quick-run warning when there is one."""
+    """A figure's title, led by the quick-run warning when there is one, with the settings changed from main.py's."""
+    changed = changed_settings(view["results"]["config"])
+    title += f"\n(settings other than the defaults: {changed})" if changed else ""
     return f"{view['quick']}{sep}{title}" if view["quick"] else title
 
 
@@ -2434,6 +2459,7 @@ def run_method(ctx, record, trained=None):
     args, (method, seed, rank, lr) = ctx.args, (record[k] for k in ("method", "seed", "rank", "lr"))
     name, data = display(method) + run_label(args, record), ctx.splits["mnist" if method == "base" else args.task]
     validation_only, started = "extension" in record or "epochs" in record, time.perf_counter()
+    load, cpu = [os.getloadavg()[0]], time.process_time()  # the machine's load: are times comparable?
 
     def stopped(status, reason):  # recorded with the time it took to stop
         return record | {"status": status, "reason": reason, "train_time_s": time.perf_counter() - started}, None
@@ -2451,7 +2477,8 @@ def run_method(ctx, record, trained=None):
                 return stopped("failed", f"its {'adapters' if adapter_class(method) else 'weights'} never moved "
                                          f"from their start: every update vanished")
         model, fitted = trained
-        record |= {**stability(fitted), "val_right": right_images(model, *data["val"])}  # pairs runs image by image
+        record |= {**stability(fitted), "val_right": right_images(model, *data["val"]),  # pairs runs image by image
+                   "cpu_time_s": time.process_time() - cpu, "load": load + [os.getloadavg()[0]]}
         if validation_only:
             kept = fitted["best_epoch"] - 1
             record |= {"val_acc": fitted["history"]["val_acc"][kept], "val_loss": fitted["history"]["val_loss"][kept],
@@ -2792,7 +2819,7 @@ def environment(device, methods):
     name = (torch.cuda.get_device_name(device) if device.type == "cuda"
             else f"CPU: {cpu}, {threads} thread{'s' if threads > 1 else ''}")
     return {"device": device.type, "device_name": name, "torch": torch.__version__, "bitsandbytes": bnb,
-            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
+            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"), "cores": os.cpu_count()}
 
 
 def training_device(args):
@@ -2856,7 +2883,7 @@ def print_summary(results, args):
                      f"{fmt_ci(row['test_acc'])})")
         print(f"{label(method, args.task)} Model Test Accuracy: {shown}")
     quick = "QUICK RUN: a smoke test on a subset, not results.\n" if args.quick else ""
-    print(f"\n{quick}{comparison_table(results)}\n\n" + "\n".join(who_won(results)))
+    print(f"\n{quick}{comparison_table(results)}\n\n" + "\n".join(who_won(results) + [busy_note(results)]).strip())
     print(f"\nPlots, results.json and results.md (every table) are in\n  {args.out_dir}/")
 
 
@@ -2898,7 +2925,8 @@ def prepare(args):
     print(f"{'QUICK RUN (a smoke test, not results). ' if args.quick else ''}Device: "
           f"{results['environment']['device_name']}\n{config['train_size']:,} training, {config['val_size']:,} "
           f"validation, {config['test_size']:,} test images; fine-tuning on {args.task}; {len(plan)} runs "
-          f"({args.seeds} seed(s){f', ranks {args.ranks}' if args.ranks else ''})\nWriting to {out}/")
+          f"({args.seeds} seed(s){f', ranks {args.ranks}' if args.ranks else ''}); settings other than main.py's "
+          f"defaults: {changed_settings(config) or 'none'}\nWriting to {out}/")
     return Run(args, device, splits, results, earlier), plan
 
 
@@ -2906,9 +2934,14 @@ def run_experiment(args):
     """The experiment: every planned run in order, then the budget check; the plots of whatever
     finished, and the summary. Exit status 0, or 1 when a run failed or collapsed."""
     ctx, plan, rates = *prepare(args), {}
+    started, trained = time.perf_counter(), 0
     try:
-        for key in plan:
+        for k, key in enumerate(plan, 1):
+            pace = (time.perf_counter() - started) / max(trained, 1)  # seconds a run trained here took
+            left = f", about {pace * (len(plan) - k + 1) / 60:.1f} min left at the pace so far" if trained else ""
+            print(f"== Run {k} of {len(plan)}{left} ==")
             record = comparison_run(ctx, key, rates)
+            trained += record_key("runs", record) not in ctx.earlier  # kept ones took no time
             if record["method"] == "base" and record["status"] not in FINISHED:
                 print(f"error: the base model of seed {record['seed']} failed, so there is nothing to fine-tune.",
                       file=sys.stderr)

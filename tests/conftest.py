@@ -33,14 +33,23 @@ def quick_runs_on_fewer_images():
         yield
 
 
+def pytest_sessionstart(session):
+    """The tests read MNIST from $MNIST_DIR (the README's test command sets it), fetched there as a run fetches it
+    when missing: without it the suite stops at once in one sentence, rather than skipping most of itself."""
+    folder = os.environ.get("MNIST_DIR")
+    try:
+        if not folder:
+            raise main.DataError("it is not set")
+        main.ensure_dataset(folder)
+    except main.DataError as e:
+        why = "is not set" if not folder else f"holds no MNIST/raw/ the tests can read ({main.one_line(e, 60)})"
+        pytest.exit(f"MNIST_DIR {why}: point it at the folder holding MNIST/raw/ (the quick run's data/, or your "
+                    f"--data-dir)", returncode=1)
+
+
 @pytest.fixture(scope="session")
 def mnist_dir():
-    path = os.environ.get("MNIST_DIR")
-    if not path or not (Path(path) / "MNIST" / "raw").is_dir():
-        if os.environ.get("CI"):
-            pytest.fail("MNIST_DIR must point at a folder with MNIST/raw/ in CI (.ci/run prepares it)")
-        pytest.skip("set MNIST_DIR to a folder holding MNIST/raw/ to run the tests on real data")
-    return Path(path).resolve()
+    return Path(os.environ["MNIST_DIR"]).resolve()
 
 
 @pytest.fixture(scope="session")
@@ -55,7 +64,7 @@ def fashion_dir(mnist_dir):
             pytest.fail(f"Fashion-MNIST must be in $MNIST_DIR/FashionMNIST/raw/ in CI (.ci/run unpacks it): {e}")
         pytest.skip(f"Fashion-MNIST is not in {mnist_dir / 'FashionMNIST' / 'raw'} and could not be downloaded: run "
                     f"`python main.py --quick --task fashion --data-dir {mnist_dir}` once with network access, or put "
-                    f"its four IDX files there (../shared/tools/unpack-fashion-mnist does)")
+                    f"its four IDX files there")
     return mnist_dir
 
 

@@ -603,3 +603,30 @@ def test_every_module_name_is_defined_above_its_first_use():
     assert names_used_above_their_definition("x = 1\ndef f():\n    return y\ny = 2\n") == {"y": (3, 4)}  # it finds one
     assert names_used_above_their_definition("def f(y):\n    return y\ny = 2\n") == {}  # a parameter is not it
     assert names_used_above_their_definition((ROOT / "main.py").read_text()) == {}
+
+
+# ----------------------------------------------------------------------------------------- the first hour
+@pytest.mark.usefixtures("no_plots")
+def test_a_run_on_a_busy_machine_says_its_times_are_not_comparable(capsys, mnist_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "getloadavg", lambda: (64.0, 64.0, 64.0))  # a machine shared with many processes
+    code, stdout, _ = run(capsys, "--quick", "--methods", "base,lora", "--epochs", "1", "--finetune-epochs", "1",
+                          "--data-dir", mnist_dir, "--out-dir", tmp_path)
+    busy = f"The machine was busy (load above its {os.cpu_count()} cores) as 2 of 2 runs started or ended"
+    assert code == 0 and busy in stdout and busy in (tmp_path / "results.md").read_text()
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert all(r["load"] == [64.0, 64.0] and 0 < r["cpu_time_s"] for r in runs)
+    assert "== Run 1 of 2 ==" in stdout and "== Run 2 of 2, about " in stdout  # progress over the whole run
+
+
+def test_a_changed_setting_shows_on_the_console_in_results_md_and_in_every_title(capsys, mnist_dir, tmp_path,
+                                                                                 monkeypatch):
+    titles, real_write = {}, main.write_atomic
+    monkeypatch.setattr(main, "write_atomic", lambda path, content: (
+        titles.__setitem__(Path(path).name, figure_texts(content)) if hasattr(content, "savefig") else None,
+        real_write(path, content))[1])
+    code, stdout, _ = run(capsys, "--quick", "--methods", "base,lora", "--epochs", "1", "--finetune-epochs", "1",
+                          "--rank", "4", "--data-dir", mnist_dir, "--out-dir", tmp_path)
+    changed = "epochs 1, finetune epochs 1, rank 4"
+    assert code == 0 and f"settings other than main.py's defaults: {changed}" in stdout
+    assert f"Settings other than main.py's defaults: {changed}." in (tmp_path / "results.md").read_text()
+    assert titles and all(f"(settings other than the defaults: {changed})" in text for text in titles.values())
