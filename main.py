@@ -111,14 +111,16 @@ SETTINGS = {  # name: (default, type, meaning); the flag is --name with - for _ 
     "finetune_epochs": (10, within(int, 1, 10_000), "epoch budget of every fine-tuning method"),
     "batch_size": (128, within(int, 1), "training batch size, the same for every method"),
     "lr": (None, float, "one Adam rate for every method and the base instead of their rows' rates"),
-    "lrs": ("", within(float, 0, most=20), "rate grid, e.g. 1e-3,3e-3,1e-2: each method's best on seed's validation"),
+    "lrs": ("", within(float, 0, most=20),
+            "rate grid, e.g. 1e-3,3e-3,1e-2: each method takes its best on the first seed's validation"),
     "patience": (None, within(int, 0), "early stopping after this many epochs without a better one (none: off)"),
     "rank": (8, int, "r, the rank of the update B A"),
     "alpha": (16, float, "the update is scaled by alpha / r (or alpha / sqrt(r): --scaling)"),
     "scaling": ("lora", str, "lora (alpha / r) or rslora (alpha / sqrt(r), PEFT's use_rslora)"),
     "ranks": ("", within(int, 1, most=16), "rank sweep, e.g. 2,16: the adapter methods again at each rank"),
     "grid_per_rank": (False, bool, "rank sweep: each rank's rate chosen on its own --lrs grid (else r's rate)"),
-    "budgets": ("", within(int, 1, 10_000, most=10), "budget check, e.g. 20,40: seed's runs again at these budgets"),
+    "budgets": ("", within(int, 1, 10_000, most=10),
+                "budget check, e.g. 20,40: the first seed's runs again at these budgets, on validation"),
     "dropout": (0.0, float, "dropout on the adapter's input (0 lets DoRA reuse the base's output)"),
     "dyn_components": (1.5, within(float, 1, 10), "dynamic-rank DoRA: ceil(this x r) components per layer at start"),
     "dyn_prune_from": (0.15, within(float, 0, 1), "dynamic-rank DoRA: pruning starts at this fraction of the steps"),
@@ -1839,7 +1841,8 @@ def results_markdown(results):
                      f"{changed_settings(config) or 'none'}. Training time of this study: "
                      f"{study_time_s(results) / 60:.1f} min "
                      f"(every run once, the grid and the checks included). {busy_note(results)}".rstrip())
-        parts.insert(1, "**Verdict.** " + " ".join(line + "." for line in who_won(results)))
+        parts.insert(0, f"# Results\n\n{quick}**Verdict.** " + " ".join(line + "." for line in who_won(results)))
+        parts[1] = parts[1].removeprefix(f"# Results\n\n{quick}")
         parts += [comparison_table(results)]
         parts += [f"{display(m)}'s adapter as PEFT loads it (as {display(adapter_class(m).peft_loads_as)} on the fp32 "
                   f"base): {fmt_stat(row['in_peft']['test_acc'])} % test accuracy, against {fmt_stat(row['test_acc'])} "

@@ -368,6 +368,7 @@ def test_quick_run_console_summary(quick_run, mnist_dir, capsys, tmp_path, monke
     assert len(verdict) == 4 and "one seed cannot rank methods" in verdict[0]
     assert verdict[1].startswith("Least training memory (by accounting, one step at batch 128): Head only")
     assert f"**Verdict.** {'. '.join(verdict)}." in results_md
+    assert results_md.index("**Verdict.**") < results_md.index("Device:")  # results.md opens with it
 
 
 # --------------------------------------------------------------------------- faults and interruptions
