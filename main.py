@@ -1486,12 +1486,13 @@ def study_time_s(results):
 
 
 def busy_note(results):
-    """A sentence when the machine was busy (its load above its cores) as runs started or ended, else ""."""
+    """A sentence when the machine was busy as runs started or ended (its load, this run's own threads included,
+    above its cores plus one: another process competed for a core), else ""."""
     timed = [r for kind in ("runs", "other_runs", "lr_grid", "budget_check") for r in results[kind] if "load" in r]
     cores = results["environment"].get("cores") or os.cpu_count()
-    busy = [r for r in timed if max(r["load"]) > cores]
-    return (f"The machine was busy (load above its {cores} cores) as {len(busy)} of {len(timed)} runs started or "
-            f"ended: their times are not comparable across methods." if busy else "")
+    busy = [r for r in timed if max(r["load"]) > cores + 1]
+    return (f"The machine was busy (load above its {cores} cores plus one) as {len(busy)} of {len(timed)} runs "
+            f"started or ended: their times are not comparable across methods." if busy else "")
 
 
 def seeds_finished(summary):
