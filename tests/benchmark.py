@@ -1,6 +1,6 @@
 """Side-by-side speed of the usual MNIST pipeline and this project's, on the same model, batch and data.
 
-    python tests/benchmark.py --data-dir data                  # one epoch each, then the full experiment (writes plots/latest/benchmark.json)
+    python tests/benchmark.py --data-dir data                  # one epoch each, then the full experiment (writes runs/benchmark.json)
     python tests/benchmark.py --data-dir data --max-steps 100  # a quick check: 100 steps each, no full run
 
 (a) the usual pipeline: torchvision's MNIST with per-sample ToTensor + Normalize, a shuffling DataLoader (0 workers),
@@ -126,7 +126,7 @@ def main_benchmark(argv=None):
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--max-steps", type=int, default=None, help="time this many steps instead of a whole epoch")
     p.add_argument("--data-dir", default=main.SETTINGS["data_dir"][0])
-    p.add_argument("--out-dir", default=main.SETTINGS["out_dir"][0])
+    p.add_argument("--out-dir", default="runs")
     args = p.parse_args(argv)
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
