@@ -1690,8 +1690,11 @@ def memory_sweep_table(results):
 
 
 def crossover_table(results):
-    """Per CNN width, the largest batch swept at which each method takes less training memory than full FT."""
+    """Per CNN width, the largest batch swept at which each method takes less training memory than full FT; None
+    where full fine-tuning was not measured (nothing to cross)."""
     points = sweep_points(results)
+    if not any("full" in totals for totals in points.values()):
+        return None
     widths = list(dict.fromkeys(width for width, _ in points))
     methods = list(dict.fromkeys(m for totals in points.values() for m in totals if m != "full"))
 
@@ -1879,7 +1882,8 @@ def results_markdown(results):
                   "on a fresh CNN of each width; in brackets, the ratio to full fine-tuning's):",
                   memory_sweep_table(results),
                   "The largest batch size of the sweep at which each method still takes less training memory than "
-                  "full fine-tuning, per CNN width:", crossover_table(results)]
+                  "full fine-tuning, per CNN width:", crossover_table(results) or "(none: full fine-tuning was not "
+                                                                                  "in --methods, so not measured)"]
     parts.append(("vs Full FT = the method's test accuracy minus full fine-tuning's, seed by seed (same base, data "
                   "order and init within a seed), with the 95 % CI of that mean difference: from the table of "
                   "per-image differences (seeds x test images), the crossed random-effects variance, each noise "
@@ -2785,6 +2789,9 @@ def check_args(args):
             raise ConfigError(f"{name} must be a rate above 0 and at most {MAX_RATE:g} (got {value})")
     if not 0 < args.alpha <= MAX_ALPHA:
         raise ConfigError(f"--alpha must be above 0 and at most {MAX_ALPHA:g} (got {args.alpha})")
+    if args.memory_batches and not [m for m in args.methods if m != "base"]:
+        raise ConfigError("--memory-batches measures fine-tuning methods: name at least one besides base in "
+                          "--methods")
     if args.resume and args.memory_batches:
         raise ConfigError("--memory-batches runs the memory sweep, which trains nothing and takes about a minute: "
                           "drop --resume")
@@ -2968,10 +2975,12 @@ def run_memory_sweep(args):
     results = new_results(args, run_config(args), device)
     results["memory_sweep"] = memory_sweep(args, device)
     save_results(results, out)
-    plot_results(results, out)
-    print(f"\n{crossover_table(results)}\n(the largest batch size at which each method still takes less training "
-          f"memory than full fine-tuning, by CNN width)\n\nresults.md (every point), results.json and "
-          f"{MEMORY_PLOT} are in\n  {out}/")
+    drawn = plot_results(results, out)
+    crossover = crossover_table(results)
+    print(f"\n{crossover}\n(the largest batch size at which each method still takes less training memory than "
+          f"full fine-tuning, by CNN width)" if crossover else "\nNo crossover: full fine-tuning was not measured "
+                                                             "(add full to --methods).")
+    print(f"\nresults.md (every point), results.json{''.join(f' and {name}' for name in drawn)} are in\n  {out}/")
     return 0
 
 
@@ -2991,7 +3000,7 @@ def replot(args):
 def main(argv=None):
     """Exit status: 0 done; 1 a run failed, or an output could not be written; 2 bad input, found before any
     training; 130 Ctrl-C. Every finished run is in results.json at once: a killed run loses only the one going."""
-    lock, results = None, "results.json"
+    lock, results, args = None, "results.json", None
     try:
         args = parse_args(argv)
         check_args(args)
@@ -3021,7 +3030,9 @@ def main(argv=None):
               f"in {results}.", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"\nInterrupted: every run finished before it is kept in {results}; run the same command with "
+        print("\nInterrupted: the memory sweep writes its results when every point is measured, so nothing was "
+              "kept; run it again." if args and args.memory_batches and not args.replot else
+              f"\nInterrupted: every run finished before it is kept in {results}; run the same command with "
               f"--resume to continue.", file=sys.stderr)
         return 130
     finally:

@@ -631,3 +631,31 @@ def test_a_changed_setting_shows_on_the_console_in_results_md_and_in_every_title
     assert code == 0 and f"settings other than main.py's defaults: {changed}" in stdout
     assert f"Settings other than main.py's defaults: {changed}." in (tmp_path / "results.md").read_text()
     assert titles and all(f"(settings other than the defaults: {changed})" in text for text in titles.values())
+
+
+# ------------------------------------------------------------------------------ the memory sweep's defects
+def test_a_sweep_without_full_fine_tuning_names_no_crossover(capsys, tmp_path):
+    code, stdout, _ = run(capsys, "--memory-batches", "1,8", "--memory-widths", "1", "--methods", "base,lora,qlora",
+                          "--out-dir", tmp_path)
+    table = (tmp_path / "results.md").read_text()
+    assert code == 0 and "No crossover: full fine-tuning was not measured" in stdout and "none" not in stdout
+    assert "(none: full fine-tuning was not in --methods, so not measured)" in table
+
+
+def test_a_sweep_of_no_fine_tuning_method_is_refused_before_any_work(capsys, tmp_path):
+    code, _, err = run(capsys, "--memory-batches", "8", "--methods", "base", "--out-dir", tmp_path / "out")
+    assert code == 2 and "--memory-batches measures fine-tuning methods" in err and not (tmp_path / "out").exists()
+
+
+def test_a_sweep_names_only_the_files_it_wrote(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(main, "plot_results", lambda results, out_dir: [])  # no figure drawn
+    code, stdout, _ = run(capsys, "--memory-batches", "1", "--memory-widths", "1", "--out-dir", tmp_path)
+    assert code == 0 and "results.md (every point), results.json are in" in stdout and main.MEMORY_PLOT not in stdout
+
+
+def test_ctrl_c_in_a_sweep_does_not_advise_resume(capsys, tmp_path, monkeypatch):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(main, "memory_sweep", interrupted)
+    code, _, err = run(capsys, "--memory-batches", "1", "--memory-widths", "1", "--out-dir", tmp_path)
+    assert code == 130 and "nothing was kept; run it again" in err and "--resume" not in err
