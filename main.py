@@ -1117,6 +1117,29 @@ def fmt_mib(b):
     return f"{b / 2**20:.2f}"
 
 
+def step_estimate(width, batch):
+    """Bytes one training step needs at this CNN width and batch, estimated from the shapes before any is built:
+    the weights with their gradients and Adam's two states, and three copies of every activation (the output,
+    what backward keeps, its gradient); about twice full fine-tuning's accounting, above every adapter's."""
+    activations = 28 * 28 + width * (16 * (24 * 24 + 12 * 12) + 32 * (8 * 8 + 4 * 4) + 256) + NUM_CLASSES
+    return 4 * (4 * count_parameters(CNN(width))[1] + 3 * batch * activations)
+
+
+def available_memory(device):
+    """Bytes free for a step: the GPU's free memory; on the CPU the system's available memory, or what this
+    process's cgroup still allows if less (Linux); None where neither can be read."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    free = []
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        meminfo = Path("/proc/meminfo").read_text().splitlines()
+        free.append(1024 * int(next(l for l in meminfo if l.startswith("MemAvailable:")).split()[1]))
+    with contextlib.suppress(OSError, ValueError):  # cgroup v2: a limit ("max" when none) and what is used
+        cgroup = Path("/sys/fs/cgroup")
+        free.append(int((cgroup / "memory.max").read_text()) - int((cgroup / "memory.current").read_text()))
+    return min(free, default=None)
+
+
 def memory_sweep(args, device, log=print):
     """results["memory_sweep"]: every fine-tuning method's training memory (step_memory: one measured step, no
     training) at each CNN width of --memory-widths and batch size of --memory-batches, on fresh CNNs."""
@@ -2970,6 +2993,12 @@ def run_experiment(args):
 def run_memory_sweep(args):
     """The memory sweep alone (--memory-batches): one measured step per method, width and batch; no training."""
     out, device = Path(args.out_dir), training_device(args)
+    width, batch, free = max(args.memory_widths), max(args.memory_batches), available_memory(device)
+    if free is not None and step_estimate(width, batch) > free:
+        raise ConfigError(f"the sweep's largest point (width {width}, batch {batch}) needs about "
+                          f"{step_estimate(width, batch) / 2**30:.1f} GiB by an estimate from the shapes, more than "
+                          f"the {free / 2**30:.1f} GiB available on {device.type}: lower --memory-batches or "
+                          f"--memory-widths")
     print(f"Memory sweep on {device.type}: widths {args.memory_widths}, batch sizes {args.memory_batches}; one "
           f"measured training step per point, nothing trained. Writing to {out}/")
     results = new_results(args, run_config(args), device)

@@ -659,3 +659,17 @@ def test_ctrl_c_in_a_sweep_does_not_advise_resume(capsys, tmp_path, monkeypatch)
     monkeypatch.setattr(main, "memory_sweep", interrupted)
     code, _, err = run(capsys, "--memory-batches", "1", "--memory-widths", "1", "--out-dir", tmp_path)
     assert code == 130 and "nothing was kept; run it again" in err and "--resume" not in err
+
+
+def test_a_sweep_point_beyond_the_memory_available_is_refused_before_any_is_measured(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(main, "available_memory", lambda device: 2**30)  # 1 GiB, as under a memory limit
+    monkeypatch.setattr(main, "step_memory", lambda *a: pytest.fail("a point was measured"))
+    code, _, err = run(capsys, "--memory-batches", "8,4096", "--memory-widths", "1,16", "--out-dir", tmp_path / "o")
+    assert code == 2 and err.count("\n") == 1 and "(width 16, batch 4096) needs about 11.1 GiB" in err
+    assert "more than the 1.0 GiB available on cpu" in err and not (tmp_path / "o" / "results.json").exists()
+
+
+def test_the_sweeps_estimate_is_above_every_measured_point():
+    """step_estimate (shapes only) against the committed sweep's accounting, every method, width and batch."""
+    sweep = json.loads((ROOT / "plots" / "memory" / "results.json").read_text())["memory_sweep"]
+    assert sweep and all(p["memory"]["total"] <= main.step_estimate(p["width"], p["batch_size"]) for p in sweep)
