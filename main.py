@@ -2059,13 +2059,12 @@ def draw_test_accuracy(ax, view):
         ax.annotate(f"{stats['mean']:.2f}", (i, stats["mean"]), xytext=(10, -4), textcoords="offset points")
     ax.set_xticks(range(len(shown)), [label(m, view["task"]).replace(" (", "\n(") for m in shown])
     ax.set_xlim(-0.5, len(shown) - 0.3)
-    whiskers = f"mean of {view['n_seeds']} seeds, whiskers: 95 % CI" if view["n_seeds"] > 1 else "1 seed, no interval"
-    lines = [f"Test accuracy ({view['results']['config']['test_size']:,} images; {whiskers}",
-             "zoomed axis, not from 0)"]
+    whiskers = f"mean of {view['n_seeds']} seeds, 95 % CI" if view["n_seeds"] > 1 else "1 seed, no interval"
+    lines = [f"Test accuracy, {view['results']['config']['test_size']:,} images", f"({whiskers}; axis zoomed)"]
     if "base_on_task" in summary:
-        lines += [f"\nBase on MNIST {fmt_stat(summary['base']['test_acc'])} %",
-                  f"on {view['task']} before fine-tuning {fmt_stat(summary['base_on_task']['test_acc'])} %"]
-    ax.set(ylabel="test accuracy (%), axis zoomed", title="\n".join(lines).replace("\n\n", "\n"))
+        lines += [f"Base: MNIST {fmt_stat(summary['base']['test_acc'])} %,",
+                  f"{view['task']} before fine-tuning {fmt_stat(summary['base_on_task']['test_acc'])} %"]
+    ax.set(ylabel="test accuracy (%), axis zoomed", title="\n".join(lines))
     ax.grid(alpha=0.3, axis="y")
     style_axes(ax, epochs=False)
 
