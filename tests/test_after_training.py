@@ -1,4 +1,5 @@
-"""After training: merged layers and models, adapter-only files in PEFT's layout, their reload, latency."""
+"""After training: merged layers and models (and the largest logit change merging makes), adapter-only files in
+PEFT's layout, their reload."""
 import copy
 import json
 
