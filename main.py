@@ -1502,16 +1502,18 @@ def summarize(results):
     return summary
 
 
+RECORD_KINDS = ("runs", "other_runs", "lr_grid", "budget_check")  # results.json's lists of records
+
+
 def study_time_s(results):
     """Training time of every record, each run once (a run finished from a grid run counts in the grid)."""
-    records = results["lr_grid"] + results["budget_check"] + results["runs"] + results["other_runs"]
-    return sum(r.get("train_time_s", 0.0) for r in records if not r.get("from_grid"))
+    return sum(r.get("train_time_s", 0.0) for kind in RECORD_KINDS for r in results[kind] if not r.get("from_grid"))
 
 
 def busy_note(results):
     """A sentence when the machine was busy as runs started or ended (its load, this run's own threads included,
     above its cores plus one: another process competed for a core), else ""."""
-    timed = [r for kind in ("runs", "other_runs", "lr_grid", "budget_check") for r in results[kind] if "load" in r]
+    timed = [r for kind in RECORD_KINDS for r in results[kind] if "load" in r]
     cores = results["environment"].get("cores") or os.cpu_count()
     busy = [r for r in timed if max(r["load"]) > cores + 1]
     return (f"The machine was busy (load above its {cores} cores plus one) as {len(busy)} of {len(timed)} runs "
@@ -1933,11 +1935,13 @@ def results_markdown(results):
 DERIVED = ("summary", "rank_sweep", "contrasts")  # add_summary's, from the records: results.md's, not stored
 
 
-def save_results(results, out_dir):
-    """results.json (every record: runs, grids, checks, sweeps) and results.md (the tables, with their notation)."""
+def save_results(results, out_dir, records=True):
+    """results.json (every record: runs, grids, checks, sweeps; not with records=False) and results.md (the
+    tables, with their notation)."""
     add_summary(results)
-    write_atomic(Path(out_dir) / "results.json",
-                 json.dumps({k: v for k, v in results.items() if k not in DERIVED}, indent=2))
+    if records:
+        write_atomic(Path(out_dir) / "results.json",
+                     json.dumps({k: v for k, v in results.items() if k not in DERIVED}, indent=2))
     write_atomic(Path(out_dir) / "results.md", results_markdown(results))
 
 
@@ -2371,7 +2375,6 @@ def plot_results(results, out_dir):
 # The runs: each method built, trained, tested once and saved; the learning-rate grid and the budget check
 # =====================================================================================================
 RESULTS_FORMAT = 2  # results.json's layout: --resume reads only its own (2: training memory in parts)
-RECORD_KINDS = ("runs", "other_runs", "lr_grid", "budget_check")
 
 
 def record_key(kind, record):
@@ -2993,9 +2996,9 @@ def run_memory_sweep(args):
     """The memory sweep alone (--memory-batches): one measured step per method, width and batch; no training."""
     out, device = Path(args.out_dir), training_device(args)
     width, batch, free = max(args.memory_widths), max(args.memory_batches), available_memory(device)
-    if free is not None and step_estimate(width, batch) > free:
+    if free is not None and (needed := step_estimate(width, batch)) > free:
         raise ConfigError(f"the sweep's largest point (width {width}, batch {batch}) needs about "
-                          f"{step_estimate(width, batch) / 2**30:.1f} GiB by an estimate from the shapes, more than "
+                          f"{needed / 2**30:.1f} GiB by an estimate from the shapes, more than "
                           f"the {free / 2**30:.1f} GiB available on {device.type}: lower --memory-batches or "
                           f"--memory-widths")
     print(f"Memory sweep on {device.type}: widths {args.memory_widths}, batch sizes {args.memory_batches}; one "
@@ -3017,10 +3020,7 @@ def replot(args):
     (its results.json untouched), or into a new --out-dir with a copy of results.json."""
     source, out = Path(args.replot), Path(args.out_dir)
     results = read_results(source / "results.json", "--replot DIR needs a folder holding one")
-    if out.resolve() == source.resolve():
-        write_atomic(out / "results.md", results_markdown(add_summary(results)))
-    else:
-        save_results(results, out)
+    save_results(results, out, records=out.resolve() != source.resolve())  # DIR's own results.json stays as it is
     print(f"Redrawn from {source / 'results.json'}: {', '.join(plot_results(results, out))} and results.md, in {out}/")
     return 0
 
@@ -3038,10 +3038,11 @@ def main(argv=None):
             args.out_dir = args.replot or str(free_folder(new).relative_to(Path.cwd()) if new.exists() else new)
         out = Path(args.out_dir)
         results = out / "results.json"
-        if not (args.replot and out.resolve() == Path(args.replot).resolve()):
+        in_place = args.replot and out.resolve() == Path(args.replot).resolve()  # --replot DIR into DIR itself
+        if not in_place:
             check_out_dir(out, args.resume)  # before the lock: a folder refused gets no file of ours
         lock = lock_out_dir(out)
-        if not (args.replot and out.resolve() == Path(args.replot).resolve()):
+        if not in_place:
             check_out_dir(out, args.resume)  # again under the lock: no other run filled it meanwhile
         if args.replot:
             return replot(args)
