@@ -45,11 +45,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 
-# =====================================================================================================
-# Settings: edit a default here, or override it for one run with its flag (python main.py --help)
-# =====================================================================================================
+# ===== Settings: edit a default here, or override it for one run with its flag (python main.py --help) =====
 class Method(NamedTuple):
-    """One row of METHODS."""
     name: str          # in tables, plots and messages
     color: str         # its lines, points and bars in every plot
     marker: str        # its points where several methods share an axis (the rank sweep)
@@ -83,8 +80,7 @@ TASKS = {  # what the methods fine-tune on, the same split sizes; the base alway
 
 
 def within(kind, low, high=math.inf, most=0):
-    """An argparse type (the defaults parse through it too): a `kind` number in [low, high], or with `most` a
-    comma list of at most `most` of them, sorted and distinct."""
+    """An argparse type: a `kind` number in [low, high]; with `most`, a sorted comma list of at most `most`."""
     def parse(text):
         try:
             values = sorted({kind(v) for v in text.split(",") if v.strip()} if most else {kind(text)})
@@ -93,8 +89,6 @@ def within(kind, low, high=math.inf, most=0):
                                              f"{', separated by commas' if most else ''} (got {text!r})") from None
         if most and len(values) > most:
             raise argparse.ArgumentTypeError(f"holds {len(values)} values: at most {most}")
-        if most and text.strip() and not values:
-            raise argparse.ArgumentTypeError(f"names no value (got {text!r}): give numbers separated by commas")
         if bad := [v for v in values if not low <= v <= high]:
             bounds = f"at least {low}" if high == math.inf else f"between {low} and {high}"
             raise argparse.ArgumentTypeError(f"must be {bounds} (got {bad[0]})")
@@ -180,8 +174,7 @@ def default_rates():
 
 
 def changed_settings(config):
-    """The settings a run took other than SETTINGS' defaults, as "rank 4, lrs [0.001, 0.01]": the console, the
-    header of results.md and every figure's title say them."""
+    """The settings a run took other than SETTINGS' defaults, as "rank 4, lrs [0.001, 0.01]"."""
     changed = []
     for name, (default, kind, _) in SETTINGS.items():
         if name in config and name != "quick":
@@ -192,15 +185,12 @@ def changed_settings(config):
 
 
 def epoch_budget(config, method=None, epochs=None):
-    """The epochs a run of `method` trains: `epochs` when asked for (the budget check), else the settings', at most
-    QUICK_MAX_EPOCHS if quick."""
+    """The epochs a run of `method` trains: `epochs` in the budget check, else the settings' (capped if quick)."""
     budget = epochs or (config["epochs"] if method == "base" else config["finetune_epochs"])
     return min(budget, QUICK_MAX_EPOCHS) if config["quick"] and not epochs else budget
 
 
-# =====================================================================================================
-# Errors: each one sentence for the user; main() maps them to exit codes
-# =====================================================================================================
+# ===== Errors: each one sentence for the user; main() maps them to exit codes =====
 class ConfigError(ValueError):
     """Bad input (a setting, the out-dir, an earlier results file), found before any training: exit code 2."""
 
@@ -222,8 +212,7 @@ class BitsAndBytesUnavailable(RuntimeError):  # QLoRA is skipped, the other meth
 
 
 class Diverged(RuntimeError):
-    """A run that failed to learn: its loss exploded (too_slow False), or it ended at chance with a training loss
-    that never rose above where it started (too_slow True: too low a rate, or too short a budget)."""
+    """A run that failed to learn; too_slow when it ended at chance with a loss that never rose."""
 
     def __init__(self, message, too_slow=False):
         super().__init__(message)
@@ -231,17 +220,14 @@ class Diverged(RuntimeError):
 
 
 def one_line(error, limit=150):
-    """An exception's message on one line, cut at `limit` characters: library messages can span a screen."""
+    """An exception's message on one line, cut at `limit` characters."""
     text = " ".join(str(error).split())
     return text[:limit] + ("…" if len(text) > limit else "")
 
 
-# =====================================================================================================
-# Model
-# =====================================================================================================
+# ===== Model =====
 class CNN(nn.Module):
-    """Two 5x5 'valid' conv layers (16, 32 channels), two linear layers: 147k parameters, ~99.3 % on MNIST in a
-    few CPU epochs. `width` multiplies the channels and fc1's units (--width; the memory sweep)."""
+    """Two 5x5 conv layers (16, 32 channels) and two linear: 147k parameters; `width` multiplies the channels."""
 
     head = "fc2"  # the classifier layer, left fully trainable with --train-head
 
@@ -260,9 +246,7 @@ class CNN(nn.Module):
         return self.fc2(x)
 
 
-# =====================================================================================================
-# Adapter layers: one base, four methods; Linear and Conv2d differ only in `layer_op`
-# =====================================================================================================
+# ===== Adapter layers: one base, four methods; Linear and Conv2d differ only in `layer_op` =====
 def update_scale(alpha, rank, rslora=False):
     """The factor on B A: alpha / r (Hu et al. 2021), or alpha / sqrt(r) with rsLoRA (a rank-stable step size)."""
     return alpha / (math.sqrt(rank) if rslora else rank)
@@ -339,8 +323,7 @@ class AdapterLayer(nn.Module):
 
     @torch.no_grad()
     def merge(self):
-        """A new plain nn.Linear/nn.Conv2d computing what this layer computes in eval mode (out of place: nothing
-        to unmerge)."""
+        """A plain nn.Linear/nn.Conv2d computing what this layer computes in eval mode."""
         w, has_bias = self.merged_weight(), self.bias is not None
         layer = (nn.Conv2d(w.shape[1], w.shape[0], tuple(w.shape[2:]), bias=has_bias, **self.conv_args) if self.is_conv
                  else nn.Linear(w.shape[1], w.shape[0], bias=has_bias)).to(w.device).requires_grad_(False)
@@ -400,8 +383,7 @@ class LoRALayer(AdapterLayer):
 
 
 class DoRALayer(AdapterLayer):
-    """DoRA (Liu et al. 2024): W' = m (W + dW) / ||W + dW||, the norm per output unit over all its inputs; m
-    starts at ||W||, so W' = W at init. The norm is detached from the graph (the paper's section 4.3)."""
+    """DoRA (Liu et al. 2024): W' = m (W + dW) / ||W + dW||, the norm per output unit, detached (section 4.3)."""
 
     peft_fields = {"use_dora": True}
 
@@ -441,8 +423,8 @@ class DoRALayer(AdapterLayer):
 
 
 @functools.cache
-def import_bitsandbytes():
-    """bitsandbytes.functional, or BitsAndBytesUnavailable with the reason (missing, or no usable backend)."""
+def bitsandbytes():
+    """bitsandbytes.functional, or BitsAndBytesUnavailable: QLoRA is skipped, the other methods run."""
     try:
         with redirect_stderr(io.StringIO()), redirect_stdout(io.StringIO()):  # it warns loudly on import
             import bitsandbytes.functional as bnbf
@@ -451,21 +433,8 @@ def import_bitsandbytes():
     return bnbf
 
 
-def bitsandbytes_call(name, *args, **kwargs):
-    """bitsandbytes.functional.<name>(...); a library that imports but does not work here (no kernel for this
-    device, a broken build) is BitsAndBytesUnavailable: QLoRA is skipped, not the run."""
-    try:
-        return getattr(import_bitsandbytes(), name)(*args, **kwargs)
-    except (torch.cuda.OutOfMemoryError, BitsAndBytesUnavailable):
-        raise
-    except Exception as e:
-        raise BitsAndBytesUnavailable(f"bitsandbytes' {name} failed ({type(e).__name__}: {one_line(e)})") from None
-
-
 class FrozenQuantized(torch.autograd.Function):
-    """y = layer_op(x, W) + b for a QLoRA layer's frozen 4-bit W, keeping nothing of W's fp32 size for backward:
-    the gradient to x needs W, so backward dequantizes it again (as bitsandbytes' own 4-bit matmul does) instead
-    of autograd keeping the dequantized fp32 copy from the forward pass. W gets no gradient; b one with --bias."""
+    """y = layer_op(x, W) + b for QLoRA's 4-bit W: backward dequantizes W again, no fp32 copy kept."""
 
     @staticmethod
     def forward(ctx, x, bias, layer):
@@ -485,9 +454,7 @@ class FrozenQuantized(torch.autograd.Function):
 
 
 class QLoRALayer(LoRALayer):
-    """QLoRA (Dettmers et al. 2023): LoRA on W stored as 4-bit NF4 with double quantization (bitsandbytes:
-    an 8-bit absmax per block of 64, itself scaled per 256 blocks). No fp32 copy of W is kept, in training
-    either (FrozenQuantized). bitsandbytes has no 4-bit conv: the same code serves Conv2d through layer_op."""
+    """QLoRA (Dettmers et al. 2023): LoRA on W stored in 4-bit NF4 with double quantization (bitsandbytes)."""
 
     peft_loads_as = "lora"  # PEFT has no 4-bit conv: it puts this adapter on the fp32 base
     uses_bitsandbytes = True
@@ -500,12 +467,17 @@ class QLoRALayer(LoRALayer):
         # Quantized as one flat vector: blocks of 64 consecutive weights either way, but bitsandbytes' CPU
         # kernel needs an even last dimension; a conv's [.., 5, 5] would fall back to a torch.compile'd
         # generic path that recompiles on every switch between training and inference (seconds each).
-        packed, self.quant_state = bitsandbytes_call(
-            "quantize_4bit", weight.reshape(-1), blocksize=QUANT_BLOCKSIZE, compress_statistics=True, quant_type="nf4")
+        quantize = bitsandbytes().quantize_4bit
+        try:
+            packed, self.quant_state = quantize(weight.reshape(-1), blocksize=QUANT_BLOCKSIZE,
+                                                compress_statistics=True, quant_type="nf4")
+        except Exception as e:  # imports but does not work here: no kernel for this GPU, a broken build
+            raise BitsAndBytesUnavailable(f"bitsandbytes' quantize_4bit failed ({type(e).__name__}: "
+                                          f"{one_line(e)})") from None
         self.register_buffer("weight_4bit", packed)
 
     def base_weight(self):
-        weight = bitsandbytes_call("dequantize_4bit", self.weight_4bit, self.quant_state).view(self.weight_shape)
+        weight = bitsandbytes().dequantize_4bit(self.weight_4bit, self.quant_state).view(self.weight_shape)
         if not self.is_conv:
             return weight
         # channels-last strides, as model.to(memory_format=channels_last) gives the other weights: with one
@@ -593,8 +565,7 @@ class DynamicRankLayer(LoRALayer):
 
     @torch.no_grad()
     def hold_pruned(self):
-        """Zero what pruned components hold: their gradients are zero, but Adam's momentum would move them.
-        A multiply by the mask, not a masked assignment: that one waits for the GPU at every step."""
+        """Zero what pruned components hold (Adam's momentum would move them), by multiplying by the mask."""
         alive = self.alive.to(self.gate.dtype)
         self.gate.mul_(alive)
         self.lora_A.mul_(alive.view(-1, *[1] * (self.lora_A.dim() - 1)))
@@ -640,8 +611,7 @@ class DynamicRankLayer(LoRALayer):
 
     @classmethod
     def regularizer(cls, layers, step, total_steps):
-        """The Dimensional Equilibrium Modulator: dem x the mean variance of every component's A row and B column
-        (over all layers' components), until the pruning window closes."""
+        """The Dimensional Equilibrium Modulator: dem x the mean variance of the components' A rows, B columns."""
         schedule = next(iter(layers.values())).schedule
         if step > schedule.window(total_steps)[1] or schedule.dem == 0:
             return None
@@ -704,8 +674,7 @@ def max_rank(model, train_head=True):
 
 
 def add_adapters(model, cls, config, train_head=True, **options):
-    """Every Linear/Conv2d of the model replaced in place by a `cls` adapter layer, the rest frozen (the head
-    left plain and trainable with train_head); `options` go to every layer's constructor."""
+    """Every Linear/Conv2d replaced in place by a `cls` adapter layer, the rest frozen (the head trains)."""
     model.requires_grad_(False)
     for parent, name, full, layer in adaptable_layers(model, train_head):
         rank, alpha = config.for_layer(full)
@@ -720,8 +689,7 @@ def add_adapters(model, cls, config, train_head=True, **options):
 
 
 def finetuning_copy(base, method, rank, settings):
-    """A copy of `base` that trains what `method`'s row says (the base's too): every parameter, the head, or
-    adapters of its class at `rank`, built from the settings (alpha, dropout, scaling, the head, the class's own)."""
+    """A copy of `base` training what `method`'s row says: every parameter, the head, or its adapters."""
     model, spec = copy.deepcopy(base), row(method)
     if spec.trains == "all":
         return model.requires_grad_(True)
@@ -735,7 +703,6 @@ def finetuning_copy(base, method, rank, settings):
 
 
 def adapter_layers(model):
-    """{full name: layer} of a model's adapter layers."""
     return {name: m for name, m in model.named_modules() if isinstance(m, AdapterLayer)}
 
 
@@ -760,15 +727,12 @@ def count_parameters(model):
 
 
 def weight_bytes(model):
-    """Bytes of every weight as stored: fp32 parameters, and for QLoRA the packed 4-bit codes plus all of
-    their quantization constants."""
+    """Bytes of every weight as stored (QLoRA: 4-bit codes plus their quantization constants)."""
     return (sum(p.nbytes for p in model.parameters()) + sum(b.nbytes for b in model.buffers())
             + sum(m.extra_stored_bytes() for m in adapter_layers(model).values()))
 
 
-# =====================================================================================================
-# Data: MNIST (and Fashion-MNIST) as normalized tensors resident on the training device
-# =====================================================================================================
+# ===== Data: MNIST (and Fashion-MNIST) as normalized tensors resident on the training device =====
 DATASETS = {  # torchvision's class (and folder) name -> MD5 of its four uncompressed IDX files
     "MNIST": {"train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
               "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
@@ -792,8 +756,7 @@ def download_dataset(data_dir, name):
 
 
 def ensure_dataset(data_dir, name="MNIST", download=True):
-    """Dataset `name`'s four raw files in data_dir/name/raw/, downloaded when missing (if allowed), every MD5
-    checked: a missing or damaged file is one sentence (DataError)."""
+    """The dataset's four raw files, downloaded when missing, MD5-checked: DataError in one sentence."""
     raw, md5 = Path(data_dir) / name / "raw", DATASETS[name]
     missing, reason = [f for f in md5 if not (raw / f).is_file()], ""
     if missing and download:
@@ -816,8 +779,7 @@ def ensure_dataset(data_dir, name="MNIST", download=True):
 
 
 def load_dataset(data_dir, name="MNIST", download=True):
-    """{'train': (pixels, labels), 'test': (...)} of dataset `name`, read by torchvision once ensure_dataset has
-    checked its files: CPU tensors, pixels uint8 [N, 1, 28, 28], labels int64."""
+    """{'train': (uint8 pixels [N, 1, 28, 28], int64 labels), 'test': ...} of dataset `name`."""
     import torchvision.datasets
     ensure_dataset(data_dir, name, download)
     read = {split: getattr(torchvision.datasets, name)(data_dir, train=split == "train") for split in ("train", "test")}
@@ -832,15 +794,12 @@ def task_pixels(pixels, task):
 
 
 def split_indices(n, val_size, seed):
-    """A fixed, seeded split of range(n) into (train indices, validation indices)."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return order[val_size:], order[:val_size]
 
 
 def make_splits(data, device, task="mnist", val_size=VAL_SIZE, seed=0, train_size=None, test_size=None):
-    """train/val/test (images, labels) of `task` on `device`, normalized once with MNIST's statistics (the base's
-    preprocessing); train_size and test_size (--quick) keep subsets. The split depends on the seed only; a test
-    subset is a fixed random draw for every seed (MNIST's first 5,000 test images are the easier half)."""
+    """train/val/test (images, labels) of `task` on `device`, normalized once; subsets with --quick."""
     pixels, labels = data["train"]
     train_idx, val_idx = split_indices(len(labels), val_size, seed)
     if train_size is not None:
@@ -858,14 +817,11 @@ def make_splits(data, device, task="mnist", val_size=VAL_SIZE, seed=0, train_siz
             "test": put(test_pixels, test_labels)}
 
 
-def epoch_order(n, seed, epoch):
-    """The shuffled order of epoch `epoch`: a function of (seed, epoch) only, so every method sees the same."""
+def epoch_order(n, seed, epoch):  # (seed, epoch) alone decide it: every method sees the same batches
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
-# =====================================================================================================
-# Training: one loop for every method
-# =====================================================================================================
+# ===== Training: one loop for every method =====
 NUM_CLASSES = 10
 EXPLODED = 10    # a training loss this many times above max(its first value, ln(classes)) has diverged
 AT_CHANCE = 1.5  # a validation accuracy at most this many times chance after training learned nothing
@@ -899,7 +855,6 @@ def evaluate(model, images, labels, batch_size=1000):
 
 
 def snapshot(model):
-    """A copy of what training changes: the trainable parameters and every buffer (a method's masks, scores)."""
     state = {k: p for k, p in model.named_parameters() if p.requires_grad} | dict(model.named_buffers())
     return {k: t.detach().clone() for k, t in state.items()}
 
@@ -924,15 +879,13 @@ def hook_groups(model):
 
 
 class Budget(NamedTuple):
-    """How long, and in batches of what size, a run trains."""
     epochs: int
     batch_size: int
     patience: int | None  # early stopping after this many epochs without a better one (None: never)
 
 
 def check_divergence(epoch, train_loss, first_loss):
-    """Diverged when the loss is not finite or explodes far above where it started (a finite blow-up, say
-    1e9, can settle back to a loss that looks ordinary while the weights are ruined)."""
+    """Diverged when the loss is not finite or explodes above where it started."""
     if not math.isfinite(train_loss):
         raise Diverged(f"diverged at epoch {epoch} (training loss {train_loss})")
     limit = EXPLODED * max(first_loss, math.log(NUM_CLASSES))
@@ -942,8 +895,7 @@ def check_divergence(epoch, train_loss, first_loss):
 
 
 def verdict(history, first_loss):
-    """After training: Diverged when the run ended at chance (too slow when its loss never rose above where it
-    started); else (epoch, accuracy) where it collapsed to chance after it had learned, or None."""
+    """Diverged when the run ended at chance; else (epoch, accuracy) of a collapse after learning, or None."""
     chance = 100 / NUM_CLASSES
     if max(history["val_acc"]) <= AT_CHANCE * chance:
         raise Diverged(f"learned nothing: {max(history['val_acc']):.2f} % validation accuracy at best, at chance "
@@ -1023,8 +975,7 @@ class TrainingMemory:
 
 
 def training_step(model, optimizer, groups, images, labels, step, total_steps):
-    """One optimizer step on the task's loss plus the adapter classes' terms, then their after-step hooks;
-    returns the task's loss alone (what is recorded)."""
+    """One optimizer step on the loss plus the adapter classes' terms; returns the task's loss."""
     loss = F.cross_entropy(model(images), labels)
     terms = [term for cls, modules in groups.items()
              if (term := cls.regularizer(modules, step, total_steps)) is not None]
@@ -1094,12 +1045,9 @@ def train(model, splits, lr, budget, seed, log=print):
             "collapsed": collapsed}
 
 
-# =====================================================================================================
-# Measurement: parameters, and training memory without training
-# =====================================================================================================
+# ===== Measurement: parameters, and training memory without training =====
 def step_memory(model, batch_size, total_steps):
-    """(TrainingMemory's parts, CUDA peak or None) of step MEMORY_STEP as train() takes it, on random images:
-    memory depends on shapes, not values (a test checks it equals train()'s own)."""
+    """(parts, CUDA peak) of step MEMORY_STEP as train() takes it, on random images: shapes decide it."""
     device = next(model.parameters()).device
     g = torch.Generator().manual_seed(0)
     images = torch.randn(batch_size, 1, 28, 28, generator=g).to(device).contiguous(memory_format=torch.channels_last)
@@ -1118,16 +1066,13 @@ def fmt_mib(b):
 
 
 def step_estimate(width, batch):
-    """Bytes one training step needs at this CNN width and batch, estimated from the shapes before any is built:
-    the weights with their gradients and Adam's two states, and three copies of every activation (the output,
-    what backward keeps, its gradient); about twice full fine-tuning's accounting, above every adapter's."""
+    """Bytes a step needs at this width and batch, from the shapes: above every method's accounting."""
     activations = 28 * 28 + width * (16 * (24 * 24 + 12 * 12) + 32 * (8 * 8 + 4 * 4) + 256) + NUM_CLASSES
     return 4 * (4 * count_parameters(CNN(width))[1] + 3 * batch * activations)
 
 
 def available_memory(device):
-    """Bytes free for a step: the GPU's free memory; on the CPU the system's available memory, or what this
-    process's cgroup still allows if less (Linux); None where neither can be read."""
+    """Bytes free for a step: the GPU's, or the system's (or its cgroup's) on the CPU; None unknown."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     free = []
@@ -1141,8 +1086,7 @@ def available_memory(device):
 
 
 def memory_sweep(args, device, log=print):
-    """results["memory_sweep"]: every fine-tuning method's training memory (step_memory: one measured step, no
-    training) at each CNN width of --memory-widths and batch size of --memory-batches, on fresh CNNs."""
+    """Every method's training memory per width and batch of the sweep, one step each, on fresh CNNs."""
     records = []
     for width in args.memory_widths:
         torch.manual_seed(args.seed)
@@ -1163,8 +1107,7 @@ def memory_sweep(args, device, log=print):
 
 @torch.inference_mode()
 def right_images(model, images, labels, batch_size=1000):
-    """Which images the model gets right, its bits packed 8 to a byte, in hex (625 bytes for 5,000 validation
-    images): two runs on the same images are then compared image by image (paired_lead)."""
+    """Which images the model gets right, as packed bits in hex: runs compared image by image."""
     model.eval()
     right = torch.cat([model(images[i:i + batch_size]).argmax(1) == labels[i:i + batch_size]
                        for i in range(0, len(labels), batch_size)])
@@ -1185,12 +1128,9 @@ def measure(model, fit, test_loss, test_acc):
             "epochs_run": fit["epochs_run"], "best_epoch": fit["best_epoch"], "history": fit["history"]}
 
 
-# =====================================================================================================
-# Saved models: whole CNNs, and adapter folders that PEFT loads as they are
-# =====================================================================================================
+# ===== Saved models: whole CNNs, and adapter folders that PEFT loads as they are =====
 def write_atomic(path, content):
-    """Text, a figure (PNG) or tensors (safetensors, torch.save) written whole or not at all: a new temporary file
-    beside `path`, renamed over it. A failure leaves the old file and is WriteError, naming the file."""
+    """Text, a PNG figure or tensors written whole or not at all (WriteError names the file)."""
     path = Path(path)
     try:
         if isinstance(content, str):
@@ -1244,8 +1184,7 @@ MODEL_FILES = {"base": "base_model.pt", "full": "full_finetuned.pt", "head": "he
 
 
 def saved_model_file(out_dir, method, seed, rank=None):
-    """Where run_method saves a run's model: in seed<k>/, a whole CNN state dict for the methods without an
-    adapter, and adapters/<method>_r<rank>/, a folder in PEFT's format, for the others."""
+    """Where a run's model is saved: a CNN state dict, or an adapter folder in PEFT's format."""
     folder = Path(out_dir) / f"seed{seed}"
     if adapter_class(method):
         return folder / "adapters" / f"{method}_r{rank}"
@@ -1285,8 +1224,7 @@ def save_adapter(model, method, rank, args, folder):
 
 
 def load_adapter(base_checkpoint, folder, device="cpu", method=None):
-    """Rebuild an adapted model from the base checkpoint and an adapter folder (save_adapter's, or PEFT's own
-    for a LoRA/DoRA of this CNN). `method` overrides the saved one: "lora" puts a QLoRA adapter on the fp32 base."""
+    """An adapted model rebuilt from a base checkpoint and an adapter folder (ours, or PEFT's own)."""
     folder = Path(folder)
     config = read_model_file(folder / ADAPTER_CONFIG, lambda p: json.loads(p.read_text()))
     info = {}
@@ -1317,9 +1255,7 @@ def load_adapter(base_checkpoint, folder, device="cpu", method=None):
     return model
 
 
-# =====================================================================================================
-# Results over seeds: every run kept; means, spreads and paired differences
-# =====================================================================================================
+# ===== Results over seeds: every run kept; means, spreads and paired differences =====
 def t_p_value(t, df):
     """Two-sided P(|T| >= |t|) for Student's t with df (real) degrees of freedom."""
     from scipy.stats import t as student  # imported where used: `import main` stays quick
@@ -1333,8 +1269,7 @@ def t_975(df):
 
 
 def mean_std_ci(values):
-    """Mean, sample standard deviation and 95 % t-interval of the mean over seeds; with one value only the
-    mean (std and interval None: one run says nothing about its spread)."""
+    """Mean, standard deviation and 95 % t-interval over seeds (one value: no spread, no interval)."""
     values = list(values)
     mean = statistics.fmean(values)
     if len(values) < 2:
@@ -1350,12 +1285,10 @@ PER_SEED_SIZES = ("stored_params", "file_bytes")  # what is kept after pruning: 
 
 
 def run_rank(method, rank):
-    """The rank a method runs at: None for the methods without an adapter (base, full, head)."""
     return rank if adapter_class(method) else None
 
 
 def main_runs(results):
-    """The runs of the main comparison: the rank-sweep runs at other ranks left out."""
     return [r for r in results["runs"] if r["rank"] == run_rank(r["method"], results["config"]["rank"])]
 
 
@@ -1364,7 +1297,6 @@ def ok_runs(runs, method):
 
 
 def right_bits(right_hex, n):
-    """right_images' hex back to n booleans: which of the n images a run got right."""
     return np.unpackbits(np.frombuffer(bytes.fromhex(right_hex), dtype=np.uint8))[:n].astype(bool)
 
 
@@ -1398,14 +1330,12 @@ def crossed_interval(d):
 
 
 def paired_interval(pairs, n):
-    """crossed_interval of two methods' test accuracy, from each seed's pair of right_images on the same n test
-    images: d[s, i] = 100 (a right - b right) on image i in seed s."""
+    """crossed_interval of d[s, i] = 100 (a right - b right) on test image i in seed s."""
     return crossed_interval([100 * (right_bits(a, n).astype(float) - right_bits(b, n)) for a, b in pairs])
 
 
 def paired_lead(a_hex, b_hex, n):
-    """(images run a gets right and run b not, minus the reverse; its standard error): one seed's paired_interval
-    on the same n images, in images."""
+    """(images a gets right and b not, minus the reverse; its standard error) on the same n images."""
     d = paired_interval([(a_hex, b_hex)], n)
     return round(d["mean"] * n / 100), d["se"] * n / 100
 
@@ -1423,23 +1353,20 @@ def paired_stats(differences, rights, n):
 
 
 def paired_runs(pairs, n):
-    """paired_stats of (run, its reference's run of the same seed) pairs: the test accuracy differences, with the
-    test images each got right on the same n, where both recorded them."""
+    """paired_stats of (run, its reference's run of the same seed) pairs."""
     return paired_stats([a["test_acc"] - b["test_acc"] for a, b in pairs],
                         [(a.get("test_right"), b.get("test_right")) for a, b in pairs], n)
 
 
 def paired_difference(results, method, ref):
-    """Test accuracy of `method` minus `ref`, paired seed by seed (same base, data order, init), with its
-    interval; None where no seed has both."""
+    """Test accuracy of `method` minus `ref`, paired seed by seed, with its interval (or None)."""
     runs = {m: {r["seed"]: r for r in ok_runs(main_runs(results), m)} for m in (method, ref)}
     pairs = [(runs[method][s], runs[ref][s]) for s in sorted(set(runs[method]) & set(runs[ref]))]
     return paired_runs(pairs, results["config"].get("test_size")) if pairs else None
 
 
 def holm(p_values):
-    """Holm's step-down adjustment: the i-th smallest p times (m - i + 1), never below an earlier one's, at most 1;
-    rejecting where the adjusted p is under 5 % keeps the chance of any false "beyond noise" in the family at 5 %."""
+    """Holm's step-down adjustment of a family of p values."""
     order, adjusted, running = sorted(range(len(p_values)), key=lambda i: p_values[i]), [0.0] * len(p_values), 0.0
     for rank, i in enumerate(order):
         running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
@@ -1511,8 +1438,7 @@ def study_time_s(results):
 
 
 def busy_note(results):
-    """A sentence when the machine was busy as runs started or ended (its load, this run's own threads included,
-    above its cores plus one: another process competed for a core), else ""."""
+    """A sentence when the load exceeded the cores plus one as runs started or ended, else ""."""
     timed = [r for kind in RECORD_KINDS for r in results[kind] if "load" in r]
     cores = results["environment"].get("cores") or os.cpu_count()
     busy = [r for r in timed if max(r["load"]) > cores + 1]
@@ -1521,13 +1447,11 @@ def busy_note(results):
 
 
 def seeds_finished(summary):
-    """The most seeds any method finished: what the console and the plots average over (1: single values)."""
     return max((len(row["seeds"]) for row in summary.values() if row["status"] == "ok"), default=1)
 
 
 def rank_sweep(results):
-    """{adapter method: a point per rank it ran at, with its paired differences to full fine-tuning and to LoRA
-    at that rank}, for the methods that ran at more than one rank (this plan's runs and an earlier one's)."""
+    """{adapter method: a point per rank, with paired differences to full FT and to LoRA there}."""
     runs, sweep, n = results["runs"] + results["other_runs"], {}, results["config"].get("test_size")
     full = {r["seed"]: r for r in ok_runs(runs, "full")}
     lora = {(r["seed"], r["rank"]): r for r in ok_runs(runs, "lora")}
@@ -1547,9 +1471,7 @@ def rank_sweep(results):
     return sweep
 
 
-# =====================================================================================================
-# Merging: the adapters folded into plain layers
-# =====================================================================================================
+# ===== Merging: the adapters folded into plain layers =====
 def merge_adapters(model):
     """A copy of an adapted model with every adapter folded into a plain layer: the base architecture again."""
     merged = copy.deepcopy(model)
@@ -1562,14 +1484,11 @@ def merge_adapters(model):
 
 @torch.inference_mode()
 def merge_gap(model, images):
-    """The largest change merging makes to any logit on `images`: what folding the adapters in costs."""
     model.eval()
     return (model(images) - merge_adapters(model)(images)).abs().max().item()
 
 
-# =====================================================================================================
-# Results files: results.json, results.md and the console summary
-# =====================================================================================================
+# ===== Results files: results.json, results.md and the console summary =====
 def scale_formula(config):  # the update's factor in words, and the adapter settings a reader must be told
     return ("alpha / sqrt(r)" if config.get("scaling") == "rslora" else "alpha / r") + (
         f"; biases trained ({config['bias']})" if config.get("bias", "none") != "none" else "") + (
@@ -1583,14 +1502,12 @@ def fmt_stat(stats, fmt="{:.2f}", scale=1.0):
 
 
 def fmt_count(stats):
-    """A count over seeds: the one value when every seed has it, else 'mean ± std'."""
     mean = f"{stats['mean']:,.0f}"
     return mean if not stats["std"] else f"{mean} ± {stats['std']:,.0f}"
 
 
 def signed_end(value):
-    """An interval's end with its sign: more digits where two would print 0.00 for a value that is not 0 (an
-    interval "[-0.22, -0.00]" would hide whether it holds 0)."""
+    """An interval's end with its sign, more digits where two would print 0.00."""
     digits = next((d for d in (2, 3, 4) if value == 0 or round(value, d) != 0), 4)
     return f"{value:+.{digits}f}"
 
@@ -1604,15 +1521,13 @@ def fmt_ci(stats, signed=False):
             else f"[{f.format(low)}, {f.format(high)}]")
 
 
-def label(method, task):
-    """A row's name; on a shifted task the base's own accuracy is on MNIST, so the rows say which test set."""
+def label(method, task):  # the base's own accuracy is on MNIST: on a shifted task its rows say so
     if method == "base_on_task":
         return f"Base, not fine-tuned ({task})"
     return f"{display(method)} (MNIST)" if method == "base" and task != "mnist" else display(method)
 
 
 def table(header, rows):
-    """A markdown table: results.md's, and the console's."""
     return "\n".join(["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
                      + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
 
@@ -1637,7 +1552,6 @@ BEFORE_FINE_TUNING = ("lr", "test acc (%)", "95 % CI")  # what the row of the ba
 
 
 def comparison_table(results):
-    """The main comparison, one row per method."""
     rows = []
     for method, row in results["summary"].items():
         name = label(method, results["config"]["task"])
@@ -1681,7 +1595,6 @@ AFTER_TRAINING_COLUMNS = (  # (header in results.md, cell of a summary row)
 
 
 def after_training_table(results):
-    """File size and merging error per finished method."""
     rows = [[display(m)] + [cell(row) for _, cell in AFTER_TRAINING_COLUMNS] for m, row in results["summary"].items()
             if row["status"] == "ok" and m != "base_on_task"]
     return table(["method"] + [header for header, _ in AFTER_TRAINING_COLUMNS], rows)
@@ -1715,8 +1628,7 @@ def memory_sweep_table(results):
 
 
 def crossover_table(results):
-    """Per CNN width, the largest batch swept at which each method takes less training memory than full FT; None
-    where full fine-tuning was not measured (nothing to cross)."""
+    """Per width, the largest batch at which each method takes less memory than full FT (or None)."""
     points = sweep_points(results)
     if not any("full" in totals for totals in points.values()):
         return None
@@ -1732,7 +1644,6 @@ def crossover_table(results):
 
 
 def contrasts_table(results):
-    """The primary contrasts, each with its interval, which noise the interval holds, its p and Holm's p."""
     return table(["contrast", "difference (points, 95 % CI)", "interval holds", "p", "p, Holm", "verdict"], [
         [f"{display(c['method'])} − {display(c['ref'])}", fmt_ci(c, signed=True), f"{c['noise']} noise",
          f"{c['p']:.3f}", f"{c['p_holm']:.3f}", "beyond noise" if c["p_holm"] < 0.05 else "cannot tell"]
@@ -1749,14 +1660,12 @@ def margin_cell(rate, val_size):
 
 
 def grid_rates(results):
-    """{(method, rank): its rate's record} of every rate a grid chose: the main rank's and the sweep's."""
     main_rank = results["config"]["rank"]
     return ({(m, run_rank(m, main_rank)): rate for m, rate in results["learning_rates"].items()}
             | {(m, int(rank)): rate for m, by in results.get("sweep_rates", {}).items() for rank, rate in by.items()})
 
 
 def lr_grid_table(results):
-    """Every learning-rate grid run: validation numbers only (the test set takes no part in the choice)."""
     chosen, n = grid_rates(results), results["config"]["val_size"]
     return table(["method", "rank", "lr", "val acc (%) at the kept epoch", "val loss", "epochs (kept)", "status",
                   "chosen: its lead over the runner-up, validation images (± SE)"], [
@@ -1770,8 +1679,7 @@ def lr_grid_table(results):
 
 
 def budget_points(results):
-    """{method: [(epochs, validation accuracy at the kept epoch, status, record)] by budget}: the budget check's
-    runs, and the first seed's own run at the comparison's budget."""
+    """{method: [(epochs, kept validation accuracy, status, record)]} of the budget check."""
     checked = {r["method"] for r in results["budget_check"]}
     first = [r for r in main_runs(results) if r["seed"] == results["seeds"][0] and r["method"] in checked]
     points = {}
@@ -1784,7 +1692,6 @@ def budget_points(results):
 
 
 def budgets_of(points):
-    """The epoch budgets in budget_points' output, ascending: the table's columns."""
     return sorted({epochs for mine in points.values() for epochs, *_ in mine})
 
 
@@ -1808,7 +1715,6 @@ def budget_table(results):
 
 
 def chosen_rates(results):
-    """One line: each method's learning rate, grouped by how it was set."""
     groups = {}
     for method, rate in results["learning_rates"].items():
         how = ("chosen on validation from " + ", ".join(f"{lr:g}" for lr in rate["grid"])
@@ -1818,8 +1724,7 @@ def chosen_rates(results):
 
 
 def who_won(results):
-    """Who won, worded as the paired intervals allow: the most accurate method and those these runs cannot tell
-    from it; the least training memory, the fewest stored parameters, the fastest (and of the adapters)."""
+    """The verdict, worded as the paired intervals allow: accuracy, memory, parameters, time."""
     done = {m: r for m, r in results["summary"].items() if r["status"] == "ok" and m not in ("base", "base_on_task")}
     if not done:
         return []
@@ -1844,14 +1749,12 @@ def who_won(results):
 
 
 def add_summary(results):
-    """Derive results["summary"], ["rank_sweep"] and ["contrasts"] from the runs, once, for every table and plot."""
     results["summary"], results["rank_sweep"] = summarize(results), rank_sweep(results)
     results["contrasts"] = primary_contrasts(results)
     return results
 
 
 def results_markdown(results):
-    """results.md: every table of the results (summarized), with what its notation means."""
     env, config, seeds = results["environment"], results["config"], results["seeds"]
     quick = (f"**QUICK RUN: a smoke test ({config['train_size']:,} training and {config['test_size']:,} test "
              f"images, at most {QUICK_MAX_EPOCHS} epochs per method), not results.**\n\n" if config["quick"] else "")
@@ -1936,8 +1839,7 @@ DERIVED = ("summary", "rank_sweep", "contrasts")  # add_summary's, from the reco
 
 
 def save_results(results, out_dir, records=True):
-    """results.json (every record: runs, grids, checks, sweeps; not with records=False) and results.md (the
-    tables, with their notation)."""
+    """results.json (every record; not with records=False) and results.md."""
     add_summary(results)
     if records:
         write_atomic(Path(out_dir) / "results.json",
@@ -1945,20 +1847,17 @@ def save_results(results, out_dir, records=True):
     write_atomic(Path(out_dir) / "results.md", results_markdown(results))
 
 
-# =====================================================================================================
-# Plots: one function per figure, drawn from results alone
-# =====================================================================================================
+# ===== Plots: one function per figure, drawn from results alone =====
 PLOT_FILES = ("training_loss_comparison.png", "validation_accuracy_comparison.png",
               "base_model_loss_accuracy.png", "lora_loss_accuracy.png", "test_accuracy_memory.png")
 SWEEP_PLOT, LR_PLOT, RANK_PLOT, MEMORY_PLOT = (
     "rank_sweep.png", "lr_sweep.png", "rank_allocation.png", "memory_sweep.png")  # when they ran
 
 def mean_curve(runs, key):
-    """(epochs, mean, std, seeds) of history[key] over the runs that reached each epoch (--patience stops some)."""
-    longest = max(len(r["history"][key]) for r in runs)
-    values = [[r["history"][key][e] for r in runs if len(r["history"][key]) > e] for e in range(longest)]
-    return (list(range(1, longest + 1)), [statistics.fmean(v) for v in values],
-            [statistics.stdev(v) if len(v) > 1 else math.nan for v in values], [len(v) for v in values])
+    """(epochs, mean, std) of history[key] up to the last epoch every run reached (--patience stops some)."""
+    values = list(zip(*(r["history"][key] for r in runs)))
+    return (list(range(1, len(values) + 1)), [statistics.fmean(v) for v in values],
+            [statistics.stdev(v) if len(v) > 1 else math.nan for v in values])
 
 
 def ci_half(stats):
@@ -1988,37 +1887,25 @@ def style_axes(ax, epochs=True):
 
 
 def draw_curve(ax, view, method, key, **style):
-    """A method's mean curve over its seeds; an epoch fewer seeds reached is drawn hollow, so a point averaging
-    one survivor is not read as a mean of all. True when there is such a point (the title then says so)."""
-    epochs, mean, std, seeds = mean_curve(ok_runs(view["runs"], method), key)
+    """A method's mean curve over its seeds, with a band of one standard deviation."""
+    epochs, mean, std = mean_curve(ok_runs(view["runs"], method), key)
     line, = ax.plot(epochs, mean, **style)
-    most = max(seeds)
-    fewer = [i for i, n in enumerate(seeds) if n < most]
-    if fewer:
-        ax.plot([epochs[i] for i in fewer], [mean[i] for i in fewer], ls="none", marker=style.get("marker", "o"),
-                mfc="white", color=line.get_color())
     if view["n_seeds"] > 1:
         ax.fill_between(epochs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                         color=line.get_color(), alpha=0.2, lw=0)
-    return bool(fewer)
-
-
-def seeds_note(hollow):
-    return "; hollow: fewer seeds reached that epoch" if hollow else ""
 
 
 def plot_curves(plt, view, key):
-    """Training loss or validation accuracy per epoch, every method on one axis."""
     ylabel, title = {"train_loss": ("training loss (cross-entropy, log scale)", "Training loss per epoch"),
                      "val_acc": ("validation accuracy (%)", "Validation accuracy per epoch")}[key]
     fig, ax = plt.subplots(figsize=(8.5, 4.5))
-    hollow = [draw_curve(ax, view, method, key, marker="o", color=row(method).color, label=label(method, view["task"]))
-              for method in view["trained"]]
+    for method in view["trained"]:
+        draw_curve(ax, view, method, key, marker="o", color=row(method).color, label=label(method, view["task"]))
     if key == "train_loss":
         ax.set_yscale("log")
     where = "on MNIST too" if view["task"] == "mnist" else f"on {view['task']}"
     ax.set(xlabel="epoch (of each method's own run)", ylabel=ylabel,
-           title=titled(view, f"{title} ({view['spread']}{seeds_note(any(hollow))})\nBase from scratch on MNIST; the "
+           title=titled(view, f"{title} ({view['spread']})\nBase from scratch on MNIST; the "
                               f"others from it, {where}"))
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the axes: never over a curve
@@ -2033,11 +1920,11 @@ def plot_loss_and_accuracy(plt, view, method):
     loss_color, acc_color = "tab:red", "tab:blue"
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax2 = ax.twinx()
-    hollow = [draw_curve(ax, view, method, "train_loss", marker="o", color=loss_color, label="training loss"),
-              draw_curve(ax, view, method, "val_loss", marker="s", ls="--", color=loss_color, label="validation loss"),
-              draw_curve(ax2, view, method, "val_acc", marker="^", color=acc_color, label="validation accuracy")]
+    draw_curve(ax, view, method, "train_loss", marker="o", color=loss_color, label="training loss")
+    draw_curve(ax, view, method, "val_loss", marker="s", ls="--", color=loss_color, label="validation loss")
+    draw_curve(ax2, view, method, "val_acc", marker="^", color=acc_color, label="validation accuracy")
     ax.set(xlabel="epoch", title=titled(view, f"{label(method, view['task'])}: loss and validation accuracy "
-                                              f"({view['spread']}{seeds_note(any(hollow))})"))
+                                              f"({view['spread']})"))
     ax.set_ylabel("cross-entropy loss", color=loss_color)
     ax.tick_params(axis="y", colors=loss_color)
     ax2.set_ylabel("validation accuracy (%)", color=acc_color)
@@ -2052,7 +1939,6 @@ def plot_loss_and_accuracy(plt, view, method):
 
 
 def draw_test_accuracy(ax, view):
-    """Test accuracy as points with 95 % CIs, on a zoomed axis that says so."""
     summary = view["summary"]
     # on a shifted task the base's own accuracy is on MNIST, another test set: named in the title, not drawn
     shown = [m for m in view["trained"] if not (m == "base" and view["task"] != "mnist")]
@@ -2105,8 +1991,7 @@ def draw_memory(plt, ax, view):
 
 
 def draw_paired(ax, view, ref, names=True):
-    """Each method's paired difference to `ref` with its 95 % CI as a forest, filled where a primary contrast is
-    beyond noise after Holm; one more than 5x the adapters' widest reach is written at the edge (head only)."""
+    """A forest of paired differences to `ref`, filled where a primary contrast survives Holm."""
     shown = [m for m in view["trained"] if m not in ("base", ref)]
     holm = {(c["method"], c["ref"]): c["p_holm"] < 0.05 for c in view["results"]["contrasts"]}
     diffs = {m: d for m in shown if (d := view["summary"][m]["vs"].get(ref))}
@@ -2135,8 +2020,7 @@ def draw_paired(ax, view, ref, names=True):
 
 
 def plot_comparison(plt, view):
-    """One figure, five panels: test accuracy and the paired differences to full fine-tuning and to LoRA;
-    training memory in parts and file size."""
+    """Test accuracy, paired differences to full FT and LoRA, training memory, file size."""
     summary, trained, results = view["summary"], view["trained"], view["results"]
     fig = plt.figure(figsize=(18, 10.5), layout="constrained")  # tight_layout cannot fit five panels' labels
     top, bottom = fig.subfigures(2, 1)
@@ -2159,8 +2043,7 @@ def plot_comparison(plt, view):
 
 
 def plot_rank_sweep(plt, view):
-    """Test accuracy against the parameters each method stores, a line per method across the ranks; then each
-    rank's paired difference to full fine-tuning, and to LoRA at that rank."""
+    """Test accuracy against stored parameters across ranks; paired differences per rank."""
     sweep, summary, n_seeds, config = view["results"]["rank_sweep"], view["summary"], view["n_seeds"], view[
         "results"]["config"]
     if not sweep:
@@ -2215,9 +2098,7 @@ def plot_rank_sweep(plt, view):
 
 
 def plot_lr_sweep(plt, view):
-    """Validation accuracy at each grid run's kept epoch against the rate, a line per method through its stable
-    runs, the chosen rate ringed, extensions hollow; zoomed to where the choices happen, a run below the axis (a
-    collapsed one: x) marked at its foot with its value."""
+    """Validation accuracy against the rate per method, the chosen rate ringed, zoomed."""
     config, chosen = view["results"]["config"], view["results"]["learning_rates"]
     grid = [r for r in view["results"]["lr_grid"] if r["rank"] == run_rank(r["method"], config["rank"])]
     if not grid:
@@ -2295,37 +2176,27 @@ def plot_memory_sweep(plt, view):
 
 
 def plot_rank_allocation(plt, view):
-    """Where a pruning method's rank went: each layer's final rank by seed, and the components alive over steps."""
+    """Where a pruning method's rank went: each layer's final rank, a bar per seed."""
     runs = [r for r in view["runs"] if r["status"] == "ok" and "rank_allocation" in r]
     methods = list(dict.fromkeys(r["method"] for r in runs))
     if not methods:
         return None
-    fig, axes = plt.subplots(len(methods), 2, figsize=(13, 4.6 * len(methods)), squeeze=False)
-    for (ax_rank, ax_steps), method in zip(axes, methods):
+    fig, axes = plt.subplots(1, len(methods), figsize=(6.5 * len(methods), 4.6), squeeze=False)
+    for ax, method in zip(axes[0], methods):
         mine = [r["rank_allocation"] | {"seed": r["seed"]} for r in runs if r["method"] == method]
         layers, width = list(mine[0]["ranks"]), 0.8 / len(mine)
         for j, a in enumerate(mine):
-            bars = ax_rank.bar([i + (j - (len(mine) - 1) / 2) * width for i in range(len(layers))],
-                               [a["ranks"][name] for name in layers], width=width, color=row(method).color,
-                               alpha=0.35 + 0.65 * (j + 1) / len(mine), edgecolor="black", label=f"seed {a['seed']}")
-            ax_rank.bar_label(bars, fontsize=8)
-        ax_rank.axhline(mine[0]["target_rank"], ls="--", color="black",
-                        label=f"r = {mine[0]['target_rank']} in every layer (LoRA at this budget)")
-        ax_rank.axhline(mine[0]["components"], ls=":", color="gray", label=f"r' = {mine[0]['components']} at the start")
-        ax_rank.set_xticks(range(len(layers)), layers)
-        ax_rank.set(ylabel="rank (components kept)", ylim=(0, 1.35 * mine[0]["components"]),
-                    title=f"{display(method)}: final rank per layer")
-        ax_rank.legend(fontsize=8, ncol=2)
-        for i, name in enumerate(layers):
-            for j, a in enumerate(mine):
-                ax_steps.step([0, *a["pruning_steps"], a["total_steps"]],
-                              [a["components"], *a["alive"][name], a["alive"][name][-1]], where="post",
-                              color=f"C{i}", lw=2 if j == 0 else 1, alpha=1 if j == 0 else 0.5,
-                              label=name if j == 0 else None)
-        ax_steps.axvspan(*mine[0]["window"], color="gray", alpha=0.15, label="pruning window")
-        ax_steps.set(xlabel="training step", ylabel="components alive",
-                     title=f"Components alive over training (seed {mine[0]['seed']} bold, other seeds faint)")
-        ax_steps.legend(fontsize=8)
+            bars = ax.bar([i + (j - (len(mine) - 1) / 2) * width for i in range(len(layers))],
+                          [a["ranks"][name] for name in layers], width=width, color=row(method).color,
+                          alpha=0.35 + 0.65 * (j + 1) / len(mine), edgecolor="black", label=f"seed {a['seed']}")
+            ax.bar_label(bars, fontsize=8)
+        ax.axhline(mine[0]["target_rank"], ls="--", color="black",
+                   label=f"r = {mine[0]['target_rank']} in every layer (LoRA at this budget)")
+        ax.axhline(mine[0]["components"], ls=":", color="gray", label=f"r' = {mine[0]['components']} at the start")
+        ax.set_xticks(range(len(layers)), layers)
+        ax.set(ylabel="rank (components kept)", ylim=(0, 1.35 * mine[0]["components"]),
+               title=f"{display(method)}: final rank per layer")
+        ax.legend(fontsize=8, ncol=2)
     fig.suptitle(titled(view, f"Where the rank went, fine-tuning on {view['task']}", sep=": "))
     return fig
 
@@ -2361,7 +2232,6 @@ def draw_figures(results):
 
 
 def plot_results(results, out_dir):
-    """Every figure, written atomically into out_dir; returns the file names."""
     written = []
     for name, fig in draw_figures(results):
         if fig.get_layout_engine() is None:
@@ -2371,22 +2241,18 @@ def plot_results(results, out_dir):
     return written
 
 
-# =====================================================================================================
-# The runs: each method built, trained, tested once and saved; the learning-rate grid and the budget check
-# =====================================================================================================
+# ===== The runs: each method built, trained, tested once and saved; the learning-rate grid and the budget check
 RESULTS_FORMAT = 2  # results.json's layout: --resume reads only its own (2: training memory in parts)
 
 
 def record_key(kind, record):
-    """The one key of a record, whatever its list: what ran (method, seed, rank), and its rate in the grid or its
-    budget in the budget check."""
+    """A record's one key: (list, method, seed, rank, its rate in the grid or budget in the check)."""
     extra = record["lr"] if kind == "lr_grid" else record["epochs"] if kind == "budget_check" else None
     return "runs" if kind == "other_runs" else kind, record["method"], record["seed"], record["rank"], extra
 
 
 def run_label(args, record):
-    """What tells a run from its method's others: " r=4" in the rank sweep, " (seed 1)" with several seeds, the
-    rate in the grid, the budget in the budget check."""
+    """What tells a run from its method's others: rank, seed, grid rate, budget."""
     return ((f" r={record['rank']}" if record["rank"] not in (None, args.rank) else "")
             + (f" (seed {record['seed']})" if args.seeds > 1 else "")
             + (f" at lr {record['lr']:g} (learning-rate grid)" if "extension" in record else "")
@@ -2407,8 +2273,7 @@ class Run:
         return self.bases[seed]
 
     def save(self):
-        """results.json and results.md as they stand, with the earlier run's records this run has not reached yet
-        (--resume): a run stopped half way leaves every one of them in the file for the next --resume."""
+        """results.json and results.md as they stand, with the earlier run's records not reached yet (--resume)."""
         written = {record_key(kind, r) for kind in RECORD_KINDS for r in self.results[kind]}
         waiting = [(key[0], r) for key, r in self.earlier.items() if key not in written]
         save_results(self.results | {kind: self.results[kind] + [r for k, r in waiting if k == kind]
@@ -2424,8 +2289,7 @@ class Run:
 
 
 def stability(fitted):
-    """{"status": "ok"}, or "unstable" with the reason for a run that collapsed to chance after it had learned:
-    its best epoch was kept, but it is not a run to average or to choose a rate by."""
+    """{"status": "ok"}, or "unstable" for a run that collapsed to chance after learning."""
     if not fitted["collapsed"]:
         return {"status": "ok"}
     epoch, before = fitted["collapsed"]
@@ -2434,8 +2298,7 @@ def stability(fitted):
 
 
 def report_method(r, batch_size):
-    """A finished run, in the original README's words, each figure saying what it measures: memory by accounting,
-    in parts, and the CUDA peak beside it, never for it."""
+    """A finished run in the original README's words, each figure saying what it measures."""
     mib, peak = {part: fmt_mib(b) for part, b in r["memory"].items()}, r["cuda_peak_bytes"]
     memory = (f"{mib['total']} MiB by accounting, one step at batch {batch_size}: weights {mib['frozen_weights']} "
               f"frozen + {mib['trainable_weights']} trainable, gradients {mib['gradients']}, optimizer "
@@ -2450,8 +2313,7 @@ def report_method(r, batch_size):
 
 
 def divergence_advice(key, lr, args, too_slow=False):
-    """What to change after a run failed to learn: a higher rate or a longer budget when it was too slow; else a
-    lower rate, and alpha too when it was raised for an adapter."""
+    """What to change after a failed run: rate, budget, or alpha."""
     method, _, rank = key
     if too_slow:
         return f"raise --lr (now {lr:g}) or the epoch budget (--{'epochs' if method == 'base' else 'finetune-epochs'})"
@@ -2463,8 +2325,7 @@ def divergence_advice(key, lr, args, too_slow=False):
 
 
 def finish_run(ctx, record, model):
-    """What a tested run adds: its class's record, the merge's gap, its saved model and checksum, and (QLoRA)
-    its accuracy as PEFT loads it."""
+    """What a tested run adds: its class's record, the merge gap, its saved model, PEFT's accuracy."""
     method, seed, rank, args = record["method"], record["seed"], record["rank"], ctx.args
     if method == "base" and args.task != "mnist":  # where the fine-tuning starts from, on the shifted task
         record["task_test_loss"], record["task_test_acc"] = evaluate(model, *ctx.splits[args.task]["test"])
@@ -2609,8 +2470,7 @@ def choose_rate(ctx, method, rank):
 
 
 def comparison_run(ctx, key, rates):
-    """One run of the plan, (method, seed, rank): kept from an earlier run, or run at its rate (chosen where it
-    first runs; the grid's run at that rate finished, not trained again), and saved at once."""
+    """One run of the plan: kept from an earlier run, or run at its chosen rate, and saved."""
     (method, seed, rank), args = key, ctx.args
     rate_rank = rank if args.grid_per_rank else run_rank(method, args.rank)  # whose grid sets the rate
     if (method, rate_rank) not in rates:  # the first seed's base is there: a grid can run on it
@@ -2638,8 +2498,7 @@ def comparison_run(ctx, key, rates):
 
 
 def budget_check(ctx):
-    """The first seed's fine-tuning runs again at their chosen rates with every other budget of --budgets, even in
-    a quick run, on validation only: has the comparison's budget plateaued?"""
+    """The first seed's runs again at every other budget of --budgets, on validation only."""
     args, rates = ctx.args, ctx.results["learning_rates"]
     for method in (m for m in args.methods if m != "base" and rates.get(m, {}).get("lr")):
         for epochs in (e for e in args.budgets if e != epoch_budget(vars(args))):
@@ -2648,12 +2507,9 @@ def budget_check(ctx):
                                                  "epochs": epochs})
 
 
-# =====================================================================================================
-# The output folder: one run at a time, each in a folder of its own; --resume continues one
-# =====================================================================================================
+# ===== The output folder: one run at a time, each in a folder of its own; --resume continues one =====
 def read_results(path, why):
-    """An earlier results.json of this script, checked by use (results.md and every figure drawn from it, not
-    written): what it lacks is one sentence now, not a traceback later. `why`: what to do instead."""
+    """An earlier results.json of this script, checked by drawing everything from it: ConfigError."""
     try:
         results = json.loads(path.read_text())
         if results.get("format") != RESULTS_FORMAT:
@@ -2681,8 +2537,7 @@ def saved_model_problem(out, run):
 
 
 def earlier_records(out, config, plan):
-    """({record_key: record} --resume trusts from an earlier run in `out` with the same settings, what this plan
-    will not redo): a run counts while its saved model matches its checksum and its seed's base is trusted."""
+    """(records --resume trusts from `out`, what this plan will not redo), checksums checked."""
     path = out / "results.json"
     if not path.exists():
         return {}, {}
@@ -2713,8 +2568,7 @@ def earlier_records(out, config, plan):
 
 
 def lock_out_dir(out):
-    """An exclusive lock on out/.lock while this run writes there (released when the process ends, even by kill
-    -9): two runs never mix their files."""
+    """An exclusive lock on out/.lock while this run writes there (released even by kill -9)."""
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -2736,8 +2590,7 @@ def free_folder(out):
 
 
 def check_out_dir(out, resume=False):
-    """A run writes only into a new or empty folder, or with --resume into one holding a run of this script;
-    anything else is refused in one sentence that names a free folder, and nothing in it is touched."""
+    """A run writes only into a new or empty folder, or with --resume into a run's: else refused."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out-dir {out} is a file: use --out-dir {free_folder(out)}")
     held = sorted(e.name for e in out.iterdir() if e.name != ".lock") if out.is_dir() else []
@@ -2749,17 +2602,14 @@ def check_out_dir(out, resume=False):
                           f"use --out-dir {free_folder(out)}")
 
 
-# =====================================================================================================
-# main(): flags, checks, the experiment
-# =====================================================================================================
+# ===== main(): flags, checks, the experiment =====
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):  # a bad flag (or default): one sentence, not argparse's usage text
         raise ConfigError(f"{message.replace('argument ', '', 1)}; see python main.py --help")
 
 
 def parse_args(argv=None):
-    """One flag per entry of SETTINGS, its default read from there (as text, so argparse checks it as it checks
-    the flag); then the ones that steer a run."""
+    """One flag per SETTINGS entry, defaulting to it; then the flags that steer a run."""
     p = ArgumentParser(description="MNIST CNN fine-tuned with hand-written LoRA, DoRA and QLoRA.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for name, (default, kind, meaning) in SETTINGS.items():
@@ -2788,8 +2638,7 @@ def seeds_of(args):
 
 
 def check_args(args):
-    """What argparse's types cannot check alone, flag or edited default alike: one ConfigError sentence before
-    anything runs."""
+    """What argparse's types cannot check: one ConfigError sentence before anything runs."""
     unknown = [m for m in args.methods if m != "base" and m not in METHODS]
     if unknown or not args.methods:
         raise ConfigError(f"unknown method(s) {', '.join(unknown) or '(none given)'}: choose from "
@@ -2834,7 +2683,6 @@ def check_args(args):
 
 
 def plan_runs(args):
-    """(method, seed, rank) in running order: the main comparison seed by seed, then the rank sweep."""
     plan = [(m, s, run_rank(m, args.rank)) for s in seeds_of(args) for m in args.methods]
     return plan + [(m, s, r) for s in seeds_of(args) for m in args.methods if adapter_class(m)
                    for r in args.ranks if r != args.rank]
@@ -2844,7 +2692,7 @@ def environment(device, methods):
     bnb = "not used"
     if any(getattr(adapter_class(m), "uses_bitsandbytes", False) for m in methods):
         try:  # installed but unusable says so, not the version on disk
-            import_bitsandbytes()
+            bitsandbytes()
             from importlib.metadata import version
             bnb = version("bitsandbytes")
         except BitsAndBytesUnavailable:
@@ -2864,7 +2712,6 @@ def training_device(args):
 
 
 def load_splits(args, device):
-    """{task: its train/val/test splits on the device} for MNIST (the base's) and the fine-tuning task."""
     tasks = dict.fromkeys(("mnist", args.task))
     sources = dict.fromkeys(TASK_DATASET.get(task, "MNIST") for task in tasks)
     data = {name: load_dataset(args.data_dir, name) for name in sources}
@@ -2875,8 +2722,7 @@ def load_splits(args, device):
 
 
 def run_config(args, splits=None):
-    """What decides the numbers (results.json's "config"; --resume needs it equal): the settings but where files
-    go and which methods, seeds and ranks run, and the split sizes."""
+    """What decides the numbers (results.json's "config", equal for --resume)."""
     config = {k: v for k, v in vars(args).items()
               if k not in ("data_dir", "out_dir", "device", "methods", "resume", "seeds", "ranks", "grid_per_rank",
                            "budgets", "replot") + (() if args.memory_batches else ("memory_batches", "memory_widths"))}
@@ -2886,8 +2732,7 @@ def run_config(args, splits=None):
 
 
 def code_version():
-    """The code a run ran: main.py's SHA-256, and the git commit it sits on (None outside a clone), with whether
-    the file differs from that commit's."""
+    """The code a run ran: main.py's SHA-256 and the git commit (and whether the file was edited)."""
     here = Path(__file__).resolve()
     version = {"main_py_sha256": file_digest(here), "commit": None}
     with contextlib.suppress(OSError, subprocess.SubprocessError):
@@ -2900,7 +2745,6 @@ def code_version():
 
 
 def new_results(args, config, device):
-    """results.json's content before any run has finished."""
     return {"format": RESULTS_FORMAT, "config": config, "code": code_version(),
             "environment": environment(device, args.methods),
             "methods": args.methods, "seeds": seeds_of(args), "ranks": args.ranks, "learning_rates": {},
@@ -2924,8 +2768,7 @@ def print_summary(results, args):
 
 
 def draw_finished(results, out, failing=False):
-    """The plots of whatever finished. While another error is on its way out (failing), a failure to draw is
-    mentioned, not put in its place: the message names the first thing that went wrong."""
+    """The plots of whatever finished; while failing, a failure to draw is only mentioned."""
     add_summary(results)  # runs kept by --resume may have come in since the last save
     if any(r["status"] == "ok" for r in results["runs"]):
         try:
@@ -2937,7 +2780,6 @@ def draw_finished(results, out, failing=False):
 
 
 def check_bases(args, plan, earlier):
-    """Every seed fine-tuned here has a base: trained in this run, or kept from the earlier one (--resume)."""
     have = ({seed for method, seed, _ in plan if method == "base"}
             | {key[2] for key in earlier if key[:2] == ("runs", "base")})
     missing = sorted({seed for method, seed, _ in plan if method != "base"} - have)
@@ -2967,8 +2809,7 @@ def prepare(args):
 
 
 def run_experiment(args):
-    """The experiment: every planned run in order, then the budget check; the plots of whatever
-    finished, and the summary. Exit status 0, or 1 when a run failed or collapsed."""
+    """Every planned run in order, the budget check, the plots, the summary: exit 0, or 1 on a failure."""
     ctx, plan, rates = *prepare(args), {}
     started, trained = time.perf_counter(), 0
     try:
@@ -3016,8 +2857,7 @@ def run_memory_sweep(args):
 
 
 def replot(args):
-    """--replot DIR: every figure and results.md redrawn from DIR/results.json, nothing trained: into DIR
-    (its results.json untouched), or into a new --out-dir with a copy of results.json."""
+    """--replot DIR: figures and results.md redrawn from DIR/results.json, nothing trained."""
     source, out = Path(args.replot), Path(args.out_dir)
     results = read_results(source / "results.json", "--replot DIR needs a folder holding one")
     save_results(results, out, records=out.resolve() != source.resolve())  # DIR's own results.json stays as it is

@@ -265,14 +265,14 @@ def test_qlora_conv_keeps_channels_last_like_the_other_methods():
 
 def test_a_missing_bitsandbytes_is_reported_not_raised_as_import_error(monkeypatch):
     import sys
-    main.import_bitsandbytes.cache_clear()
+    main.bitsandbytes.cache_clear()
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # what `import` sees when it is not installed
     monkeypatch.setitem(sys.modules, "bitsandbytes.functional", None)
     try:
         with pytest.raises(main.BitsAndBytesUnavailable, match="bitsandbytes cannot be imported"):
             main.QLoRALayer(nn.Linear(8, 4), 2, 4)
     finally:
-        main.import_bitsandbytes.cache_clear()
+        main.bitsandbytes.cache_clear()
 
 
 # ------------------------------------------------------------------ the dynamic-rank DoRA's schedule

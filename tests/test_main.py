@@ -385,7 +385,7 @@ def copy_base(quick_run, tmp_path):
 def test_missing_bitsandbytes_skips_qlora_only(capsys, quick_run, mnist_dir, tmp_path, monkeypatch):
     def unavailable():
         raise main.BitsAndBytesUnavailable("bitsandbytes cannot be imported (ImportError: no module)")
-    monkeypatch.setattr(main, "import_bitsandbytes", unavailable)
+    monkeypatch.setattr(main, "bitsandbytes", unavailable)
     out = copy_base(quick_run, tmp_path)
     code, stdout, _ = run(capsys, "--quick", "--resume", "--methods", "qlora,lora", "--data-dir", mnist_dir, "--out-dir", out)
     methods = runs_by_method(json.loads((out / "results.json").read_text()))

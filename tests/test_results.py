@@ -266,11 +266,11 @@ def test_a_variant_is_contrasted_with_its_own_row_and_with_lora():
     assert main.variant_of("dora") is None
 
 
-def test_mean_curve_averages_the_runs_that_reached_each_epoch():
+def test_mean_curve_ends_at_the_last_epoch_every_run_reached():
     runs = [{"history": {"val_acc": [90.0, 92.0, 93.0]}}, {"history": {"val_acc": [88.0, 94.0]}}]
-    epochs, mean, std, seeds = main.mean_curve(runs, "val_acc")
-    assert epochs == [1, 2, 3] and mean == [89.0, 93.0, 93.0] and seeds == [2, 2, 1]  # epoch 3: one run, said so
-    assert std[:2] == pytest.approx([math.sqrt(2), math.sqrt(2)]) and math.isnan(std[2])
+    epochs, mean, std = main.mean_curve(runs, "val_acc")
+    assert epochs == [1, 2] and mean == [89.0, 93.0]  # epoch 3 held one run: not drawn as a mean of two
+    assert std == pytest.approx([math.sqrt(2), math.sqrt(2)])
 
 
 def test_plots_with_seeds_and_a_sweep_are_drawn_from_results_alone(tmp_path):
@@ -321,22 +321,6 @@ def test_the_study_time_counts_every_run_once():
     lora0["from_grid"] = True  # seed 0's LoRA run is the grid's run at 1e-3: trained once, counted once
     runs = sum(r["train_time_s"] for r in results["runs"]) - lora0["train_time_s"]
     assert main.study_time_s(results) == pytest.approx(30.0 + 5.0 + 50.0 + runs)
-
-
-def test_curves_say_when_an_epoch_holds_fewer_seeds(tmp_path, monkeypatch):
-    import matplotlib.text
-    results = fake_results()
-    for r in results["runs"]:
-        if r["status"] == "ok":
-            n = 2 if (r["method"], r["seed"]) == ("full", 1) else 3  # full fine-tuning's seed 1 stopped early
-            r["history"] = {k: [1.0, 0.5, 0.4][:n] for k in ("train_loss", "val_loss")} | {"val_acc": [90.0, 95.0, 96.0][:n]}
-    results["environment"], results["config"]["test_size"] = {"device_name": "test"}, 10_000
-    titles, real_write = {}, main.write_atomic
-    monkeypatch.setattr(main, "write_atomic", lambda path, fig: titles.__setitem__(Path(path).name, " ".join(
-        t.get_text() for t in fig.findobj(matplotlib.text.Text))) or real_write(path, fig))
-    main.plot_results(main.add_summary(results), tmp_path)
-    assert "hollow: fewer seeds reached that epoch" in titles[main.PLOT_FILES[1]]  # full FT's epoch 3: 2 of 3 seeds
-    assert "hollow" not in titles[main.PLOT_FILES[3]]  # LoRA's epochs all hold 3 seeds
 
 
 # ------------------------------------------------------------------------------------ the memory sweep
