@@ -550,8 +550,6 @@ class DynamicRankLayer(LoRALayer):
         self.gate = nn.Parameter(torch.zeros(components, device=self.lora_A.device))
         self.register_buffer("alive", torch.ones(components, dtype=torch.bool, device=self.lora_A.device))
         self.register_buffer("importance", torch.zeros(components, device=self.lora_A.device))
-        self.pruning = []  # (step, components alive) after each pruning step: where the rank went, and when
-        self.steps = (0, 0, 0)  # pruning window and run in steps (first, last, total), once training has begun
 
     def scaled_B(self):  # (alpha/r') B diag(c): the gates scale B's columns, a tiny tensor, not the activations
         gates = self.scaling * self.gate
@@ -592,15 +590,11 @@ class DynamicRankLayer(LoRALayer):
             if done >= target:
                 break
             layers[name].alive[i], done = False, done + cost[name]
-        for layer in layers.values():
-            layer.pruning.append((step, int(layer.alive.sum())))
 
     # ---- train()'s hooks ------------------------------------------------------------------------------
     @classmethod
     def on_step(cls, layers, step, total_steps):
         schedule = next(iter(layers.values())).schedule
-        for layer in layers.values():
-            layer.steps = (*schedule.window(total_steps), total_steps)  # for the record: where in the run it pruned
         if step <= schedule.window(total_steps)[1]:
             for layer in layers.values():
                 layer.update_importance(schedule.beta)
@@ -646,14 +640,11 @@ class DynamicRankLayer(LoRALayer):
 
     @classmethod
     def record(cls, layers):
-        """Where the rank went: each layer's final rank, and the components alive after every pruning step."""
+        """Where the rank went: each layer's final rank."""
         first = next(iter(layers.values()))
         return {"rank_allocation": {
             "components": first.rank, "target_rank": first.target_rank, "schedule": first.schedule._asdict(),
-            "window": list(first.steps[:2]), "total_steps": first.steps[2],
-            "ranks": {name: int(layer.alive.sum()) for name, layer in layers.items()},
-            "pruning_steps": [step for step, _ in first.pruning],
-            "alive": {name: [n for _, n in layer.pruning] for name, layer in layers.items()}}}
+            "ranks": {name: int(layer.alive.sum()) for name, layer in layers.items()}}}
 
 
 def adaptable_layers(model, train_head=True):
@@ -866,14 +857,12 @@ def restore(model, state):
         tensors[k].copy_(t)
 
 
-TRAIN_HOOKS = ("regularizer", "on_step", "settled_at")  # AdapterLayer's, with defaults that do nothing
-
-
 def hook_groups(model):
-    """{class: {full name: module}} of the modules whose class defines train()'s hooks, called per class."""
+    """{class: {full name: module}} of the modules whose class has train()'s hooks (AdapterLayer's, PEFT's in
+    tests/adalora_side_by_side.py): train() calls each class's hooks once with all its modules."""
     groups = {}
     for name, module in model.named_modules():
-        if all(hasattr(type(module), hook) for hook in TRAIN_HOOKS):
+        if all(hasattr(type(module), hook) for hook in ("regularizer", "on_step", "settled_at")):
             groups.setdefault(type(module), {})[name] = module
     return groups
 
@@ -1691,14 +1680,10 @@ def budget_points(results):
     return {method: sorted(mine, key=lambda point: point[0]) for method, mine in points.items()}
 
 
-def budgets_of(points):
-    return sorted({epochs for mine in points.values() for epochs, *_ in mine})
-
-
 def budget_table(results):
     """Validation accuracy at each budget, and the longest budget's lead over the comparison's, in images."""
     by_method = budget_points(results)
-    budgets = budgets_of(by_method)
+    budgets = sorted({epochs for mine in by_method.values() for epochs, *_ in mine})
     main_budget, n = epoch_budget(results["config"]), results["config"]["val_size"]
     rows = []
     for method, points in by_method.items():
@@ -1712,6 +1697,15 @@ def budget_table(results):
                                          if e in at else "" for e in budgets] + [lead])
     return table(["method"] + [f"{e} epochs" + (" (the comparison's)" if e == main_budget else "") for e in budgets]
                  + [f"longest minus the comparison's, images of {n:,} (± SE)"], rows)
+
+
+def rank_allocation_table(results):
+    """Where a pruning method's rank went: each layer's final rank, per seed."""
+    runs = sorted((r for r in main_runs(results) if r["status"] == "ok" and "rank_allocation" in r),
+                  key=lambda r: results["methods"].index(r["method"]))  # by method, then seed
+    layers = list(runs[0]["rank_allocation"]["ranks"]) if runs else []
+    return table(["method", "seed"] + layers, [[display(r["method"]), r["seed"]] + [
+        r["rank_allocation"]["ranks"][name] for name in layers] for r in runs])
 
 
 def chosen_rates(results):
@@ -1794,6 +1788,11 @@ def results_markdown(results):
                   f"CNN width {config.get('width', 1)}:", memory_table(results)]
         parts += ["After training (Base, Full FT, Head only: the whole model's file; adapters: the adapter-only "
                   "file; merging: the largest over the seeds, on 1,000 test images):", after_training_table(results)]
+    if any("rank_allocation" in r for r in main_runs(results)):
+        start = next(r["rank_allocation"] for r in main_runs(results) if "rank_allocation" in r)
+        parts += [f"Where the dynamic rank went: each layer's rank at the end ({start['components']} components a "
+                  f"layer at the start; LoRA's budget: {start['target_rank']} in every layer):",
+                  rank_allocation_table(results)]
     if results["rank_sweep"]:
         how = ("its rate chosen on that rank's own grid (--grid-per-rank)" if results.get("sweep_rates") else
                f"at the rate chosen at r = {config['rank']}")
@@ -1812,17 +1811,13 @@ def results_markdown(results):
                   "The largest batch size of the sweep at which each method still takes less training memory than "
                   "full fine-tuning, per CNN width:", crossover_table(results) or "(none: full fine-tuning was not "
                                                                                   "in --methods, so not measured)"]
-    parts.append(("vs Full FT = the method's test accuracy minus full fine-tuning's, seed by seed (same base, data "
-                  "order and init within a seed), with the 95 % CI of that mean difference: from the table of "
-                  "per-image differences (seeds x test images), the crossed random-effects variance, each noise "
-                  "once (the seeds', the test images', and each seed's own flips on each image), Satterthwaite's df "
-                  "(a run without its test images: the seeds' t alone; the primary contrasts' table says which). An "
-                  "interval that contains 0: these runs cannot tell the two apart (not: they are equal). "
-                  "epochs (kept) = the epochs each seed ran, separated by /, and in brackets the epoch whose state "
-                  f"was kept (the best by {SELECTION}). "
-                  "stored params = what the saved folder holds (trained parameters; pruned components dropped). "
-                  "Lead over the runner-up: images the chosen run gets right and the other not, minus the reverse, "
-                  "with the standard error of that paired count (within noise: under two). " if results["runs"] else "")
+    parts.append(("vs Full FT = test accuracy minus full fine-tuning's, seed by seed (same base, data order and "
+                  "init), with the 95 % CI of that mean: the crossed seeds x test-images random-effects variance, "
+                  "each noise once, Satterthwaite's df. An interval holding 0: these runs cannot tell the two "
+                  "apart (not: they are equal). epochs (kept) = the epochs each seed ran, and in brackets the "
+                  f"epoch kept (the best by {SELECTION}). stored params = what the saved folder holds. Lead over "
+                  "the runner-up = images the chosen run gets right and the other not, minus the reverse, ± its "
+                  "standard error (within noise: under two). " if results["runs"] else "")
                  + f"Training memory = by accounting, on training step {MEMORY_STEP} (Adam's state and the last "
                  "step's gradients allocated): the weights as stored (frozen: QLoRA's packed 4-bit codes and their "
                  "constants; trainable), the gradients, the optimizer's state, and the activations autograd keeps "
@@ -1850,8 +1845,7 @@ def save_results(results, out_dir, records=True):
 # ===== Plots: one function per figure, drawn from results alone =====
 PLOT_FILES = ("training_loss_comparison.png", "validation_accuracy_comparison.png",
               "base_model_loss_accuracy.png", "lora_loss_accuracy.png", "test_accuracy_memory.png")
-SWEEP_PLOT, LR_PLOT, RANK_PLOT, MEMORY_PLOT = (
-    "rank_sweep.png", "lr_sweep.png", "rank_allocation.png", "memory_sweep.png")  # when they ran
+SWEEP_PLOT, LR_PLOT, MEMORY_PLOT = "rank_sweep.png", "lr_sweep.png", "memory_sweep.png"  # when they ran
 
 def mean_curve(runs, key):
     """(epochs, mean, std) of history[key] up to the last epoch every run reached (--patience stops some)."""
@@ -2175,32 +2169,6 @@ def plot_memory_sweep(plt, view):
     return fig
 
 
-def plot_rank_allocation(plt, view):
-    """Where a pruning method's rank went: each layer's final rank, a bar per seed."""
-    runs = [r for r in view["runs"] if r["status"] == "ok" and "rank_allocation" in r]
-    methods = list(dict.fromkeys(r["method"] for r in runs))
-    if not methods:
-        return None
-    fig, axes = plt.subplots(1, len(methods), figsize=(6.5 * len(methods), 4.6), squeeze=False)
-    for ax, method in zip(axes[0], methods):
-        mine = [r["rank_allocation"] | {"seed": r["seed"]} for r in runs if r["method"] == method]
-        layers, width = list(mine[0]["ranks"]), 0.8 / len(mine)
-        for j, a in enumerate(mine):
-            bars = ax.bar([i + (j - (len(mine) - 1) / 2) * width for i in range(len(layers))],
-                          [a["ranks"][name] for name in layers], width=width, color=row(method).color,
-                          alpha=0.35 + 0.65 * (j + 1) / len(mine), edgecolor="black", label=f"seed {a['seed']}")
-            ax.bar_label(bars, fontsize=8)
-        ax.axhline(mine[0]["target_rank"], ls="--", color="black",
-                   label=f"r = {mine[0]['target_rank']} in every layer (LoRA at this budget)")
-        ax.axhline(mine[0]["components"], ls=":", color="gray", label=f"r' = {mine[0]['components']} at the start")
-        ax.set_xticks(range(len(layers)), layers)
-        ax.set(ylabel="rank (components kept)", ylim=(0, 1.35 * mine[0]["components"]),
-               title=f"{display(method)}: final rank per layer")
-        ax.legend(fontsize=8, ncol=2)
-    fig.suptitle(titled(view, f"Where the rank went, fine-tuning on {view['task']}", sep=": "))
-    return fig
-
-
 def draw_figures(results):
     """(file name, figure) of every figure what ran calls for, drawn from results alone (--replot redraws them)."""
     import matplotlib
@@ -2219,8 +2187,7 @@ def draw_figures(results):
                PLOT_FILES[3]: lambda: plot_loss_and_accuracy(plt, view, "lora"),
                PLOT_FILES[4]: lambda: plot_comparison(plt, view),
                SWEEP_PLOT: lambda: plot_rank_sweep(plt, view),
-               LR_PLOT: lambda: plot_lr_sweep(plt, view),
-               RANK_PLOT: lambda: plot_rank_allocation(plt, view)} if trained else {}
+               LR_PLOT: lambda: plot_lr_sweep(plt, view)} if trained else {}
     if results.get("memory_sweep"):  # a sweep trains nothing
         figures[MEMORY_PLOT] = lambda: plot_memory_sweep(plt, view)
     for name, draw in figures.items():
@@ -2746,21 +2713,16 @@ def code_version():
 
 def new_results(args, config, device):
     return {"format": RESULTS_FORMAT, "config": config, "code": code_version(),
-            "environment": environment(device, args.methods),
-            "methods": args.methods, "seeds": seeds_of(args), "ranks": args.ranks, "learning_rates": {},
-            "sweep_rates": {},
-            "lr_grid": [], "runs": [], "other_runs": [], "budget_check": [], "memory_sweep": []}
+            "environment": environment(device, args.methods), "methods": args.methods, "seeds": seeds_of(args),
+            "ranks": args.ranks, "learning_rates": {}, "sweep_rates": {}, "memory_sweep": []} | {
+                kind: [] for kind in RECORD_KINDS}
 
 
 def print_summary(results, args):
     for method, row in results["summary"].items():
-        if row["status"] != "ok":
-            shown = f"{row['status']} ({row['reason']})"
-        elif row["test_acc"]["std"] is None:
-            shown = f"{row['test_acc']['mean']:.2f}%"
-        else:
-            shown = (f"{fmt_stat(row['test_acc'])}% (mean ± std of {row['test_acc']['n']} seeds; 95 % CI "
-                     f"{fmt_ci(row['test_acc'])})")
+        shown = (f"{row['status']} ({row['reason']})" if row["status"] != "ok" else f"{fmt_stat(row['test_acc'])}%"
+                 + (f" (mean ± std of {row['test_acc']['n']} seeds; 95 % CI {fmt_ci(row['test_acc'])})"
+                    if row["test_acc"]["std"] is not None else ""))
         print(f"{label(method, args.task)} Model Test Accuracy: {shown}")
     quick = "QUICK RUN: a smoke test on a subset, not results.\n" if args.quick else ""
     print(f"\n{quick}{comparison_table(results)}\n\n" + "\n".join(who_won(results) + [busy_note(results)]).strip())
