@@ -23,6 +23,7 @@ import copy
 import functools
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
@@ -123,6 +124,7 @@ SETTINGS = {  # name: (default, type, meaning); the flag is --name with - for _ 
     "dyn_beta": (0.9, within(float, 0, 0.999), "dynamic-rank DoRA: moving-average factor of the importance"),
     "dyn_dem": (0.1, within(float, 0, 1e6), "dynamic-rank DoRA: weight of the variance regulariser (DEM)"),
     "dyn_budget": ("components", str, "dynamic-rank DoRA: the budget in components (r a layer) or stored params"),
+    "recompute": (False, bool, "adapters keep only their input for backward and recompute the rest (less memory)"),
     "train_head": (True, bool, "the classifier head fully trainable instead of adapted"),
     "bias": ("none", str, "the adapters' trainable biases, as PEFT's LoraConfig(bias=...): none, lora_only, all"),
     "width": (1, within(int, 1, 16), "the CNN's width: its channels (16, 32) and fc1's units (256) times this"),
@@ -247,6 +249,10 @@ class CNN(nn.Module):
 
 
 # ===== Adapter layers: one base, four methods; Linear and Conv2d differ only in `layer_op` =====
+def trainable_parameters(model):
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
 def update_scale(alpha, rank, rslora=False):
     """The factor on B A: alpha / r (Hu et al. 2021), or alpha / sqrt(r) with rsLoRA (a rank-stable step size)."""
     return alpha / (math.sqrt(rank) if rslora else rank)
@@ -266,6 +272,25 @@ class AdapterConfig(NamedTuple):
         return self.rank_pattern.get(name, self.r), self.alpha_pattern.get(name, self.lora_alpha)
 
 
+class KeepInput(torch.autograd.Function):
+    """--recompute: an adapter layer's output keeping only its input x for backward, as full fine-tuning's layer
+    keeps x for its weight's gradient; backward runs output(x) again (A x, DoRA's W x + dW x) and differentiates
+    that, so nothing of the adapter's own is held between the passes. A checkpoint the accounting sees."""
+
+    @staticmethod
+    def forward(ctx, x, layer, *params):
+        ctx.layer, ctx.params = layer, params
+        ctx.save_for_backward(x)
+        return layer.output(x)  # autograd is off here: nothing else is kept
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, = ctx.saved_tensors
+        grad_x, grads = ctx.layer.recomputed_grads(x.detach().requires_grad_(ctx.needs_input_grad[0]), grad_out,
+                                                   ctx.params)
+        return grad_x, None, *grads
+
+
 class AdapterLayer(nn.Module):
     """What every adapter method shares: a frozen Linear/Conv2d weight W and bias b, and a trainable low-rank
     update dW = (alpha/r) B A, laid out as PEFT stores it (Conv2d: A a conv with the base's kernel, B a 1x1
@@ -276,6 +301,7 @@ class AdapterLayer(nn.Module):
     loads_as = None      # the class a saved folder is rebuilt as, when it is not this one
     peft_loads_as = None  # the method PEFT's loading amounts to, when it computes something else (QLoRA: LoRA)
     uses_bitsandbytes = False  # imported (seconds) and its version reported only for a run with such a method
+    recompute = False  # --recompute: keep only the layer's input for backward (KeepInput)
 
     def __init__(self, base, rank, alpha, dropout=0.0, rslora=False):
         super().__init__()
@@ -296,6 +322,11 @@ class AdapterLayer(nn.Module):
         self.bias = None if base.bias is None else nn.Parameter(base.bias.detach().clone(), requires_grad=False)
         self.store_base_weight(weight)
 
+    def forward(self, x):  # the method's output(x); with --recompute, keeping only x for backward
+        if self.recompute and torch.is_grad_enabled():
+            return KeepInput.apply(x, self, *trainable_parameters(self).values())
+        return self.output(x)
+
     def store_base_weight(self, weight):  # QLoRA stores it in 4 bits instead
         self.weight = nn.Parameter(weight.clone(), requires_grad=False)
 
@@ -310,6 +341,30 @@ class AdapterLayer(nn.Module):
 
     def per_output(self, v):  # a per-output-unit vector [out], shaped to broadcast over this layer's output
         return v.view(-1, 1, 1) if self.is_conv else v
+
+    def per_unit_sum(self, t):  # an output-shaped tensor summed over all but its units: dL/db from dL/dy
+        return t.sum(dim=(0, 2, 3) if self.is_conv else tuple(range(t.dim() - 1)))
+
+    def input_grad(self, grad_out, input_shape):  # dL/dx of y = layer_op(x, W) for the frozen W: W^T dL/dy
+        weight = self.base_weight()
+        return (torch.nn.grad.conv2d_input(input_shape, weight, grad_out, **self.conv_args) if self.is_conv
+                else grad_out @ weight)
+
+    def update_grads(self, x, grad_update, grad_frozen, params, known):
+        """--recompute's backward, given dL/d(dW x) and dL/d(W x): dW x computed again from x and differentiated
+        (A, B, the gates, x), W x not (W is frozen: its share of dL/dx is W^T dL/d(W x)); `known`: {id: the
+        gradient} of the other parameters. Returns (dL/dx or None, [dL/dp for p in params])."""
+        update_params = [p for p in params if id(p) not in known]
+        with torch.enable_grad():
+            update = self.lora(x)
+        grads = torch.autograd.grad(update, [x] * x.requires_grad + update_params, grad_update, allow_unused=True)
+        by_id = dict(zip(map(id, update_params), grads[x.requires_grad:])) | known
+        grad_x = grads[0] + self.input_grad(grad_frozen, x.shape) if x.requires_grad else None
+        return grad_x, [by_id[id(p)] for p in params]
+
+    def bias_grad(self, grad_out):  # {id: dL/db} of a trained bias, else {}
+        trained = self.bias is not None and self.bias.requires_grad
+        return {id(self.bias): self.per_unit_sum(grad_out)} if trained else {}
 
     def scaled_B(self):  # the update's scale folded into the tiny B, not applied to the large output
         return self.lora_B * self.scaling
@@ -372,10 +427,13 @@ class AdapterLayer(nn.Module):
 class LoRALayer(AdapterLayer):
     """LoRA (Hu et al. 2021): W frozen, only B and A learn."""
 
-    def forward(self, x):
+    def output(self, x):
         # y = W x + b + dW dropout(x), dW = (alpha/r) B A: layer_op(x, merged_weight(), bias) in eval mode.
         # add_ in place saves a pass over the output; autograd allows it, as nothing kept W x for backward
         return self.layer_op(x, self.base_weight(), self.bias).add_(self.lora(self.dropout(x)))
+
+    def recomputed_grads(self, x, grad_out, params):  # y = W x + b + dW x: every part sees dL/dy
+        return self.update_grads(x, grad_out, grad_out, params, self.bias_grad(grad_out))
 
     @torch.no_grad()
     def merged_weight(self):
@@ -399,11 +457,13 @@ class DoRALayer(AdapterLayer):
     def weight_norm(weight):
         return weight.flatten(1).norm(dim=1)
 
-    def forward(self, x):
+    def output(self, x):
         # y = W' x + b, W' = m (W + dW) / ||W + dW||: layer_op(x, merged_weight(), bias) in eval mode.
         # Never forms W': W x and dW x are computed apart and scaled per output unit by s = m / ||W + dW||.
         weight = self.base_weight()
-        scale = self.per_output(self.magnitude / self.weight_norm(weight + self.delta_weight()).detach())  # s
+        with torch.no_grad():  # detached: no graph built for it, none kept and dropped
+            norm = self.weight_norm(weight + self.delta_weight())
+        scale = self.per_output(self.magnitude / norm)  # s
         base_out = self.layer_op(x, weight)  # W x, without bias
         if isinstance(self.dropout, nn.Identity) or not self.training:
             # y = s (W x + dW x) + b: W x computed once, two passes over the output
@@ -415,6 +475,16 @@ class DoRALayer(AdapterLayer):
         x_drop = self.dropout(x)
         out = base_out + (scale - 1) * self.layer_op(x_drop, weight) + scale * self.lora(x_drop)
         return out if self.bias is None else out + self.per_output(self.bias)
+
+    def recomputed_grads(self, x, grad_out, params):
+        """y = s (W x + dW x) + b, s = m / ||W + dW|| detached: dL/dm sums dL/dy times the direction output W x +
+        dW x (computed again, the one output-sized tensor it needs) over all but the units, over the norm; W x
+        and dW x both see s dL/dy."""
+        weight = self.base_weight()
+        norm = self.weight_norm(weight + self.delta_weight())
+        grad_m = self.per_unit_sum(self.layer_op(x, weight).add_(self.lora(x)).mul_(grad_out)) / norm
+        scaled = grad_out * self.per_output(self.magnitude / norm)
+        return self.update_grads(x, scaled, scaled, params, {id(self.magnitude): grad_m} | self.bias_grad(grad_out))
 
     @torch.no_grad()
     def merged_weight(self):
@@ -442,15 +512,10 @@ class FrozenQuantized(torch.autograd.Function):
         return layer.layer_op(x, layer.base_weight(), bias)  # forward runs without autograd: nothing kept
 
     @staticmethod
-    def backward(ctx, grad_out):
-        layer, grad_x, grad_bias = ctx.layer, None, None
-        if ctx.needs_input_grad[1]:  # a trained bias: dL/db sums dL/dy over all but the output units
-            grad_bias = grad_out.sum(dim=(0, 2, 3) if layer.is_conv else tuple(range(grad_out.dim() - 1)))
-        if ctx.needs_input_grad[0]:  # not for the first layer's input (the images): no dequantization at all
-            weight = layer.base_weight()
-            grad_x = (torch.nn.grad.conv2d_input(ctx.input_shape, weight, grad_out, **layer.conv_args)
-                      if layer.is_conv else grad_out @ weight)  # y = x W^T: dL/dx = dL/dy W
-        return grad_x, grad_bias, None
+    def backward(ctx, grad_out):  # not for the first layer's input (the images): no dequantization at all
+        layer, (needs_x, needs_bias, _) = ctx.layer, ctx.needs_input_grad
+        return (layer.input_grad(grad_out, ctx.input_shape) if needs_x else None,
+                layer.per_unit_sum(grad_out) if needs_bias else None, None)
 
 
 class QLoRALayer(LoRALayer):
@@ -459,7 +524,7 @@ class QLoRALayer(LoRALayer):
     peft_loads_as = "lora"  # PEFT has no 4-bit conv: it puts this adapter on the fp32 base
     uses_bitsandbytes = True
 
-    def forward(self, x):
+    def output(self, x):
         # LoRA's y = W x + b + dW dropout(x), W x + b without keeping the dequantized W for backward
         return FrozenQuantized.apply(x, self.bias, self).add_(self.lora(self.dropout(x)))
 
@@ -609,8 +674,8 @@ class DynamicRankLayer(LoRALayer):
         schedule = next(iter(layers.values())).schedule
         if step > schedule.window(total_steps)[1] or schedule.dem == 0:
             return None
-        variances = [v for layer in layers.values()
-                     for v in (layer.lora_A.flatten(1).var(dim=1), layer.lora_B.flatten(1).var(dim=0))]
+        variances = [v for layer in layers.values() for A, B in [(layer.lora_A, layer.lora_B)]  # no flattened copy
+                     for v in (A.var(dim=tuple(range(1, A.dim()))), B.var(dim=(0, *range(2, B.dim()))))]
         return schedule.dem * torch.cat(variances).mean()
 
     @classmethod
@@ -679,6 +744,10 @@ def add_adapters(model, cls, config, train_head=True, **options):
     return model
 
 
+def adapter_layers(model):
+    return {name: m for name, m in model.named_modules() if isinstance(m, AdapterLayer)}
+
+
 def finetuning_copy(base, method, rank, settings):
     """A copy of `base` training what `method`'s row says: every parameter, the head, or its adapters."""
     model, spec = copy.deepcopy(base), row(method)
@@ -690,15 +759,10 @@ def finetuning_copy(base, method, rank, settings):
     cls, settings = adapter_class(method), method_settings(method, settings)
     config = AdapterConfig(rank, settings.alpha, settings.dropout, use_rslora=settings.scaling == "rslora",
                            bias=settings.bias)
-    return add_adapters(model, cls, config, settings.train_head, **cls.options(settings))
-
-
-def adapter_layers(model):
-    return {name: m for name, m in model.named_modules() if isinstance(m, AdapterLayer)}
-
-
-def trainable_parameters(model):
-    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+    add_adapters(model, cls, config, settings.train_head, **cls.options(settings))
+    for layer in adapter_layers(model).values():
+        layer.recompute = settings.recompute
+    return model
 
 
 def peft_tensors(model):
@@ -895,25 +959,41 @@ def verdict(history, first_loss):
     return None
 
 
-MEMORY_STEP = 2  # the step whose memory is measured: from the second on, Adam's state and the last step's
-                 # gradients are allocated while the forward pass keeps its activations, as in every later step
+MEMORY_STEP = 2  # the step measured: from the second on, Adam's state exists, as in every later step
+
+
+@contextlib.contextmanager
+def quiet_stderr():
+    """File descriptor 2 silenced: the profiler's C++ side writes lines there at every start and stop."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 class TrainingMemory:
-    """The training memory of the steps run inside it, in parts, by accounting: the weights as stored, the
-    gradients, the optimizer's state, and what autograd keeps for backward when backward begins (saved-tensor
-    hooks; each storage once; parameters, buffers and `exclude`, the resident dataset, left out). On CUDA also
-    the allocator's peak over those steps, above what was allocated before but the model's weights."""
+    """The memory of the training step run inside it. By accounting, what coexists at its peak: the weights as
+    stored, Adam's state, and the largest sum over the step of what autograd keeps for backward (saved-tensor
+    hooks, each storage once; parameters, buffers and `exclude` left out) and the gradients written so far.
+    Measured: the peak of all that was allocated, as CUDA's allocator counts it, or on the CPU as the allocation
+    events of torch.profiler (profile_memory=True) add up, above the step's start, plus what lived then of the
+    model (weights, Adam's state, last step's gradients: their exact sizes; the data and other models left out)."""
 
     def __init__(self, model, optimizer, device, exclude=()):
         self.model, self.optimizer, self.device = model, optimizer, device
         self.skip = {(t.device, t.untyped_storage().data_ptr()) for t in (*model.parameters(), *model.buffers(),
                                                                            *exclude)}
-        self.held, self.kept_now, self.kept_at_backward = {}, 0, None  # storage -> [holders, bytes]; bytes held
-        self.parts, self.cuda_peak = None, None
-        if self.device.type == "cuda":
-            sync(self.device)
-            self.cuda_shared = torch.cuda.memory_allocated(self.device) - weight_bytes(model)
+        self.held, self.grads, self.kept, self.at_peak = {}, {}, 0, (0, 0)  # storage -> [holders, bytes]
+        self.parts = self.peak = self.kept_at_backward = None
+
+    def observe(self):  # (kept, gradients) where their sum is largest so far
+        if self.kept + sum(self.grads.values()) > sum(self.at_peak):
+            self.at_peak = (self.kept, sum(self.grads.values()))
 
     def pack(self, tensor):
         """What autograd keeps for backward: a detached view (the tensor itself would tie an output to its own
@@ -923,13 +1003,14 @@ class TrainingMemory:
             entry = self.held.setdefault(key, [0, tensor.untyped_storage().nbytes()])
             entry[0] += 1
             if entry[0] == 1:  # a storage not kept yet: its bytes count once, however many tensors view it
-                self.kept_now += entry[1]
+                self.kept += entry[1]
+                self.observe()
             weakref.finalize(kept, self.release, key)
         return kept
 
     def unpack(self, kept):
         if self.kept_at_backward is None:  # the first use of a kept tensor: backward has begun, nothing freed yet
-            self.kept_at_backward = self.kept_now
+            self.kept_at_backward = self.kept
         return kept
 
     def release(self, key):
@@ -937,38 +1018,61 @@ class TrainingMemory:
         entry[0] -= 1
         if entry[0] == 0:
             del self.held[key]
-            self.kept_now -= entry[1]
+            self.kept -= entry[1]
+
+    def written(self, p):  # a gradient accumulated into p.grad during backward
+        self.grads[p] = p.grad.nbytes
+        self.observe()
+
+    def adam_bytes(self):
+        return sum(t.nbytes for s in self.optimizer.state.values() for t in s.values() if torch.is_tensor(t))
 
     def __enter__(self):
+        sync(self.device)
+        self.before = weight_bytes(self.model) + self.adam_bytes() + sum(  # with last step's gradients
+            p.grad.nbytes for p in self.model.parameters() if p.grad is not None)
         if self.device.type == "cuda":
-            sync(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-        self.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
-        self.hooks.__enter__()
+            self.start = torch.cuda.memory_allocated(self.device)
+        else:
+            self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                                   profile_memory=True)
+            self.quiet = quiet_stderr()  # over the whole step: a free of last step's gradients warns there too
+            self.quiet.__enter__()
+            self.profiler.__enter__()
+        self.hooks = [torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)]
+        self.hooks[0].__enter__()
+        self.hooks += [p.register_post_accumulate_grad_hook(self.written)
+                       for p in trainable_parameters(self.model).values()]
         return self
 
     def __exit__(self, *exc):
-        self.hooks.__exit__(*exc)
-        trainable = trainable_parameters(self.model).values()
-        trained = sum(p.nbytes for p in trainable)
-        self.parts = {"frozen_weights": weight_bytes(self.model) - trained, "trainable_weights": trained,
-                      "gradients": sum(p.grad.nbytes for p in trainable if p.grad is not None),
-                      "optimizer": sum(t.nbytes for state in self.optimizer.state.values() for t in state.values()
-                                       if torch.is_tensor(t)),
-                      "activations": self.kept_at_backward or 0}
-        self.parts["total"] = sum(self.parts.values())
+        self.hooks[0].__exit__(*exc)
+        for handle in self.hooks[1:]:
+            handle.remove()
+        sync(self.device)
         if self.device.type == "cuda":
-            sync(self.device)
-            self.cuda_peak = torch.cuda.max_memory_allocated(self.device) - self.cuda_shared
+            rise = torch.cuda.max_memory_allocated(self.device) - self.start
+        else:
+            self.profiler.__exit__(*exc)
+            self.quiet.__exit__(*exc)
+            events = sorted((e.start_ns(), e.nbytes()) for e in self.profiler.profiler.kineto_results.events()
+                            if e.name() == "[memory]")  # every allocation (+) and free (-), in time order
+            rise = max(itertools.accumulate(nbytes for _, nbytes in events), default=0)
+        trained = sum(p.nbytes for p in trainable_parameters(self.model).values())
+        self.parts = {"frozen_weights": weight_bytes(self.model) - trained, "trainable_weights": trained,
+                      "gradients": self.at_peak[1], "optimizer": self.adam_bytes(), "activations": self.at_peak[0]}
+        self.parts["total"] = sum(self.parts.values())
+        self.peak = self.before + max(rise, 0)
         return False
 
 
 def training_step(model, optimizer, groups, images, labels, step, total_steps):
     """One optimizer step on the loss plus the adapter classes' terms; returns the task's loss."""
+    optimizer.zero_grad(set_to_none=True)  # last step's gradients freed before this forward pass keeps its own
     loss = F.cross_entropy(model(images), labels)
     terms = [term for cls, modules in groups.items()
              if (term := cls.regularizer(modules, step, total_steps)) is not None]
-    optimizer.zero_grad(set_to_none=True)
     (loss + sum(terms) if terms else loss).backward()
     optimizer.step()
     for cls, modules in groups.items():
@@ -1030,28 +1134,33 @@ def train(model, splits, lr, budget, seed, log=print):
     restore(model, best["state"])
     collapsed = verdict(history, first_loss)
     return {"history": history, "epochs_run": len(history["train_loss"]), "best_epoch": best["epoch"],
-            "train_time_s": train_time, "memory": memory.parts, "cuda_peak_bytes": memory.cuda_peak,
+            "train_time_s": train_time, "memory": memory.parts, "peak_bytes": memory.peak,
             "collapsed": collapsed}
 
 
 # ===== Measurement: parameters, and training memory without training =====
 def step_memory(model, batch_size, total_steps):
-    """(parts, CUDA peak) of step MEMORY_STEP as train() takes it, on random images: shapes decide it."""
+    """TrainingMemory of step MEMORY_STEP as train() takes it, on random images: shapes decide memory."""
     device = next(model.parameters()).device
     g = torch.Generator().manual_seed(0)
     images = torch.randn(batch_size, 1, 28, 28, generator=g).to(device).contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, NUM_CLASSES, (batch_size,), generator=g).to(device)
+    index = torch.arange(batch_size, device=device)  # a batch gathered in the step, as train() gathers one
     model.train()
     optimizer, groups = torch.optim.Adam(trainable_parameters(model).values(), lr=1e-3), hook_groups(model)
     memory = TrainingMemory(model, optimizer, device)
     for step in range(1, MEMORY_STEP + 1):
         with memory if step == MEMORY_STEP else contextlib.nullcontext():
-            training_step(model, optimizer, groups, images, labels, step, total_steps)
-    return memory.parts, memory.cuda_peak
+            training_step(model, optimizer, groups, images[index], labels[index], step, total_steps)
+    return memory
 
 
 def fmt_mib(b):
     return f"{b / 2**20:.2f}"
+
+
+def sweep_name(record):  # a memory sweep's column: the method, and its arm
+    return display(record["method"]) + (" recomputing" if record.get("recompute") else "")
 
 
 def step_estimate(width, batch):
@@ -1075,22 +1184,27 @@ def available_memory(device):
 
 
 def memory_sweep(args, device, log=print):
-    """Every method's training memory per width and batch of the sweep, one step each, on fresh CNNs."""
+    """Every method's training memory per width and batch of the sweep, one step each, on fresh CNNs; the
+    adapters in both arms, plain and with --recompute."""
     records = []
     for width in args.memory_widths:
         torch.manual_seed(args.seed)
         base = CNN(width).to(device)
         for batch in args.memory_batches:
-            point = {}
+            point = []
             for method in (m for m in args.methods if m != "base"):
-                model = finetuning_copy(base, method, args.rank, args).to(memory_format=torch.channels_last)
-                steps = args.finetune_epochs * math.ceil((60_000 - VAL_SIZE) / batch)  # a whole run's: the hooks'
-                memory, peak = step_memory(model, batch, steps)
-                point[method] = {"method": method, "width": width, "batch_size": batch, "memory": memory,
-                                 "cuda_peak_bytes": peak}
-            records += point.values()
+                for recompute in (False, True) if adapter_class(method) else (False,):
+                    arm = argparse.Namespace(**vars(args) | {"recompute": recompute})
+                    model = finetuning_copy(base, method, args.rank, arm).to(memory_format=torch.channels_last)
+                    steps = args.finetune_epochs * math.ceil((60_000 - VAL_SIZE) / batch)  # a run's: the hooks'
+                    memory = step_memory(model, batch, steps)
+                    point.append({"method": method, "recompute": recompute, "width": width, "batch_size": batch,
+                                  "memory": memory.parts, "peak_bytes": memory.peak,
+                                  "kept_at_backward": memory.kept_at_backward})
+            records += point
             log(f"width {width}, batch {batch}: " + ", ".join(
-                f"{display(m)} {fmt_mib(r['memory']['total'])}" for m, r in point.items()) + " MiB by accounting")
+                f"{sweep_name(r)} {fmt_mib(r['memory']['total'])} ({fmt_mib(r['peak_bytes'])})" for r in point)
+                + " MiB by accounting (measured)")
     return records
 
 
@@ -1110,7 +1224,7 @@ def measure(model, fit, test_loss, test_acc):
             "trainable_params": trainable, "total_params": total,
             # what its saved folder holds (pruned components dropped): the trained parameters for all but those
             "stored_params": sum(t.numel() for t in peft_tensors(model).values()),
-            "memory": fit["memory"], "cuda_peak_bytes": fit["cuda_peak_bytes"],
+            "memory": fit["memory"], "peak_bytes": fit["peak_bytes"],
             "frozen_weight_bytes": sum(m.frozen_weight_bytes() for m in adapted),
             "frozen_weight_fp32_bytes": sum(4 * math.prod(m.weight_shape) for m in adapted),
             "train_time_s": fit["train_time_s"],
@@ -1397,8 +1511,8 @@ def summarize(results):
             "failed": [f"seed {r['seed']}: {r['status']} ({r['reason']})" for r in mine if r["status"] != "ok"],
             "test_acc": mean_std_ci(r["test_acc"] for r in ok),
             "train_time_s": mean_std_ci(r["train_time_s"] for r in ok),
-            "cuda_peak_bytes": (None if any(r["cuda_peak_bytes"] is None for r in ok)
-                                else mean_std_ci(r["cuda_peak_bytes"] for r in ok)),
+            "peak_bytes": (None if any(r.get("peak_bytes") is None for r in ok)  # studies before it was measured
+                           else mean_std_ci(r["peak_bytes"] for r in ok)),
             "epochs_run": [r["epochs_run"] for r in ok], "best_epoch": [r["best_epoch"] for r in ok],
             "lr": ok[0]["lr"], **{k: ok[0][k] for k in SAME_FOR_EVERY_SEED},
             **{k: mean_std_ci(r[k] for r in ok) for k in PER_SEED_SIZES},
@@ -1560,20 +1674,24 @@ MEMORY_PARTS = (  # (key in a run's "memory", header in results.md and the plot)
     ("optimizer", "optimizer (Adam)"), ("activations", "kept for backward"))
 
 
+PEAK_HOW = {"cuda": "CUDA allocator", "cpu": "torch.profiler"}  # what measured the peak, by device type
+
+
 def memory_table(results):
-    """Training memory per method in parts, by accounting, and on CUDA the allocator's peak beside it."""
+    """Training memory per method in parts by accounting, and the measured peak beside it."""
     summary = {m: row for m, row in results["summary"].items() if row["status"] == "ok" and "memory" in row}
-    cuda = any(row["cuda_peak_bytes"] is not None for row in summary.values())
+    measured = any(row["peak_bytes"] is not None for row in summary.values())
     full = summary.get("full", {}).get("memory", {}).get("total")
     rows = []
     for method, row in summary.items():
-        memory, peak = row["memory"], row["cuda_peak_bytes"]
+        memory, peak = row["memory"], row["peak_bytes"]
         rows.append([display(method)] + [fmt_mib(memory[key]) for key, _ in MEMORY_PARTS] + [
             fmt_mib(memory["total"]), f"{memory['total'] / full:.2f}x" if full else "-"]
             + ([fmt_stat(peak, scale=2**20), f"{(peak['mean'] - memory['total']) / 2**20:+.2f}"] if peak else
-               ["-", "-"] if cuda else []))
+               ["-", "-"] if measured else []))
+    how = PEAK_HOW[results["environment"]["device"]]
     return table(["method"] + [header for _, header in MEMORY_PARTS] + ["total (accounting)", "vs Full FT"]
-                 + (["CUDA peak", "CUDA peak minus accounting"] if cuda else []), rows)
+                 + ([f"measured peak ({how})", "measured minus accounting"] if measured else []), rows)
 
 
 AFTER_TRAINING_COLUMNS = (  # (header in results.md, cell of a summary row)
@@ -1598,38 +1716,57 @@ def rank_sweep_table(results):
         for method, points in results["rank_sweep"].items() for p in points])
 
 
-def sweep_points(results):
-    """{(width, batch): {method: total training memory in bytes}} of the memory sweep, in the order it ran."""
+def sweep_points(results, key="total"):
+    """{(width, batch): {column: bytes}} of the memory sweep in the order it ran: the accounting's total, or
+    with key "peak" the measured peak (a sweep before peaks were measured has none)."""
     points = {}
     for r in results["memory_sweep"]:
-        points.setdefault((r["width"], r["batch_size"]), {})[r["method"]] = r["memory"]["total"]
+        value = r["memory"]["total"] if key == "total" else r.get("peak_bytes")
+        if value is not None:
+            points.setdefault((r["width"], r["batch_size"]), {})[sweep_name(r)] = value
     return points
 
 
-def memory_sweep_table(results):
-    """Each method's training memory at every width and batch size, and its ratio to full fine-tuning's."""
-    points = sweep_points(results)
-    methods = list(dict.fromkeys(m for totals in points.values() for m in totals))
-    return table(["width", "batch"] + [display(m) for m in methods], [
-        [width, batch] + [fmt_mib(totals[m]) + (f" ({totals[m] / totals['full']:.2f}x)" if "full" in totals
-                                                and m != "full" else "") for m in methods]
+def memory_sweep_table(results, key="total"):
+    """Each column's training memory at every width and batch size, and its ratio to full fine-tuning's."""
+    points, full = sweep_points(results, key), display("full")
+    columns = list(dict.fromkeys(m for totals in points.values() for m in totals))
+    return table(["width", "batch"] + columns, [
+        [width, batch] + [fmt_mib(totals[m]) + (f" ({totals[m] / totals[full]:.2f}x)" if full in totals
+                                                and m != full else "") for m in columns]
         for (width, batch), totals in points.items()])
 
 
-def crossover_table(results):
-    """Per width, the largest batch at which each method takes less memory than full FT (or None)."""
-    points = sweep_points(results)
-    if not any("full" in totals for totals in points.values()):
+def crossover_table(results, key="total"):
+    """Per width, the largest batch at which each column takes less memory than full FT (None: not measured)."""
+    points, full = sweep_points(results, key), display("full")
+    if not any(full in totals for totals in points.values()):
         return None
     widths = list(dict.fromkeys(width for width, _ in points))
-    methods = list(dict.fromkeys(m for totals in points.values() for m in totals if m != "full"))
+    columns = list(dict.fromkeys(m for totals in points.values() for m in totals if m != full))
 
-    def cell(width, method):
-        mine = {b: totals for (w, b), totals in points.items() if w == width and "full" in totals}
-        below = [b for b, totals in mine.items() if method in totals and totals[method] < totals["full"]]
+    def cell(width, column):
+        mine = {b: totals for (w, b), totals in points.items() if w == width and full in totals}
+        below = [b for b, totals in mine.items() if column in totals and totals[column] < totals[full]]
         return "none" if not below else f"{max(below)} (all swept)" if max(below) == max(mine) else str(max(below))
     return table(["method"] + [f"width {w} ({count_parameters(CNN(w))[1]:,} weights)" for w in widths],
-                 [[display(m)] + [cell(w, m) for w in widths] for m in methods])
+                 [[m] + [cell(w, m) for w in widths] for m in columns])
+
+
+def recompute_check(results):
+    """A sentence on the sweep's recomputing adapters against full fine-tuning, at every point with both."""
+    full = {(r["width"], r["batch_size"]): r for r in results["memory_sweep"] if r["method"] == "full"}
+    arms = [(r, full[key]) for r in results["memory_sweep"]
+            if r.get("recompute") and (key := (r["width"], r["batch_size"])) in full]
+    if not arms:
+        return None
+    most = max(r["kept_at_backward"] - f["kept_at_backward"] for r, f in arms)
+    total = sum(r["memory"]["total"] < f["memory"]["total"] for r, f in arms)
+    peak = sum(r["peak_bytes"] < f["peak_bytes"] for r, f in arms)
+    return (f"Recomputing adapters, at the {len(arms)} (adapter, width, batch) points where full fine-tuning was "
+            f"measured too: kept for backward as backward begins, at most {most / 2**20:+.2f} MiB beyond full "
+            f"fine-tuning's; below full fine-tuning in total by accounting at {total} of them, in measured peak "
+            f"at {peak}.")
 
 
 def contrasts_table(results):
@@ -1748,6 +1885,25 @@ def add_summary(results):
     return results
 
 
+def memory_notation(results):
+    if results.get("memory_accounting") != 2:  # a study measured with the loop before zero_grad came first
+        return (f"Training memory = by accounting, on training step {MEMORY_STEP}, as the code of its commit "
+                "counted it (last step's gradients still allocated during the forward pass): the weights as stored "
+                "(frozen: QLoRA's packed 4-bit codes and their constants; trainable), the gradients, Adam's state, "
+                "and the activations autograd keeps for backward as backward begins (saved-tensor hooks, each "
+                "storage once, parameters and the resident dataset left out). No peak was measured.")
+    return (f"Training memory, on training step {MEMORY_STEP} (zero_grad first: last step's gradients are freed "
+            "before the forward pass): by accounting, what coexists at the step's peak, the weights as stored "
+            "(frozen: QLoRA's packed 4-bit codes and their constants; trainable), Adam's state, and the largest "
+            "sum over the step of the activations autograd keeps for backward (saved-tensor hooks, each storage "
+            "once, parameters and the resident dataset left out) and the gradients written so far. Measured peak "
+            "= the most bytes allocated over that step above its start (CUDA: torch.cuda.max_memory_allocated; "
+            "CPU: the allocation and free events of torch.profiler with profile_memory=True, summed in time "
+            "order) plus the weights, Adam's state and last step's gradients alive at its start; what it holds "
+            "beyond the accounting is transient: the kernels' buffers, the batch, the logits. Recomputing "
+            "(--recompute): each adapter keeps only its layer's input for backward and computes the rest again.")
+
+
 def results_markdown(results):
     env, config, seeds = results["environment"], results["config"], results["seeds"]
     quick = (f"**QUICK RUN: a smoke test ({config['train_size']:,} training and {config['test_size']:,} test "
@@ -1804,13 +1960,15 @@ def results_markdown(results):
     if results["budget_check"]:
         parts += [f"Budget check (seed {seeds[0]}, each method at its chosen rate, validation accuracy at the kept "
                   f"epoch): has the comparison's budget plateaued?", budget_table(results)]
-    if results.get("memory_sweep"):
-        parts += ["Memory sweep (nothing trained: each method's training memory by accounting, one measured step "
-                  "on a fresh CNN of each width; in brackets, the ratio to full fine-tuning's):",
-                  memory_sweep_table(results),
-                  "The largest batch size of the sweep at which each method still takes less training memory than "
-                  "full fine-tuning, per CNN width:", crossover_table(results) or "(none: full fine-tuning was not "
-                                                                                  "in --methods, so not measured)"]
+    for key, how in (("total", "by accounting"), ("peak", f"measured ({PEAK_HOW[results['environment']['device']]})")):
+        if sweep_points(results, key):
+            parts += [f"Memory sweep, {how} (nothing trained: one step on a fresh CNN of each width; in brackets, the "
+                      f"ratio to full fine-tuning's):", memory_sweep_table(results, key),
+                      f"The largest batch of the sweep at which each method still trains in less memory than full "
+                      f"fine-tuning, {how}, per CNN width:",
+                      crossover_table(results, key) or "(none: full fine-tuning was not in --methods, so not measured)"]
+    if results.get("memory_sweep") and (check := recompute_check(results)):
+        parts.append(check)
     parts.append(("vs Full FT = test accuracy minus full fine-tuning's, seed by seed (same base, data order and "
                   "init), with the 95 % CI of that mean: the crossed seeds x test-images random-effects variance, "
                   "each noise once, Satterthwaite's df. An interval holding 0: these runs cannot tell the two "
@@ -1818,13 +1976,7 @@ def results_markdown(results):
                   f"epoch kept (the best by {SELECTION}). stored params = what the saved folder holds. Lead over "
                   "the runner-up = images the chosen run gets right and the other not, minus the reverse, ± its "
                   "standard error (within noise: under two). " if results["runs"] else "")
-                 + f"Training memory = by accounting, on training step {MEMORY_STEP} (Adam's state and the last "
-                 "step's gradients allocated): the weights as stored (frozen: QLoRA's packed 4-bit codes and their "
-                 "constants; trainable), the gradients, the optimizer's state, and the activations autograd keeps "
-                 "for the backward pass (its saved-tensor hooks, each storage once, parameters and the resident "
-                 "dataset left out). CUDA peak (on a GPU only) = torch.cuda.max_memory_allocated over that step "
-                 "minus what was allocated before training but the model's own weights (the dataset, the bases); "
-                 "what it holds beyond the accounting is the kernels' workspace and transient buffers.")
+                 + memory_notation(results))
     if results.get("provenance"):  # a committed study's own story: how it ran, reruns, merges
         parts += ["## Provenance", *results["provenance"]]
     return "\n\n".join(parts) + "\n"
@@ -1958,7 +2110,7 @@ MEMORY_HATCHES = {"frozen_weights": None, "trainable_weights": "xx", "gradients"
 
 
 def draw_memory(plt, ax, view):
-    """Training memory by accounting, stacked in its parts, a bar per method (on CUDA, the peak beside it)."""
+    """Training memory by accounting, stacked in its parts, a bar per method; the measured peak beside it."""
     trained, summary = view["trained"], view["summary"]
     bottom = [0.0] * len(trained)
     for key, what in MEMORY_PARTS:
@@ -1968,14 +2120,15 @@ def draw_memory(plt, ax, view):
         bottom = [b + v for b, v in zip(bottom, mib)]
     for i, total in enumerate(bottom):
         ax.annotate(f"{total:.1f}", (i, total), xytext=(0, 2), textcoords="offset points", ha="center", fontsize=7)
-    peaks = [summary[m]["cuda_peak_bytes"] for m in trained]
+    peaks = [summary[m]["peak_bytes"] for m in trained]
     legend = [plt.Rectangle((0, 0), 1, 1, facecolor="white" if MEMORY_HATCHES[key] else
                             ("whitesmoke" if key == "activations" else "gray"), edgecolor="black",
                             hatch=MEMORY_HATCHES[key], label=what) for key, what in MEMORY_PARTS]
     if all(peaks):
+        what = f"measured peak ({PEAK_HOW[view['results']['environment']['device']]})"
         ax.bar([i + 0.38 for i in range(len(trained))], [p["mean"] / 2**20 for p in peaks], width=0.16,
-               color="black", label="CUDA peak over that step")
-        legend.append(plt.Rectangle((0, 0), 1, 1, color="black", label="CUDA peak over that step"))
+               color="black", label=what)
+        legend.append(plt.Rectangle((0, 0), 1, 1, color="black", label=what))
     ax.set_xticks(range(len(trained)), [display(m) for m in trained])
     ax.set_ylim(0, 1.45 * max(bottom + [p["mean"] / 2**20 for p in peaks if p]))  # room for the legend
     ax.set(ylabel="MiB", title=f"Training memory by accounting, one measured step at batch "
@@ -2138,34 +2291,33 @@ def plot_lr_sweep(plt, view):
 
 
 def plot_memory_sweep(plt, view):
-    """Training memory against the batch size, a column per CNN width: the total, and its ratio to full FT's."""
-    points = sweep_points(view["results"])
-    if not points:
+    """Each column's training memory over full fine-tuning's against the batch size, a panel per CNN width:
+    by accounting, and measured (when it was); plain adapters solid, recomputing ones dashed."""
+    rows = [(key, points) for key in ("total", "peak") if (points := sweep_points(view["results"], key))
+            and any(display("full") in totals for totals in points.values())]  # ratios to full FT's
+    if not rows:
         return None
-    widths = list(dict.fromkeys(width for width, _ in points))
-    methods = list(dict.fromkeys(m for totals in points.values() for m in totals))
-    fig, axes = plt.subplots(2, len(widths), figsize=(4.2 * len(widths), 7.5), squeeze=False, sharex=True)
-    for (ax_mib, ax_ratio), width in zip(axes.T, widths):
-        mine = {batch: totals for (w, batch), totals in points.items() if w == width}
-        for method in methods:
-            batches = [b for b, totals in mine.items() if method in totals]
-            style = dict(marker=row(method).marker, color=row(method).color, label=display(method))
-            ax_mib.plot(batches, [mine[b][method] / 2**20 for b in batches], **style)
-            if method != "full":
-                ratio = [(b, mine[b][method] / mine[b]["full"]) for b in batches if "full" in mine[b]]
-                ax_ratio.plot([b for b, _ in ratio], [r for _, r in ratio], **style)
-        ax_ratio.axhline(1, color=row("full").color, ls="--", label=f"{display('full')} (1x)")
-        ax_mib.set(xscale="log", yscale="log", title=f"width {width} ({count_parameters(CNN(width))[1]:,} weights)",
-                   ylabel="training memory (MiB, accounting)" if width == widths[0] else None)
-        ax_ratio.set(xscale="log", yscale="log", xlabel="batch size",
-                     ylabel="ratio to full fine-tuning" if width == widths[0] else None)
-        ax_ratio.set_xticks(list(mine), [str(b) for b in mine])
-        for ax in (ax_mib, ax_ratio):
+    widths = list(dict.fromkeys(width for width, _ in rows[0][1]))
+    fig, axes = plt.subplots(len(rows), len(widths), figsize=(4.2 * len(widths), 3.8 * len(rows)), squeeze=False,
+                             sharex=True)
+    for (key, points), panels in zip(rows, axes):
+        for ax, width in zip(panels, widths):
+            mine = {batch: totals for (w, batch), totals in points.items() if w == width}
+            for r in {sweep_name(r): r for r in view["results"]["memory_sweep"] if r["method"] != "full"}.values():
+                ratio = [(b, t[sweep_name(r)] / t[display("full")]) for b, t in mine.items() if display("full") in t]
+                ax.plot([b for b, _ in ratio], [q for _, q in ratio], marker=row(r["method"]).marker,
+                        color=row(r["method"]).color, ls="--" if r.get("recompute") else "-", label=sweep_name(r))
+            ax.axhline(1, color=row("full").color, ls=":", label=f"{display('full')} (1x)")
+            ax.set(xscale="log", yscale="log", title=f"width {width} ({count_parameters(CNN(width))[1]:,} weights)",
+                   ylabel=None if width != widths[0] else "over full FT, by accounting" if key == "total"
+                   else f"over full FT, measured ({PEAK_HOW[view['results']['environment']['device']]})")
+            ax.set_xticks(list(mine), [str(b) for b in mine])
             ax.grid(alpha=0.3, which="both")
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle(titled(view, "Training memory by accounting, one measured step per point (weights, gradients, "
-                              "Adam, what autograd keeps for backward): below the dashed line an adapter saves "
-                              "memory", sep=": "), fontsize=10)
+    for ax in axes[-1]:
+        ax.set_xlabel("batch size")
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
+    fig.suptitle(titled(view, "Training memory over full fine-tuning's, one measured step per point: below the "
+                              "dotted line an adapter trains in less", sep=": "), fontsize=10)
     return fig
 
 
@@ -2264,14 +2416,13 @@ def stability(fitted):
                                             f"accuracy at epoch {epoch}, after {before:.2f} %"}
 
 
-def report_method(r, batch_size):
+def report_method(r, batch_size, device):
     """A finished run in the original README's words, each figure saying what it measures."""
-    mib, peak = {part: fmt_mib(b) for part, b in r["memory"].items()}, r["cuda_peak_bytes"]
-    memory = (f"{mib['total']} MiB by accounting, one step at batch {batch_size}: weights {mib['frozen_weights']} "
-              f"frozen + {mib['trainable_weights']} trainable, gradients {mib['gradients']}, optimizer "
-              f"{mib['optimizer']}, kept for backward {mib['activations']}" + (
-                  "" if peak is None else f"; CUDA peak {fmt_mib(peak)} MiB "
-                                          f"({(peak - r['memory']['total']) / 2**20:+.2f} beyond it)"))
+    mib = {part: fmt_mib(b) for part, b in r["memory"].items()}
+    memory = (f"{fmt_mib(r['peak_bytes'])} MiB measured ({PEAK_HOW[device.type]}, one step at batch {batch_size}); "
+              f"by accounting {mib['total']}: weights {mib['frozen_weights']} frozen + {mib['trainable_weights']} "
+              f"trainable, gradients {mib['gradients']}, optimizer {mib['optimizer']}, kept for backward "
+              f"{mib['activations']}")
     print(f"Total Training Time: {r['train_time_s'] / 60:.2f} min ({r['train_time_s']:.1f} s, {r['epochs_run']} "
           f"epochs)\nMax memory allocated: {memory}\nTrainable parameters: {r['trainable_params']:,} of "
           f"{r['total_params']:,} ({100 * r['trainable_params'] / r['total_params']:.2f} %)")
@@ -2349,7 +2500,7 @@ def run_method(ctx, record, trained=None):
             record |= measure(model, fitted, *evaluate(model, *data["test"]))  # the test set, once per run
             record["test_right"] = right_images(model, *data["test"])  # test noise in the paired intervals
             finish_run(ctx, record, model)
-            report_method(record, args.batch_size)
+            report_method(record, args.batch_size, ctx.device)
         if record["status"] == "unstable":
             print(f"{name} is unstable: {record['reason']}; its best epoch is kept but not counted"
                   + (" and its rate not chosen." if validation_only else ". Going on with the other methods."))
@@ -2638,6 +2789,8 @@ def check_args(args):
                           "drop --resume")
     if not 0 <= args.dropout < 1:
         raise ConfigError(f"--dropout must be in [0, 1) (got {args.dropout})")
+    if args.recompute and args.dropout:
+        raise ConfigError("--recompute needs --dropout 0: the pass again in backward would draw another mask")
     for method in filter(adapter_class, METHODS):  # each method's own settings, checked by its class
         adapter_class(method).options(method_settings(method, args))
     limit = max_rank(CNN(args.width), args.train_head)
@@ -2712,7 +2865,7 @@ def code_version():
 
 
 def new_results(args, config, device):
-    return {"format": RESULTS_FORMAT, "config": config, "code": code_version(),
+    return {"format": RESULTS_FORMAT, "memory_accounting": 2, "config": config, "code": code_version(),
             "environment": environment(device, args.methods), "methods": args.methods, "seeds": seeds_of(args),
             "ranks": args.ranks, "learning_rates": {}, "sweep_rates": {}, "memory_sweep": []} | {
                 kind: [] for kind in RECORD_KINDS}
@@ -2810,10 +2963,11 @@ def run_memory_sweep(args):
     results["memory_sweep"] = memory_sweep(args, device)
     save_results(results, out)
     drawn = plot_results(results, out)
-    crossover = crossover_table(results)
-    print(f"\n{crossover}\n(the largest batch size at which each method still takes less training memory than "
-          f"full fine-tuning, by CNN width)" if crossover else "\nNo crossover: full fine-tuning was not measured "
-                                                             "(add full to --methods).")
+    if "full" not in args.methods:
+        print("\nNo crossover: full fine-tuning was not measured (add full to --methods).")
+    for key, how in (("total", "by accounting"), ("peak", "measured")) if "full" in args.methods else ():
+        print(f"\n{crossover_table(results, key)}\n(the largest batch at which each method still trains in less "
+              f"memory than full fine-tuning, {how}, by CNN width)")
     print(f"\nresults.md (every point), results.json{''.join(f' and {name}' for name in drawn)} are in\n  {out}/")
     return 0
 

@@ -187,8 +187,8 @@ def test_quick_run_writes_every_output_with_sane_numbers(quick_run):
         right = main.right_bits(r["test_right"], results["config"]["test_size"])  # which test images it got right
         assert len(r["test_right"]) == 2 * math.ceil(results["config"]["test_size"] / 8)
         assert 100 * right.mean() == pytest.approx(r["test_acc"]), method
-        assert r["cuda_peak_bytes"] is None  # CPU: not measured, never a fake 0
         memory = r["memory"]  # by accounting, in parts, measured on the run's own step: activations included
+        assert r["peak_bytes"] > memory["frozen_weights"] + memory["trainable_weights"]  # measured on the CPU too
         assert memory["total"] == sum(v for k, v in memory.items() if k != "total") and memory["activations"] > 0
         if main.adapter_class(method):
             assert r["stored_params"] <= r["trainable_params"] <= 0.12 * base["total_params"]
@@ -467,23 +467,26 @@ def test_a_run_killed_by_sigterm_keeps_every_finished_run(quick_run, mnist_dir, 
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
 
 
-def test_a_cuda_run_shows_its_peak_in_table_console_and_plot(quick_run, capsys, tmp_path, monkeypatch):
-    """What a CUDA run reports, checked here from a CPU run's results with a peak filled in."""
-    for other in ("plot_curves", "plot_loss_and_accuracy", "plot_rank_sweep", "plot_lr_sweep"):  # the comparison figure alone: the others have no memory panel
-        monkeypatch.setattr(main, other, lambda *a: None)
+def test_a_run_shows_its_measured_peak_in_table_console_and_plot(quick_run, capsys, tmp_path, monkeypatch):
+    for other in ("plot_curves", "plot_loss_and_accuracy", "plot_rank_sweep", "plot_lr_sweep"):
+        monkeypatch.setattr(main, other, lambda *a: None)  # the comparison figure alone has a memory panel
     results = main.add_summary(json.loads((quick_run[1] / "results.json").read_text()))
-    assert "CUDA peak" not in main.memory_table(results)  # the CPU run itself: no peak to show, no column
-    for r in results["runs"]:
-        r["cuda_peak_bytes"] = r["memory"]["total"] + 2**20  # a MiB beyond the accounting
-    main.add_summary(results)
     lora = runs_by_method(results)["lora"]
-    total, peak = main.fmt_mib(lora["memory"]["total"]), main.fmt_mib(lora["cuda_peak_bytes"])
-    assert f"| {total} | 1.08x | {peak} | +1.00 |" in main.memory_table(results)  # beside it, with the difference
-    main.report_method(lora, 128)
+    total, peak = main.fmt_mib(lora["memory"]["total"]), main.fmt_mib(lora["peak_bytes"])
+    beyond = f"{(lora['peak_bytes'] - lora['memory']['total']) / 2**20:+.2f}"
+    ratio = lora["memory"]["total"] / runs_by_method(results)["full"]["memory"]["total"]
+    assert f"| {total} | {ratio:.2f}x | {peak} | {beyond} |" in main.memory_table(results)  # beside it, the difference
+    assert "measured peak (torch.profiler)" in main.memory_table(results)
+    main.report_method(lora, 128, torch.device("cpu"))
     shown = capsys.readouterr().out
-    assert f"Max memory allocated: {total} MiB by accounting, one step at batch 128: weights " in shown
-    assert f"; CUDA peak {peak} MiB (+1.00 beyond it)" in shown
-    assert main.plot_results(results, tmp_path) == [main.PLOT_FILES[4]]
+    assert f"Max memory allocated: {peak} MiB measured (torch.profiler, one step at batch 128); by accounting " \
+           f"{total}: weights " in shown
+    figure = []
+    monkeypatch.setattr(main, "write_atomic", lambda path, fig: figure.append(figure_texts(fig)))
+    assert main.plot_results(results, tmp_path) == [main.PLOT_FILES[4]] and "measured peak (torch.profiler)" in figure[0]
+    old = {**results, "memory_accounting": None, "runs": [{k: v for k, v in r.items() if k != "peak_bytes"}
+                                                           for r in results["runs"]]}
+    assert "measured" not in main.memory_table(main.add_summary(old))  # a study before peaks: no column
 
 
 def test_the_memory_sweep_measures_every_method_at_each_width_and_batch_and_trains_nothing(capsys, tmp_path,
@@ -491,14 +494,20 @@ def test_the_memory_sweep_measures_every_method_at_each_width_and_batch_and_trai
     monkeypatch.setattr(main, "load_dataset", lambda *a, **k: pytest.fail("the memory sweep read data"))
     monkeypatch.setattr(main, "train", lambda *a, **k: pytest.fail("the memory sweep trained"))
     code, stdout, _ = run(capsys, "--memory-batches", "1,8", "--memory-widths", "1,2", "--out-dir", tmp_path)
-    assert code == 0 and "the largest batch size at which each method still takes less training memory" in stdout
+    assert code == 0 and "the largest batch at which each method still trains in less memory" in stdout
     results = json.loads((tmp_path / "results.json").read_text())
-    points = {(r["width"], r["batch_size"], r["method"]): r["memory"] for r in results["memory_sweep"]}
+    points = {(r["width"], r["batch_size"], r["method"]): r["memory"] for r in results["memory_sweep"]
+              if not r["recompute"]}
     assert set(points) == {(w, b, m) for w in (1, 2) for b in (1, 8) for m in main.COMPARED}
+    arms = {(r["method"], r["recompute"]) for r in results["memory_sweep"]}
+    assert arms == {(m, False) for m in main.COMPARED} | {(m, True) for m in main.COMPARED if main.adapter_class(m)}
+    assert all(r["peak_bytes"] > r["memory"]["frozen_weights"] for r in results["memory_sweep"])  # measured
     assert points[1, 8, "full"]["total"] < points[2, 8, "full"]["total"] and results["runs"] == []
     assert points[2, 1, "qlora"]["activations"] == points[2, 1, "lora"]["activations"]
     table = (tmp_path / "results.md").read_text()
-    assert "| width | batch | Full FT | Head only | LoRA |" in table and "| method | width 1 (147,146 weights) |" in table
+    assert "| width | batch | Full FT | Head only | LoRA | LoRA recomputing |" in table
+    assert "| method | width 1 (147,146 weights) |" in table and "Memory sweep, measured (torch.profiler)" in table
+    assert "Recomputing adapters, at the 16 (adapter, width, batch) points" in table
     assert (tmp_path / main.MEMORY_PLOT).stat().st_size > 10_000 and not (tmp_path / main.PLOT_FILES[4]).exists()
     code, _, err = run(capsys, "--memory-batches", "1", "--memory-widths", "1", "--out-dir", tmp_path)
     assert code == 2 and "holds a run's results" in err  # a sweep's folder is a run's like any other

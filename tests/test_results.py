@@ -40,7 +40,7 @@ def run(method, seed, acc, rank=None, status="ok", **extra):
         return {"method": method, "seed": seed, "rank": rank, "status": status, "reason": "diverged at epoch 1",
                 "train_time_s": 1.0}
     r = {"method": method, "seed": seed, "rank": rank, "status": "ok", "test_acc": acc, "train_time_s": 10.0 + seed,
-         "cuda_peak_bytes": None, "epochs_run": 4, "best_epoch": 3, "history": {}, "lr": 1e-3, "from_grid": False}
+         "peak_bytes": None, "epochs_run": 4, "best_epoch": 3, "history": {}, "lr": 1e-3, "from_grid": False}
     r.update({k: 1000 * (rank or 100) for k in main.SAME_FOR_EVERY_SEED + main.PER_SEED_SIZES})
     r["memory"] = {key: 100 * (rank or 100) for key, *_ in main.MEMORY_PARTS}
     r["memory"]["total"] = sum(r["memory"].values())
@@ -214,7 +214,7 @@ def test_summary_rows_hold_means_spreads_byte_counts_and_the_base_on_the_target(
     lora = summary["lora"]
     assert lora["test_acc"]["values"] == [96.0, 96.6, 96.0]  # the rank-2 sweep runs are not in the main row
     assert lora["trainable_params"] == 8000 and lora["seeds"] == [0, 1, 2]
-    assert lora["train_time_s"]["mean"] == pytest.approx(11.0) and lora["cuda_peak_bytes"] is None
+    assert lora["train_time_s"]["mean"] == pytest.approx(11.0) and lora["peak_bytes"] is None
     assert lora["vs"]["full"]["mean"] == pytest.approx(-1.0333, abs=1e-3) and "lora" not in lora["vs"]
     dora = summary["dora"]
     assert dora["test_acc"]["n"] == 2 and dora["failed"] == ["seed 1: failed (diverged at epoch 1)"]

@@ -96,12 +96,12 @@ def test_the_advice_names_alpha_only_when_it_was_raised():
 
 # ------------------------------------------------------------------- training memory, by accounting
 def kept_for_backward(module, x, forward=None):
-    """The activation bytes TrainingMemory counts for one forward and backward pass of `module` on `x`."""
+    """The bytes TrainingMemory counts as kept for backward when backward begins, one pass of `module` on `x`."""
     trainable = [p for p in module.parameters() if p.requires_grad] or [torch.zeros(1, requires_grad=True)]
     memory = main.TrainingMemory(module, torch.optim.Adam(trainable), torch.device("cpu"))
     with memory:
         (forward or module)(x).sum().backward()
-    return memory.parts["activations"]
+    return memory.kept_at_backward
 
 
 F32, I64 = 4, 8  # bytes per value
@@ -174,9 +174,11 @@ def fresh(method, width=1, rank=8):
 
 
 def test_the_default_cnn_at_batch_128_keeps_what_a_count_by_hand_says():
-    parts = {m: main.step_memory(fresh(m), 128, 100)[0] for m in ("full", "lora")}
+    parts = {m: main.step_memory(fresh(m), 128, 100) for m in ("full", "lora")}
     for method, memory in parts.items():
-        assert memory["activations"] == default_cnn_by_hand(128, method), method
+        assert memory.kept_at_backward == default_cnn_by_hand(128, method), method
+        assert memory.parts["activations"] == memory.kept_at_backward  # the peak: as backward begins
+    parts = {m: memory.parts for m, memory in parts.items()}
     assert 10 * 2**20 < parts["full"]["activations"] < 10.5 * 2**20  # about 10 MiB; LoRA about 1.25x that
     assert parts["lora"]["activations"] / parts["full"]["activations"] == pytest.approx(1.24, abs=0.01)
 
@@ -184,10 +186,12 @@ def test_the_default_cnn_at_batch_128_keeps_what_a_count_by_hand_says():
 @pytest.mark.parametrize("method", ["full", "head", *ADAPTER_METHODS])
 def test_the_parts_add_up_and_weights_count_as_stored(method):
     model = fresh(method)
-    memory, peak = main.step_memory(model, 16, 100)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert memory["total"] == sum(v for k, v in memory.items() if k != "total") and peak is None  # CPU: no peak
-    assert memory["trainable_weights"] == memory["gradients"] == F32 * trainable
+    measured = main.step_memory(model, 16, 100)
+    memory, trainable = measured.parts, sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert memory["total"] == sum(v for k, v in memory.items() if k != "total")
+    assert memory["trainable_weights"] == sum(measured.grads.values()) == F32 * trainable  # every gradient written
+    assert memory["gradients"] <= F32 * trainable and memory["activations"] <= measured.kept_at_backward
+    assert measured.peak > memory["frozen_weights"] + memory["trainable_weights"] + memory["optimizer"]
     assert memory["frozen_weights"] + memory["trainable_weights"] == main.weight_bytes(model)
     n_tensors = sum(p.requires_grad for p in model.parameters())
     assert memory["optimizer"] == 2 * F32 * trainable + F32 * n_tensors  # Adam: two moments and a step count each
@@ -201,7 +205,7 @@ def test_the_parts_add_up_and_weights_count_as_stored(method):
 
 @pytest.mark.parametrize("width", [1, 2])
 def test_qlora_keeps_for_backward_what_lora_keeps_and_saves_the_frozen_weights(width):
-    lora, qlora = (main.step_memory(fresh(m, width), 32, 100)[0] for m in ("lora", "qlora"))
+    lora, qlora = (main.step_memory(fresh(m, width), 32, 100).parts for m in ("lora", "qlora"))
     assert qlora["activations"] == lora["activations"]  # nothing of W's fp32 size
     assert lora["total"] - qlora["total"] == lora["frozen_weights"] - qlora["frozen_weights"] > 0
 
@@ -231,10 +235,10 @@ def test_a_run_measures_its_own_step_as_step_memory_does_and_trains_the_same(met
         monkeypatch.setattr(main, "MEMORY_STEP", step)
         fits.append(main.train(fresh(method), splits, 1e-3, main.Budget(1, 16, None), seed=0, log=lambda s: None))
     assert fits[0]["history"]["train_loss"] == fits[1]["history"]["train_loss"]
-    assert main.step_memory(fresh(method), 16, total_steps=4)[0] == fits[1]["memory"]  # 64 images: 4 steps
+    assert main.step_memory(fresh(method), 16, total_steps=4).parts == fits[1]["memory"]  # 64 images: 4 steps
 
 
-def test_cuda_peak_is_read_over_the_measured_step_above_what_was_there_before(monkeypatch):
+def test_the_cuda_peak_is_read_over_the_measured_step_above_what_was_there_before(monkeypatch):
     """The CUDA-only arithmetic, on the CPU with torch.cuda's counters faked."""
     model = fresh("lora")
     weights, calls = main.weight_bytes(model), []
@@ -247,7 +251,7 @@ def test_cuda_peak_is_read_over_the_measured_step_above_what_was_there_before(mo
     x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
     with memory:
         main.training_step(model, optimizer, {}, x, y, 1, 10)
-    assert memory.cuda_peak == 15_000_000 and calls == ["sync", "sync", "reset", "sync"]
+    assert memory.peak == 15_000_000 and calls == ["sync", "reset", "sync"]  # weights + the rise above the start
     assert memory.parts["activations"] > 0  # the accounting beside it, never replaced by it
 
 
@@ -332,3 +336,88 @@ def test_a_collapse_to_chance_after_learning_is_found_with_its_epoch():
     fitted = {"collapsed": (4, 94.16), "history": history}
     assert main.stability(fitted) == {"status": "unstable", "reason": "collapsed to 10.02 % validation accuracy at "
                                                                       "epoch 4, after 94.16 %"}
+
+
+# ------------------------------------------------------------------ memory measured, and saved by recomputing
+def test_the_cpu_peak_sees_a_tensor_of_known_size_allocated_inside_the_step():
+    """torch.profiler's allocation events, summed in time order: 40 MB allocated and freed inside the step raise the
+    measured peak by those 40 MB (within the step's own small transients), and not the accounting."""
+    def step_with(extra):
+        model = fresh("lora")
+        optimizer = torch.optim.Adam(main.trainable_parameters(model).values())
+        x, y = torch.randn(8, 1, 28, 28).contiguous(memory_format=torch.channels_last), torch.randint(0, 10, (8,))
+        main.training_step(model, optimizer, {}, x, y, 1, 10)
+        with main.TrainingMemory(model, optimizer, torch.device("cpu")) as memory:
+            big = torch.ones(extra // 4)  # alive through the whole step
+            main.training_step(model, optimizer, {}, x, y, 2, 10)
+            del big
+        return memory
+    plain, with_big = step_with(4), step_with(40_000_000)
+    assert with_big.peak - plain.peak == pytest.approx(40_000_000, abs=2**16)
+    assert with_big.parts == plain.parts and plain.peak > plain.parts["total"]
+
+
+def test_zero_grad_first_trains_exactly_as_zero_grad_after_the_forward_pass():
+    """training_step frees last step's gradients before the forward pass; the step's arithmetic is the same as
+    the loop that zeroed them after it (a reference written here), bit for bit."""
+    x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    ours, reference = fresh("lora"), fresh("lora")
+    opt_ours, opt_ref = (torch.optim.Adam(main.trainable_parameters(m).values(), lr=1e-2) for m in (ours, reference))
+    for step in range(1, 4):
+        torch.manual_seed(step)  # the CNN's dropout draws the same mask in both
+        main.training_step(ours, opt_ours, main.hook_groups(ours), x, y, step, 3)
+        torch.manual_seed(step)
+        loss = F.cross_entropy(reference(x), y)
+        opt_ref.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_ref.step()
+    for (name, p), q in zip(main.trainable_parameters(ours).items(), main.trainable_parameters(reference).values()):
+        assert torch.equal(p, q), name
+
+
+def test_the_accounting_counts_what_coexists_at_the_peak_not_every_part_at_once():
+    """One image through a wide CNN: the gradients (8 MiB of fc1's) outgrow what autograd keeps, so the peak is
+    where backward has written them and freed most of the activations; the parts are those at that moment."""
+    model = fresh("full", width=4)
+    memory = main.step_memory(model, 1, 100)
+    grads = sum(memory.grads.values())
+    assert memory.parts["gradients"] > memory.parts["activations"] and memory.parts["activations"] < memory.kept_at_backward
+    assert memory.parts["gradients"] + memory.parts["activations"] < grads + memory.kept_at_backward  # not both whole
+    assert memory.parts["gradients"] + memory.parts["activations"] >= max(grads, memory.kept_at_backward)
+
+
+@pytest.mark.parametrize("kind", LAYERS)
+@pytest.mark.parametrize("method", ADAPTER_METHODS)
+def test_recomputing_gives_the_plain_outputs_and_gradients_and_keeps_only_the_input(method, kind):
+    """--recompute: KeepInput keeps x alone and its backward (each class's recomputed_grads, written apart from
+    autograd's own path) gives the gradients autograd gives the plain layer: x, A, B, the gates, DoRA's
+    magnitude, and a trained bias."""
+    results = []
+    for recompute in (False, True):
+        _, layer, x = make(method, kind)
+        perturb(layer)
+        layer.bias.requires_grad_(True)
+        layer.recompute = recompute
+        x = x.requires_grad_(True)
+        y = layer(x)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        results.append([y.detach(), x.grad] + [p.grad.clone() for p in main.trainable_parameters(layer).values()])
+        if recompute:
+            assert kept_for_backward(layer, x.detach()) == x.nbytes  # the input only
+    for plain, recomputed in zip(*results):
+        torch.testing.assert_close(recomputed, plain, rtol=1e-5, atol=1e-6)
+
+
+def test_recomputing_keeps_what_full_fine_tuning_keeps_and_less_in_all():
+    for method in ADAPTER_METHODS:
+        plain, recomputing = (main.step_memory(main.finetuning_copy(main.CNN(), method, 8, main.parse_args(
+            ["--recompute"] * flag)).to(memory_format=torch.channels_last), 64, 100) for flag in (0, 1))
+        full = main.step_memory(fresh("full"), 64, 100)
+        assert recomputing.kept_at_backward == full.kept_at_backward < plain.kept_at_backward, method
+        assert recomputing.parts["total"] < full.parts["total"], method
+
+
+def test_recompute_with_dropout_is_refused_in_one_sentence(capsys, tmp_path):
+    from conftest import run
+    code, _, err = run(capsys, "--recompute", "--dropout", "0.1", "--out-dir", tmp_path / "out")
+    assert code == 2 and "--recompute needs --dropout 0" in err and err.count("\n") == 1
