@@ -345,22 +345,25 @@ class AdapterLayer(nn.Module):
     def per_unit_sum(self, t):  # an output-shaped tensor summed over all but its units: dL/db from dL/dy
         return t.sum(dim=(0, 2, 3) if self.is_conv else tuple(range(t.dim() - 1)))
 
-    def input_grad(self, grad_out, input_shape):  # dL/dx of y = layer_op(x, W) for the frozen W: W^T dL/dy
-        weight = self.base_weight()
+    def input_grad(self, grad_out, input_shape, unit_scale=1.0):  # dL/dx of y = s layer_op(x, W), W frozen
+        weight = self.base_weight() * self.unit_view(unit_scale)  # (s W)^T dL/dy: s folded into W, not dL/dy
         return (torch.nn.grad.conv2d_input(input_shape, weight, grad_out, **self.conv_args) if self.is_conv
                 else grad_out @ weight)
 
-    def update_grads(self, x, grad_update, grad_frozen, params, known):
-        """--recompute's backward, given dL/d(dW x) and dL/d(W x): dW x computed again from x and differentiated
-        (A, B, the gates, x), W x not (W is frozen: its share of dL/dx is W^T dL/d(W x)); `known`: {id: the
-        gradient} of the other parameters. Returns (dL/dx or None, [dL/dp for p in params])."""
+    def update_grads(self, x, grad_out, params, known, unit_scale=1.0):
+        """--recompute's backward of y = s (W x + dW x) + ..., s per output unit (1 but for DoRA): s dW x computed
+        again from x and differentiated (A, B, the gates, x), W x not (W is frozen: its share of dL/dx is
+        (s W)^T dL/dy); `known`: {id: gradient} of the other parameters. (dL/dx or None, [dL/dp for p in params])."""
         update_params = [p for p in params if id(p) not in known]
         with torch.enable_grad():
-            update = self.lora(x)
-        grads = torch.autograd.grad(update, [x] * x.requires_grad + update_params, grad_update, allow_unused=True)
+            update = self.lora(x, unit_scale)
+        grads = torch.autograd.grad(update, [x] * x.requires_grad + update_params, grad_out, allow_unused=True)
         by_id = dict(zip(map(id, update_params), grads[x.requires_grad:])) | known
-        grad_x = grads[0] + self.input_grad(grad_frozen, x.shape) if x.requires_grad else None
+        grad_x = grads[0] + self.input_grad(grad_out, x.shape, unit_scale) if x.requires_grad else None
         return grad_x, [by_id[id(p)] for p in params]
+
+    def unit_view(self, scale):  # a per-output-unit scale shaped to multiply a weight [out, ...], or 1
+        return scale.view(-1, *[1] * (len(self.weight_shape) - 1)) if torch.is_tensor(scale) else scale
 
     def bias_grad(self, grad_out):  # {id: dL/db} of a trained bias, else {}
         trained = self.bias is not None and self.bias.requires_grad
@@ -369,9 +372,9 @@ class AdapterLayer(nn.Module):
     def scaled_B(self):  # the update's scale folded into the tiny B, not applied to the large output
         return self.lora_B * self.scaling
 
-    def lora(self, x):  # dW x = (alpha/r) B (A x), without forming the dense dW
-        h = self.layer_op(x, self.lora_A)
-        return F.conv2d(h, self.scaled_B()) if self.is_conv else F.linear(h, self.scaled_B())
+    def lora(self, x, unit_scale=1.0):  # dW x = (alpha/r) B (A x), without forming the dense dW (s dW x: s in B)
+        h, B = self.layer_op(x, self.lora_A), self.scaled_B() * self.unit_view(unit_scale)
+        return F.conv2d(h, B) if self.is_conv else F.linear(h, B)
 
     def delta_weight(self):  # dW = (alpha/r) B A, dense, shaped like W
         return (self.scaled_B().flatten(1) @ self.lora_A.flatten(1)).view(self.weight_shape)
@@ -432,8 +435,8 @@ class LoRALayer(AdapterLayer):
         # add_ in place saves a pass over the output; autograd allows it, as nothing kept W x for backward
         return self.layer_op(x, self.base_weight(), self.bias).add_(self.lora(self.dropout(x)))
 
-    def recomputed_grads(self, x, grad_out, params):  # y = W x + b + dW x: every part sees dL/dy
-        return self.update_grads(x, grad_out, grad_out, params, self.bias_grad(grad_out))
+    def recomputed_grads(self, x, grad_out, params):  # y = W x + b + dW x: s = 1
+        return self.update_grads(x, grad_out, params, self.bias_grad(grad_out))
 
     @torch.no_grad()
     def merged_weight(self):
@@ -478,13 +481,12 @@ class DoRALayer(AdapterLayer):
 
     def recomputed_grads(self, x, grad_out, params):
         """y = s (W x + dW x) + b, s = m / ||W + dW|| detached: dL/dm sums dL/dy times the direction output W x +
-        dW x (computed again, the one output-sized tensor it needs) over all but the units, over the norm; W x
-        and dW x both see s dL/dy."""
+        dW x (computed again: the one output-sized tensor it needs) over all but the units, over the norm."""
         weight = self.base_weight()
         norm = self.weight_norm(weight + self.delta_weight())
         grad_m = self.per_unit_sum(self.layer_op(x, weight).add_(self.lora(x)).mul_(grad_out)) / norm
-        scaled = grad_out * self.per_output(self.magnitude / norm)
-        return self.update_grads(x, scaled, scaled, params, {id(self.magnitude): grad_m} | self.bias_grad(grad_out))
+        known = {id(self.magnitude): grad_m} | self.bias_grad(grad_out)
+        return self.update_grads(x, grad_out, params, known, unit_scale=self.magnitude / norm)
 
     @torch.no_grad()
     def merged_weight(self):
