@@ -345,12 +345,12 @@ class AdapterLayer(nn.Module):
     def per_unit_sum(self, t):  # an output-shaped tensor summed over all but its units: dL/db from dL/dy
         return t.sum(dim=(0, 2, 3) if self.is_conv else tuple(range(t.dim() - 1)))
 
-    def input_grad(self, grad_out, input_shape, unit_scale=1.0):  # dL/dx of y = s layer_op(x, W), W frozen
-        weight = self.base_weight() * self.unit_view(unit_scale)  # (s W)^T dL/dy: s folded into W, not dL/dy
+    def input_grad(self, grad_out, input_shape, unit_scale=None):  # dL/dx of y = s layer_op(x, W), W frozen
+        weight = self.scaled_units(self.base_weight(), unit_scale)  # (s W)^T dL/dy: s folded into W, not dL/dy
         return (torch.nn.grad.conv2d_input(input_shape, weight, grad_out, **self.conv_args) if self.is_conv
                 else grad_out @ weight)
 
-    def update_grads(self, x, grad_out, params, known, unit_scale=1.0):
+    def update_grads(self, x, grad_out, params, known, unit_scale=None):
         """--recompute's backward of y = s (W x + dW x) + ..., s per output unit (1 but for DoRA): s dW x computed
         again from x and differentiated (A, B, the gates, x), W x not (W is frozen: its share of dL/dx is
         (s W)^T dL/dy); `known`: {id: gradient} of the other parameters. (dL/dx or None, [dL/dp for p in params])."""
@@ -362,8 +362,8 @@ class AdapterLayer(nn.Module):
         grad_x = grads[0] + self.input_grad(grad_out, x.shape, unit_scale) if x.requires_grad else None
         return grad_x, [by_id[id(p)] for p in params]
 
-    def unit_view(self, scale):  # a per-output-unit scale shaped to multiply a weight [out, ...], or 1
-        return scale.view(-1, *[1] * (len(self.weight_shape) - 1)) if torch.is_tensor(scale) else scale
+    def scaled_units(self, weight, scale):  # a weight [out, ...] times a per-output-unit scale, if any
+        return weight if scale is None else weight * scale.view(-1, *[1] * (weight.dim() - 1))
 
     def bias_grad(self, grad_out):  # {id: dL/db} of a trained bias, else {}
         trained = self.bias is not None and self.bias.requires_grad
@@ -372,8 +372,8 @@ class AdapterLayer(nn.Module):
     def scaled_B(self):  # the update's scale folded into the tiny B, not applied to the large output
         return self.lora_B * self.scaling
 
-    def lora(self, x, unit_scale=1.0):  # dW x = (alpha/r) B (A x), without forming the dense dW (s dW x: s in B)
-        h, B = self.layer_op(x, self.lora_A), self.scaled_B() * self.unit_view(unit_scale)
+    def lora(self, x, unit_scale=None):  # dW x = (alpha/r) B (A x), without forming the dense dW (s dW x: s in B)
+        h, B = self.layer_op(x, self.lora_A), self.scaled_units(self.scaled_B(), unit_scale)
         return F.conv2d(h, B) if self.is_conv else F.linear(h, B)
 
     def delta_weight(self):  # dW = (alpha/r) B A, dense, shaped like W
@@ -1033,33 +1033,27 @@ class TrainingMemory:
         sync(self.device)
         self.before = weight_bytes(self.model) + self.adam_bytes() + sum(  # with last step's gradients
             p.grad.nbytes for p in self.model.parameters() if p.grad is not None)
+        self.stack = contextlib.ExitStack()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
             self.start = torch.cuda.memory_allocated(self.device)
-        else:
-            self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                                   profile_memory=True)
-            self.quiet = quiet_stderr()  # over the whole step: a free of last step's gradients warns there too
-            self.quiet.__enter__()
-            self.profiler.__enter__()
-        self.hooks = [torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)]
-        self.hooks[0].__enter__()
-        self.hooks += [p.register_post_accumulate_grad_hook(self.written)
-                       for p in trainable_parameters(self.model).values()]
+        else:  # fd 2 quiet over the whole step: a free of last step's gradients warns there too
+            self.stack.enter_context(quiet_stderr())
+            self.profiler = self.stack.enter_context(torch.profiler.profile(
+                activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True))
+        self.stack.enter_context(torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack))
+        for p in trainable_parameters(self.model).values():
+            self.stack.callback(p.register_post_accumulate_grad_hook(self.written).remove)
         return self
 
     def __exit__(self, *exc):
-        self.hooks[0].__exit__(*exc)
-        for handle in self.hooks[1:]:
-            handle.remove()
+        self.stack.close()
         sync(self.device)
         if self.device.type == "cuda":
             rise = torch.cuda.max_memory_allocated(self.device) - self.start
-        else:
-            self.profiler.__exit__(*exc)
-            self.quiet.__exit__(*exc)
+        else:  # every allocation (+) and free (-), in time order
             events = sorted((e.start_ns(), e.nbytes()) for e in self.profiler.profiler.kineto_results.events()
-                            if e.name() == "[memory]")  # every allocation (+) and free (-), in time order
+                            if e.name() == "[memory]")
             rise = max(itertools.accumulate(nbytes for _, nbytes in events), default=0)
         trained = sum(p.nbytes for p in trainable_parameters(self.model).values())
         self.parts = {"frozen_weights": weight_bytes(self.model) - trained, "trainable_weights": trained,

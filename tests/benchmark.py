@@ -12,6 +12,7 @@ pass over the same 5,000 held-out images. Then, always:
 (d) a QLoRA training step as main.py takes it (W dequantized again in backward, nothing of its fp32 size kept) and
     as autograd would take it (the forward's dequantized W kept for backward), interleaved, at two CNN widths;
 (e) what one point of the memory sweep costs (main.step_memory: a model's two steps, the second measured).
+(f) with --recompute-cost FILE, only: LoRA's and DoRA's step time plain and with --recompute, side by side.
 Not collected by pytest (no test_ prefix).
 """
 import argparse
@@ -88,29 +89,48 @@ def fresh(method, width, device):
     return model.to(memory_format=torch.channels_last)
 
 
-def qlora_step_ms(device, width, batch_size, rounds=5, steps=10):
-    """Median ms of a QLoRA training step, dequantizing W again in backward (QLoRALayer.forward) and keeping the
-    forward's fp32 W for backward (LoRALayer.forward on the same layers), in interleaved rounds."""
-    model = fresh("qlora", width, device)
-    optimizer = torch.optim.Adam(main.trainable_parameters(model).values(), lr=1e-3)
+def step_ms(models, device, batch_size, rounds=5, steps=10):
+    """Median ms of a training step of each {name: model}, timed in interleaved rounds (a busy moment hits all)."""
     x = torch.randn(batch_size, 1, 28, 28, device=device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch_size,), device=device)
-    ours = main.QLoRALayer.forward
-    variants, times = {"dequantize again": ours, "keep fp32 W": main.LoRALayer.forward}, {}
-    try:
-        for _ in range(rounds):
-            for name, forward in variants.items():
-                main.QLoRALayer.forward = forward
-                main.training_step(model, optimizer, {}, x, y, 1, 10)  # warm-up
-                main.sync(device)
-                start = time.perf_counter()
-                for _ in range(steps):
-                    main.training_step(model, optimizer, {}, x, y, 1, 10)
-                main.sync(device)
-                times.setdefault(name, []).append(1000 * (time.perf_counter() - start) / steps)
-    finally:
-        main.QLoRALayer.forward = ours
+    optimizers = {name: torch.optim.Adam(main.trainable_parameters(m).values(), lr=1e-3) for name, m in models.items()}
+    times = {}
+    for _ in range(rounds):
+        for name, model in models.items():
+            main.training_step(model, optimizers[name], {}, x, y, 1, 10)  # warm-up
+            main.sync(device)
+            start = time.perf_counter()
+            for _ in range(steps):
+                main.training_step(model, optimizers[name], {}, x, y, 1, 10)
+            main.sync(device)
+            times.setdefault(name, []).append(1000 * (time.perf_counter() - start) / steps)
     return {name: sorted(ms)[len(ms) // 2] for name, ms in times.items()}
+
+
+class KeepingFp32W(main.QLoRALayer):
+    """QLoRA as autograd alone would train it: the forward's dequantized fp32 W kept for backward."""
+    output = main.LoRALayer.output
+
+
+def qlora_step_ms(device, width, batch_size):
+    """QLoRA's step dequantizing W again in backward (QLoRALayer), and keeping the forward's fp32 W."""
+    ours = fresh("qlora", width, device)
+    autograd = fresh("qlora", width, device)
+    for layer in main.adapter_layers(autograd).values():
+        layer.__class__ = KeepingFp32W
+    return step_ms({"dequantize again": ours, "keep fp32 W": autograd}, device, batch_size)
+
+
+def recompute_step_ms(device, width, batch_size):
+    """LoRA's and DoRA's steps plain and with --recompute (each adapter keeping its input only), side by side."""
+    models = {}
+    for method in ("lora", "dora"):
+        for recompute in (False, True):
+            model = fresh(method, width, device)
+            for layer in main.adapter_layers(model).values():
+                layer.recompute = recompute
+            models[f"{method}{' recompute' if recompute else ''}"] = model
+    return step_ms(models, device, batch_size)
 
 
 def memory_point_s(device, width, batch_size):
@@ -121,15 +141,34 @@ def memory_point_s(device, width, batch_size):
     return (time.perf_counter() - start) / len(main.COMPARED)
 
 
+def recompute_cost(device, path):
+    """(f) the step-time cost of --recompute: LoRA and DoRA, plain and recomputing, widths 1 and 8, batch 128."""
+    result = {"device": main.environment(device, [])["device_name"], "torch": torch.__version__,
+              "batch_size": BATCH_SIZE, "how": "median of 5 interleaved rounds of 10 steps, after a warm-up step",
+              "date": time.strftime("%Y-%m-%d")}
+    print("| width | method | plain (ms) | recomputing (ms) | ratio |\n|---|---|---:|---:|---:|")
+    for width in (1, 8):
+        ms = recompute_step_ms(device, width, BATCH_SIZE)
+        result[f"width{width}"] = ms
+        for method in ("lora", "dora"):
+            plain, again = ms[method], ms[f"{method} recompute"]
+            print(f"| {width} | {main.display(method)} | {plain:.1f} | {again:.1f} | {again / plain:.2f}x |")
+    main.write_atomic(path, json.dumps(result, indent=2))
+    print(f"\nwrote {path}")
+
+
 def main_benchmark(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--max-steps", type=int, default=None, help="time this many steps instead of a whole epoch")
     p.add_argument("--data-dir", default=main.SETTINGS["data_dir"][0])
     p.add_argument("--out-dir", default="runs")
+    p.add_argument("--recompute-cost", metavar="FILE", help="only (f), written to FILE (e.g. plots/memory/...json)")
     args = p.parse_args(argv)
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
+    if args.recompute_cost:
+        return recompute_cost(device, Path(args.recompute_cost))
     data = main.load_dataset(args.data_dir, download=False)
     train_idx, val_idx = main.split_indices(len(data["train"][1]), main.VAL_SIZE, SEED)
     full_steps = math.ceil(len(train_idx) / BATCH_SIZE)
