@@ -355,8 +355,8 @@ class AdapterLayer(nn.Module):
         again from x and differentiated (A, B, the gates, x), W x not (W is frozen: its share of dL/dx is
         (s W)^T dL/dy); `known`: {id: gradient} of the other parameters. (dL/dx or None, [dL/dp for p in params])."""
         update_params = [p for p in params if id(p) not in known]
-        with torch.enable_grad():
-            update = self.lora(x, unit_scale)
+        with torch.enable_grad():  # (a subclass's own lora(x) need not take a scale: only DoRA passes one)
+            update = self.lora(x) if unit_scale is None else self.lora(x, unit_scale)
         grads = torch.autograd.grad(update, [x] * x.requires_grad + update_params, grad_out, allow_unused=True)
         by_id = dict(zip(map(id, update_params), grads[x.requires_grad:])) | known
         grad_x = grads[0] + self.input_grad(grad_out, x.shape, unit_scale) if x.requires_grad else None
@@ -364,6 +364,12 @@ class AdapterLayer(nn.Module):
 
     def scaled_units(self, weight, scale):  # a weight [out, ...] times a per-output-unit scale, if any
         return weight if scale is None else weight * scale.view(-1, *[1] * (weight.dim() - 1))
+
+    def recomputed_grads(self, x, grad_out, params):  # --recompute's backward for any method: output(x) again
+        with torch.enable_grad():
+            out = self.output(x)
+        grads = torch.autograd.grad(out, [x] * x.requires_grad + list(params), grad_out, allow_unused=True)
+        return (grads[0] if x.requires_grad else None), list(grads[x.requires_grad:])
 
     def bias_grad(self, grad_out):  # {id: dL/db} of a trained bias, else {}
         trained = self.bias is not None and self.bias.requires_grad
@@ -435,7 +441,7 @@ class LoRALayer(AdapterLayer):
         # add_ in place saves a pass over the output; autograd allows it, as nothing kept W x for backward
         return self.layer_op(x, self.base_weight(), self.bias).add_(self.lora(self.dropout(x)))
 
-    def recomputed_grads(self, x, grad_out, params):  # y = W x + b + dW x: s = 1
+    def recomputed_grads(self, x, grad_out, params):  # y = W x + b + dW x (a subclass computing else overrides)
         return self.update_grads(x, grad_out, params, self.bias_grad(grad_out))
 
     @torch.no_grad()

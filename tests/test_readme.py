@@ -49,11 +49,11 @@ def committed_text(study):
 
 
 def readme_sections():
-    """(the study a part of the README's results names first, that part's text): the headline before Results,
-    then each numbered section."""
+    """(the study a part of the README's results names first, that part's text): the headline's accuracy and
+    its memory, then each numbered section."""
     readme = (ROOT / "README.md").read_text()
     results = readme[readme.index("**Which method?**"):readme.index("## What we found")]
-    parts = re.split(r"\n(?=### )", results)
+    parts = re.split(r"\n(?=### |\*\*And for memory\?\*\*)", results)
     return [(re.search(r"plots/(\w+)/", part).group(1), part) for part in parts]
 
 
@@ -69,7 +69,7 @@ def test_the_committed_studies_are_the_readmes():
         assert f"(plots/{study.name}/results.md)" in (ROOT / "README.md").read_text()
 
 
-@pytest.mark.parametrize("index", range(6))
+@pytest.mark.parametrize("index", range(7))
 def test_each_table_row_of_the_readmes_results_is_that_row_of_its_studys_results(index):
     """A row's numbers all sit in one row of the same name in the results.md of the study its section names (the
     memory section: the memory study's, or any study's memory table, which is the same in every study)."""
