@@ -273,9 +273,7 @@ class AdapterConfig(NamedTuple):
 
 
 class KeepInput(torch.autograd.Function):
-    """--recompute: an adapter layer's output keeping only its input x for backward, as full fine-tuning's layer
-    keeps x for its weight's gradient; backward runs output(x) again (A x, DoRA's W x + dW x) and differentiates
-    that, so nothing of the adapter's own is held between the passes. A checkpoint the accounting sees."""
+    """--recompute: an adapter layer's output keeping only its input x for backward; backward recomputes the rest."""
 
     @staticmethod
     def forward(ctx, x, layer, *params):
@@ -292,11 +290,10 @@ class KeepInput(torch.autograd.Function):
 
 
 class AdapterLayer(nn.Module):
-    """What every adapter method shares: a frozen Linear/Conv2d weight W and bias b, and a trainable low-rank
-    update dW = (alpha/r) B A, laid out as PEFT stores it (Conv2d: A a conv with the base's kernel, B a 1x1
-    conv). A starts Kaiming-uniform and B at zero, so a fresh layer computes what the base computed. A method
-    is a subclass: forward and merged_weight are its math (forward = layer_op(x, merged_weight(), bias) in
-    eval mode); below them, what the rest of the experiment asks of a method, overridden where it differs."""
+    """What every adapter shares: a frozen Linear/Conv2d weight W and bias b, and a trainable update dW = (alpha/r)
+    B A laid out as PEFT stores it (Conv2d: A a conv with the base's kernel, B a 1x1 conv); A Kaiming-uniform, B zero,
+    so a fresh layer computes what the base did. A method is a subclass: output and merged_weight are its math (in
+    eval mode output(x) = layer_op(x, merged_weight(), b)); below them, what the experiment asks of every method."""
     peft_fields = {}     # LoraConfig fields that tell PEFT which variant this is (DoRA: use_dora)
     loads_as = None      # the class a saved folder is rebuilt as, when it is not this one
     peft_loads_as = None  # the method PEFT's loading amounts to, when it computes something else (QLoRA: LoRA)
@@ -351,9 +348,7 @@ class AdapterLayer(nn.Module):
                 else grad_out @ weight)
 
     def update_grads(self, x, grad_out, params, known, unit_scale=None):
-        """--recompute's backward of y = s (W x + dW x) + ..., s per output unit (1 but for DoRA): s dW x computed
-        again from x and differentiated (A, B, the gates, x), W x not (W is frozen: its share of dL/dx is
-        (s W)^T dL/dy); `known`: {id: gradient} of the other parameters. (dL/dx or None, [dL/dp for p in params])."""
+        """--recompute's backward of y = s (W x + dW x) + ... (s = 1 but for DoRA): s dW x again, W x not (frozen)."""
         update_params = [p for p in params if id(p) not in known]
         with torch.enable_grad():  # (a subclass's own lora(x) need not take a scale: only DoRA passes one)
             update = self.lora(x) if unit_scale is None else self.lora(x, unit_scale)
@@ -486,8 +481,7 @@ class DoRALayer(AdapterLayer):
         return out if self.bias is None else out + self.per_output(self.bias)
 
     def recomputed_grads(self, x, grad_out, params):
-        """y = s (W x + dW x) + b, s = m / ||W + dW|| detached: dL/dm sums dL/dy times the direction output W x +
-        dW x (computed again: the one output-sized tensor it needs) over all but the units, over the norm."""
+        """y = s (W x + dW x) + b, s = m / ||W + dW|| detached: dL/dm = sum of dL/dy (W x + dW x) per unit / norm."""
         weight = self.base_weight()
         norm = self.weight_norm(weight + self.delta_weight())
         grad_m = self.per_unit_sum(self.layer_op(x, weight).add_(self.lora(x)).mul_(grad_out)) / norm
@@ -608,10 +602,9 @@ class DynamicRank(NamedTuple):
 
 class DynamicRankLayer(LoRALayer):
     """DoRA (Mao et al. 2024, Dynamic Rank Distribution): dW = (alpha/r') B diag(c) A, r' = ceil(1.5 r) rank-1
-    components, the gates c at zero. Component i's importance, |c_i| ||B_i|| ||A_i|| / ||dW||_F smoothed, is
-    pruned against one threshold over all layers (cubically, in the window) until r per layer remain on average
-    (or LoRA's stored parameters: --dyn-budget params), so the rank moves where the importance is; the loss
-    carries the Dimensional Equilibrium Modulator until then. Saved, it is a LoRA with a rank per layer."""
+    components, gates c at zero. Importance |c_i| ||B_i|| ||A_i|| / ||dW||_F, smoothed, is pruned against one threshold
+    over all layers (cubically, in the window) until r a layer remain on average (or LoRA's storage: --dyn-budget
+    params), the loss carrying the Dimensional Equilibrium Modulator until then. Saved: a LoRA with a rank per layer."""
     loads_as = LoRALayer
 
     def __init__(self, base, rank, alpha, dropout=0.0, rslora=False, schedule=DynamicRank()):
@@ -645,9 +638,7 @@ class DynamicRankLayer(LoRALayer):
     @classmethod
     @torch.no_grad()
     def prune(cls, layers, step, total_steps):
-        """Prune the least important components of all layers together (one threshold) until the schedule's
-        share of the budget is pruned, in components or in the parameters they store (an A row and a B column);
-        a layer's most important component is never a candidate."""
+        """Prune the least important components of all layers (one threshold) to the schedule's share of the budget."""
         schedule = next(iter(layers.values())).schedule
         cost = {name: 1 if schedule.budget == "components" else layer.lora_A[0].numel() + layer.lora_B.shape[0]
                 for name, layer in layers.items()}
@@ -796,16 +787,12 @@ def weight_bytes(model):
 
 
 # ===== Data: MNIST (and Fashion-MNIST) as normalized tensors resident on the training device =====
-DATASETS = {  # torchvision's class (and folder) name -> MD5 of its four uncompressed IDX files
-    "MNIST": {"train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
-              "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
-              "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
-              "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637"},
-    "FashionMNIST": {"train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
-                     "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
-                     "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
-                     "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965"},
-}
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+DATASETS = {name: dict(zip(IDX_FILES, md5.split())) for name, md5 in {  # torchvision's name: its files' MD5s
+    "MNIST": "6bbc9ace898e44ae57da46a324031adb a25bea736e30d166cdddb491f175f624 "
+             "2646ac647ad5339dbf082846283269ea 27ae3e4e09519cfbb04c329615203637",
+    "FashionMNIST": "f4a8712d7a061bf5bd6d2ca38dc4d50a 9018921c3c673c538a1fc5bad174d6f9 "
+                    "8181f5470baa50b63fa0f6fddb340f0a 15d484375f8d13e6eb1aabb0c3f46965"}.items()}
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
 
@@ -930,8 +917,7 @@ def restore(model, state):
 
 
 def hook_groups(model):
-    """{class: {full name: module}} of the modules whose class has train()'s hooks (AdapterLayer's, PEFT's in
-    tests/adalora_side_by_side.py): train() calls each class's hooks once with all its modules."""
+    """{class: {name: module}} of the modules with train()'s hooks (AdapterLayer's; duck-typed for PEFT's AdaLoRA)."""
     groups = {}
     for name, module in model.named_modules():
         if all(hasattr(type(module), hook) for hook in ("regularizer", "on_step", "settled_at")):
@@ -974,23 +960,20 @@ MEMORY_STEP = 2  # the step measured: from the second on, Adam's state exists, a
 def quiet_stderr():
     """File descriptor 2 silenced: the profiler's C++ side writes lines there at every start and stop."""
     sys.stderr.flush()
-    saved = os.dup(2)
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
     try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-            yield
+        os.dup2(null, 2)
+        yield
     finally:
         os.dup2(saved, 2)
-        os.close(saved)
+        os.close(saved), os.close(null)
 
 
 class TrainingMemory:
-    """The memory of the training step run inside it. By accounting, what coexists at its peak: the weights as
-    stored, Adam's state, and the largest sum over the step of what autograd keeps for backward (saved-tensor
-    hooks, each storage once; parameters, buffers and `exclude` left out) and the gradients written so far.
-    Measured: the peak of all that was allocated, as CUDA's allocator counts it, or on the CPU as the allocation
-    events of torch.profiler (profile_memory=True) add up, above the step's start, plus what lived then of the
-    model (weights, Adam's state, last step's gradients: their exact sizes; the data and other models left out)."""
+    """The memory of the training step run inside it. By accounting, what coexists at its peak: weights as stored,
+    Adam's state, and the largest sum over the step of what autograd keeps (saved-tensor hooks, each storage once; not
+    parameters, buffers, `exclude`) and the gradients written so far. Measured: the most bytes allocated above the
+    step's start (CUDA's allocator, or torch.profiler's allocation events on the CPU) plus the model's bytes then."""
 
     def __init__(self, model, optimizer, device, exclude=()):
         self.model, self.optimizer, self.device = model, optimizer, device
@@ -1004,8 +987,7 @@ class TrainingMemory:
             self.at_peak = (self.kept, sum(self.grads.values()))
 
     def pack(self, tensor):
-        """What autograd keeps for backward: a detached view (the tensor itself would tie an output to its own
-        graph, a cycle), counted until autograd drops it (once backward used it, or with a discarded graph)."""
+        """What autograd keeps: a detached view (no cycle), counted once per storage until autograd drops it."""
         key, kept = (tensor.device, tensor.untyped_storage().data_ptr()), tensor.detach()
         if key not in self.skip:
             entry = self.held.setdefault(key, [0, tensor.untyped_storage().nbytes()])
@@ -1083,10 +1065,7 @@ def training_step(model, optimizer, groups, images, labels, step, total_steps):
 
 
 def train(model, splits, lr, budget, seed, log=print):
-    """Adam on the trainable parameters, cosine LR per step to 0 at the budget's end; the model ends in the state
-    of its best epoch by the selection criterion (early stopping on it with budget.patience). Adapter classes add
-    a loss term and act after each step (their hooks). Diverged for a non-finite or exploding loss, or chance
-    accuracy throughout; a collapse to chance after learning is returned, with its epoch."""
+    """Adam, cosine rate to 0; ends in its best epoch's state (early stopping with patience); Diverged if it fails."""
     params, groups = trainable_parameters(model), hook_groups(model)
     optimizer = torch.optim.Adam(params.values(), lr=lr)
     images, labels = splits["train"]
@@ -1186,8 +1165,7 @@ def available_memory(device):
 
 
 def memory_sweep(args, device, log=print):
-    """Every method's training memory per width and batch of the sweep, one step each, on fresh CNNs; the
-    adapters in both arms, plain and with --recompute."""
+    """Every method's training memory per width and batch, one step on fresh CNNs; adapters plain and recomputing."""
     records = []
     for width in args.memory_widths:
         torch.manual_seed(args.seed)
@@ -1222,15 +1200,13 @@ def right_images(model, images, labels, batch_size=1000):
 def measure(model, fit, test_loss, test_acc):
     trainable, total = count_parameters(model)
     adapted = adapter_layers(model).values()  # their frozen W (biases excluded)
-    return {"status": "ok", "test_acc": test_acc, "test_loss": test_loss,
-            "trainable_params": trainable, "total_params": total,
+    return {"status": "ok", "test_acc": test_acc, "test_loss": test_loss, "trainable_params": trainable,
+            "total_params": total, "memory": fit["memory"], "peak_bytes": fit["peak_bytes"],
             # what its saved folder holds (pruned components dropped): the trained parameters for all but those
             "stored_params": sum(t.numel() for t in peft_tensors(model).values()),
-            "memory": fit["memory"], "peak_bytes": fit["peak_bytes"],
             "frozen_weight_bytes": sum(m.frozen_weight_bytes() for m in adapted),
             "frozen_weight_fp32_bytes": sum(4 * math.prod(m.weight_shape) for m in adapted),
-            "train_time_s": fit["train_time_s"],
-            "epochs_run": fit["epochs_run"], "best_epoch": fit["best_epoch"], "history": fit["history"]}
+            **{k: fit[k] for k in ("train_time_s", "epochs_run", "best_epoch", "history")}}
 
 
 # ===== Saved models: whole CNNs, and adapter folders that PEFT loads as they are =====
@@ -1406,12 +1382,10 @@ def right_bits(right_hex, n):
 
 
 def crossed_interval(d):
-    """Mean and 95 % interval of an S x n table of per-image differences d[s, i] (points; S seeds, the same n
-    test images), each noise counted once: d = mean + seed + image + error, crossed random effects. From the
-    two-way table's mean squares, Var(mean) = sigma_seed^2 / S + sigma_image^2 / n + sigma_error^2 / (nS) is
-    MS_seed / (nS) + max(0, MS_image - MS_error) / (nS): the seeds' spread of their means holds the error once,
-    the images' spread of theirs holds it again, so it is taken out there (an image part below 0 counts as 0).
-    Student's t at Satterthwaite's df. One seed: the images' spread alone (no seed noise can be seen)."""
+    """Mean and 95 % interval of an S x n table d[s, i] of per-image differences (S seeds, the same n images), each
+    noise once: d = mean + seed + image + error, crossed. Var(mean) = sigma_seed^2 / S + sigma_image^2 / n
+    + sigma_error^2 / (nS), estimated MS_seed / (nS) + max(0, MS_image - MS_error) / (nS): the images' spread holds the
+    error again, so it is taken out there. Student's t at Satterthwaite's df. One seed: the images' spread alone."""
     d = np.asarray(d, dtype=np.float64)
     seeds, n = d.shape
     mean = float(d.mean())
@@ -1446,8 +1420,7 @@ def paired_lead(a_hex, b_hex, n):
 
 
 def paired_stats(differences, rights, n):
-    """Per-seed differences (points) as mean_std_ci gives them, with paired_interval's mean, interval, se and df
-    from each seed's two right_images (a run without them: the seeds' t alone); "noise" says which."""
+    """Per-seed differences as mean_std_ci gives them, with paired_interval's mean, interval, se, df and noise."""
     stats = mean_std_ci(differences)
     if not all(a and b for a, b in rights):
         return stats | {"se": stats["std"] and stats["std"] / math.sqrt(stats["n"]), "df": stats["n"] - 1,
@@ -1480,10 +1453,7 @@ def holm(p_values):
 
 
 def primary_contrasts(results):
-    """The comparisons a study is about, one family for every study: every adapter against full fine-tuning and
-    head only, every other adapter against LoRA, a variant against its own row; each paired_difference with its
-    two-sided p, Holm-adjusted over them all (every other difference is exploratory). A pair with no spread to
-    test against is left out."""
+    """Each adapter against full FT and head only, the others against LoRA, a variant against its row: Holm-adjusted."""
     adapters = [m for m in results["methods"] if adapter_class(m)]
     named = ([(m, ref) for ref in ("full", "head") for m in adapters] + [(m, "lora") for m in adapters if m != "lora"]
              + [(m, variant_of(m)) for m in adapters if variant_of(m) not in (None, "lora")])  # a variant: its row
@@ -1674,8 +1644,6 @@ def comparison_table(results):
 MEMORY_PARTS = (  # (key in a run's "memory", header in results.md and the plot)
     ("frozen_weights", "frozen weights"), ("trainable_weights", "trainable weights"), ("gradients", "gradients"),
     ("optimizer", "optimizer (Adam)"), ("activations", "kept for backward"))
-
-
 PEAK_HOW = {"cuda": "CUDA allocator", "cpu": "torch.profiler"}  # what measured the peak, by device type
 
 
@@ -1719,8 +1687,7 @@ def rank_sweep_table(results):
 
 
 def sweep_points(results, key="total"):
-    """{(width, batch): {column: bytes}} of the memory sweep in the order it ran: the accounting's total, or
-    with key "peak" the measured peak (a sweep before peaks were measured has none)."""
+    """{(width, batch): {column: bytes}} of the sweep: the accounting's total, or ("peak") the measured peak."""
     points = {}
     for r in results["memory_sweep"]:
         value = r["memory"]["total"] if key == "total" else r.get("peak_bytes")
@@ -1907,26 +1874,25 @@ def memory_notation(results):
 
 
 def results_markdown(results):
-    env, config, seeds = results["environment"], results["config"], results["seeds"]
-    quick = (f"**QUICK RUN: a smoke test ({config['train_size']:,} training and {config['test_size']:,} test "
-             f"images, at most {QUICK_MAX_EPOCHS} epochs per method), not results.**\n\n" if config["quick"] else "")
-    code = results.get("code")
-    parts = [f"# Results\n\n{quick}Device: {env['device_name']}; torch {env['torch']}, bitsandbytes "
-             f"{env['bitsandbytes']}; {env['date']}." + (code and (
-                 f" Code: main.py of commit {(code['commit'] or 'none (not in a git clone)')[:12]}"
-                 f"{', edited' if code.get('main_py_edited') else ''} (SHA-256 {code['main_py_sha256'][:16]}...).")
-                 or "")]
+    env, config, seeds, code = results["environment"], results["config"], results["seeds"], results.get("code")
+    parts = ["# Results"] + ([f"**QUICK RUN: a smoke test ({config['train_size']:,} training and "
+                              f"{config['test_size']:,} test images, at most {QUICK_MAX_EPOCHS} epochs per method), "
+                              f"not results.**"] if config["quick"] else [])
+    about = f"Device: {env['device_name']}; torch {env['torch']}, bitsandbytes {env['bitsandbytes']}; {env['date']}."
+    if code:
+        about += (f" Code: main.py of commit {(code['commit'] or 'none (not in a git clone)')[:12]}"
+                  f"{', edited' if code.get('main_py_edited') else ''} (SHA-256 {code['main_py_sha256'][:16]}...).")
+    parts.append(about)
     if results["runs"]:
         spread = (f"Seeds: {', '.join(map(str, seeds))}: mean ± std over the seeds; 95 % CI: Student's t."
                   if len(seeds) > 1 else f"One seed ({seeds[0]}): single values, so no spread and no interval.")
-        parts[0] += (f" Fine-tuning task: {config['task']} ({TASKS[config['task']]}); {epoch_budget(config)} "
-                     f"fine-tuning epochs, the update scaled by {scale_formula(config)}. {spread} "
-                     f"{chosen_rates(results)}. Settings other than main.py's defaults: "
-                     f"{changed_settings(config) or 'none'}. Training time of this study: "
-                     f"{study_time_s(results) / 60:.1f} min "
-                     f"(every run once, the grid and the checks included). {busy_note(results)}".rstrip())
-        parts.insert(0, f"# Results\n\n{quick}**Verdict.** " + " ".join(line + "." for line in who_won(results)))
-        parts[1] = parts[1].removeprefix(f"# Results\n\n{quick}")
+        parts[-1] += (f" Fine-tuning task: {config['task']} ({TASKS[config['task']]}); {epoch_budget(config)} "
+                      f"fine-tuning epochs, the update scaled by {scale_formula(config)}. {spread} "
+                      f"{chosen_rates(results)}. Settings other than main.py's defaults: "
+                      f"{changed_settings(config) or 'none'}. Training time of this study: "
+                      f"{study_time_s(results) / 60:.1f} min (every run once, the grid and the checks included). "
+                      f"{busy_note(results)}".rstrip())
+        parts.insert(-1, "**Verdict.** " + " ".join(line + "." for line in who_won(results)))
         parts += [comparison_table(results)]
         parts += [f"{display(m)}'s adapter as PEFT loads it (as {display(adapter_class(m).peft_loads_as)} on the fp32 "
                   f"base): {fmt_stat(row['in_peft']['test_acc'])} % test accuracy, against {fmt_stat(row['test_acc'])} "
@@ -1997,8 +1963,7 @@ def save_results(results, out_dir, records=True):
 
 
 # ===== Plots: one function per figure, drawn from results alone =====
-PLOT_FILES = ("training_loss_comparison.png", "validation_accuracy_comparison.png",
-              "base_model_loss_accuracy.png", "lora_loss_accuracy.png", "test_accuracy_memory.png")
+PLOT_FILES = ("training_loss_comparison.png", "validation_accuracy_comparison.png", "test_accuracy_memory.png")
 SWEEP_PLOT, LR_PLOT, MEMORY_PLOT = "rank_sweep.png", "lr_sweep.png", "memory_sweep.png"  # when they ran
 
 def mean_curve(runs, key):
@@ -2053,36 +2018,10 @@ def plot_curves(plt, view, key):
         ax.set_yscale("log")
     where = "on MNIST too" if view["task"] == "mnist" else f"on {view['task']}"
     ax.set(xlabel="epoch (of each method's own run)", ylabel=ylabel,
-           title=titled(view, f"{title} ({view['spread']})\nBase from scratch on MNIST; the "
-                              f"others from it, {where}"))
+           title=titled(view, f"{title} ({view['spread']})\nBase from scratch on MNIST; the others from it, {where}"))
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the axes: never over a curve
     style_axes(ax)
-    return fig
-
-
-def plot_loss_and_accuracy(plt, view, method):
-    """One method's losses (left axis, red) and validation accuracy (right axis, blue) per epoch."""
-    if method not in view["trained"]:
-        return None
-    loss_color, acc_color = "tab:red", "tab:blue"
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax2 = ax.twinx()
-    draw_curve(ax, view, method, "train_loss", marker="o", color=loss_color, label="training loss")
-    draw_curve(ax, view, method, "val_loss", marker="s", ls="--", color=loss_color, label="validation loss")
-    draw_curve(ax2, view, method, "val_acc", marker="^", color=acc_color, label="validation accuracy")
-    ax.set(xlabel="epoch", title=titled(view, f"{label(method, view['task'])}: loss and validation accuracy "
-                                              f"({view['spread']})"))
-    ax.set_ylabel("cross-entropy loss", color=loss_color)
-    ax.tick_params(axis="y", colors=loss_color)
-    ax2.set_ylabel("validation accuracy (%)", color=acc_color)
-    ax2.tick_params(axis="y", colors=acc_color)
-    handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
-    ax.legend(handles, [h.get_label() for h in handles], loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3,
-              fontsize=8)  # below the axes: never over a curve
-    ax.grid(alpha=0.3)
-    style_axes(ax)
-    style_axes(ax2)
     return fig
 
 
@@ -2293,8 +2232,7 @@ def plot_lr_sweep(plt, view):
 
 
 def plot_memory_sweep(plt, view):
-    """Each column's training memory over full fine-tuning's against the batch size, a panel per CNN width:
-    by accounting, and measured (when it was); plain adapters solid, recomputing ones dashed."""
+    """Each column over full FT against the batch, a panel per width, by accounting and measured; recomputing dashed."""
     rows = [(key, points) for key in ("total", "peak") if (points := sweep_points(view["results"], key))
             and any(display("full") in totals for totals in points.values())]  # ratios to full FT's
     if not rows:
@@ -2337,9 +2275,7 @@ def draw_figures(results):
             "quick": "QUICK RUN (smoke test, not results)" if results["config"].get("quick") else ""}
     figures = {PLOT_FILES[0]: lambda: plot_curves(plt, view, "train_loss"),
                PLOT_FILES[1]: lambda: plot_curves(plt, view, "val_acc"),
-               PLOT_FILES[2]: lambda: plot_loss_and_accuracy(plt, view, "base"),
-               PLOT_FILES[3]: lambda: plot_loss_and_accuracy(plt, view, "lora"),
-               PLOT_FILES[4]: lambda: plot_comparison(plt, view),
+               PLOT_FILES[2]: lambda: plot_comparison(plt, view),
                SWEEP_PLOT: lambda: plot_rank_sweep(plt, view),
                LR_PLOT: lambda: plot_lr_sweep(plt, view)} if trained else {}
     if results.get("memory_sweep"):  # a sweep trains nothing
@@ -2467,9 +2403,7 @@ def finish_run(ctx, record, model):
 
 
 def run_method(ctx, record, trained=None):
-    """One run as `record` names it (method, seed, rank, lr; "epochs" in the budget check): built and trained (or
-    `trained`, a grid run's (model, fit)), then judged on validation only or tested once and saved. Returns (the
-    record completed, (model, fit)); a run that cannot finish is recorded with its reason."""
+    """One run as `record` names it: built and trained (or `trained`), judged on validation or tested once and saved."""
     args, (method, seed, rank, lr) = ctx.args, (record[k] for k in ("method", "seed", "rank", "lr"))
     name, data = display(method) + run_label(args, record), ctx.splits["mnist" if method == "base" else args.task]
     validation_only, started = "extension" in record or "epochs" in record, time.perf_counter()
@@ -2523,9 +2457,7 @@ MAX_EXTENSIONS = 3  # steps a grid may grow past either end while its best rate 
 
 
 def next_rate(grid, best, original):
-    """The rate one step past the end of `grid` where its best rate sits, at the original grid's mean log spacing,
-    rounded to one digit (1e-3, 3e-3, 1e-2 grows to 3e-4, 1e-4 or to 3e-2, 1e-1); None when the best is interior,
-    the grid has grown MAX_EXTENSIONS steps that way, or the next rate is past MAX_RATE."""
+    """The rate one step past the grid's end where its best sits (the original grid's log spacing), or None."""
     step = 10 ** (math.log10(max(original) / min(original)) / (len(original) - 1)) if len(original) > 1 else 3.0
     for end, start, factor in ((min(grid), min(original), 1 / step), (max(grid), max(original), step)):
         grown = sum(r < start if factor < 1 else r > start for r in grid)
@@ -2550,9 +2482,7 @@ def validation_run(ctx, kind, record):
 
 
 def choose_rate(ctx, method, rank):
-    """(rate, that run's (model, fit) if it trained here) for `method` at `rank`: with --lrs, the first seed's best
-    stable rate by the selection criterion (ties: the lower), the grid growing past an end while its best sits
-    there; else --lr or the method's row."""
+    """(rate, its grid run's (model, fit)): with --lrs the first seed's best stable rate by the grid; else the row's."""
     args, results = ctx.args, ctx.results
     if not args.lrs or method == "base":  # the base trains from scratch at its own rate: no grid
         table = "BASE" if method == "base" else "METHODS"
@@ -2578,11 +2508,9 @@ def choose_rate(ctx, method, rank):
     if runner_up:
         n = len(ctx.splits[args.task]["val"][1])
         chosen["margin_images"], chosen["margin_se"] = paired_lead(best["val_right"], runner_up["val_right"], n)
-    if rank == run_rank(method, args.rank):
-        results["learning_rates"][method] = chosen
-    else:  # a rank of the sweep, on its own grid (--grid-per-rank)
-        results["sweep_rates"].setdefault(method, {})[str(rank)] = chosen
-    sweep = f" r={rank}" if rank != run_rank(method, args.rank) else ""
+    sweep = "" if rank == run_rank(method, args.rank) else f" r={rank}"
+    where = results["sweep_rates"].setdefault(method, {}) if sweep else results["learning_rates"]
+    where[str(rank) if sweep else method] = chosen  # a rank of the sweep: its own grid's (--grid-per-rank)
     print(f"{display(method)}{sweep}: lr {best['lr']:g} chosen ({best['val_acc']:.2f}% validation accuracy"
           + (f"; {chosen['margin_images']:+d} ± {chosen['margin_se']:.1f} images over lr {runner_up['lr']:g})."
              if runner_up else ")."))
@@ -2604,10 +2532,9 @@ def comparison_run(ctx, key, rates):
             doing = ("Training the base model" if method == "base" else
                      f"Fine-tuning {trains} the base model ({display(method)})" if trains else
                      f"Fine-tuning the base model with {display(method)}")
-            print(f"{doing}{run_label(args, record)}, lr {lr:g}...")
             reuse = grid_trained if (seed, rank) == (args.seed, rate_rank) else None
-            if reuse:
-                print("(the grid's run at this rate and seed, not trained again: tested once now, and saved)")
+            note = "\n(the grid's run at this rate and seed, not trained again: tested once now, and saved)"
+            print(f"{doing}{run_label(args, record)}, lr {lr:g}...{note if reuse else ''}")
             kept, trained = run_method(ctx, record | {"lr": lr, "from_grid": reuse is not None}, trained=reuse)
             if method == "base" and trained:
                 ctx.bases[seed] = trained[0]
@@ -2814,9 +2741,7 @@ def environment(device, methods):
     bnb = "not used"
     if any(getattr(adapter_class(m), "uses_bitsandbytes", False) for m in methods):
         try:  # installed but unusable says so, not the version on disk
-            bitsandbytes()
-            from importlib.metadata import version
-            bnb = version("bitsandbytes")
+            bnb = bitsandbytes() and sys.modules["bitsandbytes"].__version__
         except BitsAndBytesUnavailable:
             bnb = "not usable"
     threads, cpuinfo = torch.get_num_threads(), Path("/proc/cpuinfo")  # Linux names the CPU there, platform not
@@ -2984,8 +2909,7 @@ def replot(args):
 
 
 def main(argv=None):
-    """Exit status: 0 done; 1 a run failed, or an output could not be written; 2 bad input, found before any
-    training; 130 Ctrl-C. Every finished run is in results.json at once: a killed run loses only the one going."""
+    """Exit status: 0 done; 1 a run failed or an output was not written; 2 bad input, before training; 130 Ctrl-C."""
     lock, results, args = None, "results.json", None
     try:
         args = parse_args(argv)

@@ -142,7 +142,7 @@ def quick_run(tmp_path_factory, mnist_dir):
 
 def test_a_run_with_the_default_out_dir_changes_no_committed_file(quick_run):
     code, out, repo = quick_run
-    assert code == 0 and (out / "results.json").is_file() and (out / main.PLOT_FILES[4]).is_file()
+    assert code == 0 and (out / "results.json").is_file() and (out / main.PLOT_FILES[2]).is_file()
     assert git(repo, "status", "--porcelain", "--untracked-files=all") == ""  # nothing changed, nothing unignored
     assert out.parent == repo / "runs" and out.name.endswith("-quick")
     code = json.loads((out / "results.json").read_text())["code"]  # the code it ran (this process's main.py)
@@ -436,7 +436,7 @@ def test_interrupt_keeps_finished_methods_and_resume_continues(capsys, mnist_dir
     assert code == 130 and "Interrupted: every run finished before it is kept in" in err and "--resume" in err
     saved = json.loads((tmp_path / "results.json").read_text())
     assert [r["method"] for r in saved["runs"]] == ["base"] and (tmp_path / "seed0" / "base_model.pt").is_file()
-    assert (tmp_path / main.PLOT_FILES[2]).is_file()  # the finished base is plotted too
+    assert (tmp_path / main.PLOT_FILES[0]).is_file()  # the finished base is plotted too
 
     monkeypatch.setattr(main, "plot_results", lambda results, out_dir: [])  # checked above
     code, _, _ = run(capsys, *argv, "--resume")
@@ -468,7 +468,7 @@ def test_a_run_killed_by_sigterm_keeps_every_finished_run(quick_run, mnist_dir, 
 
 
 def test_a_run_shows_its_measured_peak_in_table_console_and_plot(quick_run, capsys, tmp_path, monkeypatch):
-    for other in ("plot_curves", "plot_loss_and_accuracy", "plot_rank_sweep", "plot_lr_sweep"):
+    for other in ("plot_curves", "plot_rank_sweep", "plot_lr_sweep"):
         monkeypatch.setattr(main, other, lambda *a: None)  # the comparison figure alone has a memory panel
     results = main.add_summary(json.loads((quick_run[1] / "results.json").read_text()))
     lora = runs_by_method(results)["lora"]
@@ -483,7 +483,7 @@ def test_a_run_shows_its_measured_peak_in_table_console_and_plot(quick_run, caps
            f"{total}: weights " in shown
     figure = []
     monkeypatch.setattr(main, "write_atomic", lambda path, fig: figure.append(figure_texts(fig)))
-    assert main.plot_results(results, tmp_path) == [main.PLOT_FILES[4]] and "measured peak (torch.profiler)" in figure[0]
+    assert main.plot_results(results, tmp_path) == [main.PLOT_FILES[2]] and "measured peak (torch.profiler)" in figure[0]
     old = {**results, "memory_accounting": None, "runs": [{k: v for k, v in r.items() if k != "peak_bytes"}
                                                            for r in results["runs"]]}
     assert "measured" not in main.memory_table(main.add_summary(old))  # a study before peaks: no column
@@ -508,7 +508,7 @@ def test_the_memory_sweep_measures_every_method_at_each_width_and_batch_and_trai
     assert "| width | batch | Full FT | Head only | LoRA | LoRA recomputing |" in table
     assert "| method | width 1 (147,146 weights) |" in table and "Memory sweep, measured (torch.profiler)" in table
     assert "Recomputing adapters, at the 16 (adapter, width, batch) points" in table
-    assert (tmp_path / main.MEMORY_PLOT).stat().st_size > 10_000 and not (tmp_path / main.PLOT_FILES[4]).exists()
+    assert (tmp_path / main.MEMORY_PLOT).stat().st_size > 10_000 and not (tmp_path / main.PLOT_FILES[2]).exists()
     code, _, err = run(capsys, "--memory-batches", "1", "--memory-widths", "1", "--out-dir", tmp_path)
     assert code == 2 and "holds a run's results" in err  # a sweep's folder is a run's like any other
 
@@ -561,8 +561,7 @@ def test_a_new_method_is_one_row_and_one_class(capsys, mnist_dir, tmp_path, monk
     table = (tmp_path / "results.md").read_text()
     assert "| LoRA x2 |" in table and "| LoRA x2 | 2 |" in table and "| LoRA x2 | 0.003 |" in table  # main, sweep, grid
     assert "LoRA x2 Model Test Accuracy: " in stdout and "\n| LoRA x2 |" in stdout[stdout.index("QUICK RUN: a smoke"):]
-    for name in [*(n for n in main.PLOT_FILES if n not in ("base_model_loss_accuracy.png", "lora_loss_accuracy.png")),
-                 main.SWEEP_PLOT, main.LR_PLOT]:
+    for name in [*main.PLOT_FILES, main.SWEEP_PLOT, main.LR_PLOT]:
         assert "LoRA x2" in drawn[name], name
     results = json.loads((tmp_path / "results.json").read_text())
     run_ = next(r for r in results["runs"] if r["method"] == "lora2x" and r["rank"] == 8)

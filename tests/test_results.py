@@ -302,7 +302,7 @@ def test_the_comparison_figure_stacks_training_memory_in_its_parts(tmp_path, mon
     monkeypatch.setattr(main, "write_atomic", lambda path, fig: figures.__setitem__(Path(path).name, fig)
                         or real_write(path, fig))
     main.plot_results(main.add_summary(results), tmp_path)
-    ax = next(a for a in figures[main.PLOT_FILES[4]].axes if a.get_title().startswith("Training memory by accounting"))
+    ax = next(a for a in figures[main.PLOT_FILES[2]].axes if a.get_title().startswith("Training memory by accounting"))
     bars = [b for b in ax.patches if b.get_width() == 0.6]  # the stacked parts, one bar per method and part
     trained = [m for m in results["summary"] if m != "base_on_task" and results["summary"][m]["status"] == "ok"]
     assert len(bars) == len(trained) * len(main.MEMORY_PARTS)
