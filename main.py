@@ -11,8 +11,9 @@ Reading map. main() parses and checks the flags (parse_args, check_args), takes 
 run_experiment(): prepare() loads the data and any --resume records; comparison_run() runs each (method, seed,
 rank) of plan_runs(), choosing the method's rate first (choose_rate: the --lrs grid on validation); run_method()
 builds the model (finetuning_copy: an adapter class per METHODS row) and calls train(), the one training loop
-(Adam, cosine rate, the best epoch kept; early stopping only with --patience); finish_run() tests and saves it.
-After the runs: budget_check(), then save_results() (results.json, results.md) and plot_results().
+(Adam, cosine rate, the best epoch kept; early stopping only with --patience; TrainingMemory counts and
+measures its second step); finish_run() tests and saves it. After the runs: budget_check(), save_results()
+(results.json, results.md), plot_results(). --recompute: KeepInput and each class's recomputed_grads.
 A new method touches two places: a METHODS row and its adapter class (subclass AdapterLayer or LoRALayer).
 Sections, top to bottom: settings, errors, model, adapter layers, data, training, measurement, saved models,
 results over seeds, merging, results files, plots, the runs, the output folder, main(). Every name is defined

@@ -404,6 +404,8 @@ def test_recomputing_gives_the_plain_outputs_and_gradients_and_keeps_only_the_in
         results.append([y.detach(), x.grad] + [p.grad.clone() for p in main.trainable_parameters(layer).values()])
         if recompute:
             assert kept_for_backward(layer, x.detach()) == x.nbytes  # the input only
+            assert {k: v.shape for k, v in layer.peft_tensors().items()} == saved  # its saved folder: the same
+        saved = {k: v.shape for k, v in layer.peft_tensors().items()}
     for plain, recomputed in zip(*results):
         torch.testing.assert_close(recomputed, plain, rtol=1e-5, atol=1e-6)
 
