@@ -2234,8 +2234,9 @@ def plot_lr_sweep(plt, view):
 
 def plot_memory_sweep(plt, view):
     """Each column over full FT against the batch, a panel per width, by accounting and measured; recomputing dashed."""
+    full = display("full")  # every line a ratio to its column
     rows = [(key, points) for key in ("total", "peak") if (points := sweep_points(view["results"], key))
-            and any(display("full") in totals for totals in points.values())]  # ratios to full FT's
+            and any(full in totals for totals in points.values())]
     if not rows:
         return None
     widths = list(dict.fromkeys(width for width, _ in rows[0][1]))
@@ -2245,7 +2246,7 @@ def plot_memory_sweep(plt, view):
         for ax, width in zip(panels, widths):
             mine = {batch: totals for (w, batch), totals in points.items() if w == width}
             for r in {sweep_name(r): r for r in view["results"]["memory_sweep"] if r["method"] != "full"}.values():
-                ratio = [(b, t[sweep_name(r)] / t[display("full")]) for b, t in mine.items() if display("full") in t]
+                ratio = [(b, t[sweep_name(r)] / t[full]) for b, t in mine.items() if {full, sweep_name(r)} <= set(t)]
                 ax.plot([b for b, _ in ratio], [q for _, q in ratio], marker=row(r["method"]).marker,
                         color=row(r["method"]).color, ls="--" if r.get("recompute") else "-", label=sweep_name(r))
             ax.axhline(1, color=row("full").color, ls=":", label=f"{display('full')} (1x)")
@@ -2550,9 +2551,8 @@ def budget_check(ctx):
     args, rates = ctx.args, ctx.results["learning_rates"]
     for method in (m for m in args.methods if m != "base" and rates.get(m, {}).get("lr")):
         for epochs in (e for e in args.budgets if e != epoch_budget(vars(args))):
-            validation_run(ctx, "budget_check", {"method": method, "seed": args.seed,
-                                                 "rank": run_rank(method, args.rank), "lr": rates[method]["lr"],
-                                                 "epochs": epochs})
+            validation_run(ctx, "budget_check", {"method": method, "seed": args.seed, "epochs": epochs,
+                                                 "rank": run_rank(method, args.rank), "lr": rates[method]["lr"]})
 
 
 # ===== The output folder: one run at a time, each in a folder of its own; --resume continues one =====
