@@ -2075,7 +2075,7 @@ def draw_memory(plt, ax, view):
     ax.set_ylim(0, 1.45 * max(bottom + [p["mean"] / 2**20 for p in peaks if p]))  # room for the legend
     ax.set(ylabel="MiB", title=f"Training memory by accounting, one measured step at batch "
                                f"{view['results']['config']['batch_size']}\n(weights as stored, gradients, Adam; pale: "
-                               f"the activations autograd keeps for backward)")
+                               f"what autograd keeps for backward{'; black: the measured peak' if all(peaks) else ''})")
     ax.legend(handles=legend, fontsize=8, loc="upper left", ncol=3)
 
 
