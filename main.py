@@ -178,13 +178,9 @@ def default_rates():
 
 def changed_settings(config):
     """The settings a run took other than SETTINGS' defaults, as "rank 4, lrs [0.001, 0.01]"."""
-    changed = []
-    for name, (default, kind, _) in SETTINGS.items():
-        if name in config and name != "quick":
-            value = default if default is None or kind is bool else kind(str(default))
-            if config[name] != value:
-                changed.append(f"{name.replace('_', ' ')} {config[name]}")
-    return ", ".join(changed)
+    return ", ".join(f"{name.replace('_', ' ')} {config[name]}" for name, (default, kind, _) in SETTINGS.items()
+                     if name in config and name != "quick"  # a default parsed as its flag would parse it
+                     and config[name] != (default if default is None or kind is bool else kind(str(default))))
 
 
 def epoch_budget(config, method=None, epochs=None):
@@ -1490,8 +1486,7 @@ def summarize(results):
             "lr": ok[0]["lr"], **{k: ok[0][k] for k in SAME_FOR_EVERY_SEED},
             **{k: mean_std_ci(r[k] for r in ok) for k in PER_SEED_SIZES},
             "merge_gap": max((r["merge_gap"] for r in ok if "merge_gap" in r), default=None),
-            "vs": {} if method == "base" else {ref: paired_difference(results, method, ref)
-                                                for ref in ("full", "head", "lora", "dora")
+            "vs": {} if method == "base" else {ref: paired_difference(results, method, ref) for ref in ("full", "lora")
                                                 if ref != method and ref in results["methods"]}}
         if "test_acc_in_peft" in ok[0]:  # as PEFT loads its folder (QLoRA: on the fp32 base), seed by seed
             summary[method]["in_peft"] = {"test_acc": mean_std_ci(r["test_acc_in_peft"] for r in ok),
@@ -1857,11 +1852,9 @@ def add_summary(results):
 
 def memory_notation(results):
     if results.get("memory_accounting") != 2:  # a study measured with the loop before zero_grad came first
-        return (f"Training memory = by accounting, on training step {MEMORY_STEP}, as the code of its commit "
-                "counted it (last step's gradients still allocated during the forward pass): the weights as stored "
-                "(frozen: QLoRA's packed 4-bit codes and their constants; trainable), the gradients, Adam's state, "
-                "and the activations autograd keeps for backward as backward begins (saved-tensor hooks, each "
-                "storage once, parameters and the resident dataset left out). No peak was measured.")
+        return (f"Training memory = by accounting, on training step {MEMORY_STEP}, as its commit's code counted it "
+                "(last step's gradients still allocated during the forward pass): weights as stored, gradients, "
+                "Adam's state, and what autograd keeps for backward as backward begins. No peak was measured.")
     return (f"Training memory, on training step {MEMORY_STEP} (zero_grad first: last step's gradients are freed "
             "before the forward pass): by accounting, what coexists at the step's peak, the weights as stored "
             "(frozen: QLoRA's packed 4-bit codes and their constants; trainable), Adam's state, and the largest "
