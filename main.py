@@ -477,6 +477,7 @@ class DoRALayer(AdapterLayer):
         out = base_out + (scale - 1) * self.layer_op(x_drop, weight) + scale * self.lora(x_drop)
         return out if self.bias is None else out + self.per_output(self.bias)
 
+    @torch.no_grad()  # s is detached, as in output(), whether or not the caller records a graph
     def recomputed_grads(self, x, grad_out, params):
         """y = s (W x + dW x) + b, s = m / ||W + dW|| detached: dL/dm = sum of dL/dy (W x + dW x) per unit / norm."""
         weight = self.base_weight()

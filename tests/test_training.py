@@ -410,6 +410,23 @@ def test_recomputing_gives_the_plain_outputs_and_gradients_and_keeps_only_the_in
         torch.testing.assert_close(recomputed, plain, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", LAYERS)
+@pytest.mark.parametrize("method", ADAPTER_METHODS)
+def test_the_generic_recomputed_backward_a_new_class_inherits_gives_each_class_s_own(method, kind):
+    """AdapterLayer.recomputed_grads (output(x) again, differentiated by autograd) is what a class written straight
+    on AdapterLayer gets: it agrees with every class's own hand-written backward."""
+    _, layer, x = make(method, kind)
+    perturb(layer)
+    layer.bias.requires_grad_(True)
+    x = x.requires_grad_(True)
+    grad_out = torch.linspace(-1, 1, layer(x).numel()).view_as(layer(x))
+    params = tuple(main.trainable_parameters(layer).values())
+    ours_x, ours = type(layer).recomputed_grads(layer, x, grad_out, params)
+    generic_x, generic = main.AdapterLayer.recomputed_grads(layer, x, grad_out, params)
+    for a, b in zip([ours_x, *ours], [generic_x, *generic]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_recomputing_keeps_what_full_fine_tuning_keeps_and_less_in_all():
     for method in ADAPTER_METHODS:
         plain, recomputing = (main.step_memory(main.finetuning_copy(main.CNN(), method, 8, main.parse_args(
